@@ -1,0 +1,43 @@
+//! Time and randomness, deterministic by construction.
+//!
+//! The host backs the WASI clocks with the current event's timestamp and WASI
+//! randomness with a stream seeded from the event's identity (stream,
+//! partition, offset). These helpers are thin wrappers that say so.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The current event's timestamp in milliseconds since the Unix epoch (0 when
+/// the source gave none, and during `init`). Never the wall clock.
+pub fn now_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Fills `buf` with the next bytes of this event's random stream.
+fn fill(buf: &mut [u8]) {
+    // The host's generator never fails; a failure would mean the component
+    // runs outside rewind, where determinism is not promised anyway.
+    getrandom::fill(buf).expect("the host provides randomness");
+}
+
+/// `n` bytes from this event's random stream: the same for every run and
+/// every module version that processes the same event.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    fill(&mut buf);
+    buf
+}
+
+/// A `u64` from this event's random stream.
+pub fn random_u64() -> u64 {
+    let mut buf = [0; 8];
+    fill(&mut buf);
+    u64::from_le_bytes(buf)
+}
+
+/// `n` random bytes from this event's stream, as lowercase hex.
+pub fn random_hex(n: usize) -> String {
+    random_bytes(n).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,331 @@
+//! SQL on the processor's own SQLite database.
+//!
+//! Statements take positional parameters (`?1`, `?2`, …) as a slice of
+//! [`ToSql`] values and return typed rows:
+//!
+//! ```ignore
+//! use rewind_guest::sql;
+//!
+//! sql::execute("UPDATE totals SET n = n + ?2 WHERE key = ?1", &[&key, &amount])?;
+//! if let Some(row) = sql::query_row("SELECT n FROM totals WHERE key = ?1", &[&key])? {
+//!     let n: i64 = row.get(0)?;
+//! }
+//! ```
+//!
+//! Every statement runs inside the current event's savepoint. Host tables
+//! (`_rewind_*`), the schema table, ATTACH, PRAGMA, transactions and
+//! extensions are refused with an error.
+
+use std::fmt;
+use std::rc::Rc;
+
+use crate::__private::bindings::rewind::processor::sql as wit;
+
+/// A SQLite value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// SQL NULL.
+    Null,
+    /// A 64-bit integer.
+    Integer(i64),
+    /// A 64-bit float.
+    Real(f64),
+    /// UTF-8 text.
+    Text(String),
+    /// Bytes.
+    Blob(Vec<u8>),
+}
+
+/// A SQL statement failed; the message is SQLite's (or the host's guard's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlError(String);
+
+impl SqlError {
+    /// The error message.
+    pub fn message(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SqlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sql: {}", self.0)
+    }
+}
+
+impl std::error::Error for SqlError {}
+
+/// A value that can be bound as a statement parameter.
+pub trait ToSql {
+    /// The SQLite value to bind.
+    fn to_sql(&self) -> Value;
+}
+
+/// A value that can be read from a result column.
+pub trait FromSql: Sized {
+    /// Converts a column value, or explains why it cannot.
+    fn from_sql(value: &Value) -> Result<Self, SqlError>;
+}
+
+impl ToSql for Value {
+    fn to_sql(&self) -> Value {
+        self.clone()
+    }
+}
+
+impl ToSql for str {
+    fn to_sql(&self) -> Value {
+        Value::Text(self.to_owned())
+    }
+}
+
+impl ToSql for String {
+    fn to_sql(&self) -> Value {
+        Value::Text(self.clone())
+    }
+}
+
+impl ToSql for [u8] {
+    fn to_sql(&self) -> Value {
+        Value::Blob(self.to_vec())
+    }
+}
+
+impl ToSql for Vec<u8> {
+    fn to_sql(&self) -> Value {
+        Value::Blob(self.clone())
+    }
+}
+
+impl ToSql for f64 {
+    fn to_sql(&self) -> Value {
+        Value::Real(*self)
+    }
+}
+
+impl ToSql for bool {
+    fn to_sql(&self) -> Value {
+        Value::Integer(i64::from(*self))
+    }
+}
+
+impl<T: ToSql + ?Sized> ToSql for &T {
+    fn to_sql(&self) -> Value {
+        (**self).to_sql()
+    }
+}
+
+impl<T: ToSql> ToSql for Option<T> {
+    fn to_sql(&self) -> Value {
+        self.as_ref().map_or(Value::Null, ToSql::to_sql)
+    }
+}
+
+macro_rules! integer_sql {
+    ($($ty:ty),*) => {$(
+        impl ToSql for $ty {
+            fn to_sql(&self) -> Value {
+                Value::Integer(i64::from(*self))
+            }
+        }
+
+        impl FromSql for $ty {
+            fn from_sql(value: &Value) -> Result<Self, SqlError> {
+                match value {
+                    Value::Integer(i) => <$ty>::try_from(*i).map_err(|_| {
+                        SqlError(format!("{i} does not fit in {}", stringify!($ty)))
+                    }),
+                    other => Err(mismatch(stringify!($ty), other)),
+                }
+            }
+        }
+    )*};
+}
+
+integer_sql!(i8, i16, i32, i64, u8, u16, u32);
+
+fn mismatch(wanted: &str, got: &Value) -> SqlError {
+    SqlError(format!("expected {wanted}, got {got:?}"))
+}
+
+impl FromSql for Value {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        Ok(value.clone())
+    }
+}
+
+impl FromSql for String {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        match value {
+            Value::Text(s) => Ok(s.clone()),
+            other => Err(mismatch("text", other)),
+        }
+    }
+}
+
+impl FromSql for Vec<u8> {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        match value {
+            Value::Blob(b) => Ok(b.clone()),
+            Value::Text(s) => Ok(s.as_bytes().to_vec()),
+            other => Err(mismatch("blob", other)),
+        }
+    }
+}
+
+impl FromSql for f64 {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        match value {
+            Value::Real(r) => Ok(*r),
+            // SQLite stores integral REAL values as integers in some cases;
+            // reading them back as floats is always exact enough to expect.
+            Value::Integer(i) => Ok(*i as f64),
+            other => Err(mismatch("real", other)),
+        }
+    }
+}
+
+impl FromSql for bool {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        match value {
+            Value::Integer(i) => Ok(*i != 0),
+            other => Err(mismatch("boolean (integer)", other)),
+        }
+    }
+}
+
+impl<T: FromSql> FromSql for Option<T> {
+    fn from_sql(value: &Value) -> Result<Self, SqlError> {
+        match value {
+            Value::Null => Ok(None),
+            other => T::from_sql(other).map(Some),
+        }
+    }
+}
+
+fn to_wit(params: &[&dyn ToSql]) -> Vec<wit::Value> {
+    params
+        .iter()
+        .map(|p| match p.to_sql() {
+            Value::Null => wit::Value::Null,
+            Value::Integer(i) => wit::Value::Integer(i),
+            Value::Real(r) => wit::Value::Real(r),
+            Value::Text(s) => wit::Value::Text(s),
+            Value::Blob(b) => wit::Value::Blob(b),
+        })
+        .collect()
+}
+
+fn from_wit(value: wit::Value) -> Value {
+    match value {
+        wit::Value::Null => Value::Null,
+        wit::Value::Integer(i) => Value::Integer(i),
+        wit::Value::Real(r) => Value::Real(r),
+        wit::Value::Text(s) => Value::Text(s),
+        wit::Value::Blob(b) => Value::Blob(b),
+    }
+}
+
+/// Runs one statement and returns how many rows it changed.
+pub fn execute(statement: &str, params: &[&dyn ToSql]) -> Result<u64, SqlError> {
+    wit::execute(statement, &to_wit(params)).map_err(SqlError)
+}
+
+/// Runs one statement and returns all of its rows.
+pub fn query(statement: &str, params: &[&dyn ToSql]) -> Result<Rows, SqlError> {
+    let result = wit::query(statement, &to_wit(params)).map_err(SqlError)?;
+    let columns: Rc<[String]> = result.columns.into();
+    let rows = result
+        .rows
+        .into_iter()
+        .map(|values| Row {
+            columns: Rc::clone(&columns),
+            values: values.into_iter().map(from_wit).collect(),
+        })
+        .collect();
+    Ok(Rows { columns, rows })
+}
+
+/// Runs one statement and returns its first row, if it yields any.
+pub fn query_row(statement: &str, params: &[&dyn ToSql]) -> Result<Option<Row>, SqlError> {
+    Ok(query(statement, params)?.rows.into_iter().next())
+}
+
+/// The rows a query returned.
+#[derive(Debug, Clone)]
+pub struct Rows {
+    columns: Rc<[String]>,
+    rows: Vec<Row>,
+}
+
+impl Rows {
+    /// The column names, in order.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the query returned no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Row> {
+        self.rows.iter()
+    }
+}
+
+impl IntoIterator for Rows {
+    type Item = Row;
+    type IntoIter = std::vec::IntoIter<Row>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.rows.into_iter()
+    }
+}
+
+/// Selects a column by position or by name.
+pub trait ColumnIndex {
+    /// The position of the column in `columns`, if it is there.
+    fn position(&self, columns: &[String]) -> Option<usize>;
+}
+
+impl ColumnIndex for usize {
+    fn position(&self, columns: &[String]) -> Option<usize> {
+        (*self < columns.len()).then_some(*self)
+    }
+}
+
+impl ColumnIndex for &str {
+    fn position(&self, columns: &[String]) -> Option<usize> {
+        columns.iter().position(|c| c == self)
+    }
+}
+
+/// One result row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    columns: Rc<[String]>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    /// Reads a column by position (`0`) or name (`"amount_cents"`).
+    pub fn get<T: FromSql>(&self, column: impl ColumnIndex + fmt::Debug) -> Result<T, SqlError> {
+        let index = column
+            .position(&self.columns)
+            .ok_or_else(|| SqlError(format!("no column {column:?}")))?;
+        T::from_sql(&self.values[index])
+            .map_err(|e| SqlError(format!("column {}: {}", self.columns[index], e.0)))
+    }
+
+    /// The raw values, in column order.
+    pub fn values(&self) -> &[Value] {
+        &self.values
+    }
+}

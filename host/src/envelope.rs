@@ -1,0 +1,277 @@
+//! The JSONL line forms: a bare JSON payload, or kcat's `-J` envelope.
+//!
+//! kcat writes one object per record: `topic`, `partition`, `offset`, then
+//! `tstype` and `ts` when the record has a timestamp, `broker`, `headers` (a
+//! flat `[name, value, …]` array whose values may be null), `key` and
+//! `payload` (strings or null; null payload = tombstone). A line is an
+//! envelope when it is an object with `topic`, `partition`, `offset` and
+//! `payload` and no key outside that set; any other JSON is a bare payload.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+use crate::event::{Event, Header, Position};
+
+/// kcat's field names, in the order it writes them.
+const KCAT_FIELDS: [&str; 9] =
+    ["topic", "partition", "offset", "tstype", "ts", "broker", "headers", "key", "payload"];
+
+/// Decodes one line (without its newline). `fallback` is the position of a
+/// bare line: the file's stream, partition 0, the line number.
+pub fn decode_line(line: &[u8], fallback: &Position) -> Result<Event, String> {
+    if let Err(e) = std::str::from_utf8(line) {
+        return Err(format!("not valid UTF-8 (at byte {})", e.valid_up_to()));
+    }
+    let shape: Shape = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    match shape {
+        Shape::Bare => Ok(Event {
+            position: fallback.clone(),
+            key: None,
+            payload: Some(line.to_vec()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }),
+        Shape::Envelope(fields) => envelope_event(fields).map_err(|e| format!("kcat envelope: {e}")),
+    }
+}
+
+enum Shape {
+    Bare,
+    Envelope(Box<[Option<Value>; 9]>),
+}
+
+fn envelope_event(fields: Box<[Option<Value>; 9]>) -> Result<Event, String> {
+    {
+        let [topic, partition, offset, _tstype, ts, _broker, headers, key, payload] = *fields;
+        let topic = match topic {
+            Some(Value::String(s)) => s,
+            _ => return Err("`topic` must be a string".into()),
+        };
+        let int = |v: Option<Value>, name: &str| -> Result<Option<i64>, String> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Number(n)) => {
+                    n.as_i64().map(Some).ok_or_else(|| format!("`{name}` must be an integer"))
+                }
+                Some(_) => Err(format!("`{name}` must be an integer")),
+            }
+        };
+        let partition = int(partition, "partition")?.ok_or("`partition` must be an integer")?;
+        let partition = i32::try_from(partition).map_err(|_| "`partition` is out of range")?;
+        let offset = int(offset, "offset")?.ok_or("`offset` must be an integer")?;
+        let timestamp_ms = int(ts, "ts")?;
+        let bytes = |v: Option<Value>, name: &str| -> Result<Option<Vec<u8>>, String> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.into_bytes())),
+                Some(_) => Err(format!("`{name}` must be a string or null")),
+            }
+        };
+        let headers = match headers {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => {
+                if items.len() % 2 != 0 {
+                    return Err("`headers` must be a flat [name, value, …] array".into());
+                }
+                let mut out = Vec::with_capacity(items.len() / 2);
+                let mut items = items.into_iter();
+                while let (Some(name), Some(value)) = (items.next(), items.next()) {
+                    let Value::String(name) = name else {
+                        return Err("header names must be strings".into());
+                    };
+                    out.push(Header { name, value: bytes(Some(value), "headers")? });
+                }
+                out
+            }
+            Some(_) => return Err("`headers` must be an array".into()),
+        };
+        Ok(Event {
+            position: Position { stream: topic, partition, offset },
+            key: bytes(key, "key")?,
+            payload: bytes(payload, "payload")?,
+            headers,
+            timestamp_ms,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Shape {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ShapeVisitor)
+    }
+}
+
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Bare)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Shape::Bare)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut fields: Box<[Option<Value>; 9]> = Box::default();
+        let mut foreign = false;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match KCAT_FIELDS.iter().position(|f| *f == key) {
+                Some(i) if !foreign => fields[i] = Some(map.next_value()?),
+                _ => {
+                    foreign = true;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let required = [0, 1, 2, 8].iter().all(|&i| fields[i].is_some());
+        Ok(if required && !foreign { Shape::Envelope(fields) } else { Shape::Bare })
+    }
+}
+
+/// Appends `bytes` as a JSON string. Valid UTF-8 is escaped as JSON
+/// requires; bytes that are not UTF-8 are written as they are, as kcat does,
+/// so nothing is lost (such a line is not strict JSON, and says so by
+/// failing strict parsers rather than by silently changing).
+pub fn write_json_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'"');
+    for &b in bytes {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x00..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+fn write_opt_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
+    match bytes {
+        Some(b) => write_json_bytes(out, b),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// One record as a kcat `-J` line (with its newline).
+pub fn encode_line(
+    position: &Position,
+    timestamp_ms: Option<i64>,
+    headers: &[Header],
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + payload.map_or(0, <[u8]>::len));
+    out.extend_from_slice(b"{\"topic\":");
+    write_json_bytes(&mut out, position.stream.as_bytes());
+    out.extend_from_slice(format!(",\"partition\":{},\"offset\":{}", position.partition, position.offset).as_bytes());
+    if let Some(ts) = timestamp_ms {
+        out.extend_from_slice(format!(",\"tstype\":\"create\",\"ts\":{ts}").as_bytes());
+    }
+    out.extend_from_slice(b",\"broker\":-1");
+    if !headers.is_empty() {
+        out.extend_from_slice(b",\"headers\":[");
+        for (i, h) in headers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_bytes(&mut out, h.name.as_bytes());
+            out.push(b',');
+            write_opt_bytes(&mut out, h.value.as_deref());
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(b",\"key\":");
+    write_opt_bytes(&mut out, key);
+    out.extend_from_slice(b",\"payload\":");
+    write_opt_bytes(&mut out, payload);
+    out.extend_from_slice(b"}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(line: i64) -> Position {
+        Position { stream: "orders".into(), partition: 0, offset: line }
+    }
+
+    #[test]
+    fn bare_payloads_keep_their_bytes() {
+        let line = br#"{"type":"order_cancelled","order_id":"o-1"}"#;
+        let event = decode_line(line, &at(3)).unwrap();
+        assert_eq!(event.position, at(3));
+        assert_eq!(event.payload.as_deref(), Some(&line[..]));
+        assert_eq!(decode_line(b"42", &at(1)).unwrap().payload.as_deref(), Some(&b"42"[..]));
+    }
+
+    #[test]
+    fn kcat_envelopes_are_unwrapped() {
+        let line = br#"{"topic":"orders","partition":2,"offset":41,"tstype":"create","ts":1700000000000,"broker":1,"headers":["h1","v1","h2",null],"key":"o-1","payload":"{\"a\":1}"}"#;
+        let event = decode_line(line, &at(1)).unwrap();
+        assert_eq!(event.position, Position { stream: "orders".into(), partition: 2, offset: 41 });
+        assert_eq!(event.timestamp_ms, Some(1_700_000_000_000));
+        assert_eq!(event.key.as_deref(), Some(&b"o-1"[..]));
+        assert_eq!(event.payload.as_deref(), Some(&br#"{"a":1}"#[..]));
+        assert_eq!(event.headers[1], Header { name: "h2".into(), value: None });
+    }
+
+    #[test]
+    fn tombstones_and_foreign_keys() {
+        let tomb = br#"{"topic":"t","partition":0,"offset":0,"key":null,"payload":null}"#;
+        assert_eq!(decode_line(tomb, &at(1)).unwrap().payload, None);
+        // An extra key makes it a bare payload that happens to look similar.
+        let bare = br#"{"topic":"t","partition":0,"offset":0,"payload":null,"extra":1}"#;
+        assert_eq!(decode_line(bare, &at(9)).unwrap().position, at(9));
+    }
+
+    #[test]
+    fn malformed_lines_are_errors_not_panics() {
+        assert!(decode_line(b"{\"type\":", &at(1)).unwrap_err().contains("not valid JSON"));
+        assert!(decode_line(&[0xff, 0xfe], &at(1)).unwrap_err().contains("UTF-8"));
+        let bad = br#"{"topic":"t","partition":"zero","offset":0,"payload":"x"}"#;
+        assert!(decode_line(bad, &at(1)).unwrap_err().contains("partition"));
+        let odd = br#"{"topic":"t","partition":0,"offset":0,"headers":["x"],"payload":"x"}"#;
+        assert!(decode_line(odd, &at(1)).unwrap_err().contains("headers"));
+    }
+
+    #[test]
+    fn encoded_lines_decode_to_the_same_record() {
+        let position = Position { stream: "pay\"ments".into(), partition: 1, offset: 7 };
+        let headers = vec![Header { name: "rewind-id".into(), value: Some(b"x/0/1/0".to_vec()) }];
+        let line = encode_line(&position, Some(5), &headers, Some(b"k\n"), Some(b"{\"a\":\"\\u0001\"}"));
+        let event = decode_line(line.strip_suffix(b"\n").unwrap(), &at(1)).unwrap();
+        assert_eq!(event.position, position);
+        assert_eq!(event.headers, headers);
+        assert_eq!(event.key.as_deref(), Some(&b"k\n"[..]));
+        assert_eq!(event.payload.as_deref(), Some(&b"{\"a\":\"\\u0001\"}"[..]));
+    }
+}

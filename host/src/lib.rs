@@ -1,0 +1,23 @@
+//! rewind's host: runs WebAssembly stream processors over their own SQLite
+//! state, deterministically, fed from files.
+//!
+//! The data flow is `source` → `pipeline` (which calls the `runtime` for each
+//! event inside a savepoint of the `state` DB) → `sink`. See ARCHITECTURE.md.
+
+mod envelope;
+mod event;
+mod pipeline;
+mod runtime;
+mod sink;
+mod source;
+mod state;
+mod wit;
+
+pub use event::{Event, Header, Output, Position};
+pub use pipeline::{ErrorPolicy, Progress, RunConfig, RunError, RunSummary, run};
+pub use runtime::{
+    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, LoadError, LoadStats, Module, Rejection, Runtime,
+    RuntimeConfig, default_cache_dir,
+};
+pub use source::{FileSource, Record};
+pub use state::{DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount};

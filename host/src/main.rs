@@ -1,0 +1,282 @@
+//! The `rewind` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rewind_host::{
+    DEFAULT_FUEL, DEFAULT_MEMORY_MB, ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, StateDb,
+    default_cache_dir,
+};
+
+/// Runs WebAssembly stream processors over their own SQLite state,
+/// deterministically: the same module, input and starting state always give
+/// byte-identical state, outputs and dead letters.
+#[derive(Parser)]
+#[command(name = "rewind", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Process an input file with a processor into its state DB.
+    ///
+    /// Safe to stop at any point (Ctrl-C, kill -9): running the same command
+    /// again resumes after the last committed batch and applies nothing twice.
+    Run(RunArgs),
+    /// Show a state DB: module, tables and row counts, offsets, dead letters.
+    Inspect {
+        /// The state DB.
+        #[arg(long, value_name = "DB")]
+        state: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with dead letters: events that could not be processed.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters in consumption order.
+    List {
+        /// The state DB.
+        #[arg(long, value_name = "DB")]
+        state: PathBuf,
+        /// Print JSON lines (with the raw bytes) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The processor: a WebAssembly component exporting rewind:processor/processor.
+    #[arg(long, value_name = "WASM")]
+    processor: PathBuf,
+    /// Input JSONL: bare JSON payloads and/or kcat -J envelopes, one per line.
+    #[arg(long, value_name = "FILE")]
+    input: PathBuf,
+    /// The processor's state DB (created if missing).
+    #[arg(long, value_name = "DB")]
+    state: PathBuf,
+    /// Write outputs here as kcat -J JSONL, exactly once per output.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Stream name for bare lines [default: the input file's name without extension].
+    #[arg(long)]
+    stream: Option<String>,
+    /// Events per committed batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
+    /// Commit a batch after this many milliseconds even if it is not full.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    batch_ms: u64,
+    /// What to do when the processor fails on an event (invalid input is always dead-lettered).
+    #[arg(long, value_enum, default_value_t = OnError::Dlq)]
+    on_error: OnError,
+    /// Fuel per event: a deterministic bound on wasm instructions, and separately on SQLite VM steps.
+    #[arg(long, default_value_t = DEFAULT_FUEL)]
+    fuel: u64,
+    /// Linear memory cap per processor instance, in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    memory_mb: u64,
+    /// Continue a state DB that another module version wrote.
+    #[arg(long)]
+    allow_module_change: bool,
+    /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not cache compiled processors.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnError {
+    /// Dead-letter the event and go on.
+    Dlq,
+    /// Commit what came before and stop; rerunning retries the event.
+    Halt,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Inspect { state, json } => inspect(state, json),
+        Command::Dlq { command: DlqCommand::List { state, json } } => dlq_list(state, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("rewind: error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Progress on stderr: a byte bar when the input size is known, events/s always.
+struct Bar {
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Progress for Bar {
+    fn start(&self, total_bytes: Option<u64>) {
+        if let Some(total) = total_bytes {
+            self.bar.set_length(total);
+        }
+    }
+
+    fn advance(&self, bytes: u64, events: u64) {
+        self.bar.set_position(bytes);
+        let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{events} events, {:.0} events/s", events as f64 / secs));
+    }
+
+    fn guest_log(&self, position: &Position, line: &str) {
+        if !self.quiet {
+            self.bar.println(format!("[guest {position}] {line}"));
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = RunConfig::new(&args.processor, &args.input, &args.state);
+    config.output = args.output;
+    config.stream = args.stream;
+    config.batch_size = args.batch_size as usize;
+    config.batch_time = Duration::from_millis(args.batch_ms);
+    config.on_error = match args.on_error {
+        OnError::Dlq => ErrorPolicy::Dlq,
+        OnError::Halt => ErrorPolicy::Halt,
+    };
+    config.allow_module_change = args.allow_module_change;
+    config.runtime = RuntimeConfig {
+        fuel: args.fuel,
+        memory_bytes: (args.memory_mb << 20) as usize,
+        cache_dir: if args.no_cache { None } else { Some(args.cache_dir.unwrap_or_else(default_cache_dir)) },
+    };
+
+    let target = if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
+            .expect("the template is valid"),
+    );
+    let progress = Bar { bar, quiet: args.quiet };
+    let summary = rewind_host::run(&config, &progress)?;
+    if !args.quiet {
+        let secs = summary.elapsed.as_secs_f64();
+        eprintln!(
+            "processed {} events in {:.2}s ({:.0} events/s): {} applied, {} dead-lettered, {} outputs; \
+             {} already consumed earlier",
+            summary.consumed,
+            secs,
+            summary.consumed as f64 / secs.max(1e-9),
+            summary.applied,
+            summary.dead_lettered,
+            summary.outputs,
+            summary.skipped,
+        );
+        eprintln!(
+            "module {} ({} in {:.0} ms)",
+            summary.module_digest,
+            if summary.load.compiled { "compiled" } else { "loaded from cache" },
+            summary.load.duration.as_secs_f64() * 1000.0,
+        );
+    }
+    Ok(())
+}
+
+fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
+    let db = StateDb::open_existing(&state)?;
+    let summary = db.summary()?;
+    if json {
+        let value = serde_json::json!({
+            "state": state,
+            "module_digest": summary.module_digest,
+            "consumed": summary.consumed,
+            "tables": summary.tables.iter().map(|t| serde_json::json!({"name": t.name, "rows": t.rows})).collect::<Vec<_>>(),
+            "offsets": summary.offsets.iter().map(|(s, p, o)| serde_json::json!({"stream": s, "partition": p, "next_offset": o})).collect::<Vec<_>>(),
+            "dead_letters": summary.dead_letters,
+            "outbox_pending": summary.outbox_pending,
+            "outputs_delivered": summary.outputs_delivered,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("state         {}", state.display());
+    println!("module        {}", summary.module_digest.as_deref().unwrap_or("(none yet)"));
+    println!("consumed      {} records", summary.consumed);
+    let width = summary.tables.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    for (i, table) in summary.tables.iter().enumerate() {
+        let label = if i == 0 { "tables" } else { "" };
+        println!("{label:<13} {:<width$}  {} rows", table.name, table.rows);
+    }
+    if summary.tables.is_empty() {
+        println!("tables        (none)");
+    }
+    for (i, (stream, partition, next)) in summary.offsets.iter().enumerate() {
+        let label = if i == 0 { "offsets" } else { "" };
+        println!("{label:<13} {stream}/{partition}  next offset {next}");
+    }
+    println!("dead letters  {}", summary.dead_letters);
+    println!("outbox        {} pending, {} delivered", summary.outbox_pending, summary.outputs_delivered);
+    Ok(())
+}
+
+fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
+    let db = StateDb::open_existing(&state)?;
+    let letters = db.dead_letters().with_context(|| format!("reading dead letters of {}", state.display()))?;
+    if json {
+        for dl in &letters {
+            let text = |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+            let line = serde_json::json!({
+                "seq": dl.seq,
+                "stream": dl.position.stream,
+                "partition": dl.position.partition,
+                "offset": dl.position.offset,
+                "module_digest": dl.module_digest,
+                "error_class": dl.error_class,
+                "message": dl.message,
+                "key": text(&dl.key),
+                "payload": text(&dl.payload),
+                "timestamp_ms": dl.timestamp_ms,
+                "raw_hex": hex::encode(&dl.raw),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    if letters.is_empty() {
+        println!("no dead letters in {}", state.display());
+        return Ok(());
+    }
+    println!("{:>6}  {:<24} {:<15} message", "seq", "position", "class");
+    for dl in &letters {
+        let raw = String::from_utf8_lossy(&dl.raw);
+        let raw: String = raw.chars().take(60).collect();
+        println!("{:>6}  {:<24} {:<15} {}", dl.seq, dl.position.to_string(), dl.error_class, dl.message);
+        println!("{:>6}  {:<24} {:<15} raw: {raw}", "", "", "");
+    }
+    println!("{} dead letters", letters.len());
+    Ok(())
+}

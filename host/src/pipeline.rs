@@ -1,0 +1,368 @@
+//! The live run: source → processor → state, batched, then sink.
+//!
+//! Each event runs in its own savepoint inside a batch transaction. A batch
+//! commits its state writes, input offsets, outbox rows and dead letters
+//! together, so a crash at any point loses nothing and applies nothing twice:
+//! on restart the run resumes after the committed offsets, and the sink
+//! delivers whatever is still in the outbox.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::event::Position;
+use crate::runtime::{HostFault, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig};
+use crate::sink::{FileSink, SinkError};
+use crate::source::{FileSource, Record, SourceError};
+use crate::state::{DeadLetter, OutboxRow, StateDb, StateError};
+
+/// What to do when a processor fails on an event (invalid input is always
+/// dead-lettered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Dead-letter the event and go on.
+    #[default]
+    Dlq,
+    /// Commit everything before the event and stop; rerunning retries it.
+    Halt,
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub processor: PathBuf,
+    pub input: PathBuf,
+    pub state: PathBuf,
+    pub output: Option<PathBuf>,
+    /// Stream name for bare lines (default: the input file's stem).
+    pub stream: Option<String>,
+    pub batch_size: usize,
+    pub batch_time: Duration,
+    pub on_error: ErrorPolicy,
+    pub runtime: RuntimeConfig,
+    /// Accept a state DB last written by another module version.
+    pub allow_module_change: bool,
+}
+
+impl RunConfig {
+    pub fn new(processor: &Path, input: &Path, state: &Path) -> Self {
+        RunConfig {
+            processor: processor.to_owned(),
+            input: input.to_owned(),
+            state: state.to_owned(),
+            output: None,
+            stream: None,
+            batch_size: 1000,
+            batch_time: Duration::from_millis(500),
+            on_error: ErrorPolicy::Dlq,
+            runtime: RuntimeConfig::default(),
+            allow_module_change: false,
+        }
+    }
+}
+
+/// Receives progress; the CLI draws a bar, tests ignore it.
+pub trait Progress {
+    fn start(&self, _total_bytes: Option<u64>) {}
+    fn advance(&self, _bytes: u64, _events: u64) {}
+    fn guest_log(&self, _position: &Position, _line: &str) {}
+    fn finish(&self) {}
+}
+
+impl Progress for () {}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub module_digest: String,
+    pub load: LoadStats,
+    /// Records consumed by this run (not counting those already consumed earlier).
+    pub consumed: u64,
+    pub applied: u64,
+    pub dead_lettered: u64,
+    /// Records skipped because an earlier run already consumed them.
+    pub skipped: u64,
+    pub outputs: u64,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("processor {path}: init failed ({class}): {message}; nothing was written", class = rejection.class, message = rejection.message)]
+    Init { path: PathBuf, rejection: Rejection },
+    #[error(
+        "state DB {state} was written by module {recorded}, not {module}; \
+         use a new --state, or pass --allow-module-change to continue it with this version"
+    )]
+    ModuleChanged { state: PathBuf, recorded: String, module: String },
+    #[error(
+        "halted at {position} ({class}): {message}; everything before it is committed; \
+         fix the processor and rerun, or use --on-error dlq",
+        class = rejection.class, message = rejection.message
+    )]
+    Halted { position: Position, rejection: Rejection },
+    #[error("state DB {state} failed while processing {position}: {source}")]
+    Host {
+        state: PathBuf,
+        position: Position,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Runs a processor over a file into a state DB (and optionally an output file).
+pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let runtime = Runtime::new(config.runtime.clone())?;
+    let module = runtime.load(&config.processor)?;
+    let mut source = FileSource::open(&config.input, config.stream.as_deref())?;
+
+    let state_existed = config.state.exists();
+    let db = StateDb::open(&config.state)?;
+    let db = match prepare(&runtime, &module, db, config) {
+        Ok(db) => db,
+        Err(error) => {
+            if !state_existed {
+                remove_db_files(&config.state);
+            }
+            return Err(error);
+        }
+    };
+
+    let mut run = Run {
+        runtime: &runtime,
+        module: &module,
+        config,
+        progress,
+        offsets: db.offsets()?,
+        next_seq: db.meta_u64("next_seq")?,
+        sink: None,
+        summary: RunSummary {
+            module_digest: module.digest().to_owned(),
+            load: module.stats(),
+            consumed: 0,
+            applied: 0,
+            dead_lettered: 0,
+            skipped: 0,
+            outputs: 0,
+            elapsed: Duration::ZERO,
+        },
+        db: Some(db),
+    };
+    if let Some(path) = &config.output {
+        let db = run.db();
+        run.sink = Some(FileSink::open(path, &db.sink_mark()?, run.next_seq == 0)?);
+        run.deliver()?;
+    }
+
+    progress.start(source.size());
+    let result = run.consume(&mut source);
+    progress.finish();
+    result?;
+    run.summary.elapsed = started.elapsed();
+    Ok(run.summary)
+}
+
+/// Checks the module against the state and runs `init` in a transaction.
+fn prepare(runtime: &Runtime, module: &Module, db: StateDb, config: &RunConfig) -> Result<StateDb, RunError> {
+    if let Some(recorded) = db.meta("module_digest")?
+        && recorded != module.digest()
+        && !config.allow_module_change
+    {
+        return Err(RunError::ModuleChanged {
+            state: config.state.clone(),
+            recorded,
+            module: module.digest().to_owned(),
+        });
+    }
+    db.begin()?;
+    let (db, outcome) = runtime.init(module, db);
+    let failure = match outcome {
+        Err(HostFault(source)) => Some(RunError::Host { state: config.state.clone(), position: Position::init(), source }),
+        Ok(outcome) => outcome.result.err().map(|rejection| RunError::Init { path: config.processor.clone(), rejection }),
+    };
+    if let Some(error) = failure {
+        db.rollback()?;
+        return Err(error);
+    }
+    db.set_meta("module_digest", module.digest())?;
+    db.commit()?;
+    Ok(db)
+}
+
+fn remove_db_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+struct Run<'a> {
+    runtime: &'a Runtime,
+    module: &'a Module,
+    config: &'a RunConfig,
+    progress: &'a dyn Progress,
+    offsets: crate::state::Offsets,
+    next_seq: u64,
+    sink: Option<FileSink>,
+    summary: RunSummary,
+    /// Moved into the guest's store during a call, hence the `Option`.
+    db: Option<StateDb>,
+}
+
+impl Run<'_> {
+    fn db(&self) -> &StateDb {
+        self.db.as_ref().expect("the state DB is only lent out during a guest call")
+    }
+
+    fn consume(&mut self, source: &mut FileSource) -> Result<(), RunError> {
+        let mut in_batch = 0usize;
+        let mut batch_started = Instant::now();
+        while let Some(record) = source.next_record()? {
+            let key = (record.position.stream.clone(), record.position.partition);
+            let next = self.offsets.get(&key).copied();
+            if next.is_some_and(|next| record.position.offset < next) {
+                self.summary.skipped += 1;
+                continue;
+            }
+            if in_batch == 0 {
+                self.db().begin()?;
+                batch_started = Instant::now();
+            }
+            let offset = record.position.offset;
+            if let Err(error) = self.process(record) {
+                if matches!(error, RunError::Halted { .. }) {
+                    // Keep everything before the failing event.
+                    self.commit_batch()?;
+                } else {
+                    self.db().rollback()?;
+                }
+                return Err(error);
+            }
+            self.offsets.insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
+            in_batch += 1;
+            if in_batch >= self.config.batch_size || batch_started.elapsed() >= self.config.batch_time {
+                self.commit_batch()?;
+                in_batch = 0;
+                self.progress.advance(source.bytes_read(), self.summary.consumed);
+            }
+        }
+        if in_batch > 0 {
+            self.commit_batch()?;
+        }
+        self.progress.advance(source.bytes_read(), self.summary.consumed);
+        Ok(())
+    }
+
+    /// Processes one record inside the open batch.
+    fn process(&mut self, record: Record) -> Result<(), RunError> {
+        let seq = self.next_seq;
+        let event = match record.decoded {
+            Ok(event) => event,
+            Err(reason) => {
+                let dead = DeadLetter {
+                    seq,
+                    position: record.position,
+                    module_digest: self.module.digest().to_owned(),
+                    error_class: "malformed".into(),
+                    message: reason,
+                    key: None,
+                    payload: None,
+                    headers: Vec::new(),
+                    timestamp_ms: None,
+                    raw: record.raw,
+                };
+                self.db().insert_dead_letter(&dead)?;
+                self.next_seq += 1;
+                self.summary.consumed += 1;
+                self.summary.dead_lettered += 1;
+                return Ok(());
+            }
+        };
+
+        self.db().savepoint()?;
+        let db = self.db.take().expect("the state DB is lent out only during a call");
+        let (db, outcome) = self.runtime.handle(self.module, db, &event);
+        self.db = Some(db);
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(HostFault(source)) => {
+                return Err(RunError::Host { state: self.config.state.clone(), position: event.position, source });
+            }
+        };
+        for line in &outcome.logs {
+            self.progress.guest_log(&event.position, line);
+        }
+        match outcome.result {
+            Ok(outputs) => {
+                for (n, output) in outputs.into_iter().enumerate() {
+                    let row = OutboxRow {
+                        seq,
+                        n: n as u32,
+                        id: format!("{}/{n}", event.position),
+                        output,
+                        timestamp_ms: event.timestamp_ms,
+                    };
+                    self.db().insert_outbox(&row)?;
+                    self.summary.outputs += 1;
+                }
+                self.db().release()?;
+                self.summary.applied += 1;
+            }
+            Err(rejection) => {
+                self.db().rollback_event()?;
+                if rejection.is_failure() && self.config.on_error == ErrorPolicy::Halt {
+                    return Err(RunError::Halted { position: event.position, rejection });
+                }
+                let dead = DeadLetter {
+                    seq,
+                    position: event.position,
+                    module_digest: self.module.digest().to_owned(),
+                    error_class: rejection.class.to_owned(),
+                    message: rejection.message,
+                    key: event.key,
+                    payload: event.payload,
+                    headers: event.headers,
+                    timestamp_ms: event.timestamp_ms,
+                    raw: record.raw,
+                };
+                self.db().insert_dead_letter(&dead)?;
+                self.summary.dead_lettered += 1;
+            }
+        }
+        self.next_seq += 1;
+        self.summary.consumed += 1;
+        Ok(())
+    }
+
+    /// Commits the batch with its offsets, then relays the outbox.
+    fn commit_batch(&mut self) -> Result<(), RunError> {
+        let db = self.db();
+        db.save_offsets(&self.offsets)?;
+        db.set_meta("next_seq", &self.next_seq.to_string())?;
+        db.commit()?;
+        self.deliver()
+    }
+
+    /// Writes pending outbox rows to the sink and removes them, committed
+    /// with the sink's new mark.
+    fn deliver(&mut self) -> Result<(), RunError> {
+        let Some(sink) = self.sink.as_mut() else { return Ok(()) };
+        let db = self.db.as_ref().expect("the state DB is lent out only during a call");
+        loop {
+            let rows = db.pending_outbox(10_000)?;
+            let Some(last) = rows.last() else { return Ok(()) };
+            let mark = sink.write(&rows)?;
+            db.ack_outbox((last.seq, last.n), &mark)?;
+        }
+    }
+}

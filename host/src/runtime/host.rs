@@ -1,0 +1,188 @@
+//! The host side of the processor world's imports: SQL, outputs, logging.
+
+use rusqlite::types::Value as SqlValue;
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Result};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::event::{Header, Output};
+use crate::state::{GuestSqlError, StateDb};
+use crate::wit::rewind::processor::{log, output, sql, types};
+
+/// Outputs one event may emit.
+pub const MAX_OUTPUTS_PER_EVENT: usize = 10_000;
+/// Output bytes (keys, payloads, headers) one event may emit.
+pub const MAX_OUTPUT_BYTES_PER_EVENT: usize = 16 << 20;
+/// Log lines kept per event; the rest are counted.
+const MAX_LOG_LINES_PER_EVENT: usize = 100;
+/// Bytes of one log line kept.
+const MAX_LOG_LINE: usize = 4096;
+
+/// The state DB failed underneath guest SQL: not the guest's fault, so the
+/// run stops instead of dead-lettering the event.
+#[derive(Debug, thiserror::Error)]
+#[error("state DB failed during guest SQL: {0}")]
+pub struct HostFault(#[source] pub rusqlite::Error);
+
+/// The event used up its SQL budget.
+#[derive(Debug, thiserror::Error)]
+#[error("SQL ran more than {budget} SQLite VM steps in one event")]
+pub struct SqlBudgetExhausted {
+    pub budget: u64,
+}
+
+/// The guest tried to grow memory past its cap.
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit exceeded: the guest asked for {desired} bytes, the cap is {cap} bytes")]
+pub struct MemoryCapExceeded {
+    pub desired: usize,
+    pub cap: usize,
+}
+
+/// Caps guest memory and tables. Failing with an error (rather than
+/// refusing the growth) turns the growth into a trap at that exact point,
+/// so the failure is deterministic and its cause is clear.
+pub struct GuestLimiter {
+    pub memory_bytes: usize,
+}
+
+impl ResourceLimiter for GuestLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> Result<bool> {
+        if desired > self.memory_bytes {
+            return Err(wasmtime::Error::new(MemoryCapExceeded { desired, cap: self.memory_bytes }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> Result<bool> {
+        // Tables hold function references; a million is far beyond any real guest.
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// A line a guest logged.
+pub struct LogLine {
+    pub level: log::Level,
+    pub message: String,
+}
+
+/// Everything a guest call can reach. Lives in the call's `Store`.
+pub struct HostState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: GuestLimiter,
+    pub db: StateDb,
+    pub outputs: Vec<Output>,
+    pub output_bytes: usize,
+    pub logs: Vec<LogLine>,
+    pub logs_dropped: usize,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for HostState {}
+
+fn to_sqlite(params: Vec<sql::Value>) -> Vec<SqlValue> {
+    params
+        .into_iter()
+        .map(|v| match v {
+            sql::Value::Null => SqlValue::Null,
+            sql::Value::Integer(i) => SqlValue::Integer(i),
+            sql::Value::Real(r) => SqlValue::Real(r),
+            sql::Value::Text(s) => SqlValue::Text(s),
+            sql::Value::Blob(b) => SqlValue::Blob(b),
+        })
+        .collect()
+}
+
+fn from_sqlite(value: SqlValue) -> sql::Value {
+    match value {
+        SqlValue::Null => sql::Value::Null,
+        SqlValue::Integer(i) => sql::Value::Integer(i),
+        SqlValue::Real(r) => sql::Value::Real(r),
+        SqlValue::Text(s) => sql::Value::Text(s),
+        SqlValue::Blob(b) => sql::Value::Blob(b),
+    }
+}
+
+/// Statement errors go back to the guest; budget exhaustion and database
+/// failures stop the guest with a trap.
+fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(GuestSqlError::Statement(message)) => Ok(Err(message)),
+        Err(GuestSqlError::BudgetExhausted { budget }) => {
+            Err(wasmtime::Error::new(SqlBudgetExhausted { budget }))
+        }
+        Err(GuestSqlError::Host(error)) => Err(wasmtime::Error::new(HostFault(error))),
+    }
+}
+
+impl sql::Host for HostState {
+    fn execute(&mut self, statement: String, params: Vec<sql::Value>) -> Result<Result<u64, String>> {
+        guest_result(self.db.guest_execute(&statement, to_sqlite(params)))
+    }
+
+    fn query(&mut self, statement: String, params: Vec<sql::Value>) -> Result<Result<sql::Rows, String>> {
+        guest_result(self.db.guest_query(&statement, to_sqlite(params)).map(|rows| sql::Rows {
+            columns: rows.columns,
+            rows: rows
+                .rows
+                .into_iter()
+                .map(|row| row.into_iter().map(from_sqlite).collect())
+                .collect(),
+        }))
+    }
+}
+
+impl output::Host for HostState {
+    fn emit(&mut self, event: output::OutputEvent) -> Result<Result<(), String>> {
+        let size = event.stream.len()
+            + event.key.as_ref().map_or(0, Vec::len)
+            + event.payload.as_ref().map_or(0, Vec::len)
+            + event.headers.iter().map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        if self.outputs.len() >= MAX_OUTPUTS_PER_EVENT {
+            return Ok(Err(format!("output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event")));
+        }
+        if self.output_bytes + size > MAX_OUTPUT_BYTES_PER_EVENT {
+            return Ok(Err(format!(
+                "output limit: at most {MAX_OUTPUT_BYTES_PER_EVENT} bytes of outputs per event"
+            )));
+        }
+        self.output_bytes += size;
+        self.outputs.push(Output {
+            stream: event.stream,
+            key: event.key,
+            payload: event.payload,
+            headers: event
+                .headers
+                .into_iter()
+                .map(|h| Header { name: h.name, value: h.value })
+                .collect(),
+        });
+        Ok(Ok(()))
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, mut message: String) -> Result<()> {
+        if self.logs.len() >= MAX_LOG_LINES_PER_EVENT {
+            self.logs_dropped += 1;
+            return Ok(());
+        }
+        if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" …");
+        }
+        self.logs.push(LogLine { level, message });
+        Ok(())
+    }
+}

@@ -1,0 +1,374 @@
+//! The WebAssembly runtime: loading processors and calling them in a
+//! deterministic sandbox.
+//!
+//! Each call (`init`, or `handle` for one event) gets a fresh store and a
+//! fresh instance: no guest memory survives from one event to the next, so a
+//! processor's results cannot depend on batch boundaries or restarts. The
+//! pooling allocator and the precompiled, cached component keep that cheap.
+
+mod cache;
+mod host;
+mod sandbox;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+pub use cache::default_dir as default_cache_dir;
+pub use host::HostFault;
+
+use crate::event::{Event, Output, Position};
+use crate::state::{EventClock, StateDb};
+use crate::wit::{self, Processor, ProcessorPre};
+use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted};
+use sandbox::Capture;
+
+/// Fuel per call unless configured: far more than any real event needs, and
+/// still a fraction of a second for a runaway loop.
+pub const DEFAULT_FUEL: u64 = 100_000_000;
+/// Memory cap per instance unless configured, in MiB.
+pub const DEFAULT_MEMORY_MB: u64 = 64;
+/// The native stack wasm may use: pinned so stack overflow happens at the
+/// same call depth on every machine.
+const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// How the runtime is set up: part of the host configuration that results
+/// depend on (a larger fuel budget can turn a dead letter into a success).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Fuel (wasm instructions, roughly) per call; the same budget also caps
+    /// the SQLite VM steps of the call's SQL.
+    pub fuel: u64,
+    /// Linear memory cap per instance, in bytes.
+    pub memory_bytes: usize,
+    /// Where compiled components are cached; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            fuel: DEFAULT_FUEL,
+            memory_bytes: (DEFAULT_MEMORY_MB << 20) as usize,
+            cache_dir: Some(default_cache_dir()),
+        }
+    }
+}
+
+/// Why a module could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error("processor {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("processor {path}: not a WebAssembly file (no \\0asm header)")]
+    NotWasm { path: PathBuf },
+    #[error(
+        "processor {path}: a core WebAssembly module, not a component; build it for \
+         wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule { path: PathBuf },
+    #[error("processor {path}: invalid component: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("processor {path}: does not implement the rewind:processor world: {reason}")]
+    WrongWorld { path: PathBuf, reason: String },
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Engine(String),
+}
+
+/// How a module was loaded, for reporting cold versus warm starts.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadStats {
+    /// Whether the component was compiled (cold) rather than loaded from the cache.
+    pub compiled: bool,
+    pub duration: Duration,
+}
+
+/// A processor version, compiled and linked, ready to instantiate.
+pub struct Module {
+    path: PathBuf,
+    digest: String,
+    pre: ProcessorPre<HostState>,
+    stats: LoadStats,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module").field("path", &self.path).field("digest", &self.digest).finish()
+    }
+}
+
+impl Module {
+    /// `sha256:<hex>` of the component bytes: the processor version's identity.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn stats(&self) -> LoadStats {
+        self.stats
+    }
+}
+
+/// Why a guest call did not apply its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `invalid-input`, `failed`, `trap`, `panic`, `fuel-exhausted`,
+    /// `memory-limit`, `stack-overflow` or `sql-budget`.
+    pub class: &'static str,
+    pub message: String,
+}
+
+impl Rejection {
+    /// Whether the host's error policy applies (everything but invalid input).
+    pub fn is_failure(&self) -> bool {
+        self.class != "invalid-input"
+    }
+}
+
+/// What one guest call produced.
+#[derive(Debug)]
+pub struct CallOutcome {
+    /// The outputs (when applied) or why not.
+    pub result: Result<Vec<Output>, Rejection>,
+    /// Lines the guest logged or printed.
+    pub logs: Vec<String>,
+}
+
+/// The WebAssembly engine and the host functions guests link against.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("config", &self.config).finish()
+    }
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, LoadError> {
+        let engine_err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .consume_fuel(true)
+            .cranelift_nan_canonicalization(true)
+            .relaxed_simd_deterministic(true)
+            .max_wasm_stack(MAX_WASM_STACK)
+            .parallel_compilation(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(16)
+            .total_core_instances(64)
+            .total_memories(32)
+            .total_tables(64)
+            .max_memory_size(config.memory_bytes);
+        wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // Threads stay off: wasmtime is built without its `threads` feature,
+        // so shared memories and atomics-based waiting cannot be enabled.
+        let engine = Engine::new(&wasm).map_err(engine_err)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
+        Processor::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+        Ok(Runtime { engine, linker, config })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Reads, validates, compiles (or loads from the cache) and links a processor.
+    pub fn load(&self, path: &Path) -> Result<Module, LoadError> {
+        let started = Instant::now();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm { path: path.to_owned() });
+        }
+        // Core modules are version 1; components carry layer 1 in bytes 6..8.
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule { path: path.to_owned() });
+        }
+        let digest_hex = hex::encode(Sha256::digest(&bytes));
+
+        let cached = self
+            .config
+            .cache_dir
+            .as_deref()
+            .map(|dir| cache::entry(dir, &self.engine, &digest_hex));
+        let (component, compiled) = match cached.as_deref().and_then(|p| cache::load(&self.engine, p)) {
+            Some(component) => (component, false),
+            None => {
+                let component = Component::from_binary(&self.engine, &bytes).map_err(|e| {
+                    LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") }
+                })?;
+                if let Some(entry) = &cached {
+                    // A cache that cannot be written only costs the next start a compile.
+                    let _ = cache::store(&component, entry);
+                }
+                (component, true)
+            }
+        };
+
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            path: path.to_owned(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let pre = ProcessorPre::new(instance_pre).map_err(wrong_world)?;
+        Ok(Module {
+            path: path.to_owned(),
+            digest: format!("sha256:{digest_hex}"),
+            pre,
+            stats: LoadStats { compiled, duration: started.elapsed() },
+        })
+    }
+
+    /// Runs the module's `init` (the caller owns the transaction).
+    pub fn init(&self, module: &Module, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
+        self.call(module, db, &Position::init(), 0, |processor, store| processor.call_init(store))
+    }
+
+    /// Runs the module's `handle` for one event (the caller owns the savepoint).
+    pub fn handle(&self, module: &Module, db: StateDb, event: &Event) -> (StateDb, Result<CallOutcome, HostFault>) {
+        let wit_event = wit::Event {
+            stream: event.position.stream.clone(),
+            partition: event.position.partition,
+            offset: event.position.offset,
+            key: event.key.clone(),
+            payload: event.payload.clone(),
+            headers: event
+                .headers
+                .iter()
+                .map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() })
+                .collect(),
+            timestamp_ms: event.timestamp_ms,
+        };
+        self.call(module, db, &event.position, event.timestamp_ms.unwrap_or(0), |processor, store| {
+            processor.call_handle(store, &wit_event)
+        })
+    }
+
+    fn call(
+        &self,
+        module: &Module,
+        db: StateDb,
+        position: &Position,
+        timestamp_ms: i64,
+        f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
+    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+        let capture = Capture::default();
+        db.enter_event(position, self.config.fuel);
+        let clock = EventClock::enter(timestamp_ms);
+        let state = HostState {
+            wasi: sandbox::wasi_for(position, timestamp_ms, &capture),
+            table: Default::default(),
+            limiter: GuestLimiter { memory_bytes: self.config.memory_bytes },
+            db,
+            outputs: Vec::new(),
+            output_bytes: 0,
+            logs: Vec::new(),
+            logs_dropped: 0,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let result = store
+            .set_fuel(self.config.fuel)
+            .and_then(|()| module.pre.instantiate(&mut store))
+            .and_then(|processor| f(&processor, &mut store));
+        let state = store.into_data();
+        drop(clock);
+        state.db.leave_event();
+
+        let mut logs: Vec<String> =
+            state.logs.iter().map(|l| format!("{:?}: {}", l.level, l.message)).collect();
+        if state.logs_dropped > 0 {
+            logs.push(format!("({} more log lines dropped)", state.logs_dropped));
+        }
+        let (stderr, stderr_dropped) = capture.stderr.take();
+        for (name, (bytes, dropped)) in [("stdout", capture.stdout.take()), ("stderr", (stderr.clone(), stderr_dropped))] {
+            logs.extend(String::from_utf8_lossy(&bytes).lines().map(|l| format!("{name}: {l}")));
+            if dropped > 0 {
+                logs.push(format!("{name}: ({dropped} more bytes dropped)"));
+            }
+        }
+
+        let result = match result {
+            Ok(Ok(())) => Ok(state.outputs),
+            Ok(Err(wit::Error::InvalidInput(message))) => {
+                Err(Rejection { class: "invalid-input", message })
+            }
+            Ok(Err(wit::Error::Failed(message))) => Err(Rejection { class: "failed", message }),
+            Err(error) => match error.downcast::<HostFault>() {
+                Ok(fault) => return (state.db, Err(fault)),
+                Err(error) => Err(classify_trap(&error, &stderr, self.config.fuel)),
+            },
+        };
+        (state.db, Ok(CallOutcome { result, logs }))
+    }
+}
+
+/// Turns a trap into a dead-letter class and a message a person can act on.
+fn classify_trap(error: &wasmtime::Error, stderr: &[u8], fuel: u64) -> Rejection {
+    if let Some(cap) = error.downcast_ref::<MemoryCapExceeded>() {
+        return Rejection {
+            class: "memory-limit",
+            message: format!("{cap}; raise --memory-mb if the processor legitimately needs more"),
+        };
+    }
+    if let Some(budget) = error.downcast_ref::<SqlBudgetExhausted>() {
+        return Rejection {
+            class: "sql-budget",
+            message: format!("{budget}; raise --fuel if the processor legitimately needs more"),
+        };
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => {
+            return Rejection {
+                class: "fuel-exhausted",
+                message: format!(
+                    "ran out of fuel ({fuel} units) in one event; raise --fuel if the processor \
+                     legitimately needs more"
+                ),
+            };
+        }
+        Some(Trap::StackOverflow) => {
+            return Rejection {
+                class: "stack-overflow",
+                message: "call stack exhausted (runaway recursion?)".to_owned(),
+            };
+        }
+        _ => {}
+    }
+    let stderr = String::from_utf8_lossy(stderr);
+    if let Some(at) = stderr.find("panicked at ") {
+        // Rust prints "thread '…' panicked at FILE:LINE:COL:\nMESSAGE\nnote: …".
+        let panic: Vec<&str> = stderr[at..].lines().take_while(|l| !l.starts_with("note:")).collect();
+        return Rejection { class: "panic", message: truncate(panic.join(" "), 2048) };
+    }
+    Rejection { class: "trap", message: truncate(format!("{error:#}"), 2048) }
+}
+
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}

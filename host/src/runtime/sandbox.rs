@@ -1,0 +1,171 @@
+//! The WASI a guest sees: nothing ambient, everything from the event.
+//!
+//! No filesystem (no preopens), no network (TCP, UDP and name lookup
+//! refused), no environment, no arguments, no stdin. Both clocks read the
+//! current event's timestamp; both random generators are ChaCha streams
+//! seeded from the event's identity. stdout and stderr are captured into a
+//! capped buffer that the host forwards to its log.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
+
+use crate::event::Position;
+
+/// Bytes of stdout (and, separately, stderr) kept per event.
+pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// Builds the WASI context for one event (or for `init`).
+pub fn wasi_for(position: &Position, timestamp_ms: i64, capture: &Capture) -> WasiCtx {
+    let seed = position.seed("wasi");
+    let insecure_seed = position.seed("wasi-insecure");
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .wall_clock(EventWallClock { timestamp_ms })
+        .monotonic_clock(EventMonotonicClock { timestamp_ms })
+        .secure_random(ChaCha20Rng::from_seed(seed))
+        .insecure_random(ChaCha20Rng::from_seed(insecure_seed))
+        .insecure_random_seed(u128::from_le_bytes(
+            position.seed("wasi-insecure-seed")[..16].try_into().expect("16 bytes"),
+        ))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .stdout(capture.stdout.clone())
+        .stderr(capture.stderr.clone());
+    builder.build()
+}
+
+struct EventWallClock {
+    timestamp_ms: i64,
+}
+
+impl HostWallClock for EventWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+
+    fn now(&self) -> Duration {
+        // WASI's wall clock cannot go before the epoch; clamp rather than wrap.
+        Duration::from_millis(self.timestamp_ms.max(0) as u64)
+    }
+}
+
+struct EventMonotonicClock {
+    timestamp_ms: i64,
+}
+
+impl HostMonotonicClock for EventMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1_000_000
+    }
+
+    fn now(&self) -> u64 {
+        (self.timestamp_ms.max(0) as u64).saturating_mul(1_000_000)
+    }
+}
+
+/// Captured stdout and stderr of one guest call.
+#[derive(Default, Clone)]
+pub struct Capture {
+    pub stdout: CappedPipe,
+    pub stderr: CappedPipe,
+}
+
+/// An output stream that keeps the first [`CAPTURE_LIMIT`] bytes and counts
+/// the rest. It never fails a write: a guest that prints too much is not
+/// punished for it, so its results do not depend on the cap.
+#[derive(Default, Clone)]
+pub struct CappedPipe {
+    inner: Arc<Mutex<Captured>>,
+}
+
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    dropped: usize,
+}
+
+impl CappedPipe {
+    fn append(&self, bytes: &[u8]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let room = CAPTURE_LIMIT.saturating_sub(inner.kept.len());
+        let keep = room.min(bytes.len());
+        inner.kept.extend_from_slice(&bytes[..keep]);
+        inner.dropped += bytes.len() - keep;
+    }
+
+    /// The kept bytes and the number dropped, emptying the pipe.
+    pub fn take(&self) -> (Vec<u8>, usize) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = std::mem::take(&mut inner.dropped);
+        (std::mem::take(&mut inner.kept), dropped)
+    }
+}
+
+impl IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedPipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for CappedPipe {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(CAPTURE_LIMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CappedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for CappedPipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.append(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

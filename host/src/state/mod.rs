@@ -1,0 +1,340 @@
+//! The state DB: a processor's own SQLite database, with the host's tables
+//! (`_rewind_*`) beside the processor's.
+//!
+//! One connection, owned by the run. The host commits in batches: every
+//! event runs in its own savepoint inside the batch transaction, and the
+//! batch's input offsets, outbox rows and dead letters commit with the state
+//! they describe.
+
+mod guard;
+mod tables;
+mod vfs;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OpenFlags, params};
+
+pub use guard::GUEST_STATEMENT_MARK;
+pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
+pub use vfs::EventClock;
+
+use crate::event::Position;
+use guard::Guard;
+
+/// The state DB format this host writes; a DB with another is refused.
+pub const FORMAT: &str = "rewind-state-1";
+
+/// How many rows one guest query may return before it is refused.
+const MAX_QUERY_ROWS: usize = 1_000_000;
+
+/// SQLite calls the progress handler every this many VM instructions.
+const PROGRESS_PERIOD: i32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    #[error("state DB {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("state DB {path} does not exist; `rewind run` creates it")]
+    Missing { path: PathBuf },
+    #[error(
+        "{path} is not a rewind state DB (format {found:?}, expected {FORMAT:?}); \
+         choose another --state"
+    )]
+    WrongFormat { path: PathBuf, found: String },
+    #[error("state DB {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Offsets to resume from: the next offset to consume, per stream partition.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// A failure of guest SQL.
+#[derive(Debug)]
+pub enum GuestSqlError {
+    /// The statement failed; the guest gets the message.
+    Statement(String),
+    /// The event used up its SQL budget: the guest is stopped.
+    BudgetExhausted { budget: u64 },
+    /// The database itself failed (I/O, disk full, corruption): the run stops.
+    Host(rusqlite::Error),
+}
+
+/// Rows a guest query returned.
+pub struct GuestRows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<SqlValue>>,
+}
+
+/// A processor's state DB.
+pub struct StateDb {
+    conn: Connection,
+    path: PathBuf,
+    guard: Arc<Guard>,
+    /// SQLite VM instructions (in progress-handler periods) the current guest
+    /// event has used, and the budget it may use.
+    sql_periods: Arc<AtomicU64>,
+    sql_budget_periods: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish()
+    }
+}
+
+impl StateDb {
+    /// Opens (creating if needed) the state DB at `path` for a run.
+    pub fn open(path: &Path) -> Result<StateDb, StateError> {
+        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
+    }
+
+    /// Opens an existing state DB, for inspection.
+    pub fn open_existing(path: &Path) -> Result<StateDb, StateError> {
+        if !path.exists() {
+            return Err(StateError::Missing { path: path.to_owned() });
+        }
+        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    }
+
+    fn open_with(path: &Path, flags: OpenFlags) -> Result<StateDb, StateError> {
+        let err = |source| StateError::Sqlite { path: path.to_owned(), source };
+        vfs::register().map_err(|message| StateError::Invalid { path: path.to_owned(), message })?;
+        let flags = flags | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
+        let mut conn = Connection::open_with_flags_and_vfs(path, flags, vfs::NAME).map_err(err)?;
+        // A file that is not a database shows up on the first read.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 5000;
+             PRAGMA cache_size = -65536;
+             PRAGMA trusted_schema = OFF;",
+        )
+        .map_err(err)?;
+        conn.set_prepared_statement_cache_capacity(256);
+        let guard = Guard::install(&mut conn).map_err(err)?;
+
+        let sql_periods = Arc::new(AtomicU64::new(0));
+        let sql_budget_periods = Arc::new(AtomicU64::new(u64::MAX));
+        let (used, budget) = (Arc::clone(&sql_periods), Arc::clone(&sql_budget_periods));
+        conn.progress_handler(
+            PROGRESS_PERIOD,
+            Some(move || {
+                // Returning true interrupts the statement.
+                used.fetch_add(1, Ordering::Relaxed) + 1 > budget.load(Ordering::Relaxed)
+            }),
+        )
+        .map_err(err)?;
+
+        let db = StateDb { conn, path: path.to_owned(), guard, sql_periods, sql_budget_periods };
+        db.create_host_tables()?;
+        Ok(db)
+    }
+
+    /// The file this DB lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError::Sqlite { path: self.path.clone(), source }
+    }
+
+    fn create_host_tables(&self) -> Result<(), StateError> {
+        self.conn.execute_batch(tables::HOST_SCHEMA).map_err(|e| self.err(e))?;
+        match self.meta("format")? {
+            None => self.set_meta("format", FORMAT),
+            Some(found) if found == FORMAT => Ok(()),
+            Some(found) => Err(StateError::WrongFormat { path: self.path.clone(), found }),
+        }
+    }
+
+    /// Reads a host metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StateError> {
+        use rusqlite::OptionalExtension;
+        self.conn
+            .prepare_cached("SELECT value FROM _rewind_meta WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes a host metadata value (inside the current transaction, if any).
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO _rewind_meta (key, value) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute([key, value]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// A numeric metadata value, 0 when absent.
+    pub fn meta_u64(&self, key: &str) -> Result<u64, StateError> {
+        match self.meta(key)? {
+            None => Ok(0),
+            Some(v) => v.parse().map_err(|_| StateError::Invalid {
+                path: self.path.clone(),
+                message: format!("host metadata {key} is {v:?}, not a number"),
+            }),
+        }
+    }
+
+    /// Where to resume: the next offset per stream partition.
+    pub fn offsets(&self) -> Result<Offsets, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT stream, partition, next_offset FROM _rewind_offsets")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Offsets>>());
+        rows.map_err(|e| self.err(e))
+    }
+
+    /// Records where to resume (inside the batch transaction).
+    pub fn save_offsets<'a>(
+        &self,
+        offsets: impl IntoIterator<Item = (&'a (String, i32), &'a i64)>,
+    ) -> Result<(), StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO _rewind_offsets (stream, partition, next_offset)
+                 VALUES (?1, ?2, ?3)",
+            )
+            .map_err(|e| self.err(e))?;
+        for ((stream, partition), next) in offsets {
+            stmt.execute(params![stream, partition, next]).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    fn exec_cached(&self, sql: &str) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Starts a batch transaction.
+    pub fn begin(&self) -> Result<(), StateError> {
+        self.exec_cached("BEGIN IMMEDIATE")
+    }
+
+    /// Commits the batch transaction.
+    pub fn commit(&self) -> Result<(), StateError> {
+        self.exec_cached("COMMIT")
+    }
+
+    /// Abandons the batch transaction.
+    pub fn rollback(&self) -> Result<(), StateError> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.exec_cached("ROLLBACK")
+    }
+
+    /// Opens the savepoint one event runs in.
+    pub fn savepoint(&self) -> Result<(), StateError> {
+        self.exec_cached("SAVEPOINT rewind_event")
+    }
+
+    /// Keeps the event's writes.
+    pub fn release(&self) -> Result<(), StateError> {
+        self.exec_cached("RELEASE rewind_event")
+    }
+
+    /// Discards the event's writes.
+    pub fn rollback_event(&self) -> Result<(), StateError> {
+        self.exec_cached("ROLLBACK TO rewind_event")?;
+        self.exec_cached("RELEASE rewind_event")
+    }
+
+    /// Prepares guest SQL for the event at `position`: SQL randomness is
+    /// reseeded and the SQL budget reset. Pair with an [`EventClock`].
+    pub fn enter_event(&self, position: &Position, sql_budget: u64) {
+        self.guard.reseed(position);
+        self.sql_periods.store(0, Ordering::Relaxed);
+        self.sql_budget_periods
+            .store(sql_budget.div_ceil(PROGRESS_PERIOD as u64), Ordering::Relaxed);
+    }
+
+    /// Lifts the SQL budget for the host's own statements.
+    pub fn leave_event(&self) {
+        self.sql_budget_periods.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn guest_error(&self, error: rusqlite::Error) -> GuestSqlError {
+        use rusqlite::ErrorCode as C;
+        match &error {
+            rusqlite::Error::SqliteFailure(code, _) => match code.code {
+                C::OperationInterrupted => GuestSqlError::BudgetExhausted {
+                    budget: self.sql_budget_periods.load(Ordering::Relaxed)
+                        * PROGRESS_PERIOD as u64,
+                },
+                C::SystemIoFailure
+                | C::DiskFull
+                | C::DatabaseCorrupt
+                | C::CannotOpen
+                | C::NotADatabase
+                | C::OutOfMemory
+                | C::ReadOnly
+                | C::FileLockingProtocolFailed => GuestSqlError::Host(error),
+                _ => GuestSqlError::Statement(error.to_string()),
+            },
+            _ => GuestSqlError::Statement(error.to_string()),
+        }
+    }
+
+    /// Runs a guest statement to completion; returns the rows it changed.
+    pub fn guest_execute(&self, sql: &str, params: Vec<SqlValue>) -> Result<u64, GuestSqlError> {
+        let before = self.conn.total_changes();
+        let result = self.guard.as_guest(|| {
+            let mut stmt = self.conn.prepare_cached(&format!("{sql}{GUEST_STATEMENT_MARK}"))?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+            while rows.next()?.is_some() {}
+            Ok(())
+        });
+        result.map_err(|e| self.guest_error(e))?;
+        Ok(self.conn.total_changes().saturating_sub(before))
+    }
+
+    /// Runs a guest query and collects its rows.
+    pub fn guest_query(&self, sql: &str, params: Vec<SqlValue>) -> Result<GuestRows, GuestSqlError> {
+        let result = self.guard.as_guest(|| {
+            let mut stmt = self.conn.prepare_cached(&format!("{sql}{GUEST_STATEMENT_MARK}"))?;
+            let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+            let width = columns.len();
+            let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                if out.len() == MAX_QUERY_ROWS {
+                    return Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                        Some(format!("query returned more than {MAX_QUERY_ROWS} rows; add a LIMIT")),
+                    ));
+                }
+                let mut values = Vec::with_capacity(width);
+                for i in 0..width {
+                    values.push(row.get::<_, SqlValue>(i)?);
+                }
+                out.push(values);
+            }
+            Ok(GuestRows { columns, rows: out })
+        });
+        result.map_err(|e| self.guest_error(e))
+    }
+
+    /// The raw connection, for the host's read-only inspection and tests.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

@@ -1,0 +1,337 @@
+//! The host tables: dead letters, the outbox, sink marks, and summaries.
+
+use rusqlite::{OptionalExtension, params};
+use serde_json::json;
+
+use super::{StateDb, StateError};
+use crate::event::{Header, Output, Position};
+
+pub(super) const HOST_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS _rewind_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _rewind_offsets (
+    stream TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (stream, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _rewind_dlq (
+    seq INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    "offset" INTEGER NOT NULL,
+    module_digest TEXT NOT NULL,
+    error_class TEXT NOT NULL,
+    message TEXT NOT NULL,
+    key BLOB,
+    payload BLOB,
+    headers TEXT NOT NULL,
+    timestamp_ms INTEGER,
+    raw BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _rewind_outbox (
+    seq INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    key BLOB,
+    payload BLOB,
+    headers TEXT NOT NULL,
+    timestamp_ms INTEGER,
+    PRIMARY KEY (seq, n)
+) WITHOUT ROWID;
+"#;
+
+/// An event that could not be processed, with everything needed to redrive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub position: Position,
+    pub module_digest: String,
+    /// `malformed`, `invalid-input`, `failed`, `trap`, `panic`,
+    /// `fuel-exhausted`, `memory-limit`, `stack-overflow`, `sql-budget`.
+    pub error_class: String,
+    pub message: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
+    pub timestamp_ms: Option<i64>,
+    /// The record exactly as the source delivered it.
+    pub raw: Vec<u8>,
+}
+
+/// An output waiting in the outbox for the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub seq: u64,
+    pub n: u32,
+    /// Deterministic idempotency id: the input's position and the output's index.
+    pub id: String,
+    pub output: Output,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// How far a file sink got: committed with the outbox rows it delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkMark {
+    /// Outputs written so far.
+    pub outputs: u64,
+    /// Bytes written so far.
+    pub bytes: u64,
+    /// SHA-256 of the last line written, to recognise the file on restart.
+    pub last_line_sha256: String,
+}
+
+/// Row count of one processor table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableCount {
+    pub name: String,
+    pub rows: u64,
+}
+
+/// What `rewind inspect` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub module_digest: Option<String>,
+    pub consumed: u64,
+    pub tables: Vec<TableCount>,
+    pub offsets: Vec<(String, i32, i64)>,
+    pub dead_letters: u64,
+    pub outbox_pending: u64,
+    pub outputs_delivered: u64,
+}
+
+/// Headers as stored: a JSON array of `[name, value]`, a value being a
+/// string when it is UTF-8, `{"hex": …}` when not, or null.
+pub fn headers_to_json(headers: &[Header]) -> String {
+    let items: Vec<_> = headers
+        .iter()
+        .map(|h| {
+            let value = match &h.value {
+                None => serde_json::Value::Null,
+                Some(v) => match std::str::from_utf8(v) {
+                    Ok(s) => json!(s),
+                    Err(_) => json!({ "hex": hex::encode(v) }),
+                },
+            };
+            json!([h.name, value])
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+pub fn headers_from_json(text: &str) -> Option<Vec<Header>> {
+    let items: Vec<(String, serde_json::Value)> = serde_json::from_str(text).ok()?;
+    items
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s.into_bytes()),
+                serde_json::Value::Object(o) => Some(hex::decode(o.get("hex")?.as_str()?).ok()?),
+                _ => return None,
+            };
+            Some(Header { name, value })
+        })
+        .collect()
+}
+
+impl StateDb {
+    pub fn insert_dead_letter(&self, dl: &DeadLetter) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(
+                r#"INSERT INTO _rewind_dlq (seq, stream, partition, "offset", module_digest,
+                    error_class, message, key, payload, headers, timestamp_ms, raw)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"#,
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    dl.seq as i64,
+                    dl.position.stream,
+                    dl.position.partition,
+                    dl.position.offset,
+                    dl.module_digest,
+                    dl.error_class,
+                    dl.message,
+                    dl.key,
+                    dl.payload,
+                    headers_to_json(&dl.headers),
+                    dl.timestamp_ms,
+                    dl.raw,
+                ])
+            })
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every dead letter, in consumption order.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                r#"SELECT seq, stream, partition, "offset", module_digest, error_class, message,
+                          key, payload, headers, timestamp_ms, raw
+                   FROM _rewind_dlq ORDER BY seq"#,
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let headers: String = r.get(9)?;
+                Ok(DeadLetter {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    position: Position { stream: r.get(1)?, partition: r.get(2)?, offset: r.get(3)? },
+                    module_digest: r.get(4)?,
+                    error_class: r.get(5)?,
+                    message: r.get(6)?,
+                    key: r.get(7)?,
+                    payload: r.get(8)?,
+                    headers: headers_from_json(&headers).unwrap_or_default(),
+                    timestamp_ms: r.get(10)?,
+                    raw: r.get(11)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>());
+        rows.map_err(|e| self.err(e))
+    }
+
+    pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO _rewind_outbox (seq, n, id, stream, key, payload, headers, timestamp_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    row.seq as i64,
+                    row.n,
+                    row.id,
+                    row.output.stream,
+                    row.output.key,
+                    row.output.payload,
+                    headers_to_json(&row.output.headers),
+                    row.timestamp_ms,
+                ])
+            })
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Outputs not yet delivered, in order.
+    pub fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StateError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, n, id, stream, key, payload, headers, timestamp_ms
+                 FROM _rewind_outbox ORDER BY seq, n LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                let headers: String = r.get(6)?;
+                Ok(OutboxRow {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    n: r.get(1)?,
+                    id: r.get(2)?,
+                    output: Output {
+                        stream: r.get(3)?,
+                        key: r.get(4)?,
+                        payload: r.get(5)?,
+                        headers: headers_from_json(&headers).unwrap_or_default(),
+                    },
+                    timestamp_ms: r.get(7)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>());
+        rows.map_err(|e| self.err(e))
+    }
+
+    /// The file sink's progress.
+    pub fn sink_mark(&self) -> Result<SinkMark, StateError> {
+        Ok(SinkMark {
+            outputs: self.meta_u64("sink.outputs")?,
+            bytes: self.meta_u64("sink.bytes")?,
+            last_line_sha256: self.meta("sink.last_line_sha256")?.unwrap_or_default(),
+        })
+    }
+
+    /// Removes delivered outputs (up to and including `through`) and records
+    /// the sink's progress, atomically.
+    pub fn ack_outbox(&self, through: (u64, u32), mark: &SinkMark) -> Result<(), StateError> {
+        self.begin()?;
+        let result = (|| {
+            self.conn
+                .prepare_cached("DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)")
+                .and_then(|mut s| s.execute(params![through.0 as i64, through.1]))
+                .map_err(|e| self.err(e))?;
+            self.set_meta("sink.outputs", &mark.outputs.to_string())?;
+            self.set_meta("sink.bytes", &mark.bytes.to_string())?;
+            self.set_meta("sink.last_line_sha256", &mark.last_line_sha256)?;
+            self.commit()
+        })();
+        if result.is_err() {
+            let _ = self.rollback();
+        }
+        result
+    }
+
+    /// Module digest, table counts, offsets and host-table counts.
+    pub fn summary(&self) -> Result<Summary, StateError> {
+        let count = |sql: &str| -> Result<u64, StateError> {
+            self.conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(|e| self.err(e))
+        };
+        let names: Vec<String> = self
+            .conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'table'
+                 AND name NOT LIKE '\\_rewind\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+                 ORDER BY name",
+            )
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        let mut tables = Vec::new();
+        for name in names {
+            let rows = count(&format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\"")))?;
+            tables.push(TableCount { name, rows });
+        }
+        let offsets = self
+            .conn
+            .prepare("SELECT stream, partition, next_offset FROM _rewind_offsets ORDER BY 1, 2")
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(Summary {
+            module_digest: self.meta("module_digest")?,
+            consumed: self.meta_u64("next_seq")?,
+            tables,
+            offsets,
+            dead_letters: count("SELECT count(*) FROM _rewind_dlq")?,
+            outbox_pending: count("SELECT count(*) FROM _rewind_outbox")?,
+            outputs_delivered: self.meta_u64("sink.outputs")?,
+        })
+    }
+
+    /// Whether any dead letter exists at `seq` (used by tests and redrive).
+    pub fn has_dead_letter(&self, seq: u64) -> Result<bool, StateError> {
+        self.conn
+            .query_row("SELECT 1 FROM _rewind_dlq WHERE seq = ?1", [seq as i64], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_through_json() {
+        let headers = vec![
+            Header { name: "a".into(), value: Some(b"text".to_vec()) },
+            Header { name: "b".into(), value: None },
+            Header { name: "c".into(), value: Some(vec![0xff, 0x00, 0x80]) },
+        ];
+        assert_eq!(headers_from_json(&headers_to_json(&headers)), Some(headers));
+    }
+}

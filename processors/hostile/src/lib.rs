@@ -1,0 +1,178 @@
+//! A processor that misbehaves on request, to prove the host's sandbox holds.
+//!
+//! Each event's payload names one act: `{"do": "loop"}`, `{"do": "alloc"}`,
+//! `{"do": "sql", "statement": "ATTACH …"}` and so on. Acts that the sandbox
+//! should refuse record what the guest saw in the `probes` table, so tests can
+//! assert the refusal; acts that break the guest (loops, panics, runaway
+//! memory) become dead letters. `{"do": "normal"}` records the event in `seen`.
+
+use std::hint::black_box;
+
+use rewind_guest::{Error, Event, Output, Processor, Result, log, now_ms, random_u64, sql};
+use serde::Deserialize;
+
+struct Hostile;
+
+#[derive(Deserialize)]
+struct Act {
+    #[serde(rename = "do")]
+    act: String,
+    statement: Option<String>,
+}
+
+fn probe(event: &Event, act: &str, outcome: std::result::Result<String, String>) -> Result<()> {
+    let outcome = match outcome {
+        Ok(ok) => format!("ok: {ok}"),
+        Err(err) => format!("err: {err}"),
+    };
+    sql::execute(
+        "INSERT INTO probes (offset, act, outcome) VALUES (?1, ?2, ?3)",
+        &[&event.offset(), &act, &outcome],
+    )?;
+    Ok(())
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    // Each frame keeps a live array so the optimiser cannot turn this into a loop.
+    let frame = black_box([depth; 64]);
+    black_box(recurse(depth + 1)) + frame[black_box(3)]
+}
+
+impl Processor for Hostile {
+    fn init() -> Result<()> {
+        if cfg!(feature = "bad-init") {
+            return Err(Error::failed("refusing to migrate: schema version 7 is newer than 3"));
+        }
+        sql::execute("CREATE TABLE IF NOT EXISTS seen (offset INTEGER PRIMARY KEY)", &[])?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS probes (offset INTEGER NOT NULL, act TEXT NOT NULL, outcome TEXT NOT NULL)",
+            &[],
+        )?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS observed (offset INTEGER NOT NULL, what TEXT NOT NULL, value)",
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn handle(event: Event) -> Result<()> {
+        let act: Act = event.json()?;
+        match act.act.as_str() {
+            "normal" => {
+                sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
+                rewind_guest::emit("seen", event.offset().to_string(), "ok")?;
+            }
+            "loop" => {
+                let mut i: u64 = 0;
+                loop {
+                    i = black_box(i.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    black_box(&hoard);
+                }
+            }
+            "stack" => {
+                black_box(recurse(0));
+            }
+            "panic" => panic!("hostile guest panics on purpose at offset {}", event.offset()),
+            "write-then-fail" => {
+                sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
+                rewind_guest::emit("seen", event.offset().to_string(), "never published")?;
+                return Err(Error::failed("failing after a write"));
+            }
+            "invalid" => return Err(Error::invalid("this event is wrong on purpose")),
+            "read-file" => {
+                let outcome = std::fs::read("/etc/passwd")
+                    .map(|b| format!("{} bytes", b.len()))
+                    .map_err(|e| e.to_string());
+                probe(&event, "read-file", outcome)?;
+            }
+            "list-dir" => {
+                let outcome = std::fs::read_dir(".")
+                    .map(|d| format!("{} entries", d.count()))
+                    .map_err(|e| e.to_string());
+                probe(&event, "list-dir", outcome)?;
+            }
+            "socket" => {
+                let outcome = std::net::TcpStream::connect("127.0.0.1:9")
+                    .map(|_| "connected".to_owned())
+                    .map_err(|e| e.to_string());
+                probe(&event, "socket", outcome)?;
+            }
+            "env" => {
+                let vars: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+                let args: Vec<String> = std::env::args().collect();
+                probe(&event, "env", Ok(format!("vars={vars:?} args={args:?}")))?;
+            }
+            "clock-random" => {
+                let observations = [
+                    ("now-1", now_ms()),
+                    ("now-2", now_ms()),
+                    ("instant-elapsed-ns", {
+                        let start = std::time::Instant::now();
+                        black_box(start.elapsed().as_nanos() as i64)
+                    }),
+                    ("random-1", random_u64() as i64),
+                    ("random-2", random_u64() as i64),
+                    ("hashmap-order", {
+                        // std's HashMap seeds itself from WASI randomness.
+                        let map: std::collections::HashMap<u32, ()> = (0..32).map(|i| (i, ())).collect();
+                        i64::from(*map.keys().next().unwrap_or(&0))
+                    }),
+                ];
+                for (what, value) in observations {
+                    sql::execute(
+                        "INSERT INTO observed (offset, what, value) VALUES (?1, ?2, ?3)",
+                        &[&event.offset(), &what, &value],
+                    )?;
+                }
+                sql::execute(
+                    "INSERT INTO observed (offset, what, value)
+                     VALUES (?1, 'sql-random', random()), (?1, 'sql-randomblob', randomblob(8)),
+                            (?1, 'sql-now', strftime('%Y-%m-%d %H:%M:%f', 'now')),
+                            (?1, 'sql-current-timestamp', CURRENT_TIMESTAMP),
+                            (?1, 'sql-julianday', julianday('now'))",
+                    &[&event.offset()],
+                )?;
+            }
+            "sql" => {
+                let statement = act.statement.unwrap_or_default();
+                let outcome = sql::query(&statement, &[])
+                    .map(|rows| format!("{} rows", rows.len()))
+                    .map_err(|e| e.message().to_owned());
+                probe(&event, &statement, outcome)?;
+            }
+            "print" => {
+                for i in 0..100_000 {
+                    println!("hostile guest floods stdout, line {i}");
+                    eprintln!("hostile guest floods stderr, line {i}");
+                }
+                log::info("done flooding");
+                sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
+            }
+            "emit-flood" => {
+                let mut emitted = 0u64;
+                let outcome = loop {
+                    match Output::new("flood").payload(vec![0u8; 4096]).emit() {
+                        Ok(()) => emitted += 1,
+                        Err(e) => break Err(format!("after {emitted}: {e}")),
+                    }
+                    if emitted > 1_000_000 {
+                        break Ok("no limit".to_owned());
+                    }
+                };
+                probe(&event, "emit-flood", outcome)?;
+                return Err(Error::failed("flooded"));
+            }
+            other => return Err(Error::invalid(format!("unknown act {other:?}"))),
+        }
+        Ok(())
+    }
+}
+
+rewind_guest::export!(Hostile);

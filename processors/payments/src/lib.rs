@@ -1,0 +1,121 @@
+//! The payments processor from DESIGN.md: records payments for completed and
+//! cancelled orders.
+//!
+//! Built twice: the default build (v2) is idempotent, while the `v1` feature
+//! keeps the classic bug of charging a re-delivered `order_completed` again.
+
+use rewind_guest::{Error, Event, Processor, Result, emit_json, now_ms, random_hex, sql};
+use serde::{Deserialize, Serialize};
+
+struct Payments;
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Order {
+    OrderCompleted { order_id: String, customer_id: String, amount_cents: i64, currency: String },
+    OrderCancelled { order_id: String },
+}
+
+/// The `payment_processed` state event: the full payment row.
+#[derive(Serialize)]
+struct Payment {
+    order_id: String,
+    customer_id: String,
+    amount_cents: i64,
+    currency: String,
+    status: &'static str,
+    gateway_ref: String,
+    updated_at_ms: i64,
+}
+
+impl Processor for Payments {
+    fn init() -> Result<()> {
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS payments (
+                order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
+                amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL,
+                gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL)",
+            &[],
+        )?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS customer_totals (
+                customer_id TEXT PRIMARY KEY, charged_cents INTEGER NOT NULL,
+                refunded_cents INTEGER NOT NULL, charges INTEGER NOT NULL)",
+            &[],
+        )?;
+        Ok(())
+    }
+
+    fn handle(event: Event) -> Result<()> {
+        match event.json::<Order>()? {
+            Order::OrderCompleted { order_id, customer_id, amount_cents, currency } => {
+                let seen = sql::query_row("SELECT 1 FROM payments WHERE order_id = ?1", &[&order_id])?;
+                if seen.is_some() && !cfg!(feature = "v1") {
+                    // A re-delivered order: already charged (or refunded), nothing to do.
+                    return Ok(());
+                }
+                let payment = Payment {
+                    order_id,
+                    customer_id,
+                    amount_cents,
+                    currency,
+                    status: "charged",
+                    gateway_ref: format!("gw_{}", random_hex(8)),
+                    updated_at_ms: now_ms(),
+                };
+                sql::execute(
+                    "INSERT OR REPLACE INTO payments VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    &[
+                        &payment.order_id,
+                        &payment.customer_id,
+                        &payment.amount_cents,
+                        &payment.currency,
+                        &payment.status,
+                        &payment.gateway_ref,
+                        &payment.updated_at_ms,
+                    ],
+                )?;
+                sql::execute(
+                    "INSERT INTO customer_totals VALUES (?1, ?2, 0, 1)
+                     ON CONFLICT (customer_id) DO UPDATE SET
+                        charged_cents = charged_cents + excluded.charged_cents,
+                        charges = charges + 1",
+                    &[&payment.customer_id, &payment.amount_cents],
+                )?;
+                emit_json("payments", &payment.order_id, &payment)
+            }
+            Order::OrderCancelled { order_id } => {
+                let row = sql::query_row(
+                    "SELECT customer_id, amount_cents, currency, gateway_ref, status
+                     FROM payments WHERE order_id = ?1",
+                    &[&order_id],
+                )?
+                .ok_or_else(|| Error::invalid(format!("cancel of unknown order {order_id}")))?;
+                if row.get::<String>("status")? != "charged" {
+                    return Err(Error::invalid(format!("order {order_id} is already refunded")));
+                }
+                let payment = Payment {
+                    order_id,
+                    customer_id: row.get("customer_id")?,
+                    amount_cents: row.get("amount_cents")?,
+                    currency: row.get("currency")?,
+                    status: "refunded",
+                    gateway_ref: row.get("gateway_ref")?,
+                    updated_at_ms: now_ms(),
+                };
+                sql::execute(
+                    "UPDATE payments SET status = 'refunded', updated_at_ms = ?2 WHERE order_id = ?1",
+                    &[&payment.order_id, &payment.updated_at_ms],
+                )?;
+                sql::execute(
+                    "UPDATE customer_totals SET refunded_cents = refunded_cents + ?2
+                     WHERE customer_id = ?1",
+                    &[&payment.customer_id, &payment.amount_cents],
+                )?;
+                emit_json("payments", &payment.order_id, &payment)
+            }
+        }
+    }
+}
+
+rewind_guest::export!(Payments);
