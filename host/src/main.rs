@@ -72,7 +72,7 @@ struct RunArgs {
     /// Write outputs here as kcat -J JSONL, exactly once per output.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Stream name for bare lines [default: the input file's name without extension].
+    /// Stream name for bare lines [default: the input file's name].
     #[arg(long)]
     stream: Option<String>,
     /// Events per committed batch.

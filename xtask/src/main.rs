@@ -1,1 +1,71 @@
-fn main(){}
+//! Project tasks: `cargo xtask <task>`. Run without a task to list them.
+
+mod bench;
+mod demo;
+mod processors;
+mod test;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+const TASKS: &[(&str, &str)] = &[
+    ("build-processors", "build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)"),
+    ("demo", "build everything, generate a payments stream, run payments v1 and v2 over it, show what each did"),
+    ("test", "run everything CI runs: formatting, clippy, unit, integration and doc tests"),
+    ("bench", "benchmark `rewind run` against a native implementation of the same logic (release build)"),
+];
+
+fn main() {
+    if let Err(error) = run() {
+        eprintln!("xtask: error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("build-processors") => processors::build().map(drop),
+        Some("demo") => demo::run(),
+        Some("test") => test::run(),
+        Some("bench") => bench::run(&args[1..]),
+        None | Some("help" | "--help" | "-h") => {
+            println!("usage: cargo xtask <task>\n\ntasks:");
+            for (name, about) in TASKS {
+                println!("  {name:<18} {about}");
+            }
+            Ok(())
+        }
+        Some(other) => bail!("unknown task {other:?}; run `cargo xtask` to list the tasks"),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// Runs a command from the workspace root, failing on a non-zero exit.
+pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The cargo that runs xtask, so toolchain overrides carry over.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}

@@ -34,6 +34,8 @@ pub const DEFAULT_MEMORY_MB: u64 = 64;
 /// The native stack wasm may use: pinned so stack overflow happens at the
 /// same call depth on every machine.
 const MAX_WASM_STACK: usize = 512 * 1024;
+/// Bytes of each linear memory slot kept resident between instances.
+const KEEP_RESIDENT: usize = 16 << 20;
 
 /// How the runtime is set up: part of the host configuration that results
 /// depend on (a larger fuel budget can turn a dead letter into a success).
@@ -173,7 +175,13 @@ impl Runtime {
             .total_core_instances(64)
             .total_memories(32)
             .total_tables(64)
-            .max_memory_size(config.memory_bytes);
+            .max_memory_size(config.memory_bytes)
+            // A fresh instance per event must be cheap: keep the pages a
+            // guest touched resident and reset only those (PAGEMAP_SCAN finds
+            // them) instead of unmapping them and faulting them back in.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(1 << 20)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // Threads stay off: wasmtime is built without its `threads` feature,
         // so shared memories and atomics-based waiting cannot be enabled.

@@ -27,8 +27,9 @@ pub struct SourceError {
 
 /// Reads a JSONL file line by line, as bytes.
 ///
-/// Bare lines get the file's stream name (its name without extension, unless
-/// overridden), partition 0 and their 1-based line number as offset. Blank
+/// Bare lines get the file's name as their stream (unless overridden),
+/// partition 0 and their 1-based line number as offset. Using the whole file
+/// name keeps them apart from the topics of kcat envelopes in the same file. Blank
 /// lines carry no record and are skipped (they still count as lines).
 pub struct FileSource {
     path: PathBuf,
@@ -56,7 +57,7 @@ impl FileSource {
         }
         let stream = match stream {
             Some(s) => s.to_owned(),
-            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         };
         Ok(FileSource {
             path: path.to_owned(),

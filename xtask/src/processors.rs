@@ -1,0 +1,53 @@
+//! `cargo xtask build-processors`: every processor, built from source for
+//! wasm32-wasip2 and copied to `target/processors/<name>.wasm`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{cargo, cmd, target_dir};
+
+const TARGET: &str = "wasm32-wasip2";
+
+/// (package, features, artifact built, name under target/processors)
+const BUILDS: &[(&str, &str, &str, &str)] = &[
+    ("payments", "", "payments.wasm", "payments-v2"),
+    ("payments", "v1", "payments.wasm", "payments-v1"),
+    ("hostile", "", "hostile.wasm", "hostile"),
+    ("hostile", "bad-init", "hostile.wasm", "hostile-bad-init"),
+    ("hostile", "", "other-world.wasm", "other-world"),
+];
+
+/// Installs the wasm32-wasip2 target through rustup when it is missing.
+pub fn ensure_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup; install Rust with rustup (https://rustup.rs)")?;
+    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == TARGET) {
+        eprintln!("xtask: installing the {TARGET} target");
+        cmd("rustup", &["target", "add", TARGET])?;
+    }
+    Ok(())
+}
+
+/// Builds every processor; returns the directory holding them.
+pub fn build() -> Result<PathBuf> {
+    ensure_target()?;
+    let out = target_dir().join("processors");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    for &(package, features, artifact, name) in BUILDS {
+        let mut args = vec!["build", "--quiet", "--release", "--target", TARGET, "--package", package];
+        if !features.is_empty() {
+            args.extend(["--features", features]);
+        }
+        cmd(&cargo(), &args)?;
+        let built = target_dir().join(TARGET).join("release").join(artifact);
+        let dest = out.join(format!("{name}.wasm"));
+        std::fs::copy(&built, &dest)
+            .with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
+    }
+    eprintln!("xtask: processors are in {}", out.display());
+    Ok(out)
+}
