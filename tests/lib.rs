@@ -1,1 +1,139 @@
+//! Helpers shared by the integration tests: where the built processors and
+//! binary are, run configurations, and an ordered dump of a state DB.
 
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rewind_host::{RunConfig, RuntimeConfig};
+use sha2::{Digest, Sha256};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// A processor built by `cargo xtask build-processors`.
+pub fn processor(name: &str) -> PathBuf {
+    let path = target_dir().join("processors").join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask build-processors` first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The `rewind` binary built by `cargo build -p rewind-host`.
+pub fn rewind_bin() -> PathBuf {
+    let path = target_dir().join("debug").join("rewind");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build -p rewind-host` first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A compile cache shared by the tests, so each processor compiles once.
+pub fn cache_dir() -> PathBuf {
+    target_dir().join("test-cache")
+}
+
+/// A run configuration with the tests' cache.
+pub fn config(processor: &Path, input: &Path, state: &Path) -> RunConfig {
+    let mut config = RunConfig::new(processor, input, state);
+    config.runtime = RuntimeConfig {
+        cache_dir: Some(cache_dir()),
+        ..RuntimeConfig::default()
+    };
+    config
+}
+
+/// Every table of a SQLite file, host tables included, in a canonical text
+/// form: tables by name, rows ordered by every column.
+pub fn dump(db: &Path) -> String {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|e| panic!("open {}: {e}", db.display()));
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = String::new();
+    for table in tables {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+        let width = stmt.column_count();
+        let order: Vec<String> = (1..=width).map(|i| i.to_string()).collect();
+        drop(stmt);
+        stmt = conn
+            .prepare(&format!(
+                "SELECT * FROM \"{table}\" ORDER BY {}",
+                order.join(", ")
+            ))
+            .unwrap();
+        writeln!(out, "table {table}").unwrap();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            let values: Vec<String> = (0..width)
+                .map(|i| format!("{:?}", row.get::<_, rusqlite::types::Value>(i).unwrap()))
+                .collect();
+            writeln!(out, "  {}", values.join(" | ")).unwrap();
+        }
+    }
+    out
+}
+
+/// A hash of [`dump`].
+pub fn dump_hash(db: &Path) -> String {
+    hex::encode(Sha256::digest(dump(db).as_bytes()))
+}
+
+/// Rows of a query, each value formatted with `Debug`.
+pub fn rows(db: &Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn.prepare(sql).unwrap();
+    let width = stmt.column_count();
+    stmt.query_map([], |r| (0..width).map(|i| r.get(i)).collect())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A small deterministic generator for test streams.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// A kcat -J line.
+pub fn envelope(topic: &str, offset: i64, ts: i64, key: &str, payload: &str) -> String {
+    serde_json::json!({
+        "topic": topic, "partition": 0, "offset": offset, "tstype": "create", "ts": ts,
+        "broker": 0, "key": key, "payload": payload,
+    })
+    .to_string()
+}

@@ -37,7 +37,10 @@ impl Event {
             headers: event
                 .headers
                 .into_iter()
-                .map(|h| Header { name: h.name, value: h.value })
+                .map(|h| Header {
+                    name: h.name,
+                    value: h.value,
+                })
                 .collect(),
             timestamp_ms: event.timestamp_ms,
         }
@@ -106,7 +109,10 @@ impl Event {
 
     /// The value of the first header with this name.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers.iter().find(|h| h.name == name).and_then(|h| h.value.as_deref())
+        self.headers
+            .iter()
+            .find(|h| h.name == name)
+            .and_then(|h| h.value.as_deref())
     }
 
     /// The source's timestamp in milliseconds since the Unix epoch, if any.

@@ -118,6 +118,8 @@ macro_rules! export {
 /// Generated bindings and glue used by [`export!`]; not a public API.
 #[doc(hidden)]
 pub mod __private {
+    // Generated code; its lowered signatures are not ours to shape.
+    #[allow(clippy::too_many_arguments, missing_docs)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "../wit/processor-0.1.0",
@@ -134,10 +136,12 @@ pub mod __private {
 
     use crate::{Event, Processor};
 
+    #[allow(missing_docs)]
     pub fn run_init<P: Processor>() -> Result<(), WitError> {
         P::init().map_err(Into::into)
     }
 
+    #[allow(missing_docs)]
     pub fn run_handle<P: Processor>(event: WitEvent) -> Result<(), WitError> {
         P::handle(Event::from_wit(event)).map_err(Into::into)
     }

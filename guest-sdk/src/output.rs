@@ -59,7 +59,12 @@ pub fn emit(stream: &str, key: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> R
 }
 
 /// Emits `value` serialised as JSON on `stream` under `key`.
-pub fn emit_json<T: Serialize + ?Sized>(stream: &str, key: impl AsRef<[u8]>, value: &T) -> Result<()> {
-    let payload = serde_json::to_vec(value).map_err(|e| Error::failed(format!("encode output: {e}")))?;
+pub fn emit_json<T: Serialize + ?Sized>(
+    stream: &str,
+    key: impl AsRef<[u8]>,
+    value: &T,
+) -> Result<()> {
+    let payload =
+        serde_json::to_vec(value).map_err(|e| Error::failed(format!("encode output: {e}")))?;
     emit(stream, key, payload)
 }

@@ -15,8 +15,17 @@ use serde_json::Value;
 use crate::event::{Event, Header, Position};
 
 /// kcat's field names, in the order it writes them.
-const KCAT_FIELDS: [&str; 9] =
-    ["topic", "partition", "offset", "tstype", "ts", "broker", "headers", "key", "payload"];
+const KCAT_FIELDS: [&str; 9] = [
+    "topic",
+    "partition",
+    "offset",
+    "tstype",
+    "ts",
+    "broker",
+    "headers",
+    "key",
+    "payload",
+];
 
 /// Decodes one line (without its newline). `fallback` is the position of a
 /// bare line: the file's stream, partition 0, the line number.
@@ -33,7 +42,9 @@ pub fn decode_line(line: &[u8], fallback: &Position) -> Result<Event, String> {
             headers: Vec::new(),
             timestamp_ms: None,
         }),
-        Shape::Envelope(fields) => envelope_event(fields).map_err(|e| format!("kcat envelope: {e}")),
+        Shape::Envelope(fields) => {
+            envelope_event(fields).map_err(|e| format!("kcat envelope: {e}"))
+        }
     }
 }
 
@@ -44,7 +55,17 @@ enum Shape {
 
 fn envelope_event(fields: Box<[Option<Value>; 9]>) -> Result<Event, String> {
     {
-        let [topic, partition, offset, _tstype, ts, _broker, headers, key, payload] = *fields;
+        let [
+            topic,
+            partition,
+            offset,
+            _tstype,
+            ts,
+            _broker,
+            headers,
+            key,
+            payload,
+        ] = *fields;
         let topic = match topic {
             Some(Value::String(s)) => s,
             _ => return Err("`topic` must be a string".into()),
@@ -52,9 +73,10 @@ fn envelope_event(fields: Box<[Option<Value>; 9]>) -> Result<Event, String> {
         let int = |v: Option<Value>, name: &str| -> Result<Option<i64>, String> {
             match v {
                 None | Some(Value::Null) => Ok(None),
-                Some(Value::Number(n)) => {
-                    n.as_i64().map(Some).ok_or_else(|| format!("`{name}` must be an integer"))
-                }
+                Some(Value::Number(n)) => n
+                    .as_i64()
+                    .map(Some)
+                    .ok_or_else(|| format!("`{name}` must be an integer")),
                 Some(_) => Err(format!("`{name}` must be an integer")),
             }
         };
@@ -81,14 +103,21 @@ fn envelope_event(fields: Box<[Option<Value>; 9]>) -> Result<Event, String> {
                     let Value::String(name) = name else {
                         return Err("header names must be strings".into());
                     };
-                    out.push(Header { name, value: bytes(Some(value), "headers")? });
+                    out.push(Header {
+                        name,
+                        value: bytes(Some(value), "headers")?,
+                    });
                 }
                 out
             }
             Some(_) => return Err("`headers` must be an array".into()),
         };
         Ok(Event {
-            position: Position { stream: topic, partition, offset },
+            position: Position {
+                stream: topic,
+                partition,
+                offset,
+            },
             key: bytes(key, "key")?,
             payload: bytes(payload, "payload")?,
             headers,
@@ -149,7 +178,11 @@ impl<'de> Visitor<'de> for ShapeVisitor {
             }
         }
         let required = [0, 1, 2, 8].iter().all(|&i| fields[i].is_some());
-        Ok(if required && !foreign { Shape::Envelope(fields) } else { Shape::Bare })
+        Ok(if required && !foreign {
+            Shape::Envelope(fields)
+        } else {
+            Shape::Bare
+        })
     }
 }
 
@@ -191,7 +224,13 @@ pub fn encode_line(
     let mut out = Vec::with_capacity(96 + payload.map_or(0, <[u8]>::len));
     out.extend_from_slice(b"{\"topic\":");
     write_json_bytes(&mut out, position.stream.as_bytes());
-    out.extend_from_slice(format!(",\"partition\":{},\"offset\":{}", position.partition, position.offset).as_bytes());
+    out.extend_from_slice(
+        format!(
+            ",\"partition\":{},\"offset\":{}",
+            position.partition, position.offset
+        )
+        .as_bytes(),
+    );
     if let Some(ts) = timestamp_ms {
         out.extend_from_slice(format!(",\"tstype\":\"create\",\"ts\":{ts}").as_bytes());
     }
@@ -221,7 +260,11 @@ mod tests {
     use super::*;
 
     fn at(line: i64) -> Position {
-        Position { stream: "orders".into(), partition: 0, offset: line }
+        Position {
+            stream: "orders".into(),
+            partition: 0,
+            offset: line,
+        }
     }
 
     #[test]
@@ -230,18 +273,34 @@ mod tests {
         let event = decode_line(line, &at(3)).unwrap();
         assert_eq!(event.position, at(3));
         assert_eq!(event.payload.as_deref(), Some(&line[..]));
-        assert_eq!(decode_line(b"42", &at(1)).unwrap().payload.as_deref(), Some(&b"42"[..]));
+        assert_eq!(
+            decode_line(b"42", &at(1)).unwrap().payload.as_deref(),
+            Some(&b"42"[..])
+        );
     }
 
     #[test]
     fn kcat_envelopes_are_unwrapped() {
         let line = br#"{"topic":"orders","partition":2,"offset":41,"tstype":"create","ts":1700000000000,"broker":1,"headers":["h1","v1","h2",null],"key":"o-1","payload":"{\"a\":1}"}"#;
         let event = decode_line(line, &at(1)).unwrap();
-        assert_eq!(event.position, Position { stream: "orders".into(), partition: 2, offset: 41 });
+        assert_eq!(
+            event.position,
+            Position {
+                stream: "orders".into(),
+                partition: 2,
+                offset: 41
+            }
+        );
         assert_eq!(event.timestamp_ms, Some(1_700_000_000_000));
         assert_eq!(event.key.as_deref(), Some(&b"o-1"[..]));
         assert_eq!(event.payload.as_deref(), Some(&br#"{"a":1}"#[..]));
-        assert_eq!(event.headers[1], Header { name: "h2".into(), value: None });
+        assert_eq!(
+            event.headers[1],
+            Header {
+                name: "h2".into(),
+                value: None
+            }
+        );
     }
 
     #[test]
@@ -255,8 +314,16 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_errors_not_panics() {
-        assert!(decode_line(b"{\"type\":", &at(1)).unwrap_err().contains("not valid JSON"));
-        assert!(decode_line(&[0xff, 0xfe], &at(1)).unwrap_err().contains("UTF-8"));
+        assert!(
+            decode_line(b"{\"type\":", &at(1))
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
+        assert!(
+            decode_line(&[0xff, 0xfe], &at(1))
+                .unwrap_err()
+                .contains("UTF-8")
+        );
         let bad = br#"{"topic":"t","partition":"zero","offset":0,"payload":"x"}"#;
         assert!(decode_line(bad, &at(1)).unwrap_err().contains("partition"));
         let odd = br#"{"topic":"t","partition":0,"offset":0,"headers":["x"],"payload":"x"}"#;
@@ -265,9 +332,22 @@ mod tests {
 
     #[test]
     fn encoded_lines_decode_to_the_same_record() {
-        let position = Position { stream: "pay\"ments".into(), partition: 1, offset: 7 };
-        let headers = vec![Header { name: "rewind-id".into(), value: Some(b"x/0/1/0".to_vec()) }];
-        let line = encode_line(&position, Some(5), &headers, Some(b"k\n"), Some(b"{\"a\":\"\\u0001\"}"));
+        let position = Position {
+            stream: "pay\"ments".into(),
+            partition: 1,
+            offset: 7,
+        };
+        let headers = vec![Header {
+            name: "rewind-id".into(),
+            value: Some(b"x/0/1/0".to_vec()),
+        }];
+        let line = encode_line(
+            &position,
+            Some(5),
+            &headers,
+            Some(b"k\n"),
+            Some(b"{\"a\":\"\\u0001\"}"),
+        );
         let event = decode_line(line.strip_suffix(b"\n").unwrap(), &at(1)).unwrap();
         assert_eq!(event.position, position);
         assert_eq!(event.headers, headers);

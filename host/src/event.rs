@@ -21,7 +21,11 @@ pub struct Position {
 impl Position {
     /// The pseudo-position of a processor's `init`, which runs before any event.
     pub fn init() -> Self {
-        Position { stream: String::new(), partition: -1, offset: -1 }
+        Position {
+            stream: String::new(),
+            partition: -1,
+            offset: -1,
+        }
     }
 
     /// A 32-byte seed for one purpose (`domain`), derived from this identity.
@@ -73,13 +77,24 @@ mod tests {
 
     #[test]
     fn seeds_differ_by_identity_and_domain() {
-        let a = Position { stream: "orders".into(), partition: 0, offset: 1 };
-        let b = Position { offset: 2, ..a.clone() };
+        let a = Position {
+            stream: "orders".into(),
+            partition: 0,
+            offset: 1,
+        };
+        let b = Position {
+            offset: 2,
+            ..a.clone()
+        };
         assert_eq!(a.seed("wasi"), a.clone().seed("wasi"));
         assert_ne!(a.seed("wasi"), b.seed("wasi"));
         assert_ne!(a.seed("wasi"), a.seed("sql"));
         // The stream length is hashed, so stream/offset bytes cannot alias.
-        let c = Position { stream: "orders\0".into(), partition: 0, offset: 1 };
+        let c = Position {
+            stream: "orders\0".into(),
+            partition: 0,
+            offset: 1,
+        };
         assert_ne!(a.seed("wasi"), c.seed("wasi"));
     }
 }

@@ -20,4 +20,6 @@ pub use runtime::{
     RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, Record};
-pub use state::{DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount};
+pub use state::{
+    DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount,
+};

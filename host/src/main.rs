@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rewind_host::{
-    DEFAULT_FUEL, DEFAULT_MEMORY_MB, ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, StateDb,
-    default_cache_dir,
+    DEFAULT_FUEL, DEFAULT_MEMORY_MB, ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig,
+    StateDb, default_cache_dir,
 };
 
 /// Runs WebAssembly stream processors over their own SQLite state,
@@ -117,7 +117,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Inspect { state, json } => inspect(state, json),
-        Command::Dlq { command: DlqCommand::List { state, json } } => dlq_list(state, json),
+        Command::Dlq {
+            command: DlqCommand::List { state, json },
+        } => dlq_list(state, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -144,7 +146,10 @@ impl Progress for Bar {
     fn advance(&self, bytes: u64, events: u64) {
         self.bar.set_position(bytes);
         let secs = self.bar.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{events} events, {:.0} events/s", events as f64 / secs));
+        self.bar.set_message(format!(
+            "{events} events, {:.0} events/s",
+            events as f64 / secs
+        ));
     }
 
     fn guest_log(&self, position: &Position, line: &str) {
@@ -172,16 +177,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     config.runtime = RuntimeConfig {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,
-        cache_dir: if args.no_cache { None } else { Some(args.cache_dir.unwrap_or_else(default_cache_dir)) },
+        cache_dir: if args.no_cache {
+            None
+        } else {
+            Some(args.cache_dir.unwrap_or_else(default_cache_dir))
+        },
     };
 
-    let target = if args.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let target = if args.quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
     let bar = ProgressBar::with_draw_target(None, target);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}")
-            .expect("the template is valid"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("the template is valid"),
     );
-    let progress = Bar { bar, quiet: args.quiet };
+    let progress = Bar {
+        bar,
+        quiet: args.quiet,
+    };
     let summary = rewind_host::run(&config, &progress)?;
     if !args.quiet {
         let secs = summary.elapsed.as_secs_f64();
@@ -199,7 +217,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!(
             "module {} ({} in {:.0} ms)",
             summary.module_digest,
-            if summary.load.compiled { "compiled" } else { "loaded from cache" },
+            if summary.load.compiled {
+                "compiled"
+            } else {
+                "loaded from cache"
+            },
             summary.load.duration.as_secs_f64() * 1000.0,
         );
     }
@@ -224,9 +246,17 @@ fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("state         {}", state.display());
-    println!("module        {}", summary.module_digest.as_deref().unwrap_or("(none yet)"));
+    println!(
+        "module        {}",
+        summary.module_digest.as_deref().unwrap_or("(none yet)")
+    );
     println!("consumed      {} records", summary.consumed);
-    let width = summary.tables.iter().map(|t| t.name.len()).max().unwrap_or(0);
+    let width = summary
+        .tables
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(0);
     for (i, table) in summary.tables.iter().enumerate() {
         let label = if i == 0 { "tables" } else { "" };
         println!("{label:<13} {:<width$}  {} rows", table.name, table.rows);
@@ -239,16 +269,22 @@ fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
         println!("{label:<13} {stream}/{partition}  next offset {next}");
     }
     println!("dead letters  {}", summary.dead_letters);
-    println!("outbox        {} pending, {} delivered", summary.outbox_pending, summary.outputs_delivered);
+    println!(
+        "outbox        {} pending, {} delivered",
+        summary.outbox_pending, summary.outputs_delivered
+    );
     Ok(())
 }
 
 fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
-    let letters = db.dead_letters().with_context(|| format!("reading dead letters of {}", state.display()))?;
+    let letters = db
+        .dead_letters()
+        .with_context(|| format!("reading dead letters of {}", state.display()))?;
     if json {
         for dl in &letters {
-            let text = |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+            let text =
+                |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
             let line = serde_json::json!({
                 "seq": dl.seq,
                 "stream": dl.position.stream,
@@ -274,7 +310,13 @@ fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     for dl in &letters {
         let raw = String::from_utf8_lossy(&dl.raw);
         let raw: String = raw.chars().take(60).collect();
-        println!("{:>6}  {:<24} {:<15} {}", dl.seq, dl.position.to_string(), dl.error_class, dl.message);
+        println!(
+            "{:>6}  {:<24} {:<15} {}",
+            dl.seq,
+            dl.position.to_string(),
+            dl.error_class,
+            dl.message
+        );
         println!("{:>6}  {:<24} {:<15} raw: {raw}", "", "", "");
     }
     println!("{} dead letters", letters.len());

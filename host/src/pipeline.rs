@@ -102,19 +102,26 @@ pub enum RunError {
         "state DB {state} was written by module {recorded}, not {module}; \
          use a new --state, or pass --allow-module-change to continue it with this version"
     )]
-    ModuleChanged { state: PathBuf, recorded: String, module: String },
+    ModuleChanged {
+        state: PathBuf,
+        recorded: String,
+        module: String,
+    },
     #[error(
         "halted at {position} ({class}): {message}; everything before it is committed; \
          fix the processor and rerun, or use --on-error dlq",
         class = rejection.class, message = rejection.message
     )]
-    Halted { position: Position, rejection: Rejection },
+    Halted {
+        position: Position,
+        rejection: Rejection,
+    },
     #[error("state DB {state} failed while processing {position}: {source}")]
     Host {
         state: PathBuf,
         position: Position,
         #[source]
-        source: rusqlite::Error,
+        source: Box<rusqlite::Error>,
     },
 }
 
@@ -172,7 +179,12 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
 }
 
 /// Checks the module against the state and runs `init` in a transaction.
-fn prepare(runtime: &Runtime, module: &Module, db: StateDb, config: &RunConfig) -> Result<StateDb, RunError> {
+fn prepare(
+    runtime: &Runtime,
+    module: &Module,
+    db: StateDb,
+    config: &RunConfig,
+) -> Result<StateDb, RunError> {
     if let Some(recorded) = db.meta("module_digest")?
         && recorded != module.digest()
         && !config.allow_module_change
@@ -186,8 +198,15 @@ fn prepare(runtime: &Runtime, module: &Module, db: StateDb, config: &RunConfig) 
     db.begin()?;
     let (db, outcome) = runtime.init(module, db);
     let failure = match outcome {
-        Err(HostFault(source)) => Some(RunError::Host { state: config.state.clone(), position: Position::init(), source }),
-        Ok(outcome) => outcome.result.err().map(|rejection| RunError::Init { path: config.processor.clone(), rejection }),
+        Err(HostFault(source)) => Some(RunError::Host {
+            state: config.state.clone(),
+            position: Position::init(),
+            source: Box::new(source),
+        }),
+        Ok(outcome) => outcome.result.err().map(|rejection| RunError::Init {
+            path: config.processor.clone(),
+            rejection,
+        }),
     };
     if let Some(error) = failure {
         db.rollback()?;
@@ -221,7 +240,9 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn db(&self) -> &StateDb {
-        self.db.as_ref().expect("the state DB is only lent out during a guest call")
+        self.db
+            .as_ref()
+            .expect("the state DB is only lent out during a guest call")
     }
 
     fn consume(&mut self, source: &mut FileSource) -> Result<(), RunError> {
@@ -248,18 +269,23 @@ impl Run<'_> {
                 }
                 return Err(error);
             }
-            self.offsets.insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
+            self.offsets
+                .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
             in_batch += 1;
-            if in_batch >= self.config.batch_size || batch_started.elapsed() >= self.config.batch_time {
+            if in_batch >= self.config.batch_size
+                || batch_started.elapsed() >= self.config.batch_time
+            {
                 self.commit_batch()?;
                 in_batch = 0;
-                self.progress.advance(source.bytes_read(), self.summary.consumed);
+                self.progress
+                    .advance(source.bytes_read(), self.summary.consumed);
             }
         }
         if in_batch > 0 {
             self.commit_batch()?;
         }
-        self.progress.advance(source.bytes_read(), self.summary.consumed);
+        self.progress
+            .advance(source.bytes_read(), self.summary.consumed);
         Ok(())
     }
 
@@ -290,13 +316,20 @@ impl Run<'_> {
         };
 
         self.db().savepoint()?;
-        let db = self.db.take().expect("the state DB is lent out only during a call");
+        let db = self
+            .db
+            .take()
+            .expect("the state DB is lent out only during a call");
         let (db, outcome) = self.runtime.handle(self.module, db, &event);
         self.db = Some(db);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(HostFault(source)) => {
-                return Err(RunError::Host { state: self.config.state.clone(), position: event.position, source });
+                return Err(RunError::Host {
+                    state: self.config.state.clone(),
+                    position: event.position,
+                    source: Box::new(source),
+                });
             }
         };
         for line in &outcome.logs {
@@ -321,7 +354,10 @@ impl Run<'_> {
             Err(rejection) => {
                 self.db().rollback_event()?;
                 if rejection.is_failure() && self.config.on_error == ErrorPolicy::Halt {
-                    return Err(RunError::Halted { position: event.position, rejection });
+                    return Err(RunError::Halted {
+                        position: event.position,
+                        rejection,
+                    });
                 }
                 let dead = DeadLetter {
                     seq,
@@ -356,11 +392,18 @@ impl Run<'_> {
     /// Writes pending outbox rows to the sink and removes them, committed
     /// with the sink's new mark.
     fn deliver(&mut self) -> Result<(), RunError> {
-        let Some(sink) = self.sink.as_mut() else { return Ok(()) };
-        let db = self.db.as_ref().expect("the state DB is lent out only during a call");
+        let Some(sink) = self.sink.as_mut() else {
+            return Ok(());
+        };
+        let db = self
+            .db
+            .as_ref()
+            .expect("the state DB is lent out only during a call");
         loop {
             let rows = db.pending_outbox(10_000)?;
-            let Some(last) = rows.last() else { return Ok(()) };
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
             let mark = sink.write(&rows)?;
             db.ack_outbox((last.seq, last.n), &mark)?;
         }

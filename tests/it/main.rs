@@ -1,1 +1,8 @@
+//! rewind's integration tests: one binary, a module per area. They need the
+//! processors and the `rewind` binary built first; `cargo xtask test` does that.
 
+mod bad_files;
+mod cli;
+mod determinism;
+mod hostile;
+mod payments;

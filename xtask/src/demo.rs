@@ -15,7 +15,7 @@ use crate::{cargo, cmd, processors, target_dir};
 pub struct XorShift(pub u64);
 
 impl XorShift {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -23,7 +23,7 @@ impl XorShift {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     pub fn chance(&mut self, percent: u64) -> bool {
@@ -107,7 +107,10 @@ pub fn payments_stream(orders: usize, customers: u64, seed: u64) -> Vec<u8> {
 }
 
 fn rewind(bin: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new(bin).args(args).output().with_context(|| format!("cannot run {}", bin.display()))?;
+    let output = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
     eprint!("{}", String::from_utf8_lossy(&output.stderr));
     if !output.status.success() {
         bail!("`rewind {}` failed ({})", args.join(" "), output.status);
@@ -117,7 +120,18 @@ fn rewind(bin: &Path, args: &[&str]) -> Result<String> {
 
 pub fn run() -> Result<()> {
     let wasm = processors::build()?;
-    cmd(&cargo(), &["build", "--quiet", "--release", "--package", "rewind-host", "--bin", "rewind"])?;
+    cmd(
+        &cargo(),
+        &[
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "rewind-host",
+            "--bin",
+            "rewind",
+        ],
+    )?;
     let bin = target_dir().join("release").join("rewind");
     let dir: PathBuf = target_dir().join("demo");
     if dir.exists() {
@@ -126,19 +140,40 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let input = dir.join("orders.jsonl");
     std::fs::write(&input, payments_stream(3000, 400, 0x5eed))?;
-    println!("generated {} (3000 orders, re-deliveries, cancels, 4 malformed lines)\n", input.display());
+    println!(
+        "generated {} (3000 orders, re-deliveries, cancels, 4 malformed lines)\n",
+        input.display()
+    );
 
     for version in ["v1", "v2"] {
         let processor = wasm.join(format!("payments-{version}.wasm"));
         let state = dir.join(format!("payments-{version}.db"));
         let output = dir.join(format!("payments-{version}.jsonl"));
-        println!("== payments {version}: rewind run --processor {} --input {} --state {} --output {}",
-            processor.display(), input.display(), state.display(), output.display());
-        rewind(&bin, &[
-            "run", "--processor", &processor.to_string_lossy(), "--input", &input.to_string_lossy(),
-            "--state", &state.to_string_lossy(), "--output", &output.to_string_lossy(),
-        ])?;
-        print!("{}", rewind(&bin, &["inspect", "--state", &state.to_string_lossy()])?);
+        println!(
+            "== payments {version}: rewind run --processor {} --input {} --state {} --output {}",
+            processor.display(),
+            input.display(),
+            state.display(),
+            output.display()
+        );
+        rewind(
+            &bin,
+            &[
+                "run",
+                "--processor",
+                &processor.to_string_lossy(),
+                "--input",
+                &input.to_string_lossy(),
+                "--state",
+                &state.to_string_lossy(),
+                "--output",
+                &output.to_string_lossy(),
+            ],
+        )?;
+        print!(
+            "{}",
+            rewind(&bin, &["inspect", "--state", &state.to_string_lossy()])?
+        );
         println!();
     }
 
@@ -153,11 +188,18 @@ pub fn run() -> Result<()> {
              WHERE a.charged_cents != b.charged_cents OR a.charges != b.charges
              ORDER BY a.charged_cents - b.charged_cents DESC",
         )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let overcharged: i64 = differing.iter().map(|d| d.1 - d.2).sum();
     println!("== what the fix changes");
-    println!("{} customers were charged differently by v1; v1 overcharged {}.{:02} in total", differing.len(), overcharged / 100, overcharged % 100);
+    println!(
+        "{} customers were charged differently by v1; v1 overcharged {}.{:02} in total",
+        differing.len(),
+        overcharged / 100,
+        overcharged % 100
+    );
     for (customer, c1, c2, n1, n2) in differing.iter().take(5) {
         println!("  {customer}: v1 charged {c1} cents in {n1} charges, v2 {c2} cents in {n2}");
     }
@@ -167,8 +209,17 @@ pub fn run() -> Result<()> {
         [],
         |r| r.get(0),
     )?;
-    println!("{recharged} payments differ (v1 charged a re-delivered order again, with a new gateway_ref)");
-    println!("\nlook closer:\n  {} dlq list --state {}", bin.display(), v1.display());
-    println!("  sqlite3 {} 'SELECT * FROM customer_totals LIMIT 5'", v2.display());
+    println!(
+        "{recharged} payments differ (v1 charged a re-delivered order again, with a new gateway_ref)"
+    );
+    println!(
+        "\nlook closer:\n  {} dlq list --state {}",
+        bin.display(),
+        v1.display()
+    );
+    println!(
+        "  sqlite3 {} 'SELECT * FROM customer_totals LIMIT 5'",
+        v2.display()
+    );
     Ok(())
 }

@@ -11,10 +11,22 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 const TASKS: &[(&str, &str)] = &[
-    ("build-processors", "build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)"),
-    ("demo", "build everything, generate a payments stream, run payments v1 and v2 over it, show what each did"),
-    ("test", "run everything CI runs: formatting, clippy, unit, integration and doc tests"),
-    ("bench", "benchmark `rewind run` against a native implementation of the same logic (release build)"),
+    (
+        "build-processors",
+        "build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)",
+    ),
+    (
+        "demo",
+        "build everything, generate a payments stream, run payments v1 and v2 over it, show what each did",
+    ),
+    (
+        "test",
+        "run everything CI runs: formatting, clippy, unit, integration and doc tests",
+    ),
+    (
+        "bench",
+        "benchmark `rewind run` against a native implementation of the same logic (release build)",
+    ),
 ];
 
 fn main() {
@@ -44,12 +56,17 @@ fn run() -> Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
 }
 
 /// The cargo target directory.
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// Runs a command from the workspace root, failing on a non-zero exit.

@@ -25,7 +25,10 @@ pub fn ensure_target() -> Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .context("cannot run rustup; install Rust with rustup (https://rustup.rs)")?;
-    if !String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == TARGET) {
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
         eprintln!("xtask: installing the {TARGET} target");
         cmd("rustup", &["target", "add", TARGET])?;
     }
@@ -38,7 +41,15 @@ pub fn build() -> Result<PathBuf> {
     let out = target_dir().join("processors");
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     for &(package, features, artifact, name) in BUILDS {
-        let mut args = vec!["build", "--quiet", "--release", "--target", TARGET, "--package", package];
+        let mut args = vec![
+            "build",
+            "--quiet",
+            "--release",
+            "--target",
+            TARGET,
+            "--package",
+            package,
+        ];
         if !features.is_empty() {
             args.extend(["--features", features]);
         }

@@ -47,14 +47,27 @@ pub struct GuestLimiter {
 }
 
 impl ResourceLimiter for GuestLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> Result<bool> {
         if desired > self.memory_bytes {
-            return Err(wasmtime::Error::new(MemoryCapExceeded { desired, cap: self.memory_bytes }));
+            return Err(wasmtime::Error::new(MemoryCapExceeded {
+                desired,
+                cap: self.memory_bytes,
+            }));
         }
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> Result<bool> {
         // Tables hold function references; a million is far beyond any real guest.
         Ok(desired <= 1_000_000)
     }
@@ -80,7 +93,10 @@ pub struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -123,19 +139,31 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
 }
 
 impl sql::Host for HostState {
-    fn execute(&mut self, statement: String, params: Vec<sql::Value>) -> Result<Result<u64, String>> {
+    fn execute(
+        &mut self,
+        statement: String,
+        params: Vec<sql::Value>,
+    ) -> Result<Result<u64, String>> {
         guest_result(self.db.guest_execute(&statement, to_sqlite(params)))
     }
 
-    fn query(&mut self, statement: String, params: Vec<sql::Value>) -> Result<Result<sql::Rows, String>> {
-        guest_result(self.db.guest_query(&statement, to_sqlite(params)).map(|rows| sql::Rows {
-            columns: rows.columns,
-            rows: rows
-                .rows
-                .into_iter()
-                .map(|row| row.into_iter().map(from_sqlite).collect())
-                .collect(),
-        }))
+    fn query(
+        &mut self,
+        statement: String,
+        params: Vec<sql::Value>,
+    ) -> Result<Result<sql::Rows, String>> {
+        guest_result(
+            self.db
+                .guest_query(&statement, to_sqlite(params))
+                .map(|rows| sql::Rows {
+                    columns: rows.columns,
+                    rows: rows
+                        .rows
+                        .into_iter()
+                        .map(|row| row.into_iter().map(from_sqlite).collect())
+                        .collect(),
+                }),
+        )
     }
 }
 
@@ -144,9 +172,15 @@ impl output::Host for HostState {
         let size = event.stream.len()
             + event.key.as_ref().map_or(0, Vec::len)
             + event.payload.as_ref().map_or(0, Vec::len)
-            + event.headers.iter().map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len)).sum::<usize>();
+            + event
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
         if self.outputs.len() >= MAX_OUTPUTS_PER_EVENT {
-            return Ok(Err(format!("output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event")));
+            return Ok(Err(format!(
+                "output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event"
+            )));
         }
         if self.output_bytes + size > MAX_OUTPUT_BYTES_PER_EVENT {
             return Ok(Err(format!(
@@ -161,7 +195,10 @@ impl output::Host for HostState {
             headers: event
                 .headers
                 .into_iter()
-                .map(|h| Header { name: h.name, value: h.value })
+                .map(|h| Header {
+                    name: h.name,
+                    value: h.value,
+                })
                 .collect(),
         });
         Ok(Ok(()))

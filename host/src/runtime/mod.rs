@@ -103,7 +103,10 @@ pub struct Module {
 
 impl std::fmt::Debug for Module {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Module").field("path", &self.path).field("digest", &self.digest).finish()
+        f.debug_struct("Module")
+            .field("path", &self.path)
+            .field("digest", &self.digest)
+            .finish()
     }
 }
 
@@ -156,7 +159,9 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("config", &self.config).finish()
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -191,7 +196,11 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
         Processor::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(engine_err)?;
-        Ok(Runtime { engine, linker, config })
+        Ok(Runtime {
+            engine,
+            linker,
+            config,
+        })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
@@ -201,13 +210,20 @@ impl Runtime {
     /// Reads, validates, compiles (or loads from the cache) and links a processor.
     pub fn load(&self, path: &Path) -> Result<Module, LoadError> {
         let started = Instant::now();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-            return Err(LoadError::NotWasm { path: path.to_owned() });
+            return Err(LoadError::NotWasm {
+                path: path.to_owned(),
+            });
         }
         // Core modules are version 1; components carry layer 1 in bytes 6..8.
         if bytes[4..8] == [1, 0, 0, 0] {
-            return Err(LoadError::CoreModule { path: path.to_owned() });
+            return Err(LoadError::CoreModule {
+                path: path.to_owned(),
+            });
         }
         let digest_hex = hex::encode(Sha256::digest(&bytes));
 
@@ -216,41 +232,58 @@ impl Runtime {
             .cache_dir
             .as_deref()
             .map(|dir| cache::entry(dir, &self.engine, &digest_hex));
-        let (component, compiled) = match cached.as_deref().and_then(|p| cache::load(&self.engine, p)) {
-            Some(component) => (component, false),
-            None => {
-                let component = Component::from_binary(&self.engine, &bytes).map_err(|e| {
-                    LoadError::Invalid { path: path.to_owned(), reason: format!("{e:#}") }
-                })?;
-                if let Some(entry) = &cached {
-                    // A cache that cannot be written only costs the next start a compile.
-                    let _ = cache::store(&component, entry);
+        let (component, compiled) =
+            match cached.as_deref().and_then(|p| cache::load(&self.engine, p)) {
+                Some(component) => (component, false),
+                None => {
+                    let component = Component::from_binary(&self.engine, &bytes).map_err(|e| {
+                        LoadError::Invalid {
+                            path: path.to_owned(),
+                            reason: format!("{e:#}"),
+                        }
+                    })?;
+                    if let Some(entry) = &cached {
+                        // A cache that cannot be written only costs the next start a compile.
+                        let _ = cache::store(&component, entry);
+                    }
+                    (component, true)
                 }
-                (component, true)
-            }
-        };
+            };
 
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             path: path.to_owned(),
             reason: format!("{e:#}"),
         };
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(wrong_world)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
         let pre = ProcessorPre::new(instance_pre).map_err(wrong_world)?;
         Ok(Module {
             path: path.to_owned(),
             digest: format!("sha256:{digest_hex}"),
             pre,
-            stats: LoadStats { compiled, duration: started.elapsed() },
+            stats: LoadStats {
+                compiled,
+                duration: started.elapsed(),
+            },
         })
     }
 
     /// Runs the module's `init` (the caller owns the transaction).
     pub fn init(&self, module: &Module, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
-        self.call(module, db, &Position::init(), 0, |processor, store| processor.call_init(store))
+        self.call(module, db, &Position::init(), 0, |processor, store| {
+            processor.call_init(store)
+        })
     }
 
     /// Runs the module's `handle` for one event (the caller owns the savepoint).
-    pub fn handle(&self, module: &Module, db: StateDb, event: &Event) -> (StateDb, Result<CallOutcome, HostFault>) {
+    pub fn handle(
+        &self,
+        module: &Module,
+        db: StateDb,
+        event: &Event,
+    ) -> (StateDb, Result<CallOutcome, HostFault>) {
         let wit_event = wit::Event {
             stream: event.position.stream.clone(),
             partition: event.position.partition,
@@ -260,13 +293,20 @@ impl Runtime {
             headers: event
                 .headers
                 .iter()
-                .map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() })
+                .map(|h| wit::Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
                 .collect(),
             timestamp_ms: event.timestamp_ms,
         };
-        self.call(module, db, &event.position, event.timestamp_ms.unwrap_or(0), |processor, store| {
-            processor.call_handle(store, &wit_event)
-        })
+        self.call(
+            module,
+            db,
+            &event.position,
+            event.timestamp_ms.unwrap_or(0),
+            |processor, store| processor.call_handle(store, &wit_event),
+        )
     }
 
     fn call(
@@ -283,7 +323,9 @@ impl Runtime {
         let state = HostState {
             wasi: sandbox::wasi_for(position, timestamp_ms, &capture),
             table: Default::default(),
-            limiter: GuestLimiter { memory_bytes: self.config.memory_bytes },
+            limiter: GuestLimiter {
+                memory_bytes: self.config.memory_bytes,
+            },
             db,
             outputs: Vec::new(),
             output_bytes: 0,
@@ -300,14 +342,24 @@ impl Runtime {
         drop(clock);
         state.db.leave_event();
 
-        let mut logs: Vec<String> =
-            state.logs.iter().map(|l| format!("{:?}: {}", l.level, l.message)).collect();
+        let mut logs: Vec<String> = state
+            .logs
+            .iter()
+            .map(|l| format!("{:?}: {}", l.level, l.message))
+            .collect();
         if state.logs_dropped > 0 {
             logs.push(format!("({} more log lines dropped)", state.logs_dropped));
         }
         let (stderr, stderr_dropped) = capture.stderr.take();
-        for (name, (bytes, dropped)) in [("stdout", capture.stdout.take()), ("stderr", (stderr.clone(), stderr_dropped))] {
-            logs.extend(String::from_utf8_lossy(&bytes).lines().map(|l| format!("{name}: {l}")));
+        for (name, (bytes, dropped)) in [
+            ("stdout", capture.stdout.take()),
+            ("stderr", (stderr.clone(), stderr_dropped)),
+        ] {
+            logs.extend(
+                String::from_utf8_lossy(&bytes)
+                    .lines()
+                    .map(|l| format!("{name}: {l}")),
+            );
             if dropped > 0 {
                 logs.push(format!("{name}: ({dropped} more bytes dropped)"));
             }
@@ -315,10 +367,14 @@ impl Runtime {
 
         let result = match result {
             Ok(Ok(())) => Ok(state.outputs),
-            Ok(Err(wit::Error::InvalidInput(message))) => {
-                Err(Rejection { class: "invalid-input", message })
-            }
-            Ok(Err(wit::Error::Failed(message))) => Err(Rejection { class: "failed", message }),
+            Ok(Err(wit::Error::InvalidInput(message))) => Err(Rejection {
+                class: "invalid-input",
+                message,
+            }),
+            Ok(Err(wit::Error::Failed(message))) => Err(Rejection {
+                class: "failed",
+                message,
+            }),
             Err(error) => match error.downcast::<HostFault>() {
                 Ok(fault) => return (state.db, Err(fault)),
                 Err(error) => Err(classify_trap(&error, &stderr, self.config.fuel)),
@@ -363,10 +419,34 @@ fn classify_trap(error: &wasmtime::Error, stderr: &[u8], fuel: u64) -> Rejection
     let stderr = String::from_utf8_lossy(stderr);
     if let Some(at) = stderr.find("panicked at ") {
         // Rust prints "thread '…' panicked at FILE:LINE:COL:\nMESSAGE\nnote: …".
-        let panic: Vec<&str> = stderr[at..].lines().take_while(|l| !l.starts_with("note:")).collect();
-        return Rejection { class: "panic", message: truncate(panic.join(" "), 2048) };
+        let panic: Vec<&str> = stderr[at..]
+            .lines()
+            .take_while(|l| !l.starts_with("note:"))
+            .collect();
+        return Rejection {
+            class: "panic",
+            message: truncate(panic.join(" "), 2048),
+        };
     }
-    Rejection { class: "trap", message: truncate(format!("{error:#}"), 2048) }
+    // Lead with the cause ("wasm trap: …"), then where it happened.
+    let backtrace = error
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| {
+            let frames: Vec<String> = bt
+                .to_string()
+                .lines()
+                .skip(1)
+                .take(6)
+                .map(str::trim)
+                .map(str::to_owned)
+                .collect();
+            format!(" (at {})", frames.join(" < "))
+        })
+        .unwrap_or_default();
+    Rejection {
+        class: "trap",
+        message: truncate(format!("{}{backtrace}", error.root_cause()), 2048),
+    }
 }
 
 fn truncate(mut text: String, max: usize) -> String {

@@ -32,7 +32,9 @@ pub fn wasi_for(position: &Position, timestamp_ms: i64, capture: &Capture) -> Wa
         .secure_random(ChaCha20Rng::from_seed(seed))
         .insecure_random(ChaCha20Rng::from_seed(insecure_seed))
         .insecure_random_seed(u128::from_le_bytes(
-            position.seed("wasi-insecure-seed")[..16].try_into().expect("16 bytes"),
+            position.seed("wasi-insecure-seed")[..16]
+                .try_into()
+                .expect("16 bytes"),
         ))
         .allow_tcp(false)
         .allow_udp(false)

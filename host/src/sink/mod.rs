@@ -46,7 +46,10 @@ pub struct FileSink {
 
 impl std::fmt::Debug for FileSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSink").field("path", &self.path).field("mark", &self.mark).finish()
+        f.debug_struct("FileSink")
+            .field("path", &self.path)
+            .field("mark", &self.mark)
+            .finish()
     }
 }
 
@@ -73,21 +76,43 @@ impl FileSink {
     /// `fresh_state` says the state DB has consumed nothing yet, in which
     /// case an existing non-empty file belongs to someone else.
     pub fn open(path: &Path, mark: &SinkMark, fresh_state: bool) -> Result<FileSink, SinkError> {
-        let io = |source| SinkError::Io { path: path.to_owned(), source };
-        let foreign = |reason: String| SinkError::Foreign { path: path.to_owned(), reason };
+        let io = |source| SinkError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let foreign = |reason: String| SinkError::Foreign {
+            path: path.to_owned(),
+            reason,
+        };
         let exists = path.exists();
         if !exists && mark.bytes > 0 {
-            return Err(foreign(format!("it is missing, but {} bytes were written to it", mark.bytes)));
+            return Err(foreign(format!(
+                "it is missing, but {} bytes were written to it",
+                mark.bytes
+            )));
         }
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < mark.bytes {
-            return Err(foreign(format!("it has {len} bytes, but {} were written to it", mark.bytes)));
+            return Err(foreign(format!(
+                "it has {len} bytes, but {} were written to it",
+                mark.bytes
+            )));
         }
         if mark.bytes == 0 && len > 0 && fresh_state {
-            return Err(foreign(format!("it already holds {len} bytes and this state DB is new")));
+            return Err(foreign(format!(
+                "it already holds {len} bytes and this state DB is new"
+            )));
         }
-        if mark.bytes > 0 && last_line_hash(&mut file, mark.bytes).map_err(io)? != mark.last_line_sha256 {
+        if mark.bytes > 0
+            && last_line_hash(&mut file, mark.bytes).map_err(io)? != mark.last_line_sha256
+        {
             return Err(foreign("its last delivered line differs".to_owned()));
         }
         if len > mark.bytes {
@@ -95,25 +120,41 @@ impl FileSink {
             file.set_len(mark.bytes).map_err(io)?;
         }
         file.seek(SeekFrom::Start(mark.bytes)).map_err(io)?;
-        Ok(FileSink { path: path.to_owned(), file, mark: mark.clone() })
+        Ok(FileSink {
+            path: path.to_owned(),
+            file,
+            mark: mark.clone(),
+        })
     }
 
     /// Writes and syncs `rows`; returns the mark to commit with their removal.
     pub fn write(&mut self, rows: &[OutboxRow]) -> Result<SinkMark, SinkError> {
-        let io = |source| SinkError::Io { path: self.path.clone(), source };
+        let io = |source| SinkError::Io {
+            path: self.path.clone(),
+            source,
+        };
         let mut buf = Vec::new();
         let mut mark = self.mark.clone();
         let mut last = Vec::new();
         for row in rows {
             let mut headers = Vec::with_capacity(row.output.headers.len() + 1);
-            headers.push(Header { name: ID_HEADER.into(), value: Some(row.id.clone().into_bytes()) });
+            headers.push(Header {
+                name: ID_HEADER.into(),
+                value: Some(row.id.clone().into_bytes()),
+            });
             headers.extend(row.output.headers.iter().cloned());
             let position = Position {
                 stream: row.output.stream.clone(),
                 partition: 0,
                 offset: mark.outputs as i64,
             };
-            last = encode_line(&position, row.timestamp_ms, &headers, row.output.key.as_deref(), row.output.payload.as_deref());
+            last = encode_line(
+                &position,
+                row.timestamp_ms,
+                &headers,
+                row.output.key.as_deref(),
+                row.output.payload.as_deref(),
+            );
             buf.extend_from_slice(&last);
             mark.outputs += 1;
         }

@@ -43,13 +43,19 @@ pub struct FileSource {
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileSource").field("path", &self.path).field("line", &self.line).finish()
+        f.debug_struct("FileSource")
+            .field("path", &self.path)
+            .field("line", &self.line)
+            .finish()
     }
 }
 
 impl FileSource {
     pub fn open(path: &Path, stream: Option<&str>) -> Result<FileSource, SourceError> {
-        let err = |source| SourceError { path: path.to_owned(), source };
+        let err = |source| SourceError {
+            path: path.to_owned(),
+            source,
+        };
         let file = File::open(path).map_err(err)?;
         let meta = file.metadata().map_err(err)?;
         if meta.is_dir() {
@@ -57,7 +63,10 @@ impl FileSource {
         }
         let stream = match stream {
             Some(s) => s.to_owned(),
-            None => path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            None => path
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
         };
         Ok(FileSource {
             path: path.to_owned(),
@@ -92,7 +101,10 @@ impl FileSource {
             let n = self
                 .reader
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|source| SourceError { path: self.path.clone(), source })?;
+                .map_err(|source| SourceError {
+                    path: self.path.clone(),
+                    source,
+                })?;
             if n == 0 {
                 return Ok(None);
             }
@@ -104,14 +116,22 @@ impl FileSource {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let position = Position { stream: self.stream.clone(), partition: 0, offset: self.line };
+            let position = Position {
+                stream: self.stream.clone(),
+                partition: 0,
+                offset: self.line,
+            };
             let decoded = decode_line(line, &position)
                 .map_err(|reason| format!("{} line {}: {reason}", self.path.display(), self.line));
             let position = match &decoded {
                 Ok(event) => event.position.clone(),
                 Err(_) => position,
             };
-            return Ok(Some(Record { position, raw: line.to_vec(), decoded }));
+            return Ok(Some(Record {
+                position,
+                raw: line.to_vec(),
+                decoded,
+            }));
         }
     }
 }

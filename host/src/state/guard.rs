@@ -19,14 +19,18 @@ use rusqlite::{Connection, Error as SqlError};
 
 use crate::event::Position;
 
-/// Appended to every guest statement before it is prepared: host statements
-/// never end with it, so a guest can never hit a host statement in the cache
-/// (which was authorised with host rights).
-pub const GUEST_STATEMENT_MARK: &str = "\n-- rewind:guest";
+/// Put in front of every guest statement before it is prepared: host
+/// statements never start with it, so a guest can never hit a host statement
+/// in the cache (which was authorised with host rights). It is a prefix, not
+/// a suffix, because SQLite copies the tail of `ALTER TABLE … ADD COLUMN`
+/// into the stored schema.
+pub const GUEST_STATEMENT_MARK: &str = "/* rewind:guest */ ";
 
 /// State shared between the connection's callbacks and the host.
 pub struct Guard {
     guest: AtomicBool,
+    /// What the statement being prepared has shown itself to be so far.
+    statement: Mutex<StatementKind>,
     denial: Mutex<Option<String>>,
     rng: Mutex<ChaCha20Rng>,
 }
@@ -36,6 +40,7 @@ impl Guard {
     pub fn install(conn: &mut Connection) -> rusqlite::Result<Arc<Guard>> {
         let guard = Arc::new(Guard {
             guest: AtomicBool::new(false),
+            statement: Mutex::new(StatementKind::default()),
             denial: Mutex::new(None),
             rng: Mutex::new(ChaCha20Rng::from_seed(Position::init().seed("sql"))),
         });
@@ -46,9 +51,17 @@ impl Guard {
                 return Authorization::Allow;
             }
             if std::env::var_os("REWIND_DEBUG_AUTH").is_some() {
-                eprintln!("auth: {:?} db={:?} accessor={:?}", ctx.action, ctx.database_name, ctx.accessor);
+                eprintln!(
+                    "auth: {:?} db={:?} accessor={:?}",
+                    ctx.action, ctx.database_name, ctx.accessor
+                );
             }
-            match refusal(&ctx.action) {
+            let kind = {
+                let mut kind = auth.statement.lock().unwrap_or_else(|p| p.into_inner());
+                kind.observe(&ctx.action);
+                *kind
+            };
+            match refusal(&ctx.action, kind) {
                 None => Authorization::Allow,
                 Some(reason) => {
                     *auth.denial.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
@@ -69,7 +82,10 @@ impl Guard {
             // SQLite's randomblob treats anything below 1 as 1.
             let n = ctx.get::<i64>(0).unwrap_or(1).clamp(1, 1 << 20) as usize;
             let mut bytes = vec![0; n];
-            rng.rng.lock().unwrap_or_else(|p| p.into_inner()).fill_bytes(&mut bytes);
+            rng.rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fill_bytes(&mut bytes);
             Ok(bytes)
         })?;
         Ok(guard)
@@ -84,6 +100,7 @@ impl Guard {
     /// Runs `f` with guest restrictions on; a denial's reason replaces
     /// SQLite's terse "not authorized" in the error.
     pub fn as_guest<T>(&self, f: impl FnOnce() -> rusqlite::Result<T>) -> Result<T, SqlError> {
+        *self.statement.lock().unwrap_or_else(|p| p.into_inner()) = StatementKind::default();
         self.guest.store(true, Ordering::Relaxed);
         let result = f();
         self.guest.store(false, Ordering::Relaxed);
@@ -111,19 +128,54 @@ fn is_schema_table(name: &str) -> bool {
     ) || name.starts_with("pragma_")
 }
 
+/// What the authorizer has seen of the statement being prepared.
+///
+/// ALTER and DROP read the schema table to rewrite it, so those reads are
+/// allowed for them. CREATE only reads the schema's rowid, which is allowed
+/// for everyone; it is not trusted with more, because `CREATE TABLE … AS
+/// SELECT` could copy the schema (and the host tables in it) out.
+#[derive(Debug, Default, Clone, Copy)]
+struct StatementKind {
+    alters_schema: bool,
+}
+
+impl StatementKind {
+    fn observe(&mut self, action: &AuthAction<'_>) {
+        use AuthAction as A;
+        if let A::DropTable { .. }
+        | A::DropIndex { .. }
+        | A::DropTrigger { .. }
+        | A::DropView { .. }
+        | A::AlterTable { .. } = action
+        {
+            self.alters_schema = true;
+        }
+    }
+
+    fn may_read_schema(self) -> bool {
+        self.alters_schema
+    }
+}
+
 /// Why guest SQL may not perform `action`, or `None` if it may.
-fn refusal(action: &AuthAction<'_>) -> Option<String> {
+fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
     use AuthAction as A;
     let host = |table: &str, verb: &str| {
         is_host_table(table).then(|| format!("guest SQL may not {verb} host table {table}"))
     };
     match action {
-        // DDL itself reads the schema table's rowid to update it; only that
-        // column is allowed, so guests cannot list the schema (and the host
-        // tables in it). Writes to the schema table need writable_schema, a
-        // PRAGMA, so only DDL can make them.
-        A::Read { table_name, column_name } => host(table_name, "read").or_else(|| {
-            (is_schema_table(table_name) && !column_name.eq_ignore_ascii_case("rowid")).then(|| {
+        // DDL itself reads the schema table (see `StatementKind`); otherwise
+        // guests cannot list the schema and the host tables in it. Writes to
+        // the schema table need writable_schema, a PRAGMA, so only DDL can
+        // make them.
+        A::Read {
+            table_name,
+            column_name,
+        } => host(table_name, "read").or_else(|| {
+            (is_schema_table(table_name)
+                && !column_name.eq_ignore_ascii_case("rowid")
+                && !kind.may_read_schema())
+            .then(|| {
                 format!(
                     "guest SQL may not read {table_name}: the schema includes host tables; \
                      use CREATE TABLE IF NOT EXISTS to create yours"
@@ -137,14 +189,26 @@ fn refusal(action: &AuthAction<'_>) -> Option<String> {
         A::DropTable { table_name } => host(table_name, "drop"),
         A::AlterTable { table_name, .. } => host(table_name, "alter"),
         A::Analyze { table_name } => host(table_name, "analyze"),
-        A::CreateIndex { index_name, table_name } | A::DropIndex { index_name, table_name } => {
-            host(table_name, "index").or_else(|| host(index_name, "name an index after"))
+        A::CreateIndex {
+            index_name,
+            table_name,
         }
-        A::CreateTrigger { trigger_name, table_name }
-        | A::DropTrigger { trigger_name, table_name } => {
-            host(table_name, "add triggers to").or_else(|| host(trigger_name, "name a trigger after"))
+        | A::DropIndex {
+            index_name,
+            table_name,
+        } => host(table_name, "index").or_else(|| host(index_name, "name an index after")),
+        A::CreateTrigger {
+            trigger_name,
+            table_name,
         }
-        A::CreateView { view_name } | A::DropView { view_name } => host(view_name, "name a view after"),
+        | A::DropTrigger {
+            trigger_name,
+            table_name,
+        } => host(table_name, "add triggers to")
+            .or_else(|| host(trigger_name, "name a trigger after")),
+        A::CreateView { view_name } | A::DropView { view_name } => {
+            host(view_name, "name a view after")
+        }
         A::CreateTempTable { .. }
         | A::CreateTempIndex { .. }
         | A::CreateTempTrigger { .. }
@@ -155,9 +219,9 @@ fn refusal(action: &AuthAction<'_>) -> Option<String> {
         | A::DropTempView { .. } => Some(
             "guest SQL may not use TEMP objects: they would keep state outside the database".into(),
         ),
-        A::Pragma { pragma_name, .. } => {
-            Some(format!("guest SQL may not run PRAGMA {pragma_name}: the host owns the connection"))
-        }
+        A::Pragma { pragma_name, .. } => Some(format!(
+            "guest SQL may not run PRAGMA {pragma_name}: the host owns the connection"
+        )),
         A::Transaction { .. } | A::Savepoint { .. } => Some(
             "guest SQL may not control transactions: each event already runs in its own savepoint"
                 .into(),

@@ -94,20 +94,31 @@ impl std::fmt::Debug for StateDb {
 impl StateDb {
     /// Opens (creating if needed) the state DB at `path` for a run.
     pub fn open(path: &Path) -> Result<StateDb, StateError> {
-        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)
+        Self::open_with(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
     }
 
     /// Opens an existing state DB, for inspection.
     pub fn open_existing(path: &Path) -> Result<StateDb, StateError> {
         if !path.exists() {
-            return Err(StateError::Missing { path: path.to_owned() });
+            return Err(StateError::Missing {
+                path: path.to_owned(),
+            });
         }
         Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
     }
 
     fn open_with(path: &Path, flags: OpenFlags) -> Result<StateDb, StateError> {
-        let err = |source| StateError::Sqlite { path: path.to_owned(), source };
-        vfs::register().map_err(|message| StateError::Invalid { path: path.to_owned(), message })?;
+        let err = |source| StateError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        vfs::register().map_err(|message| StateError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         let flags = flags | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         let mut conn = Connection::open_with_flags_and_vfs(path, flags, vfs::NAME).map_err(err)?;
         // A file that is not a database shows up on the first read.
@@ -134,7 +145,13 @@ impl StateDb {
         )
         .map_err(err)?;
 
-        let db = StateDb { conn, path: path.to_owned(), guard, sql_periods, sql_budget_periods };
+        let db = StateDb {
+            conn,
+            path: path.to_owned(),
+            guard,
+            sql_periods,
+            sql_budget_periods,
+        };
         db.create_host_tables()?;
         Ok(db)
     }
@@ -145,15 +162,23 @@ impl StateDb {
     }
 
     pub(crate) fn err(&self, source: rusqlite::Error) -> StateError {
-        StateError::Sqlite { path: self.path.clone(), source }
+        StateError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn create_host_tables(&self) -> Result<(), StateError> {
-        self.conn.execute_batch(tables::HOST_SCHEMA).map_err(|e| self.err(e))?;
+        self.conn
+            .execute_batch(tables::HOST_SCHEMA)
+            .map_err(|e| self.err(e))?;
         match self.meta("format")? {
             None => self.set_meta("format", FORMAT),
             Some(found) if found == FORMAT => Ok(()),
-            Some(found) => Err(StateError::WrongFormat { path: self.path.clone(), found }),
+            Some(found) => Err(StateError::WrongFormat {
+                path: self.path.clone(),
+                found,
+            }),
         }
     }
 
@@ -211,7 +236,8 @@ impl StateDb {
             )
             .map_err(|e| self.err(e))?;
         for ((stream, partition), next) in offsets {
-            stmt.execute(params![stream, partition, next]).map_err(|e| self.err(e))?;
+            stmt.execute(params![stream, partition, next])
+                .map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -263,8 +289,10 @@ impl StateDb {
     pub fn enter_event(&self, position: &Position, sql_budget: u64) {
         self.guard.reseed(position);
         self.sql_periods.store(0, Ordering::Relaxed);
-        self.sql_budget_periods
-            .store(sql_budget.div_ceil(PROGRESS_PERIOD as u64), Ordering::Relaxed);
+        self.sql_budget_periods.store(
+            sql_budget.div_ceil(PROGRESS_PERIOD as u64),
+            Ordering::Relaxed,
+        );
     }
 
     /// Lifts the SQL budget for the host's own statements.
@@ -298,7 +326,9 @@ impl StateDb {
     pub fn guest_execute(&self, sql: &str, params: Vec<SqlValue>) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
-            let mut stmt = self.conn.prepare_cached(&format!("{sql}{GUEST_STATEMENT_MARK}"))?;
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!("{GUEST_STATEMENT_MARK}{sql}"))?;
             let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
             while rows.next()?.is_some() {}
             Ok(())
@@ -308,10 +338,16 @@ impl StateDb {
     }
 
     /// Runs a guest query and collects its rows.
-    pub fn guest_query(&self, sql: &str, params: Vec<SqlValue>) -> Result<GuestRows, GuestSqlError> {
+    pub fn guest_query(
+        &self,
+        sql: &str,
+        params: Vec<SqlValue>,
+    ) -> Result<GuestRows, GuestSqlError> {
         let result = self.guard.as_guest(|| {
-            let mut stmt = self.conn.prepare_cached(&format!("{sql}{GUEST_STATEMENT_MARK}"))?;
-            let columns: Vec<String> = stmt.column_names().into_iter().map(str::to_owned).collect();
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!("{GUEST_STATEMENT_MARK}{sql}"))?;
+            let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
             let width = columns.len();
             let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
             let mut out = Vec::new();
@@ -319,7 +355,9 @@ impl StateDb {
                 if out.len() == MAX_QUERY_ROWS {
                     return Err(rusqlite::Error::SqliteFailure(
                         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
-                        Some(format!("query returned more than {MAX_QUERY_ROWS} rows; add a LIMIT")),
+                        Some(format!(
+                            "query returned more than {MAX_QUERY_ROWS} rows; add a LIMIT"
+                        )),
                     ));
                 }
                 let mut values = Vec::with_capacity(width);

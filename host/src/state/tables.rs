@@ -181,7 +181,11 @@ impl StateDb {
                 let headers: String = r.get(9)?;
                 Ok(DeadLetter {
                     seq: r.get::<_, i64>(0)? as u64,
-                    position: Position { stream: r.get(1)?, partition: r.get(2)?, offset: r.get(3)? },
+                    position: Position {
+                        stream: r.get(1)?,
+                        partition: r.get(2)?,
+                        offset: r.get(3)?,
+                    },
                     module_digest: r.get(4)?,
                     error_class: r.get(5)?,
                     message: r.get(6)?,
@@ -262,7 +266,9 @@ impl StateDb {
         self.begin()?;
         let result = (|| {
             self.conn
-                .prepare_cached("DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)")
+                .prepare_cached(
+                    "DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)",
+                )
                 .and_then(|mut s| s.execute(params![through.0 as i64, through.1]))
                 .map_err(|e| self.err(e))?;
             self.set_meta("sink.outputs", &mark.outputs.to_string())?;
@@ -279,7 +285,10 @@ impl StateDb {
     /// Module digest, table counts, offsets and host-table counts.
     pub fn summary(&self) -> Result<Summary, StateError> {
         let count = |sql: &str| -> Result<u64, StateError> {
-            self.conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(|e| self.err(e))
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(|e| self.err(e))
         };
         let names: Vec<String> = self
             .conn
@@ -292,13 +301,19 @@ impl StateDb {
             .map_err(|e| self.err(e))?;
         let mut tables = Vec::new();
         for name in names {
-            let rows = count(&format!("SELECT count(*) FROM \"{}\"", name.replace('"', "\"\"")))?;
+            let rows = count(&format!(
+                "SELECT count(*) FROM \"{}\"",
+                name.replace('"', "\"\"")
+            ))?;
             tables.push(TableCount { name, rows });
         }
         let offsets = self
             .conn
             .prepare("SELECT stream, partition, next_offset FROM _rewind_offsets ORDER BY 1, 2")
-            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
             .map_err(|e| self.err(e))?;
         Ok(Summary {
             module_digest: self.meta("module_digest")?,
@@ -314,7 +329,11 @@ impl StateDb {
     /// Whether any dead letter exists at `seq` (used by tests and redrive).
     pub fn has_dead_letter(&self, seq: u64) -> Result<bool, StateError> {
         self.conn
-            .query_row("SELECT 1 FROM _rewind_dlq WHERE seq = ?1", [seq as i64], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM _rewind_dlq WHERE seq = ?1",
+                [seq as i64],
+                |_| Ok(()),
+            )
             .optional()
             .map(|r| r.is_some())
             .map_err(|e| self.err(e))
@@ -328,9 +347,18 @@ mod tests {
     #[test]
     fn headers_round_trip_through_json() {
         let headers = vec![
-            Header { name: "a".into(), value: Some(b"text".to_vec()) },
-            Header { name: "b".into(), value: None },
-            Header { name: "c".into(), value: Some(vec![0xff, 0x00, 0x80]) },
+            Header {
+                name: "a".into(),
+                value: Some(b"text".to_vec()),
+            },
+            Header {
+                name: "b".into(),
+                value: None,
+            },
+            Header {
+                name: "c".into(),
+                value: Some(vec![0xff, 0x00, 0x80]),
+            },
         ];
         assert_eq!(headers_from_json(&headers_to_json(&headers)), Some(headers));
     }

@@ -32,19 +32,38 @@ fn probe(event: &Event, act: &str, outcome: std::result::Result<String, String>)
     Ok(())
 }
 
-#[allow(unconditional_recursion)]
-fn recurse(depth: u64) -> u64 {
-    // Each frame keeps a live array so the optimiser cannot turn this into a loop.
-    let frame = black_box([depth; 64]);
-    black_box(recurse(depth + 1)) + frame[black_box(3)]
+/// Recursion that lives in wasm locals (the native stack), not in the
+/// shadow stack in linear memory, so it reaches the host's stack limit.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn recurse(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64, g: u64, h: u64) -> u64 {
+    if a == u64::MAX {
+        return b;
+    }
+    let r = recurse(
+        a.wrapping_add(1),
+        b ^ a,
+        c.wrapping_mul(3),
+        d + 1,
+        e ^ b,
+        f + c,
+        g ^ d,
+        h + e,
+    );
+    r ^ a ^ b ^ c ^ d ^ e ^ f ^ g ^ h
 }
 
 impl Processor for Hostile {
     fn init() -> Result<()> {
         if cfg!(feature = "bad-init") {
-            return Err(Error::failed("refusing to migrate: schema version 7 is newer than 3"));
+            return Err(Error::failed(
+                "refusing to migrate: schema version 7 is newer than 3",
+            ));
         }
-        sql::execute("CREATE TABLE IF NOT EXISTS seen (offset INTEGER PRIMARY KEY)", &[])?;
+        sql::execute(
+            "CREATE TABLE IF NOT EXISTS seen (offset INTEGER PRIMARY KEY)",
+            &[],
+        )?;
         sql::execute(
             "CREATE TABLE IF NOT EXISTS probes (offset INTEGER NOT NULL, act TEXT NOT NULL, outcome TEXT NOT NULL)",
             &[],
@@ -77,9 +96,13 @@ impl Processor for Hostile {
                 }
             }
             "stack" => {
-                black_box(recurse(0));
+                let o = event.offset() as u64;
+                black_box(recurse(o, o, o, o, o, o, o, o));
             }
-            "panic" => panic!("hostile guest panics on purpose at offset {}", event.offset()),
+            "panic" => panic!(
+                "hostile guest panics on purpose at offset {}",
+                event.offset()
+            ),
             "write-then-fail" => {
                 sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
                 rewind_guest::emit("seen", event.offset().to_string(), "never published")?;
@@ -121,7 +144,8 @@ impl Processor for Hostile {
                     ("random-2", random_u64() as i64),
                     ("hashmap-order", {
                         // std's HashMap seeds itself from WASI randomness.
-                        let map: std::collections::HashMap<u32, ()> = (0..32).map(|i| (i, ())).collect();
+                        let map: std::collections::HashMap<u32, ()> =
+                            (0..32).map(|i| (i, ())).collect();
                         i64::from(*map.keys().next().unwrap_or(&0))
                     }),
                 ];
@@ -166,8 +190,8 @@ impl Processor for Hostile {
                         break Ok("no limit".to_owned());
                     }
                 };
-                probe(&event, "emit-flood", outcome)?;
-                return Err(Error::failed("flooded"));
+                // Fails the event, so nothing it emitted is published.
+                return Err(Error::failed(format!("flooded: {outcome:?}")));
             }
             other => return Err(Error::invalid(format!("unknown act {other:?}"))),
         }

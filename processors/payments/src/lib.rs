@@ -12,8 +12,15 @@ struct Payments;
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Order {
-    OrderCompleted { order_id: String, customer_id: String, amount_cents: i64, currency: String },
-    OrderCancelled { order_id: String },
+    OrderCompleted {
+        order_id: String,
+        customer_id: String,
+        amount_cents: i64,
+        currency: String,
+    },
+    OrderCancelled {
+        order_id: String,
+    },
 }
 
 /// The `payment_processed` state event: the full payment row.
@@ -48,8 +55,14 @@ impl Processor for Payments {
 
     fn handle(event: Event) -> Result<()> {
         match event.json::<Order>()? {
-            Order::OrderCompleted { order_id, customer_id, amount_cents, currency } => {
-                let seen = sql::query_row("SELECT 1 FROM payments WHERE order_id = ?1", &[&order_id])?;
+            Order::OrderCompleted {
+                order_id,
+                customer_id,
+                amount_cents,
+                currency,
+            } => {
+                let seen =
+                    sql::query_row("SELECT 1 FROM payments WHERE order_id = ?1", &[&order_id])?;
                 if seen.is_some() && !cfg!(feature = "v1") {
                     // A re-delivered order: already charged (or refunded), nothing to do.
                     return Ok(());
@@ -92,7 +105,9 @@ impl Processor for Payments {
                 )?
                 .ok_or_else(|| Error::invalid(format!("cancel of unknown order {order_id}")))?;
                 if row.get::<String>("status")? != "charged" {
-                    return Err(Error::invalid(format!("order {order_id} is already refunded")));
+                    return Err(Error::invalid(format!(
+                        "order {order_id} is already refunded"
+                    )));
                 }
                 let payment = Payment {
                     order_id,

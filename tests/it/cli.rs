@@ -1,0 +1,96 @@
+//! The `rewind` command line: help everywhere, one-line errors with exit 2,
+//! and the inspect and dlq views.
+
+use std::process::Command;
+
+use rewind_tests::{cache_dir, processor, rewind_bin};
+
+fn rewind(args: &[&str]) -> std::process::Output {
+    Command::new(rewind_bin()).args(args).output().unwrap()
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["inspect", "--help"],
+        &["dlq", "--help"],
+        &["dlq", "list", "--help"],
+    ] {
+        let out = rewind(args);
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn errors_are_one_line_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.db");
+    let out = rewind(&["inspect", "--state", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("missing.db"), "{stderr}");
+}
+
+#[test]
+fn run_inspect_and_dlq_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(
+        &input,
+        "{\"type\":\"order_completed\",\"order_id\":\"o-1\",\"customer_id\":\"c-1\",\"amount_cents\":5,\"currency\":\"EUR\"}\n\
+         {\"type\":\"order_cancelled\",\"order_id\":\"o-404\"}\n\
+         {broken\n",
+    )
+    .unwrap();
+    let state = dir.path().join("p.db");
+    let out = rewind(&[
+        "run",
+        "--processor",
+        processor("payments-v2").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--cache-dir",
+        cache_dir().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 applied, 2 dead-lettered"));
+
+    let out = rewind(&["inspect", "--state", state.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("payments") && text.contains("customer_totals"),
+        "{text}"
+    );
+    assert!(text.contains("dead letters  2"), "{text}");
+    assert!(text.contains("orders.jsonl/0  next offset 4"), "{text}");
+
+    let out = rewind(&["dlq", "list", "--state", state.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("invalid-input") && text.contains("cancel of unknown order o-404"),
+        "{text}"
+    );
+    assert!(
+        text.contains("malformed") && text.contains("{broken"),
+        "{text}"
+    );
+
+    let out = rewind(&["dlq", "list", "--json", "--state", state.to_str().unwrap()]);
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["error_class"], "invalid-input");
+    assert_eq!(first["offset"], 2);
+}

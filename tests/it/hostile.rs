@@ -1,0 +1,274 @@
+//! Hostile guests: each act is followed by a normal event that must still be
+//! processed, and the host never panics.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rewind_host::{ErrorPolicy, RunError};
+use rewind_tests::{config, dump, processor, rows};
+use rusqlite::types::Value;
+
+const TS: i64 = 1_767_225_600_123;
+
+fn act_line(offset: i64, act: &str, statement: Option<&str>) -> String {
+    let payload = match statement {
+        Some(s) => serde_json::json!({ "do": act, "statement": s }),
+        None => serde_json::json!({ "do": act }),
+    };
+    rewind_tests::envelope("acts", offset, TS + offset, "k", &payload.to_string())
+}
+
+const SQL_PROBES: &[(&str, bool)] = &[
+    ("SELECT * FROM _rewind_offsets", false),
+    ("SELECT count(*) FROM _REWIND_DLQ", false),
+    (
+        "INSERT INTO _rewind_meta (key, value) VALUES ('x', 'y')",
+        false,
+    ),
+    ("UPDATE _rewind_offsets SET next_offset = 0", false),
+    ("DELETE FROM _rewind_outbox", false),
+    ("DROP TABLE _rewind_meta", false),
+    ("CREATE TABLE _rewind_mine (x)", false),
+    (
+        "CREATE TRIGGER t AFTER INSERT ON _rewind_outbox BEGIN SELECT 1; END",
+        false,
+    ),
+    // A view's body is only authorised when the view is used, so creating
+    // one over a host table succeeds, and reading through it is refused.
+    ("CREATE VIEW v AS SELECT * FROM _rewind_dlq", true),
+    ("SELECT * FROM v", false),
+    ("SELECT name FROM sqlite_master", false),
+    ("SELECT sql FROM sqlite_schema", false),
+    (
+        "CREATE TABLE copied AS SELECT sql FROM sqlite_schema",
+        false,
+    ),
+    ("ATTACH DATABASE 'elsewhere.db' AS other", false),
+    ("DETACH DATABASE main", false),
+    ("PRAGMA journal_mode = DELETE", false),
+    ("PRAGMA table_info(_rewind_meta)", false),
+    ("SELECT * FROM pragma_table_info('_rewind_meta')", false),
+    ("SELECT load_extension('/tmp/evil.so')", false),
+    ("BEGIN", false),
+    ("COMMIT", false),
+    ("SAVEPOINT mine", false),
+    ("CREATE TEMP TABLE scratch (x)", false),
+    ("SELECT 1; DROP TABLE seen", false),
+    // What a processor legitimately does still works.
+    (
+        "CREATE TABLE IF NOT EXISTS mine (id INTEGER PRIMARY KEY, v TEXT)",
+        true,
+    ),
+    ("ALTER TABLE mine ADD COLUMN w INTEGER", true),
+    ("CREATE INDEX IF NOT EXISTS mine_v ON mine (v)", true),
+    ("INSERT INTO mine (v) VALUES ('x') RETURNING id", true),
+    ("SELECT * FROM mine", true),
+    ("DROP INDEX mine_v", true),
+];
+
+fn hostile_input(dir: &Path) -> (std::path::PathBuf, Vec<(i64, String)>) {
+    let mut acts: Vec<(String, Option<String>)> = [
+        "loop",
+        "alloc",
+        "stack",
+        "panic",
+        "read-file",
+        "list-dir",
+        "socket",
+        "env",
+        "clock-random",
+        "write-then-fail",
+        "invalid",
+        "print",
+        "emit-flood",
+    ]
+    .iter()
+    .map(|a| (a.to_string(), None))
+    .collect();
+    acts.extend(
+        SQL_PROBES
+            .iter()
+            .map(|(s, _)| ("sql".to_string(), Some(s.to_string()))),
+    );
+    let mut lines = Vec::new();
+    let mut offsets = Vec::new();
+    let mut offset = 0;
+    for (act, statement) in acts {
+        lines.push(act_line(offset, &act, statement.as_deref()));
+        offsets.push((offset, act));
+        offset += 1;
+        // Every hostile act is followed by a normal event.
+        lines.push(act_line(offset, "normal", None));
+        offset += 1;
+    }
+    let input = dir.join("acts.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    (input, offsets)
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_sandbox_holds_and_every_following_event_is_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, acts) = hostile_input(dir.path());
+    let state = dir.path().join("hostile.db");
+    let mut cfg = config(&processor("hostile"), &input, &state);
+    // A small cap, so runaway allocation reaches it well before the fuel runs out.
+    cfg.runtime.memory_bytes = 16 << 20;
+    let summary = rewind_host::run(&cfg, &()).expect("hostile guests never stop the host");
+    assert_eq!(summary.consumed, acts.len() as u64 * 2);
+
+    // Every normal event was processed.
+    let seen: Vec<i64> = rows(&state, "SELECT offset FROM seen ORDER BY offset")
+        .into_iter()
+        .map(|r| match r[0] {
+            Value::Integer(i) => i,
+            _ => unreachable!(),
+        })
+        .collect();
+    for (offset, act) in &acts {
+        assert!(
+            seen.contains(&(offset + 1)),
+            "the normal event after {act:?} was not processed"
+        );
+    }
+
+    let dead: BTreeMap<String, (String, String)> = rows(
+        &state,
+        r#"SELECT "offset", error_class, message FROM _rewind_dlq"#,
+    )
+    .into_iter()
+    .map(|r| (text(&r[0]), (text(&r[1]), text(&r[2]))))
+    .collect();
+    let dead_of = |act: &str| {
+        let offset = acts.iter().find(|(_, a)| a == act).unwrap().0;
+        dead.get(&format!("Integer({offset})"))
+            .cloned()
+            .unwrap_or_else(|| panic!("{act} was not dead-lettered: {dead:?}"))
+    };
+    assert_eq!(dead_of("loop").0, "fuel-exhausted");
+    assert_eq!(dead_of("alloc").0, "memory-limit");
+    assert_eq!(dead_of("stack").0, "stack-overflow");
+    let (class, message) = dead_of("panic");
+    assert_eq!(class, "panic");
+    assert!(message.contains("panics on purpose"), "{message}");
+    assert_eq!(dead_of("write-then-fail").0, "failed");
+    assert_eq!(dead_of("invalid").0, "invalid-input");
+    let (class, message) = dead_of("emit-flood");
+    assert_eq!(class, "failed");
+    assert!(message.contains("output limit"), "{message}");
+    // The failed event's write was rolled back and its output never left.
+    let failed_at = acts.iter().find(|(_, a)| a == "write-then-fail").unwrap().0;
+    assert!(!seen.contains(&failed_at));
+    assert_eq!(
+        rows(
+            &state,
+            "SELECT count(*) FROM _rewind_outbox WHERE stream = 'flood'"
+        )[0][0],
+        Value::Integer(0)
+    );
+
+    let probes: BTreeMap<String, String> = rows(&state, "SELECT act, outcome FROM probes")
+        .into_iter()
+        .map(|r| (text(&r[0]), text(&r[1])))
+        .collect();
+    for act in ["read-file", "list-dir", "socket"] {
+        assert!(
+            probes[act].starts_with("err"),
+            "{act} should fail in the sandbox: {}",
+            probes[act]
+        );
+    }
+    assert_eq!(probes["env"], "ok: vars=[] args=[]");
+    for (statement, allowed) in SQL_PROBES {
+        let outcome = &probes[*statement];
+        assert_eq!(
+            outcome.starts_with("ok"),
+            *allowed,
+            "{statement}: {outcome}"
+        );
+    }
+    assert!(probes["SELECT * FROM _rewind_offsets"].contains("host table _rewind_offsets"));
+    assert!(probes["BEGIN"].contains("transactions"));
+
+    // Clocks are the event's timestamp; randomness differs per draw.
+    let observed: BTreeMap<String, String> = rows(&state, "SELECT what, value FROM observed")
+        .into_iter()
+        .map(|r| (text(&r[0]), text(&r[1])))
+        .collect();
+    let at = acts.iter().find(|(_, a)| a == "clock-random").unwrap().0;
+    let ts = TS + at;
+    assert_eq!(observed["now-1"], format!("Integer({ts})"));
+    assert_eq!(observed["now-2"], format!("Integer({ts})"));
+    assert_eq!(observed["instant-elapsed-ns"], "Integer(0)");
+    assert_ne!(observed["random-1"], observed["random-2"]);
+    assert_eq!(
+        observed["sql-now"],
+        format!("2026-01-01 00:00:00.{:03}", 123 + at)
+    );
+    assert_eq!(observed["sql-current-timestamp"], "2026-01-01 00:00:00");
+
+    // Everything, randomness included, is the same on a rerun.
+    let again = dir.path().join("again.db");
+    let mut cfg2 = cfg.clone();
+    cfg2.state = again.clone();
+    rewind_host::run(&cfg2, &()).unwrap();
+    assert_eq!(dump(&state), dump(&again));
+}
+
+#[test]
+fn halt_policy_stops_at_the_failing_event_and_keeps_what_came_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        act_line(0, "normal", None),
+        act_line(1, "normal", None),
+        act_line(2, "panic", None),
+        act_line(3, "normal", None),
+    ];
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let state = dir.path().join("h.db");
+    let mut cfg = config(&processor("hostile"), &input, &state);
+    cfg.on_error = ErrorPolicy::Halt;
+    cfg.batch_size = 100;
+    match rewind_host::run(&cfg, &()) {
+        Err(RunError::Halted {
+            position,
+            rejection,
+        }) => {
+            assert_eq!(position.offset, 2);
+            assert_eq!(rejection.class, "panic");
+        }
+        other => panic!("expected a halt, got {other:?}"),
+    }
+    assert_eq!(
+        rows(&state, "SELECT count(*) FROM seen")[0][0],
+        Value::Integer(2)
+    );
+    assert_eq!(
+        rows(&state, "SELECT count(*) FROM _rewind_dlq")[0][0],
+        Value::Integer(0)
+    );
+    assert_eq!(
+        rows(&state, "SELECT next_offset FROM _rewind_offsets")[0][0],
+        Value::Integer(2)
+    );
+
+    // Invalid input is dead-lettered even under halt.
+    let invalid = dir.path().join("invalid.jsonl");
+    std::fs::write(
+        &invalid,
+        [act_line(0, "invalid", None), act_line(1, "normal", None)].join("\n"),
+    )
+    .unwrap();
+    let mut cfg = config(&processor("hostile"), &invalid, &dir.path().join("i.db"));
+    cfg.on_error = ErrorPolicy::Halt;
+    let summary = rewind_host::run(&cfg, &()).unwrap();
+    assert_eq!((summary.applied, summary.dead_lettered), (1, 1));
+}
