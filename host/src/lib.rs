@@ -14,9 +14,9 @@ mod state;
 mod wit;
 
 pub use event::{Event, Header, Output, Position};
-pub use pipeline::{ErrorPolicy, Progress, RunConfig, RunError, RunSummary, run};
+pub use pipeline::{ErrorPolicy, INSTANCE_EPOCH, Progress, RunConfig, RunError, RunSummary, run};
 pub use runtime::{
-    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, LoadError, LoadStats, Module, Rejection, Runtime,
+    CallOutcome, DEFAULT_FUEL, Instance, DEFAULT_MEMORY_MB, LoadError, LoadStats, Module, Rejection, Runtime,
     RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, Record};

@@ -10,7 +10,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::event::Position;
-use crate::runtime::{HostFault, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig};
+use crate::runtime::{
+    HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig,
+};
+
+/// Events per instance epoch. An epoch starts at every multiple of this
+/// many consumed records (by seq): the processor gets a fresh instance there,
+/// and batches commit only there. What a guest keeps in memory between events
+/// therefore depends on the input alone, never on batch sizes, restarts or
+/// timing. It is part of the host configuration results depend on.
+pub const INSTANCE_EPOCH: u64 = 64;
 use crate::sink::{FileSink, SinkError};
 use crate::source::{FileSource, Record, SourceError};
 use crate::state::{DeadLetter, OutboxRow, StateDb, StateError};
@@ -145,8 +154,9 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
     };
 
     let mut run = Run {
-        runtime: &runtime,
+        instance: runtime.instance(&module),
         module: &module,
+        epoch: None,
         config,
         progress,
         offsets: db.offsets()?,
@@ -196,7 +206,7 @@ fn prepare(
         });
     }
     db.begin()?;
-    let (db, outcome) = runtime.init(module, db);
+    let (db, outcome) = runtime.instance(module).init(db);
     let failure = match outcome {
         Err(HostFault(source)) => Some(RunError::Host {
             state: config.state.clone(),
@@ -225,9 +235,18 @@ fn remove_db_files(path: &Path) {
     }
 }
 
+/// Where the open instance epoch began, to roll back to on a halt.
+struct EpochMark {
+    offsets: crate::state::Offsets,
+    next_seq: u64,
+    summary: RunSummary,
+}
+
 struct Run<'a> {
-    runtime: &'a Runtime,
+    instance: Instance<'a>,
     module: &'a Module,
+    /// The open epoch savepoint inside the batch transaction, if any.
+    epoch: Option<EpochMark>,
     config: &'a RunConfig,
     progress: &'a dyn Progress,
     offsets: crate::state::Offsets,
@@ -259,33 +278,63 @@ impl Run<'_> {
                 self.db().begin()?;
                 batch_started = Instant::now();
             }
+            if in_batch == 0 || self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
+                self.start_epoch()?;
+            }
             let offset = record.position.offset;
             if let Err(error) = self.process(record) {
                 if matches!(error, RunError::Halted { .. }) {
-                    // Keep everything before the failing event.
+                    // Keep everything before the failing event's epoch, so a
+                    // rerun starts the epoch with a fresh instance, as this run did.
+                    self.rollback_epoch()?;
                     self.commit_batch()?;
                 } else {
                     self.db().rollback()?;
                 }
                 return Err(error);
             }
-            self.offsets
-                .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
+            self.offsets.insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
             in_batch += 1;
-            if in_batch >= self.config.batch_size
-                || batch_started.elapsed() >= self.config.batch_time
-            {
+            // Batches end only at epoch boundaries, so a crash always resumes
+            // where every run starts a fresh instance.
+            let full = in_batch >= self.config.batch_size || batch_started.elapsed() >= self.config.batch_time;
+            if full && self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
                 self.commit_batch()?;
                 in_batch = 0;
-                self.progress
-                    .advance(source.bytes_read(), self.summary.consumed);
+                self.progress.advance(source.bytes_read(), self.summary.consumed);
             }
         }
         if in_batch > 0 {
             self.commit_batch()?;
         }
-        self.progress
-            .advance(source.bytes_read(), self.summary.consumed);
+        self.progress.advance(source.bytes_read(), self.summary.consumed);
+        Ok(())
+    }
+
+    /// Starts an instance epoch: a fresh instance, and a savepoint to come
+    /// back to.
+    fn start_epoch(&mut self) -> Result<(), RunError> {
+        self.instance.recycle();
+        if self.epoch.is_some() {
+            self.db().release_epoch()?;
+        }
+        self.db().savepoint_epoch()?;
+        self.epoch = Some(EpochMark {
+            offsets: self.offsets.clone(),
+            next_seq: self.next_seq,
+            summary: self.summary.clone(),
+        });
+        Ok(())
+    }
+
+    /// Undoes the open epoch's events.
+    fn rollback_epoch(&mut self) -> Result<(), RunError> {
+        if let Some(mark) = self.epoch.take() {
+            self.db().rollback_epoch()?;
+            self.offsets = mark.offsets;
+            self.next_seq = mark.next_seq;
+            self.summary = mark.summary;
+        }
         Ok(())
     }
 
@@ -320,7 +369,7 @@ impl Run<'_> {
             .db
             .take()
             .expect("the state DB is lent out only during a call");
-        let (db, outcome) = self.runtime.handle(self.module, db, &event);
+        let (db, outcome) = self.instance.handle(db, &event);
         self.db = Some(db);
         let outcome = match outcome {
             Ok(outcome) => outcome,
@@ -382,6 +431,9 @@ impl Run<'_> {
 
     /// Commits the batch with its offsets, then relays the outbox.
     fn commit_batch(&mut self) -> Result<(), RunError> {
+        if self.epoch.take().is_some() {
+            self.db().release_epoch()?;
+        }
         let db = self.db();
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;

@@ -169,3 +169,42 @@ fn appended_input_continues_where_it_stopped() {
         std::fs::read(&out_two).unwrap()
     );
 }
+
+/// A guest that keeps state in memory sees it reset at every instance epoch
+/// (and after a trap), whatever the batch size: what it remembers is a
+/// function of the input alone.
+#[test]
+fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
+    let dir = tempfile::tempdir().unwrap();
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
+    let acts: Vec<String> = (0..200i64)
+        .map(|i| {
+            let act = if i == 100 { "panic" } else { "remember" };
+            rewind_tests::envelope("acts", i, 0, "k", &format!(r#"{{"do":"{act}"}}"#))
+        })
+        .collect();
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, acts.join("\n")).unwrap();
+    let mut dumps = Vec::new();
+    for (name, batch) in [("a", 1), ("b", 7), ("c", 1000)] {
+        let state = dir.path().join(format!("{name}.db"));
+        let mut cfg = config(&processor("hostile"), &input, &state);
+        cfg.batch_size = batch;
+        rewind_host::run(&cfg, &()).unwrap();
+        let calls: Vec<(i64, i64)> = rewind_tests::rows(&state, "SELECT offset, value FROM observed ORDER BY offset")
+            .into_iter()
+            .map(|r| match (&r[0], &r[1]) {
+                (rusqlite::types::Value::Integer(o), rusqlite::types::Value::Integer(c)) => (*o, *c),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        for (offset, calls) in calls {
+            // The panic at 100 discards the instance; 101 starts a fresh one.
+            let fresh_at = if offset > 100 && offset < 128 { 101 } else { offset / epoch * epoch };
+            assert_eq!(calls, offset - fresh_at + 1, "offset {offset} with batch size {batch}");
+        }
+        dumps.push(dump(&state));
+    }
+    assert_eq!(dumps[0], dumps[1]);
+    assert_eq!(dumps[1], dumps[2]);
+}

@@ -223,42 +223,33 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
 }
 
 #[test]
-fn halt_policy_stops_at_the_failing_event_and_keeps_what_came_before() {
+fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    let lines = [
-        act_line(0, "normal", None),
-        act_line(1, "normal", None),
-        act_line(2, "panic", None),
-        act_line(3, "normal", None),
-    ];
+    // 70 normal events, a panic at offset 70, then one more normal event.
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
+    let mut lines: Vec<String> = (0..70).map(|i| act_line(i, "normal", None)).collect();
+    lines.push(act_line(70, "panic", None));
+    lines.push(act_line(71, "normal", None));
     let input = dir.path().join("acts.jsonl");
     std::fs::write(&input, lines.join("\n")).unwrap();
     let state = dir.path().join("h.db");
     let mut cfg = config(&processor("hostile"), &input, &state);
     cfg.on_error = ErrorPolicy::Halt;
-    cfg.batch_size = 100;
-    match rewind_host::run(&cfg, &()) {
-        Err(RunError::Halted {
-            position,
-            rejection,
-        }) => {
-            assert_eq!(position.offset, 2);
-            assert_eq!(rejection.class, "panic");
+    cfg.batch_size = 1000;
+    for _ in 0..2 {
+        // A rerun halts at the same event, from the same epoch start.
+        match rewind_host::run(&cfg, &()) {
+            Err(RunError::Halted { position, rejection }) => {
+                assert_eq!(position.offset, 70);
+                assert_eq!(rejection.class, "panic");
+            }
+            other => panic!("expected a halt, got {other:?}"),
         }
-        other => panic!("expected a halt, got {other:?}"),
+        // Everything before the failing event's instance epoch is committed.
+        assert_eq!(rows(&state, "SELECT count(*) FROM seen")[0][0], Value::Integer(epoch));
+        assert_eq!(rows(&state, "SELECT count(*) FROM _rewind_dlq")[0][0], Value::Integer(0));
+        assert_eq!(rows(&state, "SELECT next_offset FROM _rewind_offsets")[0][0], Value::Integer(epoch));
     }
-    assert_eq!(
-        rows(&state, "SELECT count(*) FROM seen")[0][0],
-        Value::Integer(2)
-    );
-    assert_eq!(
-        rows(&state, "SELECT count(*) FROM _rewind_dlq")[0][0],
-        Value::Integer(0)
-    );
-    assert_eq!(
-        rows(&state, "SELECT next_offset FROM _rewind_offsets")[0][0],
-        Value::Integer(2)
-    );
 
     // Invalid input is dead-lettered even under halt.
     let invalid = dir.path().join("invalid.jsonl");

@@ -84,7 +84,8 @@ pub struct HostState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
     pub limiter: GuestLimiter,
-    pub db: StateDb,
+    /// Lent by the caller for the length of one call.
+    pub db: Option<StateDb>,
     pub outputs: Vec<Output>,
     pub output_bytes: usize,
     pub logs: Vec<LogLine>,
@@ -138,13 +139,19 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
     }
 }
 
+impl HostState {
+    fn db(&self) -> Result<&StateDb> {
+        self.db.as_ref().ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
+    }
+}
+
 impl sql::Host for HostState {
     fn execute(
         &mut self,
         statement: String,
         params: Vec<sql::Value>,
     ) -> Result<Result<u64, String>> {
-        guest_result(self.db.guest_execute(&statement, to_sqlite(params)))
+        guest_result(self.db()?.guest_execute(&statement, to_sqlite(params)))
     }
 
     fn query(
@@ -153,7 +160,7 @@ impl sql::Host for HostState {
         params: Vec<sql::Value>,
     ) -> Result<Result<sql::Rows, String>> {
         guest_result(
-            self.db
+            self.db()?
                 .guest_query(&statement, to_sqlite(params))
                 .map(|rows| sql::Rows {
                     columns: rows.columns,

@@ -1,10 +1,11 @@
 //! The WebAssembly runtime: loading processors and calling them in a
 //! deterministic sandbox.
 //!
-//! Each call (`init`, or `handle` for one event) gets a fresh store and a
-//! fresh instance: no guest memory survives from one event to the next, so a
-//! processor's results cannot depend on batch boundaries or restarts. The
-//! pooling allocator and the precompiled, cached component keep that cheap.
+//! A processor runs in an [`Instance`] that is reused between events and
+//! discarded when the caller says (at instance-epoch boundaries, which the
+//! pipeline derives from the input alone) or when it traps. So what a guest
+//! keeps in memory between events depends only on the input, never on batch
+//! sizes, restarts or timing. `init` always runs in an instance of its own.
 
 mod cache;
 mod host;
@@ -24,7 +25,7 @@ use crate::event::{Event, Output, Position};
 use crate::state::{EventClock, StateDb};
 use crate::wit::{self, Processor, ProcessorPre};
 use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted};
-use sandbox::Capture;
+use sandbox::{Capture, EventCells};
 
 /// Fuel per call unless configured: far more than any real event needs, and
 /// still a fraction of a second for a runaway loop.
@@ -270,20 +271,60 @@ impl Runtime {
         })
     }
 
-    /// Runs the module's `init` (the caller owns the transaction).
-    pub fn init(&self, module: &Module, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
-        self.call(module, db, &Position::init(), 0, |processor, store| {
-            processor.call_init(store)
-        })
+    /// A processor instance slot for `module`: it instantiates on first use
+    /// and is reused until [`Instance::recycle`] or a trap.
+    pub fn instance<'a>(&'a self, module: &'a Module) -> Instance<'a> {
+        Instance { runtime: self, module, live: None, calls: 0 }
+    }
+}
+
+/// A live instance: its store, its exports, and the cells its WASI reads.
+struct Live {
+    store: Store<HostState>,
+    processor: Processor,
+    capture: Capture,
+    cells: EventCells,
+}
+
+/// Calls one processor version, reusing its instance between events.
+///
+/// Reuse is what makes calls cheap, and it is deterministic because the
+/// caller decides, from the input alone, when an instance starts fresh (see
+/// the pipeline's instance epochs). A trap always discards the instance.
+pub struct Instance<'a> {
+    runtime: &'a Runtime,
+    module: &'a Module,
+    live: Option<Live>,
+    calls: u64,
+}
+
+impl std::fmt::Debug for Instance<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance").field("module", &self.module.digest).field("live", &self.live.is_some()).finish()
+    }
+}
+
+impl Instance<'_> {
+    /// Discards the live instance: the next call starts from a fresh one.
+    pub fn recycle(&mut self) {
+        self.live = None;
+    }
+
+    /// Calls since this slot was created (for tests and diagnostics).
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
+    pub fn init(&mut self, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
+        self.recycle();
+        let outcome = self.call(db, &Position::init(), 0, |processor, store| processor.call_init(store));
+        self.recycle();
+        outcome
     }
 
     /// Runs the module's `handle` for one event (the caller owns the savepoint).
-    pub fn handle(
-        &self,
-        module: &Module,
-        db: StateDb,
-        event: &Event,
-    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+    pub fn handle(&mut self, db: StateDb, event: &Event) -> (StateDb, Result<CallOutcome, HostFault>) {
         let wit_event = wit::Event {
             stream: event.position.stream.clone(),
             partition: event.position.partition,
@@ -293,94 +334,107 @@ impl Runtime {
             headers: event
                 .headers
                 .iter()
-                .map(|h| wit::Header {
-                    name: h.name.clone(),
-                    value: h.value.clone(),
-                })
+                .map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() })
                 .collect(),
             timestamp_ms: event.timestamp_ms,
         };
-        self.call(
-            module,
-            db,
-            &event.position,
-            event.timestamp_ms.unwrap_or(0),
-            |processor, store| processor.call_handle(store, &wit_event),
-        )
+        self.call(db, &event.position, event.timestamp_ms.unwrap_or(0), |processor, store| {
+            processor.call_handle(store, &wit_event)
+        })
     }
 
-    fn call(
-        &self,
-        module: &Module,
-        db: StateDb,
-        position: &Position,
-        timestamp_ms: i64,
-        f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
-    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+    fn instantiate(&self) -> wasmtime::Result<Live> {
         let capture = Capture::default();
-        db.enter_event(position, self.config.fuel);
-        let clock = EventClock::enter(timestamp_ms);
+        let cells = EventCells::new();
         let state = HostState {
-            wasi: sandbox::wasi_for(position, timestamp_ms, &capture),
+            wasi: cells.wasi(&capture),
             table: Default::default(),
-            limiter: GuestLimiter {
-                memory_bytes: self.config.memory_bytes,
-            },
-            db,
+            limiter: GuestLimiter { memory_bytes: self.runtime.config.memory_bytes },
+            db: None,
             outputs: Vec::new(),
             output_bytes: 0,
             logs: Vec::new(),
             logs_dropped: 0,
         };
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let result = store
-            .set_fuel(self.config.fuel)
-            .and_then(|()| module.pre.instantiate(&mut store))
-            .and_then(|processor| f(&processor, &mut store));
-        let state = store.into_data();
-        drop(clock);
-        state.db.leave_event();
+        // Instantiation runs start functions: it is bounded like a call.
+        store.set_fuel(self.runtime.config.fuel)?;
+        let processor = self.module.pre.instantiate(&mut store)?;
+        Ok(Live { store, processor, capture, cells })
+    }
 
-        let mut logs: Vec<String> = state
-            .logs
-            .iter()
-            .map(|l| format!("{:?}: {}", l.level, l.message))
-            .collect();
-        if state.logs_dropped > 0 {
-            logs.push(format!("({} more log lines dropped)", state.logs_dropped));
-        }
-        let (stderr, stderr_dropped) = capture.stderr.take();
-        for (name, (bytes, dropped)) in [
-            ("stdout", capture.stdout.take()),
-            ("stderr", (stderr.clone(), stderr_dropped)),
-        ] {
-            logs.extend(
-                String::from_utf8_lossy(&bytes)
-                    .lines()
-                    .map(|l| format!("{name}: {l}")),
-            );
-            if dropped > 0 {
-                logs.push(format!("{name}: ({dropped} more bytes dropped)"));
+    fn call(
+        &mut self,
+        db: StateDb,
+        position: &Position,
+        timestamp_ms: i64,
+        f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
+    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+        self.calls += 1;
+        let fuel = self.runtime.config.fuel;
+        db.enter_event(position, fuel);
+        let clock = EventClock::enter(timestamp_ms);
+        let mut db = Some(db);
+
+        let live = match self.live.take() {
+            Some(live) => Ok(live),
+            None => self.instantiate(),
+        };
+        let (result, stderr, logs, live) = match live {
+            Err(error) => (Err(error), Vec::new(), Vec::new(), None),
+            Ok(mut live) => {
+                live.cells.enter(position, timestamp_ms);
+                let data = live.store.data_mut();
+                data.db = db.take();
+                data.outputs.clear();
+                data.output_bytes = 0;
+                let result = live.store.set_fuel(fuel).and_then(|()| f(&live.processor, &mut live.store));
+                let data = live.store.data_mut();
+                db = data.db.take();
+                let mut logs: Vec<String> =
+                    data.logs.drain(..).map(|l| format!("{:?}: {}", l.level, l.message)).collect();
+                if data.logs_dropped > 0 {
+                    logs.push(format!("({} more log lines dropped)", std::mem::take(&mut data.logs_dropped)));
+                }
+                let (stderr, stderr_dropped) = live.capture.stderr.take();
+                for (name, (bytes, dropped)) in
+                    [("stdout", live.capture.stdout.take()), ("stderr", (stderr.clone(), stderr_dropped))]
+                {
+                    logs.extend(String::from_utf8_lossy(&bytes).lines().map(|l| format!("{name}: {l}")));
+                    if dropped > 0 {
+                        logs.push(format!("{name}: ({dropped} more bytes dropped)"));
+                    }
+                }
+                let outputs = std::mem::take(&mut live.store.data_mut().outputs);
+                let result = result.map(|r| r.map(|()| outputs));
+                (result, stderr, logs, Some(live))
             }
-        }
+        };
+        drop(clock);
+        let db = db.expect("the state DB comes back from every call");
+        db.leave_event();
 
         let result = match result {
-            Ok(Ok(())) => Ok(state.outputs),
-            Ok(Err(wit::Error::InvalidInput(message))) => Err(Rejection {
-                class: "invalid-input",
-                message,
-            }),
-            Ok(Err(wit::Error::Failed(message))) => Err(Rejection {
-                class: "failed",
-                message,
-            }),
+            Ok(Ok(outputs)) => {
+                self.live = live;
+                Ok(outputs)
+            }
+            Ok(Err(wit::Error::InvalidInput(message))) => {
+                self.live = live;
+                Err(Rejection { class: "invalid-input", message })
+            }
+            Ok(Err(wit::Error::Failed(message))) => {
+                self.live = live;
+                Err(Rejection { class: "failed", message })
+            }
+            // A trapped instance cannot be entered again: `live` is dropped.
             Err(error) => match error.downcast::<HostFault>() {
-                Ok(fault) => return (state.db, Err(fault)),
-                Err(error) => Err(classify_trap(&error, &stderr, self.config.fuel)),
+                Ok(fault) => return (db, Err(fault)),
+                Err(error) => Err(classify_trap(&error, &stderr, fuel)),
             },
         };
-        (state.db, Ok(CallOutcome { result, logs }))
+        (db, Ok(CallOutcome { result, logs }))
     }
 }
 

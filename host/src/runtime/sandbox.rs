@@ -3,15 +3,17 @@
 //! No filesystem (no preopens), no network (TCP, UDP and name lookup
 //! refused), no environment, no arguments, no stdin. Both clocks read the
 //! current event's timestamp; both random generators are ChaCha streams
-//! seeded from the event's identity. stdout and stderr are captured into a
-//! capped buffer that the host forwards to its log.
+//! reseeded from each event's identity. stdout and stderr are captured into
+//! a capped buffer that the host forwards to its log.
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand_chacha::ChaCha20Rng;
-use rand_core::SeedableRng;
+use rand_core::{Rng, SeedableRng, TryRng};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
@@ -21,31 +23,89 @@ use crate::event::Position;
 /// Bytes of stdout (and, separately, stderr) kept per event.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
 
-/// Builds the WASI context for one event (or for `init`).
-pub fn wasi_for(position: &Position, timestamp_ms: i64, capture: &Capture) -> WasiCtx {
-    let seed = position.seed("wasi");
-    let insecure_seed = position.seed("wasi-insecure");
-    let mut builder = WasiCtxBuilder::new();
-    builder
-        .wall_clock(EventWallClock { timestamp_ms })
-        .monotonic_clock(EventMonotonicClock { timestamp_ms })
-        .secure_random(ChaCha20Rng::from_seed(seed))
-        .insecure_random(ChaCha20Rng::from_seed(insecure_seed))
-        .insecure_random_seed(u128::from_le_bytes(
-            position.seed("wasi-insecure-seed")[..16]
-                .try_into()
-                .expect("16 bytes"),
-        ))
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false)
-        .stdout(capture.stdout.clone())
-        .stderr(capture.stderr.clone());
-    builder.build()
+/// The per-event inputs of a guest's WASI: the clock reading and the random
+/// streams. An instance lives for several events, so its WASI reads these
+/// cells, which the host sets before each call.
+#[derive(Clone)]
+pub struct EventCells {
+    timestamp_ms: Arc<AtomicI64>,
+    secure: SharedRng,
+    insecure: SharedRng,
+}
+
+impl EventCells {
+    pub fn new() -> Self {
+        let init = Position::init();
+        EventCells {
+            timestamp_ms: Arc::new(AtomicI64::new(0)),
+            secure: SharedRng::seeded(init.seed("wasi")),
+            insecure: SharedRng::seeded(init.seed("wasi-insecure")),
+        }
+    }
+
+    /// Points the clocks and random streams at this event.
+    pub fn enter(&self, position: &Position, timestamp_ms: i64) {
+        self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
+        self.secure.reseed(position.seed("wasi"));
+        self.insecure.reseed(position.seed("wasi-insecure"));
+    }
+
+    /// Builds the WASI context of one instance.
+    pub fn wasi(&self, capture: &Capture) -> WasiCtx {
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .wall_clock(EventWallClock { timestamp_ms: Arc::clone(&self.timestamp_ms) })
+            .monotonic_clock(EventMonotonicClock { timestamp_ms: Arc::clone(&self.timestamp_ms) })
+            .secure_random(self.secure.clone())
+            .insecure_random(self.insecure.clone())
+            // WASI says this seed is fixed for an instance's lifetime; a
+            // constant keeps it the same for every instance and version.
+            .insecure_random_seed(u128::from_le_bytes(
+                Position::init().seed("wasi-insecure-seed")[..16].try_into().expect("16 bytes"),
+            ))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .stdout(capture.stdout.clone())
+            .stderr(capture.stderr.clone());
+        builder.build()
+    }
+}
+
+/// A ChaCha20 stream shared between the host (which reseeds it per event)
+/// and the guest's WASI context (which draws from it).
+#[derive(Clone)]
+struct SharedRng(Arc<Mutex<ChaCha20Rng>>);
+
+impl SharedRng {
+    fn seeded(seed: [u8; 32]) -> Self {
+        SharedRng(Arc::new(Mutex::new(ChaCha20Rng::from_seed(seed))))
+    }
+
+    fn reseed(&self, seed: [u8; 32]) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = ChaCha20Rng::from_seed(seed);
+    }
+}
+
+impl TryRng for SharedRng {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next_u32())
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next_u64())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).fill_bytes(dst);
+        Ok(())
+    }
 }
 
 struct EventWallClock {
-    timestamp_ms: i64,
+    timestamp_ms: Arc<AtomicI64>,
 }
 
 impl HostWallClock for EventWallClock {
@@ -55,12 +115,12 @@ impl HostWallClock for EventWallClock {
 
     fn now(&self) -> Duration {
         // WASI's wall clock cannot go before the epoch; clamp rather than wrap.
-        Duration::from_millis(self.timestamp_ms.max(0) as u64)
+        Duration::from_millis(self.timestamp_ms.load(Ordering::Relaxed).max(0) as u64)
     }
 }
 
 struct EventMonotonicClock {
-    timestamp_ms: i64,
+    timestamp_ms: Arc<AtomicI64>,
 }
 
 impl HostMonotonicClock for EventMonotonicClock {
@@ -69,7 +129,7 @@ impl HostMonotonicClock for EventMonotonicClock {
     }
 
     fn now(&self) -> u64 {
-        (self.timestamp_ms.max(0) as u64).saturating_mul(1_000_000)
+        (self.timestamp_ms.load(Ordering::Relaxed).max(0) as u64).saturating_mul(1_000_000)
     }
 }
 

@@ -284,6 +284,22 @@ impl StateDb {
         self.exec_cached("RELEASE rewind_event")
     }
 
+    /// Opens the savepoint an instance epoch runs in (inside the batch).
+    pub fn savepoint_epoch(&self) -> Result<(), StateError> {
+        self.exec_cached("SAVEPOINT rewind_epoch")
+    }
+
+    /// Keeps the epoch's writes.
+    pub fn release_epoch(&self) -> Result<(), StateError> {
+        self.exec_cached("RELEASE rewind_epoch")
+    }
+
+    /// Discards the epoch's writes.
+    pub fn rollback_epoch(&self) -> Result<(), StateError> {
+        self.exec_cached("ROLLBACK TO rewind_epoch")?;
+        self.exec_cached("RELEASE rewind_epoch")
+    }
+
     /// Prepares guest SQL for the event at `position`: SQL randomness is
     /// reseeded and the SQL budget reset. Pair with an [`EventClock`].
     pub fn enter_event(&self, position: &Position, sql_budget: u64) {

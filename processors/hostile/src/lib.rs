@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 struct Hostile;
 
+/// Calls handled by this instance: state a guest keeps in memory.
+static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Deserialize)]
 struct Act {
     #[serde(rename = "do")]
@@ -76,8 +79,16 @@ impl Processor for Hostile {
     }
 
     fn handle(event: Event) -> Result<()> {
+        let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let act: Act = event.json()?;
         match act.act.as_str() {
+            "remember" => {
+                // Writes what the instance remembers: how many events it saw.
+                sql::execute(
+                    "INSERT INTO observed (offset, what, value) VALUES (?1, 'calls', ?2)",
+                    &[&event.offset(), &(calls as i64)],
+                )?;
+            }
             "normal" => {
                 sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
                 rewind_guest::emit("seen", event.offset().to_string(), "ok")?;
