@@ -28,20 +28,39 @@ impl Position {
         }
     }
 
-    /// A 32-byte seed for one purpose (`domain`), derived from this identity.
-    ///
-    /// Guests get their randomness from these seeds, so every version of a
-    /// processor sees the same random stream for the same event.
-    pub fn seed(&self, domain: &str) -> [u8; 32] {
+    /// The seed of this event's randomness: every random stream a guest
+    /// sees while handling it derives from this, so every version of a
+    /// processor sees the same streams for the same event.
+    pub fn seed(&self) -> Seed {
         let mut hasher = Sha256::new();
         hasher.update(b"rewind-seed-v1\0");
-        hasher.update(domain.as_bytes());
-        hasher.update([0]);
         hasher.update((self.stream.len() as u64).to_be_bytes());
         hasher.update(self.stream.as_bytes());
         hasher.update(self.partition.to_be_bytes());
         hasher.update(self.offset.to_be_bytes());
-        hasher.finalize().into()
+        Seed(hasher.finalize().into())
+    }
+}
+
+/// An event's random seed; each consumer draws from its own ChaCha20 stream
+/// of it ([`Seed::rng`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seed(pub [u8; 32]);
+
+impl Seed {
+    /// WASI `random`.
+    pub const WASI: u64 = 1;
+    /// WASI `insecure-random`.
+    pub const WASI_INSECURE: u64 = 2;
+    /// SQL `random()` and `randomblob()`.
+    pub const SQL: u64 = 3;
+
+    /// The generator for one consumer (`stream` is one of the constants).
+    pub fn rng(&self, stream: u64) -> rand_chacha::ChaCha20Rng {
+        use rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.0);
+        rng.set_stream(stream);
+        rng
     }
 }
 
@@ -76,7 +95,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn seeds_differ_by_identity_and_domain() {
+    fn seeds_differ_by_identity_and_streams_by_consumer() {
+        use rand_core::Rng;
         let a = Position {
             stream: "orders".into(),
             partition: 0,
@@ -86,15 +106,23 @@ mod tests {
             offset: 2,
             ..a.clone()
         };
-        assert_eq!(a.seed("wasi"), a.clone().seed("wasi"));
-        assert_ne!(a.seed("wasi"), b.seed("wasi"));
-        assert_ne!(a.seed("wasi"), a.seed("sql"));
+        assert_eq!(a.seed(), a.clone().seed());
+        assert_ne!(a.seed(), b.seed());
         // The stream length is hashed, so stream/offset bytes cannot alias.
         let c = Position {
             stream: "orders\0".into(),
             partition: 0,
             offset: 1,
         };
-        assert_ne!(a.seed("wasi"), c.seed("wasi"));
+        assert_ne!(a.seed(), c.seed());
+        let seed = a.seed();
+        assert_ne!(
+            seed.rng(Seed::WASI).next_u64(),
+            seed.rng(Seed::SQL).next_u64()
+        );
+        assert_eq!(
+            seed.rng(Seed::SQL).next_u64(),
+            seed.rng(Seed::SQL).next_u64()
+        );
     }
 }

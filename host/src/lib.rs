@@ -13,11 +13,11 @@ mod source;
 mod state;
 mod wit;
 
-pub use event::{Event, Header, Output, Position};
+pub use event::{Event, Header, Output, Position, Seed};
 pub use pipeline::{ErrorPolicy, INSTANCE_EPOCH, Progress, RunConfig, RunError, RunSummary, run};
 pub use runtime::{
-    CallOutcome, DEFAULT_FUEL, Instance, DEFAULT_MEMORY_MB, LoadError, LoadStats, Module, Rejection, Runtime,
-    RuntimeConfig, default_cache_dir,
+    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,
+    Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, Record};
 pub use state::{

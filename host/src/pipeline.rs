@@ -293,21 +293,25 @@ impl Run<'_> {
                 }
                 return Err(error);
             }
-            self.offsets.insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
+            self.offsets
+                .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
             in_batch += 1;
             // Batches end only at epoch boundaries, so a crash always resumes
             // where every run starts a fresh instance.
-            let full = in_batch >= self.config.batch_size || batch_started.elapsed() >= self.config.batch_time;
+            let full = in_batch >= self.config.batch_size
+                || batch_started.elapsed() >= self.config.batch_time;
             if full && self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
                 self.commit_batch()?;
                 in_batch = 0;
-                self.progress.advance(source.bytes_read(), self.summary.consumed);
+                self.progress
+                    .advance(source.bytes_read(), self.summary.consumed);
             }
         }
         if in_batch > 0 {
             self.commit_batch()?;
         }
-        self.progress.advance(source.bytes_read(), self.summary.consumed);
+        self.progress
+            .advance(source.bytes_read(), self.summary.consumed);
         Ok(())
     }
 

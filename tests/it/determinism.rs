@@ -191,17 +191,28 @@ fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
         let mut cfg = config(&processor("hostile"), &input, &state);
         cfg.batch_size = batch;
         rewind_host::run(&cfg, &()).unwrap();
-        let calls: Vec<(i64, i64)> = rewind_tests::rows(&state, "SELECT offset, value FROM observed ORDER BY offset")
-            .into_iter()
-            .map(|r| match (&r[0], &r[1]) {
-                (rusqlite::types::Value::Integer(o), rusqlite::types::Value::Integer(c)) => (*o, *c),
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let calls: Vec<(i64, i64)> =
+            rewind_tests::rows(&state, "SELECT offset, value FROM observed ORDER BY offset")
+                .into_iter()
+                .map(|r| match (&r[0], &r[1]) {
+                    (rusqlite::types::Value::Integer(o), rusqlite::types::Value::Integer(c)) => {
+                        (*o, *c)
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect();
         for (offset, calls) in calls {
             // The panic at 100 discards the instance; 101 starts a fresh one.
-            let fresh_at = if offset > 100 && offset < 128 { 101 } else { offset / epoch * epoch };
-            assert_eq!(calls, offset - fresh_at + 1, "offset {offset} with batch size {batch}");
+            let fresh_at = if offset > 100 && offset < 128 {
+                101
+            } else {
+                offset / epoch * epoch
+            };
+            assert_eq!(
+                calls,
+                offset - fresh_at + 1,
+                "offset {offset} with batch size {batch}"
+            );
         }
         dumps.push(dump(&state));
     }

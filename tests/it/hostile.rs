@@ -54,6 +54,12 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("SAVEPOINT mine", false),
     ("CREATE TEMP TABLE scratch (x)", false),
     ("SELECT 1; DROP TABLE seen", false),
+    // The host's own offsets query, verbatim: it must not be served from the
+    // statement cache with the host's rights.
+    (
+        "/* rewind:host */ SELECT stream, partition, next_offset FROM _rewind_offsets",
+        false,
+    ),
     // What a processor legitimately does still works.
     (
         "CREATE TABLE IF NOT EXISTS mine (id INTEGER PRIMARY KEY, v TEXT)",
@@ -239,16 +245,28 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
     for _ in 0..2 {
         // A rerun halts at the same event, from the same epoch start.
         match rewind_host::run(&cfg, &()) {
-            Err(RunError::Halted { position, rejection }) => {
+            Err(RunError::Halted {
+                position,
+                rejection,
+            }) => {
                 assert_eq!(position.offset, 70);
                 assert_eq!(rejection.class, "panic");
             }
             other => panic!("expected a halt, got {other:?}"),
         }
         // Everything before the failing event's instance epoch is committed.
-        assert_eq!(rows(&state, "SELECT count(*) FROM seen")[0][0], Value::Integer(epoch));
-        assert_eq!(rows(&state, "SELECT count(*) FROM _rewind_dlq")[0][0], Value::Integer(0));
-        assert_eq!(rows(&state, "SELECT next_offset FROM _rewind_offsets")[0][0], Value::Integer(epoch));
+        assert_eq!(
+            rows(&state, "SELECT count(*) FROM seen")[0][0],
+            Value::Integer(epoch)
+        );
+        assert_eq!(
+            rows(&state, "SELECT count(*) FROM _rewind_dlq")[0][0],
+            Value::Integer(0)
+        );
+        assert_eq!(
+            rows(&state, "SELECT next_offset FROM _rewind_offsets")[0][0],
+            Value::Integer(epoch)
+        );
     }
 
     // Invalid input is dead-lettered even under halt.

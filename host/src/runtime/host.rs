@@ -141,7 +141,9 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
 
 impl HostState {
     fn db(&self) -> Result<&StateDb> {
-        self.db.as_ref().ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
+        self.db
+            .as_ref()
+            .ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
     }
 }
 

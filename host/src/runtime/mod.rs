@@ -274,7 +274,12 @@ impl Runtime {
     /// A processor instance slot for `module`: it instantiates on first use
     /// and is reused until [`Instance::recycle`] or a trap.
     pub fn instance<'a>(&'a self, module: &'a Module) -> Instance<'a> {
-        Instance { runtime: self, module, live: None, calls: 0 }
+        Instance {
+            runtime: self,
+            module,
+            live: None,
+            calls: 0,
+        }
     }
 }
 
@@ -300,7 +305,10 @@ pub struct Instance<'a> {
 
 impl std::fmt::Debug for Instance<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Instance").field("module", &self.module.digest).field("live", &self.live.is_some()).finish()
+        f.debug_struct("Instance")
+            .field("module", &self.module.digest)
+            .field("live", &self.live.is_some())
+            .finish()
     }
 }
 
@@ -318,13 +326,19 @@ impl Instance<'_> {
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
     pub fn init(&mut self, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
         self.recycle();
-        let outcome = self.call(db, &Position::init(), 0, |processor, store| processor.call_init(store));
+        let outcome = self.call(db, &Position::init(), 0, |processor, store| {
+            processor.call_init(store)
+        });
         self.recycle();
         outcome
     }
 
     /// Runs the module's `handle` for one event (the caller owns the savepoint).
-    pub fn handle(&mut self, db: StateDb, event: &Event) -> (StateDb, Result<CallOutcome, HostFault>) {
+    pub fn handle(
+        &mut self,
+        db: StateDb,
+        event: &Event,
+    ) -> (StateDb, Result<CallOutcome, HostFault>) {
         let wit_event = wit::Event {
             stream: event.position.stream.clone(),
             partition: event.position.partition,
@@ -334,13 +348,19 @@ impl Instance<'_> {
             headers: event
                 .headers
                 .iter()
-                .map(|h| wit::Header { name: h.name.clone(), value: h.value.clone() })
+                .map(|h| wit::Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
                 .collect(),
             timestamp_ms: event.timestamp_ms,
         };
-        self.call(db, &event.position, event.timestamp_ms.unwrap_or(0), |processor, store| {
-            processor.call_handle(store, &wit_event)
-        })
+        self.call(
+            db,
+            &event.position,
+            event.timestamp_ms.unwrap_or(0),
+            |processor, store| processor.call_handle(store, &wit_event),
+        )
     }
 
     fn instantiate(&self) -> wasmtime::Result<Live> {
@@ -349,7 +369,9 @@ impl Instance<'_> {
         let state = HostState {
             wasi: cells.wasi(&capture),
             table: Default::default(),
-            limiter: GuestLimiter { memory_bytes: self.runtime.config.memory_bytes },
+            limiter: GuestLimiter {
+                memory_bytes: self.runtime.config.memory_bytes,
+            },
             db: None,
             outputs: Vec::new(),
             output_bytes: 0,
@@ -361,7 +383,12 @@ impl Instance<'_> {
         // Instantiation runs start functions: it is bounded like a call.
         store.set_fuel(self.runtime.config.fuel)?;
         let processor = self.module.pre.instantiate(&mut store)?;
-        Ok(Live { store, processor, capture, cells })
+        Ok(Live {
+            store,
+            processor,
+            capture,
+            cells,
+        })
     }
 
     fn call(
@@ -373,7 +400,8 @@ impl Instance<'_> {
     ) -> (StateDb, Result<CallOutcome, HostFault>) {
         self.calls += 1;
         let fuel = self.runtime.config.fuel;
-        db.enter_event(position, fuel);
+        let seed = position.seed();
+        db.enter_event(seed, fuel);
         let clock = EventClock::enter(timestamp_ms);
         let mut db = Some(db);
 
@@ -384,24 +412,38 @@ impl Instance<'_> {
         let (result, stderr, logs, live) = match live {
             Err(error) => (Err(error), Vec::new(), Vec::new(), None),
             Ok(mut live) => {
-                live.cells.enter(position, timestamp_ms);
+                live.cells.enter(seed, timestamp_ms);
                 let data = live.store.data_mut();
                 data.db = db.take();
                 data.outputs.clear();
                 data.output_bytes = 0;
-                let result = live.store.set_fuel(fuel).and_then(|()| f(&live.processor, &mut live.store));
+                let result = live
+                    .store
+                    .set_fuel(fuel)
+                    .and_then(|()| f(&live.processor, &mut live.store));
                 let data = live.store.data_mut();
                 db = data.db.take();
-                let mut logs: Vec<String> =
-                    data.logs.drain(..).map(|l| format!("{:?}: {}", l.level, l.message)).collect();
+                let mut logs: Vec<String> = data
+                    .logs
+                    .drain(..)
+                    .map(|l| format!("{:?}: {}", l.level, l.message))
+                    .collect();
                 if data.logs_dropped > 0 {
-                    logs.push(format!("({} more log lines dropped)", std::mem::take(&mut data.logs_dropped)));
+                    logs.push(format!(
+                        "({} more log lines dropped)",
+                        std::mem::take(&mut data.logs_dropped)
+                    ));
                 }
                 let (stderr, stderr_dropped) = live.capture.stderr.take();
-                for (name, (bytes, dropped)) in
-                    [("stdout", live.capture.stdout.take()), ("stderr", (stderr.clone(), stderr_dropped))]
-                {
-                    logs.extend(String::from_utf8_lossy(&bytes).lines().map(|l| format!("{name}: {l}")));
+                for (name, (bytes, dropped)) in [
+                    ("stdout", live.capture.stdout.take()),
+                    ("stderr", (stderr.clone(), stderr_dropped)),
+                ] {
+                    logs.extend(
+                        String::from_utf8_lossy(&bytes)
+                            .lines()
+                            .map(|l| format!("{name}: {l}")),
+                    );
                     if dropped > 0 {
                         logs.push(format!("{name}: ({dropped} more bytes dropped)"));
                     }
@@ -422,11 +464,17 @@ impl Instance<'_> {
             }
             Ok(Err(wit::Error::InvalidInput(message))) => {
                 self.live = live;
-                Err(Rejection { class: "invalid-input", message })
+                Err(Rejection {
+                    class: "invalid-input",
+                    message,
+                })
             }
             Ok(Err(wit::Error::Failed(message))) => {
                 self.live = live;
-                Err(Rejection { class: "failed", message })
+                Err(Rejection {
+                    class: "failed",
+                    message,
+                })
             }
             // A trapped instance cannot be entered again: `live` is dropped.
             Err(error) => match error.downcast::<HostFault>() {

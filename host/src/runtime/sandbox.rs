@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{Rng, SeedableRng, TryRng};
+use rand_core::{Rng, TryRng};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
 
-use crate::event::Position;
+use crate::event::{Position, Seed};
 
 /// Bytes of stdout (and, separately, stderr) kept per event.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
@@ -35,33 +35,39 @@ pub struct EventCells {
 
 impl EventCells {
     pub fn new() -> Self {
-        let init = Position::init();
+        let init = Position::init().seed();
         EventCells {
             timestamp_ms: Arc::new(AtomicI64::new(0)),
-            secure: SharedRng::seeded(init.seed("wasi")),
-            insecure: SharedRng::seeded(init.seed("wasi-insecure")),
+            secure: SharedRng::seeded(init, Seed::WASI),
+            insecure: SharedRng::seeded(init, Seed::WASI_INSECURE),
         }
     }
 
     /// Points the clocks and random streams at this event.
-    pub fn enter(&self, position: &Position, timestamp_ms: i64) {
+    pub fn enter(&self, seed: Seed, timestamp_ms: i64) {
         self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
-        self.secure.reseed(position.seed("wasi"));
-        self.insecure.reseed(position.seed("wasi-insecure"));
+        self.secure.reseed(seed);
+        self.insecure.reseed(seed);
     }
 
     /// Builds the WASI context of one instance.
     pub fn wasi(&self, capture: &Capture) -> WasiCtx {
         let mut builder = WasiCtxBuilder::new();
         builder
-            .wall_clock(EventWallClock { timestamp_ms: Arc::clone(&self.timestamp_ms) })
-            .monotonic_clock(EventMonotonicClock { timestamp_ms: Arc::clone(&self.timestamp_ms) })
+            .wall_clock(EventWallClock {
+                timestamp_ms: Arc::clone(&self.timestamp_ms),
+            })
+            .monotonic_clock(EventMonotonicClock {
+                timestamp_ms: Arc::clone(&self.timestamp_ms),
+            })
             .secure_random(self.secure.clone())
             .insecure_random(self.insecure.clone())
             // WASI says this seed is fixed for an instance's lifetime; a
             // constant keeps it the same for every instance and version.
             .insecure_random_seed(u128::from_le_bytes(
-                Position::init().seed("wasi-insecure-seed")[..16].try_into().expect("16 bytes"),
+                Position::init().seed().0[..16]
+                    .try_into()
+                    .expect("16 bytes"),
             ))
             .allow_tcp(false)
             .allow_udp(false)
@@ -73,17 +79,30 @@ impl EventCells {
 }
 
 /// A ChaCha20 stream shared between the host (which reseeds it per event)
-/// and the guest's WASI context (which draws from it).
+/// and the guest's WASI context (which draws from it). It is built on the
+/// first draw, as most events draw nothing.
 #[derive(Clone)]
-struct SharedRng(Arc<Mutex<ChaCha20Rng>>);
+struct SharedRng {
+    stream: u64,
+    rng: Arc<Mutex<(Seed, Option<ChaCha20Rng>)>>,
+}
 
 impl SharedRng {
-    fn seeded(seed: [u8; 32]) -> Self {
-        SharedRng(Arc::new(Mutex::new(ChaCha20Rng::from_seed(seed))))
+    fn seeded(seed: Seed, stream: u64) -> Self {
+        SharedRng {
+            stream,
+            rng: Arc::new(Mutex::new((seed, None))),
+        }
     }
 
-    fn reseed(&self, seed: [u8; 32]) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = ChaCha20Rng::from_seed(seed);
+    fn reseed(&self, seed: Seed) {
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = (seed, None);
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut ChaCha20Rng) -> T) -> T {
+        let mut guard = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let (seed, rng) = &mut *guard;
+        f(rng.get_or_insert_with(|| seed.rng(self.stream)))
     }
 }
 
@@ -91,15 +110,15 @@ impl TryRng for SharedRng {
     type Error = Infallible;
 
     fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next_u32())
+        Ok(self.with(|rng| rng.next_u32()))
     }
 
     fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        Ok(self.0.lock().unwrap_or_else(|p| p.into_inner()).next_u64())
+        Ok(self.with(|rng| rng.next_u64()))
     }
 
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).fill_bytes(dst);
+        self.with(|rng| rng.fill_bytes(dst));
         Ok(())
     }
 }

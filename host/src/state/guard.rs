@@ -5,26 +5,35 @@
 //! that is set only while a guest statement is prepared or stepped, so the
 //! host's own statements are never restricted. SQLite consults the authorizer
 //! at prepare time (and again if it re-prepares a statement after a schema
-//! change, which happens inside the step), so guest statements are kept in the
-//! statement cache under a key no host statement can have.
+//! change, which happens inside the step), so host statements are kept in the
+//! statement cache under a key no guest statement may have.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::{Rng, SeedableRng};
+use rand_core::Rng;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::{Connection, Error as SqlError};
 
-use crate::event::Position;
+use crate::event::{Position, Seed};
 
-/// Put in front of every guest statement before it is prepared: host
-/// statements never start with it, so a guest can never hit a host statement
-/// in the cache (which was authorised with host rights). It is a prefix, not
-/// a suffix, because SQLite copies the tail of `ALTER TABLE … ADD COLUMN`
-/// into the stored schema.
-pub const GUEST_STATEMENT_MARK: &str = "/* rewind:guest */ ";
+/// Every host statement prepared through the statement cache starts with
+/// this mark, and guest statements may not: so a guest can never hit a host
+/// statement in the cache, which was authorised with host rights.
+pub const HOST_STATEMENT_MARK: &str = "/* rewind:host */ ";
+
+/// Checks a guest statement can be prepared through the shared cache.
+pub fn guest_statement(sql: &str) -> rusqlite::Result<&str> {
+    if sql.starts_with(HOST_STATEMENT_MARK) {
+        return Err(SqlError::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_AUTH),
+            Some("guest SQL may not start with the host's statement mark".into()),
+        ));
+    }
+    Ok(sql)
+}
 
 /// State shared between the connection's callbacks and the host.
 pub struct Guard {
@@ -32,7 +41,25 @@ pub struct Guard {
     /// What the statement being prepared has shown itself to be so far.
     statement: Mutex<StatementKind>,
     denial: Mutex<Option<String>>,
-    rng: Mutex<ChaCha20Rng>,
+    rng: Mutex<LazyRng>,
+}
+
+/// A generator built on first use: most events never call SQL `random()`.
+enum LazyRng {
+    Seeded(Seed),
+    Ready(ChaCha20Rng),
+}
+
+impl LazyRng {
+    fn get(&mut self) -> &mut ChaCha20Rng {
+        if let LazyRng::Seeded(seed) = self {
+            *self = LazyRng::Ready(seed.rng(Seed::SQL));
+        }
+        match self {
+            LazyRng::Ready(rng) => rng,
+            LazyRng::Seeded(_) => unreachable!("just built"),
+        }
+    }
 }
 
 impl Guard {
@@ -42,7 +69,7 @@ impl Guard {
             guest: AtomicBool::new(false),
             statement: Mutex::new(StatementKind::default()),
             denial: Mutex::new(None),
-            rng: Mutex::new(ChaCha20Rng::from_seed(Position::init().seed("sql"))),
+            rng: Mutex::new(LazyRng::Seeded(Position::init().seed())),
         });
 
         let auth = Arc::clone(&guard);
@@ -75,7 +102,12 @@ impl Guard {
         let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DIRECTONLY;
         let rng = Arc::clone(&guard);
         conn.create_scalar_function("random", 0, flags, move |_| {
-            Ok(rng.rng.lock().unwrap_or_else(|p| p.into_inner()).next_u64() as i64)
+            Ok(rng
+                .rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get()
+                .next_u64() as i64)
         })?;
         let rng = Arc::clone(&guard);
         conn.create_scalar_function("randomblob", 1, flags, move |ctx| {
@@ -85,16 +117,16 @@ impl Guard {
             rng.rng
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .get()
                 .fill_bytes(&mut bytes);
             Ok(bytes)
         })?;
         Ok(guard)
     }
 
-    /// Reseeds SQL randomness for the event at `position`.
-    pub fn reseed(&self, position: &Position) {
-        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) =
-            ChaCha20Rng::from_seed(position.seed("sql"));
+    /// Reseeds SQL randomness for an event.
+    pub fn reseed(&self, seed: Seed) {
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = LazyRng::Seeded(seed);
     }
 
     /// Runs `f` with guest restrictions on; a denial's reason replaces

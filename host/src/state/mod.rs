@@ -6,6 +6,14 @@
 //! batch's input offsets, outbox rows and dead letters commit with the state
 //! they describe.
 
+/// A host statement: every statement the host prepares through the cache
+/// starts with this mark, and guest statements may not (see `guard`).
+macro_rules! host_sql {
+    ($sql:literal) => {
+        concat!("/* rewind:host */ ", $sql)
+    };
+}
+
 mod guard;
 mod tables;
 mod vfs;
@@ -18,11 +26,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
-pub use guard::GUEST_STATEMENT_MARK;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
 
-use crate::event::Position;
+use crate::event::Seed;
 use guard::Guard;
 
 /// The state DB format this host writes; a DB with another is refused.
@@ -122,11 +129,14 @@ impl StateDb {
         let flags = flags | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI;
         let mut conn = Connection::open_with_flags_and_vfs(path, flags, vfs::NAME).map_err(err)?;
         // A file that is not a database shows up on the first read.
+        // temp_store = MEMORY keeps the per-event savepoints' sub-journal in
+        // memory: on disk it costs a write per page per event.
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
              PRAGMA busy_timeout = 5000;
              PRAGMA cache_size = -65536;
+             PRAGMA temp_store = MEMORY;
              PRAGMA trusted_schema = OFF;",
         )
         .map_err(err)?;
@@ -186,7 +196,7 @@ impl StateDb {
     pub fn meta(&self, key: &str) -> Result<Option<String>, StateError> {
         use rusqlite::OptionalExtension;
         self.conn
-            .prepare_cached("SELECT value FROM _rewind_meta WHERE key = ?1")
+            .prepare_cached(host_sql!("SELECT value FROM _rewind_meta WHERE key = ?1"))
             .and_then(|mut s| s.query_row([key], |r| r.get(0)).optional())
             .map_err(|e| self.err(e))
     }
@@ -194,7 +204,9 @@ impl StateDb {
     /// Writes a host metadata value (inside the current transaction, if any).
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StateError> {
         self.conn
-            .prepare_cached("INSERT OR REPLACE INTO _rewind_meta (key, value) VALUES (?1, ?2)")
+            .prepare_cached(host_sql!(
+                "INSERT OR REPLACE INTO _rewind_meta (key, value) VALUES (?1, ?2)"
+            ))
             .and_then(|mut s| s.execute([key, value]))
             .map(drop)
             .map_err(|e| self.err(e))
@@ -215,7 +227,9 @@ impl StateDb {
     pub fn offsets(&self) -> Result<Offsets, StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT stream, partition, next_offset FROM _rewind_offsets")
+            .prepare_cached(host_sql!(
+                "SELECT stream, partition, next_offset FROM _rewind_offsets"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
@@ -230,10 +244,10 @@ impl StateDb {
     ) -> Result<(), StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(host_sql!(
                 "INSERT OR REPLACE INTO _rewind_offsets (stream, partition, next_offset)
-                 VALUES (?1, ?2, ?3)",
-            )
+                 VALUES (?1, ?2, ?3)"
+            ))
             .map_err(|e| self.err(e))?;
         for ((stream, partition), next) in offsets {
             stmt.execute(params![stream, partition, next])
@@ -242,7 +256,7 @@ impl StateDb {
         Ok(())
     }
 
-    fn exec_cached(&self, sql: &str) -> Result<(), StateError> {
+    fn exec_cached(&self, sql: &'static str) -> Result<(), StateError> {
         self.conn
             .prepare_cached(sql)
             .and_then(|mut s| s.execute([]))
@@ -252,12 +266,12 @@ impl StateDb {
 
     /// Starts a batch transaction.
     pub fn begin(&self) -> Result<(), StateError> {
-        self.exec_cached("BEGIN IMMEDIATE")
+        self.exec_cached(host_sql!("BEGIN IMMEDIATE"))
     }
 
     /// Commits the batch transaction.
     pub fn commit(&self) -> Result<(), StateError> {
-        self.exec_cached("COMMIT")
+        self.exec_cached(host_sql!("COMMIT"))
     }
 
     /// Abandons the batch transaction.
@@ -265,45 +279,45 @@ impl StateDb {
         if self.conn.is_autocommit() {
             return Ok(());
         }
-        self.exec_cached("ROLLBACK")
+        self.exec_cached(host_sql!("ROLLBACK"))
     }
 
     /// Opens the savepoint one event runs in.
     pub fn savepoint(&self) -> Result<(), StateError> {
-        self.exec_cached("SAVEPOINT rewind_event")
+        self.exec_cached(host_sql!("SAVEPOINT rewind_event"))
     }
 
     /// Keeps the event's writes.
     pub fn release(&self) -> Result<(), StateError> {
-        self.exec_cached("RELEASE rewind_event")
+        self.exec_cached(host_sql!("RELEASE rewind_event"))
     }
 
     /// Discards the event's writes.
     pub fn rollback_event(&self) -> Result<(), StateError> {
-        self.exec_cached("ROLLBACK TO rewind_event")?;
-        self.exec_cached("RELEASE rewind_event")
+        self.exec_cached(host_sql!("ROLLBACK TO rewind_event"))?;
+        self.exec_cached(host_sql!("RELEASE rewind_event"))
     }
 
     /// Opens the savepoint an instance epoch runs in (inside the batch).
     pub fn savepoint_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached("SAVEPOINT rewind_epoch")
+        self.exec_cached(host_sql!("SAVEPOINT rewind_epoch"))
     }
 
     /// Keeps the epoch's writes.
     pub fn release_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached("RELEASE rewind_epoch")
+        self.exec_cached(host_sql!("RELEASE rewind_epoch"))
     }
 
     /// Discards the epoch's writes.
     pub fn rollback_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached("ROLLBACK TO rewind_epoch")?;
-        self.exec_cached("RELEASE rewind_epoch")
+        self.exec_cached(host_sql!("ROLLBACK TO rewind_epoch"))?;
+        self.exec_cached(host_sql!("RELEASE rewind_epoch"))
     }
 
     /// Prepares guest SQL for the event at `position`: SQL randomness is
     /// reseeded and the SQL budget reset. Pair with an [`EventClock`].
-    pub fn enter_event(&self, position: &Position, sql_budget: u64) {
-        self.guard.reseed(position);
+    pub fn enter_event(&self, seed: Seed, sql_budget: u64) {
+        self.guard.reseed(seed);
         self.sql_periods.store(0, Ordering::Relaxed);
         self.sql_budget_periods.store(
             sql_budget.div_ceil(PROGRESS_PERIOD as u64),
@@ -342,9 +356,7 @@ impl StateDb {
     pub fn guest_execute(&self, sql: &str, params: Vec<SqlValue>) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
-            let mut stmt = self
-                .conn
-                .prepare_cached(&format!("{GUEST_STATEMENT_MARK}{sql}"))?;
+            let mut stmt = self.conn.prepare_cached(guard::guest_statement(sql)?)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
             while rows.next()?.is_some() {}
             Ok(())
@@ -360,9 +372,7 @@ impl StateDb {
         params: Vec<SqlValue>,
     ) -> Result<GuestRows, GuestSqlError> {
         let result = self.guard.as_guest(|| {
-            let mut stmt = self
-                .conn
-                .prepare_cached(&format!("{GUEST_STATEMENT_MARK}{sql}"))?;
+            let mut stmt = self.conn.prepare_cached(guard::guest_statement(sql)?)?;
             let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
             let width = columns.len();
             let mut rows = stmt.query(rusqlite::params_from_iter(params))?;

@@ -141,11 +141,11 @@ pub fn headers_from_json(text: &str) -> Option<Vec<Header>> {
 impl StateDb {
     pub fn insert_dead_letter(&self, dl: &DeadLetter) -> Result<(), StateError> {
         self.conn
-            .prepare_cached(
+            .prepare_cached(host_sql!(
                 r#"INSERT INTO _rewind_dlq (seq, stream, partition, "offset", module_digest,
                     error_class, message, key, payload, headers, timestamp_ms, raw)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"#,
-            )
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"#
+            ))
             .and_then(|mut s| {
                 s.execute(params![
                     dl.seq as i64,
@@ -203,8 +203,8 @@ impl StateDb {
     pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
         self.conn
             .prepare_cached(
-                "INSERT INTO _rewind_outbox (seq, n, id, stream, key, payload, headers, timestamp_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                host_sql!("INSERT INTO _rewind_outbox (seq, n, id, stream, key, payload, headers, timestamp_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -226,10 +226,10 @@ impl StateDb {
     pub fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StateError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
+            .prepare_cached(host_sql!(
                 "SELECT seq, n, id, stream, key, payload, headers, timestamp_ms
-                 FROM _rewind_outbox ORDER BY seq, n LIMIT ?1",
-            )
+                 FROM _rewind_outbox ORDER BY seq, n LIMIT ?1"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([limit as i64], |r| {
@@ -266,9 +266,9 @@ impl StateDb {
         self.begin()?;
         let result = (|| {
             self.conn
-                .prepare_cached(
-                    "DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)",
-                )
+                .prepare_cached(host_sql!(
+                    "DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)"
+                ))
                 .and_then(|mut s| s.execute(params![through.0 as i64, through.1]))
                 .map_err(|e| self.err(e))?;
             self.set_meta("sink.outputs", &mark.outputs.to_string())?;
