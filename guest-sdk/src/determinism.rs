@@ -39,5 +39,11 @@ pub fn random_u64() -> u64 {
 
 /// `n` random bytes from this event's stream, as lowercase hex.
 pub fn random_hex(n: usize) -> String {
-    random_bytes(n).iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(2 * n);
+    for b in random_bytes(n) {
+        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    hex
 }
