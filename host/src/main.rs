@@ -75,7 +75,7 @@ struct RunArgs {
     /// Stream name for bare lines [default: the input file's name].
     #[arg(long)]
     stream: Option<String>,
-    /// Events per committed batch.
+    /// Events per committed batch, rounded up to an instance epoch (64 events).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Commit a batch after this many milliseconds even if it is not full.

@@ -215,19 +215,12 @@ impl output::Host for HostState {
 }
 
 impl log::Host for HostState {
-    fn log(&mut self, level: log::Level, mut message: String) -> Result<()> {
+    fn log(&mut self, level: log::Level, message: String) -> Result<()> {
         if self.logs.len() >= MAX_LOG_LINES_PER_EVENT {
             self.logs_dropped += 1;
             return Ok(());
         }
-        if message.len() > MAX_LOG_LINE {
-            let mut end = MAX_LOG_LINE;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str(" …");
-        }
+        let message = super::truncate(message, MAX_LOG_LINE);
         self.logs.push(LogLine { level, message });
         Ok(())
     }

@@ -551,6 +551,7 @@ fn classify_trap(error: &wasmtime::Error, stderr: &[u8], fuel: u64) -> Rejection
     }
 }
 
+/// Cuts `text` to at most `max` bytes (on a character boundary), marking the cut.
 fn truncate(mut text: String, max: usize) -> String {
     if text.len() > max {
         let mut end = max;

@@ -45,20 +45,19 @@ pub struct Guard {
 }
 
 /// A generator built on first use: most events never call SQL `random()`.
-enum LazyRng {
-    Seeded(Seed),
-    Ready(ChaCha20Rng),
+struct LazyRng {
+    seed: Seed,
+    rng: Option<ChaCha20Rng>,
 }
 
 impl LazyRng {
+    fn new(seed: Seed) -> Self {
+        LazyRng { seed, rng: None }
+    }
+
     fn get(&mut self) -> &mut ChaCha20Rng {
-        if let LazyRng::Seeded(seed) = self {
-            *self = LazyRng::Ready(seed.rng(Seed::SQL));
-        }
-        match self {
-            LazyRng::Ready(rng) => rng,
-            LazyRng::Seeded(_) => unreachable!("just built"),
-        }
+        let seed = self.seed;
+        self.rng.get_or_insert_with(|| seed.rng(Seed::SQL))
     }
 }
 
@@ -69,7 +68,7 @@ impl Guard {
             guest: AtomicBool::new(false),
             statement: Mutex::new(StatementKind::default()),
             denial: Mutex::new(None),
-            rng: Mutex::new(LazyRng::Seeded(Position::init().seed())),
+            rng: Mutex::new(LazyRng::new(Position::init().seed())),
         });
 
         let auth = Arc::clone(&guard);
@@ -126,7 +125,7 @@ impl Guard {
 
     /// Reseeds SQL randomness for an event.
     pub fn reseed(&self, seed: Seed) {
-        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = LazyRng::Seeded(seed);
+        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = LazyRng::new(seed);
     }
 
     /// Runs `f` with guest restrictions on; a denial's reason replaces
