@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,8 +28,9 @@ struct Cli {
 enum Command {
     /// Process an input file with a processor into its state DB.
     ///
-    /// Safe to stop at any point (Ctrl-C, kill -9): running the same command
-    /// again resumes after the last committed batch and applies nothing twice.
+    /// Safe to stop at any point: running the same command again resumes after
+    /// the last committed batch and applies nothing twice. Ctrl-C commits what
+    /// is done and exits with 130; a second Ctrl-C or kill -9 stops at once.
     Run(RunArgs),
     /// Show a state DB: module, tables and row counts, offsets, dead letters.
     Inspect {
@@ -134,6 +137,8 @@ fn main() -> ExitCode {
 struct Bar {
     bar: ProgressBar,
     quiet: bool,
+    /// Set by the first Ctrl-C.
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress for Bar {
@@ -160,6 +165,10 @@ impl Progress for Bar {
 
     fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
     }
 }
 
@@ -196,11 +205,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .expect("the template is valid"),
     );
+    // The first Ctrl-C stops at the next epoch boundary, committed; a second
+    // one exits at once, which is safe too (the state DB is crash-safe).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
     let progress = Bar {
         bar,
         quiet: args.quiet,
+        stop,
     };
     let summary = rewind_host::run(&config, &progress)?;
+    if summary.interrupted {
+        eprintln!(
+            "interrupted after {} events; everything processed is committed: \
+             run the same command to continue",
+            summary.consumed
+        );
+        std::process::exit(130);
+    }
     if !args.quiet {
         let secs = summary.elapsed.as_secs_f64();
         eprintln!(

@@ -75,6 +75,11 @@ pub trait Progress {
     fn advance(&self, _bytes: u64, _events: u64) {}
     fn guest_log(&self, _position: &Position, _line: &str) {}
     fn finish(&self) {}
+    /// Asked at every instance-epoch boundary: `true` commits and stops the
+    /// run there (a rerun continues from it).
+    fn should_stop(&self) -> bool {
+        false
+    }
 }
 
 impl Progress for () {}
@@ -92,6 +97,8 @@ pub struct RunSummary {
     pub skipped: u64,
     pub outputs: u64,
     pub elapsed: Duration,
+    /// The run stopped early because [`Progress::should_stop`] asked it to.
+    pub interrupted: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +178,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             skipped: 0,
             outputs: 0,
             elapsed: Duration::ZERO,
+            interrupted: false,
         },
         db: Some(db),
     };
@@ -274,11 +282,19 @@ impl Run<'_> {
                 self.summary.skipped += 1;
                 continue;
             }
+            let boundary = self.next_seq.is_multiple_of(INSTANCE_EPOCH);
+            if boundary && self.progress.should_stop() {
+                if in_batch > 0 {
+                    self.commit_batch()?;
+                }
+                self.summary.interrupted = true;
+                return Ok(());
+            }
             if in_batch == 0 {
                 self.db().begin()?;
                 batch_started = Instant::now();
             }
-            if in_batch == 0 || self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
+            if in_batch == 0 || boundary {
                 self.start_epoch()?;
             }
             let offset = record.position.offset;

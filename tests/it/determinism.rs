@@ -219,3 +219,50 @@ fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
     assert_eq!(dumps[0], dumps[1]);
     assert_eq!(dumps[1], dumps[2]);
 }
+
+/// Ctrl-C (SIGINT) stops at an epoch boundary with everything committed and
+/// exit code 130; the same command then finishes the job exactly.
+#[test]
+fn ctrl_c_commits_and_the_same_command_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, stream(20_000, 3)).unwrap();
+    let (clean, stopped) = (dir.path().join("clean.db"), dir.path().join("stopped.db"));
+    let (out_clean, out_stopped) = (
+        dir.path().join("clean.jsonl"),
+        dir.path().join("stopped.jsonl"),
+    );
+    run_lib("payments-v2", &input, &clean, &out_clean, 1000);
+
+    let child = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000);
+    std::thread::sleep(Duration::from_millis(400));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let interrupted = child.wait_with_output().unwrap();
+    assert_eq!(
+        interrupted.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&interrupted.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&interrupted.stderr).contains("run the same command to continue")
+    );
+
+    let finished = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert_eq!(dump_hash(&clean), dump_hash(&stopped));
+    assert_eq!(
+        std::fs::read(&out_clean).unwrap(),
+        std::fs::read(&out_stopped).unwrap()
+    );
+}
