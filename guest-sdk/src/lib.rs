@@ -90,8 +90,15 @@ pub trait Processor {
 ///
 /// Use it exactly once, at the root of the processor crate:
 ///
-/// ```ignore
+/// ```no_run
+/// # use rewind_guest::{Event, Processor, Result};
+/// # struct Payments;
+/// # impl Processor for Payments {
+/// #     fn init() -> Result<()> { Ok(()) }
+/// #     fn handle(_event: Event) -> Result<()> { Ok(()) }
+/// # }
 /// rewind_guest::export!(Payments);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! export {

@@ -3,13 +3,17 @@
 //! Statements take positional parameters (`?1`, `?2`, …) as a slice of
 //! [`ToSql`] values and return typed rows:
 //!
-//! ```ignore
+//! ```no_run
 //! use rewind_guest::sql;
 //!
+//! # fn add(key: &str, amount: i64) -> Result<i64, sql::SqlError> {
 //! sql::execute("UPDATE totals SET n = n + ?2 WHERE key = ?1", &[&key, &amount])?;
 //! if let Some(row) = sql::query_row("SELECT n FROM totals WHERE key = ?1", &[&key])? {
 //!     let n: i64 = row.get(0)?;
+//!     return Ok(n);
 //! }
+//! # Ok(0)
+//! # }
 //! ```
 //!
 //! Every statement runs inside the current event's savepoint. Host tables
