@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use crate::{cargo, cmd, target_dir};
 
 const TARGET: &str = "wasm32-wasip2";
+/// The cargo profile processors are built with (see the workspace Cargo.toml).
+const PROFILE: &str = "wasm";
 
 /// (package, features, artifact built, name under target/processors)
 const BUILDS: &[(&str, &str, &str, &str)] = &[
@@ -44,7 +46,8 @@ pub fn build() -> Result<PathBuf> {
         let mut args = vec![
             "build",
             "--quiet",
-            "--release",
+            "--profile",
+            PROFILE,
             "--target",
             TARGET,
             "--package",
@@ -54,7 +57,7 @@ pub fn build() -> Result<PathBuf> {
             args.extend(["--features", features]);
         }
         cmd(&cargo(), &args)?;
-        let built = target_dir().join(TARGET).join("release").join(artifact);
+        let built = target_dir().join(TARGET).join(PROFILE).join(artifact);
         let dest = out.join(format!("{name}.wasm"));
         std::fs::copy(&built, &dest)
             .with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
