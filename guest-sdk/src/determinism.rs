@@ -4,15 +4,23 @@
 //! randomness with a stream seeded from the event's identity (stream,
 //! partition, offset). These helpers are thin wrappers that say so.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::cell::Cell;
+
+thread_local! {
+    static EVENT_TIME_MS: Cell<i64> = const { Cell::new(0) };
+}
+
+/// Records the current event's time (0 during `init`).
+pub(crate) fn set_event_time(ms: i64) {
+    EVENT_TIME_MS.with(|t| t.set(ms));
+}
 
 /// The current event's timestamp in milliseconds since the Unix epoch (0 when
-/// the source gave none, and during `init`). Never the wall clock.
+/// the source gave none, and during `init`). Never the wall clock: the host's
+/// WASI clocks (`std::time::SystemTime::now()`) return the same instant,
+/// this just does not ask the host for it.
 pub fn now_ms() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
-    }
+    EVENT_TIME_MS.with(Cell::get)
 }
 
 /// Fills `buf` with the next bytes of this event's random stream.

@@ -134,6 +134,8 @@ pub mod __private {
             pub_export_macro: true,
             export_macro_name: "__rewind_export_world",
             default_bindings_module: "rewind_guest::__private::bindings",
+            // SQL parameters are passed borrowed, so binding a `&str` copies nothing.
+            ownership: Borrowing { duplicate_if_necessary: true },
         });
     }
 
@@ -145,11 +147,13 @@ pub mod __private {
 
     #[allow(missing_docs)]
     pub fn run_init<P: Processor>() -> Result<(), WitError> {
+        crate::determinism::set_event_time(0);
         P::init().map_err(Into::into)
     }
 
     #[allow(missing_docs)]
     pub fn run_handle<P: Processor>(event: WitEvent) -> Result<(), WitError> {
+        crate::determinism::set_event_time(event.timestamp_ms.unwrap_or(0));
         P::handle(Event::from_wit(event)).map_err(Into::into)
     }
 }

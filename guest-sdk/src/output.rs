@@ -3,59 +3,83 @@
 use serde::Serialize;
 
 use crate::__private::bindings::rewind::processor::output::{OutputEvent, emit as wit_emit};
-use crate::__private::bindings::rewind::processor::types::Header as WitHeader;
+use crate::__private::bindings::rewind::processor::types::HeaderParam;
 use crate::{Error, Result};
 
 /// An output event under construction. Most processors only need [`emit`] or
 /// [`emit_json`]; the builder adds headers and tombstones.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Output {
-    event: OutputEvent,
+    stream: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
 }
 
 impl Output {
     /// An output on `stream` with no key, payload or headers.
     pub fn new(stream: impl Into<String>) -> Self {
         Output {
-            event: OutputEvent {
-                stream: stream.into(),
-                key: None,
-                payload: None,
-                headers: Vec::new(),
-            },
+            stream: stream.into(),
+            ..Output::default()
         }
     }
 
     /// Sets the key.
-    pub fn key(mut self, key: impl AsRef<[u8]>) -> Self {
-        self.event.key = Some(key.as_ref().to_vec());
+    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(key.into());
         self
     }
 
     /// Sets the payload; without one the output is a tombstone.
-    pub fn payload(mut self, payload: impl AsRef<[u8]>) -> Self {
-        self.event.payload = Some(payload.as_ref().to_vec());
+    pub fn payload(mut self, payload: impl Into<Vec<u8>>) -> Self {
+        self.payload = Some(payload.into());
         self
     }
 
     /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl AsRef<[u8]>) -> Self {
-        self.event.headers.push(WitHeader {
-            name: name.into(),
-            value: Some(value.as_ref().to_vec()),
-        });
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.into(), value.into()));
         self
     }
 
     /// Queues the output in the host's outbox.
     pub fn emit(self) -> Result<()> {
-        wit_emit(&self.event).map_err(Error::Failed)
+        let headers: Vec<HeaderParam<'_>> = self
+            .headers
+            .iter()
+            .map(|(name, value)| HeaderParam {
+                name,
+                value: Some(value),
+            })
+            .collect();
+        send(
+            &self.stream,
+            self.key.as_deref(),
+            self.payload.as_deref(),
+            &headers,
+        )
     }
+}
+
+fn send(
+    stream: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: &[HeaderParam<'_>],
+) -> Result<()> {
+    wit_emit(OutputEvent {
+        stream,
+        key,
+        payload,
+        headers,
+    })
+    .map_err(Error::Failed)
 }
 
 /// Emits `payload` on `stream` under `key`.
 pub fn emit(stream: &str, key: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> Result<()> {
-    Output::new(stream).key(key).payload(payload).emit()
+    send(stream, Some(key.as_ref()), Some(payload.as_ref()), &[])
 }
 
 /// Emits `value` serialised as JSON on `stream` under `key`.

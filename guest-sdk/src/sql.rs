@@ -59,10 +59,25 @@ impl fmt::Display for SqlError {
 
 impl std::error::Error for SqlError {}
 
+/// A borrowed SQLite value, as bound to a statement parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    /// SQL NULL.
+    Null,
+    /// A 64-bit integer.
+    Integer(i64),
+    /// A 64-bit float.
+    Real(f64),
+    /// UTF-8 text.
+    Text(&'a str),
+    /// Bytes.
+    Blob(&'a [u8]),
+}
+
 /// A value that can be bound as a statement parameter.
 pub trait ToSql {
-    /// The SQLite value to bind.
-    fn to_sql(&self) -> Value;
+    /// The SQLite value to bind, borrowed from `self`.
+    fn to_sql(&self) -> ValueRef<'_>;
 }
 
 /// A value that can be read from a result column.
@@ -72,64 +87,70 @@ pub trait FromSql: Sized {
 }
 
 impl ToSql for Value {
-    fn to_sql(&self) -> Value {
-        self.clone()
+    fn to_sql(&self) -> ValueRef<'_> {
+        match self {
+            Value::Null => ValueRef::Null,
+            Value::Integer(i) => ValueRef::Integer(*i),
+            Value::Real(r) => ValueRef::Real(*r),
+            Value::Text(s) => ValueRef::Text(s),
+            Value::Blob(b) => ValueRef::Blob(b),
+        }
     }
 }
 
 impl ToSql for str {
-    fn to_sql(&self) -> Value {
-        Value::Text(self.to_owned())
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Text(self)
     }
 }
 
 impl ToSql for String {
-    fn to_sql(&self) -> Value {
-        Value::Text(self.clone())
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Text(self)
     }
 }
 
 impl ToSql for [u8] {
-    fn to_sql(&self) -> Value {
-        Value::Blob(self.to_vec())
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Blob(self)
     }
 }
 
 impl ToSql for Vec<u8> {
-    fn to_sql(&self) -> Value {
-        Value::Blob(self.clone())
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Blob(self)
     }
 }
 
 impl ToSql for f64 {
-    fn to_sql(&self) -> Value {
-        Value::Real(*self)
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Real(*self)
     }
 }
 
 impl ToSql for bool {
-    fn to_sql(&self) -> Value {
-        Value::Integer(i64::from(*self))
+    fn to_sql(&self) -> ValueRef<'_> {
+        ValueRef::Integer(i64::from(*self))
     }
 }
 
 impl<T: ToSql + ?Sized> ToSql for &T {
-    fn to_sql(&self) -> Value {
+    fn to_sql(&self) -> ValueRef<'_> {
         (**self).to_sql()
     }
 }
 
 impl<T: ToSql> ToSql for Option<T> {
-    fn to_sql(&self) -> Value {
-        self.as_ref().map_or(Value::Null, ToSql::to_sql)
+    fn to_sql(&self) -> ValueRef<'_> {
+        self.as_ref().map_or(ValueRef::Null, ToSql::to_sql)
     }
 }
 
 macro_rules! integer_sql {
     ($($ty:ty),*) => {$(
         impl ToSql for $ty {
-            fn to_sql(&self) -> Value {
-                Value::Integer(i64::from(*self))
+            fn to_sql(&self) -> ValueRef<'_> {
+                ValueRef::Integer(i64::from(*self))
             }
         }
 
@@ -207,26 +228,26 @@ impl<T: FromSql> FromSql for Option<T> {
     }
 }
 
-fn to_wit(params: &[&dyn ToSql]) -> Vec<wit::Value> {
+fn to_wit<'a>(params: &'a [&'a dyn ToSql]) -> Vec<wit::ValueParam<'a>> {
     params
         .iter()
         .map(|p| match p.to_sql() {
-            Value::Null => wit::Value::Null,
-            Value::Integer(i) => wit::Value::Integer(i),
-            Value::Real(r) => wit::Value::Real(r),
-            Value::Text(s) => wit::Value::Text(s),
-            Value::Blob(b) => wit::Value::Blob(b),
+            ValueRef::Null => wit::ValueParam::Null,
+            ValueRef::Integer(i) => wit::ValueParam::Integer(i),
+            ValueRef::Real(r) => wit::ValueParam::Real(r),
+            ValueRef::Text(s) => wit::ValueParam::Text(s),
+            ValueRef::Blob(b) => wit::ValueParam::Blob(b),
         })
         .collect()
 }
 
-fn from_wit(value: wit::Value) -> Value {
+fn from_wit(value: wit::ValueResult) -> Value {
     match value {
-        wit::Value::Null => Value::Null,
-        wit::Value::Integer(i) => Value::Integer(i),
-        wit::Value::Real(r) => Value::Real(r),
-        wit::Value::Text(s) => Value::Text(s),
-        wit::Value::Blob(b) => Value::Blob(b),
+        wit::ValueResult::Null => Value::Null,
+        wit::ValueResult::Integer(i) => Value::Integer(i),
+        wit::ValueResult::Real(r) => Value::Real(r),
+        wit::ValueResult::Text(s) => Value::Text(s),
+        wit::ValueResult::Blob(b) => Value::Blob(b),
     }
 }
 

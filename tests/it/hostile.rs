@@ -212,6 +212,7 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     let ts = TS + at;
     assert_eq!(observed["now-1"], format!("Integer({ts})"));
     assert_eq!(observed["now-2"], format!("Integer({ts})"));
+    assert_eq!(observed["wasi-wall-clock-ms"], format!("Integer({ts})"));
     assert_eq!(observed["instant-elapsed-ns"], "Integer(0)");
     assert_ne!(observed["random-1"], observed["random-2"]);
     assert_eq!(

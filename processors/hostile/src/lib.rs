@@ -147,6 +147,11 @@ impl Processor for Hostile {
                 let observations = [
                     ("now-1", now_ms()),
                     ("now-2", now_ms()),
+                    ("wasi-wall-clock-ms", {
+                        let since =
+                            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                        since.map_or(-1, |d| d.as_millis() as i64)
+                    }),
                     ("instant-elapsed-ns", {
                         let start = std::time::Instant::now();
                         black_box(start.elapsed().as_nanos() as i64)
