@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--events N]`: `rewind run` with payments-v2 against a
+//! `cargo xtask bench [--events N] [--batch-size N]`: `rewind run` with payments-v2 against a
 //! native Rust implementation of the same logic issuing the same SQL through
 //! rusqlite with the same batching, in the same run, plus peak RSS and cold
 //! versus warm start. The machines are shared and noisy: read the ratio.
@@ -15,8 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::demo::XorShift;
 use crate::{cargo, cmd, processors, target_dir};
 
-const BATCH: usize = 1000;
-
 pub fn run(args: &[String]) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
     if cfg!(debug_assertions) {
@@ -32,11 +30,16 @@ pub fn run(args: &[String]) -> Result<()> {
         release.extend(args.iter().map(String::as_str));
         return cmd(&cargo(), &release);
     }
-    let events: usize = match args {
-        [] => 1_000_000,
-        [flag, n] if flag == "--events" => n.parse().context("--events takes a number")?,
-        _ => bail!("usage: cargo xtask bench [--events N]"),
-    };
+    let (mut events, mut batch) = (1_000_000usize, 1000usize);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().and_then(|v| v.parse().ok());
+        match (flag.as_str(), value) {
+            ("--events", Some(n)) => events = n,
+            ("--batch-size", Some(n)) if n > 0 => batch = n,
+            _ => bail!("usage: cargo xtask bench [--events N] [--batch-size N]"),
+        }
+    }
     let wasm = processors::build()?;
     cmd(
         &cargo(),
@@ -58,7 +61,7 @@ pub fn run(args: &[String]) -> Result<()> {
     generate(&input, events, events as u64 / 10)?;
     let processor = wasm.join("payments-v2.wasm");
     println!(
-        "{events} events, {} customers, batches of {BATCH}",
+        "{events} events, {} customers, batches of {batch}",
         events / 10
     );
 
@@ -70,8 +73,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let warm = start_time(&bin, &processor, &tiny, &dir.join("warm.db"), &cache)?;
     println!("start: cold (compile) {cold}, warm (cache) {warm}");
 
-    let (wasm_time, rss) = run_rewind(&bin, &processor, &input, &dir.join("wasm.db"), &cache)?;
-    let native_time = native(&input, &dir.join("native.db"))?;
+    let (wasm_time, rss) = run_rewind(
+        &bin,
+        &processor,
+        &input,
+        &dir.join("wasm.db"),
+        &cache,
+        batch,
+    )?;
+    let native_time = native(&input, &dir.join("native.db"), batch)?;
     let rate = |t: Duration| events as f64 / t.as_secs_f64();
     println!(
         "rewind run (wasm): {:>9.0} events/s  ({:.2}s, peak RSS {} MiB)",
@@ -151,6 +161,7 @@ fn run_rewind(
     input: &Path,
     state: &Path,
     cache: &Path,
+    batch: usize,
 ) -> Result<(Duration, u64)> {
     let started = Instant::now();
     let mut child = Command::new(bin)
@@ -162,7 +173,8 @@ fn run_rewind(
         .arg(state)
         .arg("--cache-dir")
         .arg(cache)
-        .args(["--batch-size", &BATCH.to_string()])
+        // Batches end by size only, as in the native baseline.
+        .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"])
         .stdout(Stdio::null())
         .spawn()?;
     let status_file = PathBuf::from(format!("/proc/{}/status", child.id()));
@@ -216,7 +228,7 @@ struct Payment<'a> {
 
 /// The payments v2 logic, natively: the same statements, a savepoint per
 /// event, outbox rows and offsets committed per batch, as the host does.
-fn native(input: &Path, db: &Path) -> Result<Duration> {
+fn native(input: &Path, db: &Path, batch: usize) -> Result<Duration> {
     let started = Instant::now();
     let conn = Connection::open(db)?;
     conn.execute_batch(
@@ -254,7 +266,7 @@ fn native(input: &Path, db: &Path) -> Result<Duration> {
         seq += 1;
         // The host commits at instance-epoch boundaries (64 events), so its
         // batches of 1000 are really 1024.
-        if (seq as usize).is_multiple_of(BATCH.next_multiple_of(64)) {
+        if (seq as usize).is_multiple_of(batch.next_multiple_of(64)) {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO _rewind_offsets VALUES ('orders.jsonl', 0, ?1)",
             )?
