@@ -354,3 +354,71 @@ impl Row {
         &self.values
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: Vec<Value>) -> Row {
+        let columns: Rc<[String]> =
+            vec!["id".to_owned(), "name".to_owned(), "score".to_owned()].into();
+        Row { columns, values }
+    }
+
+    #[test]
+    fn rows_read_by_position_and_by_name() {
+        let r = row(vec![
+            Value::Integer(7),
+            Value::Text("ada".into()),
+            Value::Null,
+        ]);
+        assert_eq!(r.get::<i64>(0), Ok(7));
+        assert_eq!(r.get::<String>("name"), Ok("ada".to_owned()));
+        assert_eq!(r.get::<Option<f64>>("score"), Ok(None));
+        assert!(
+            r.get::<i64>("missing")
+                .unwrap_err()
+                .message()
+                .contains("no column")
+        );
+        assert!(r.get::<i64>(9).is_err());
+    }
+
+    #[test]
+    fn type_mismatches_are_errors_naming_the_column() {
+        let r = row(vec![
+            Value::Text("x".into()),
+            Value::Integer(300),
+            Value::Real(1.5),
+        ]);
+        let err = r.get::<i64>("id").unwrap_err();
+        assert!(err.message().contains("column id"), "{err}");
+        assert!(
+            r.get::<u8>("name")
+                .unwrap_err()
+                .message()
+                .contains("does not fit")
+        );
+        assert_eq!(r.get::<f64>("score"), Ok(1.5));
+        assert_eq!(r.get::<bool>("name"), Ok(true));
+    }
+
+    #[test]
+    fn parameters_borrow_instead_of_copying() {
+        let owned = String::from("o-1");
+        let blob = vec![1u8, 2];
+        let none: Option<i64> = None;
+        let params: [&dyn ToSql; 5] = [&owned, &"lit", &blob, &none, &Some(3u32)];
+        let values: Vec<ValueRef<'_>> = params.iter().map(|p| p.to_sql()).collect();
+        assert_eq!(
+            values,
+            vec![
+                ValueRef::Text("o-1"),
+                ValueRef::Text("lit"),
+                ValueRef::Blob(&[1, 2]),
+                ValueRef::Null,
+                ValueRef::Integer(3)
+            ]
+        );
+    }
+}

@@ -6,3 +6,4 @@ mod cli;
 mod determinism;
 mod hostile;
 mod payments;
+mod tidy;
