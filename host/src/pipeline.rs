@@ -183,8 +183,14 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         db: Some(db),
     };
     if let Some(path) = &config.output {
-        let db = run.db();
-        run.sink = Some(FileSink::open(path, &db.sink_mark()?, run.next_seq == 0)?);
+        let claimed = run.db().meta("sink.claimed")?.is_some();
+        let sink = FileSink::open(path, &run.db().sink_mark()?, claimed)?;
+        if !claimed {
+            // Recorded before the first write, so after a crash the bytes in
+            // the file are known to be ours to cut back to the recorded mark.
+            run.db().set_meta("sink.claimed", "1")?;
+        }
+        run.sink = Some(sink);
         run.deliver()?;
     }
 

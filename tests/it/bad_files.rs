@@ -208,3 +208,31 @@ fn an_output_file_that_is_not_ours_is_left_alone() {
     assert!(error.to_string().contains("out.jsonl"), "{error}");
     assert_eq!(std::fs::read(&output).unwrap(), b"somebody else's data\n");
 }
+
+/// Regression: a state DB that ran without `--output` and is then given an
+/// existing file must not cut that file back to "its" recorded length (0).
+#[test]
+fn an_output_file_given_to_a_running_state_for_the_first_time_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, ORDER).unwrap();
+    let state = dir.path().join("s.db");
+    rewind_host::run(&config(&processor("payments-v2"), &input, &state), &()).unwrap();
+
+    let output = dir.path().join("precious.jsonl");
+    std::fs::write(&output, b"months of somebody's work\n").unwrap();
+    let mut cfg = config(&processor("payments-v2"), &input, &state);
+    cfg.output = Some(output.clone());
+    let error = rewind_host::run(&cfg, &()).unwrap_err();
+    assert!(error.to_string().contains("precious.jsonl"), "{error}");
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        b"months of somebody's work\n"
+    );
+
+    // A new file works, and receives the outputs still waiting in the outbox.
+    let fresh = dir.path().join("fresh.jsonl");
+    cfg.output = Some(fresh.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    assert_eq!(std::fs::read_to_string(&fresh).unwrap().lines().count(), 1);
+}

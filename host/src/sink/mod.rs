@@ -73,9 +73,9 @@ fn last_line_hash(file: &mut File, end: u64) -> std::io::Result<String> {
 
 impl FileSink {
     /// Opens the output for a state DB whose sink progress is `mark`.
-    /// `fresh_state` says the state DB has consumed nothing yet, in which
-    /// case an existing non-empty file belongs to someone else.
-    pub fn open(path: &Path, mark: &SinkMark, fresh_state: bool) -> Result<FileSink, SinkError> {
+    /// `claimed` says this state DB has delivered to an output file before:
+    /// unless it has, an existing non-empty file belongs to someone else.
+    pub fn open(path: &Path, mark: &SinkMark, claimed: bool) -> Result<FileSink, SinkError> {
         let io = |source| SinkError::Io {
             path: path.to_owned(),
             source,
@@ -105,9 +105,9 @@ impl FileSink {
                 mark.bytes
             )));
         }
-        if mark.bytes == 0 && len > 0 && fresh_state {
+        if mark.bytes == 0 && len > 0 && !claimed {
             return Err(foreign(format!(
-                "it already holds {len} bytes and this state DB is new"
+                "it already holds {len} bytes and this state DB never wrote to an output"
             )));
         }
         if mark.bytes > 0
