@@ -96,6 +96,12 @@ struct RunArgs {
     /// Continue a state DB that another module version wrote.
     #[arg(long)]
     allow_module_change: bool,
+    /// Skip events whose value of this header was seen before (re-produced data).
+    #[arg(long, value_name = "NAME", default_value = "rewind-id")]
+    dedup_header: String,
+    /// Apply every event, even one whose dedup header was seen before.
+    #[arg(long, conflicts_with = "dedup_header")]
+    no_dedup: bool,
     /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -183,6 +189,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         OnError::Halt => ErrorPolicy::Halt,
     };
     config.allow_module_change = args.allow_module_change;
+    config.dedup_header = (!args.no_dedup).then_some(args.dedup_header);
     config.runtime = RuntimeConfig {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,
@@ -233,13 +240,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let secs = summary.elapsed.as_secs_f64();
         eprintln!(
             "processed {} events in {:.2}s ({:.0} events/s): {} applied, {} dead-lettered, {} outputs; \
-             {} already consumed earlier",
+             {} duplicates skipped, {} already consumed earlier",
             summary.consumed,
             secs,
             summary.consumed as f64 / secs.max(1e-9),
             summary.applied,
             summary.dead_lettered,
             summary.outputs,
+            summary.duplicates,
             summary.skipped,
         );
         eprintln!(

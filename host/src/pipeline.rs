@@ -50,6 +50,10 @@ pub struct RunConfig {
     pub runtime: RuntimeConfig,
     /// Accept a state DB last written by another module version.
     pub allow_module_change: bool,
+    /// Skip an event whose value of this header was seen before (re-produced
+    /// data); `None` turns deduplication off. Defaults to `rewind-id`, the
+    /// idempotency id rewind puts on its own outputs.
+    pub dedup_header: Option<String>,
 }
 
 impl RunConfig {
@@ -65,6 +69,7 @@ impl RunConfig {
             on_error: ErrorPolicy::Dlq,
             runtime: RuntimeConfig::default(),
             allow_module_change: false,
+            dedup_header: Some(crate::sink::ID_HEADER.to_owned()),
         }
     }
 }
@@ -95,6 +100,8 @@ pub struct RunSummary {
     pub dead_lettered: u64,
     /// Records skipped because an earlier run already consumed them.
     pub skipped: u64,
+    /// Events skipped because their event id (the dedup header) was seen before.
+    pub duplicates: u64,
     pub outputs: u64,
     pub elapsed: Duration,
     /// The run stopped early because [`Progress::should_stop`] asked it to.
@@ -176,6 +183,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             applied: 0,
             dead_lettered: 0,
             skipped: 0,
+            duplicates: 0,
             outputs: 0,
             elapsed: Duration::ZERO,
             interrupted: false,
@@ -364,6 +372,12 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The event's id for deduplication, if it carries one.
+    fn event_id(&self, event: &crate::event::Event) -> Option<Vec<u8>> {
+        let name = self.config.dedup_header.as_deref()?;
+        event.headers.iter().find(|h| h.name == name)?.value.clone()
+    }
+
     /// Processes one record inside the open batch.
     fn process(&mut self, record: Record) -> Result<(), RunError> {
         let seq = self.next_seq;
@@ -389,6 +403,17 @@ impl Run<'_> {
                 return Ok(());
             }
         };
+
+        if let Some(id) = self.event_id(&event) {
+            if self.db().seen_event_id(&id)? {
+                // Re-produced data: consumed, counted, not applied again.
+                self.summary.duplicates += 1;
+                self.next_seq += 1;
+                self.summary.consumed += 1;
+                return Ok(());
+            }
+            self.db().record_event_id(&id, seq)?;
+        }
 
         self.db().savepoint()?;
         let db = self

@@ -300,3 +300,49 @@ fn outputs_are_the_payment_rows_with_deterministic_ids() {
         Value::Integer(0)
     );
 }
+
+/// Re-produced events carry their original event id (`rewind-id`, the id
+/// rewind puts on its outputs): they are skipped and counted, so even v1
+/// does not charge them twice. Without the header, a re-delivery is a new event.
+#[test]
+fn reproduced_events_with_a_known_event_id_are_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = r#"{"type":"order_completed","order_id":"o-1","customer_id":"c-1","amount_cents":100,"currency":"EUR"}"#;
+    let with_id = |offset: i64, id: &str| {
+        serde_json::json!({
+            "topic": "orders", "partition": 0, "offset": offset, "ts": 5,
+            "headers": ["rewind-id", id], "key": "o-1", "payload": order,
+        })
+        .to_string()
+    };
+    let lines = [
+        with_id(0, "upstream/0@7/0"),
+        with_id(1, "upstream/0@7/0"), // re-produced after an outage
+        envelope("orders", 2, 5, "o-1", order), // re-delivered without an id
+    ];
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+
+    let state = dir.path().join("v1.db");
+    let summary =
+        rewind_host::run(&config(&processor("payments-v1"), &input, &state), &()).unwrap();
+    assert_eq!(
+        (summary.consumed, summary.applied, summary.duplicates),
+        (3, 2, 1)
+    );
+    assert_eq!(
+        rows(&state, "SELECT charges FROM customer_totals")[0][0],
+        Value::Integer(2)
+    );
+
+    // With deduplication off, v1 charges all three.
+    let state = dir.path().join("v1-all.db");
+    let mut cfg = config(&processor("payments-v1"), &input, &state);
+    cfg.dedup_header = None;
+    let summary = rewind_host::run(&cfg, &()).unwrap();
+    assert_eq!((summary.applied, summary.duplicates), (3, 0));
+    assert_eq!(
+        rows(&state, "SELECT charges FROM customer_totals")[0][0],
+        Value::Integer(3)
+    );
+}

@@ -31,6 +31,10 @@ CREATE TABLE IF NOT EXISTS _rewind_dlq (
     timestamp_ms INTEGER,
     raw BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS _rewind_dedup (
+    id BLOB PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _rewind_outbox (
     seq INTEGER NOT NULL,
     n INTEGER NOT NULL,
@@ -326,16 +330,23 @@ impl StateDb {
         })
     }
 
-    /// Whether any dead letter exists at `seq` (used by tests and redrive).
-    pub fn has_dead_letter(&self, seq: u64) -> Result<bool, StateError> {
+    /// Whether an event with this id was consumed before.
+    pub fn seen_event_id(&self, id: &[u8]) -> Result<bool, StateError> {
         self.conn
-            .query_row(
-                "SELECT 1 FROM _rewind_dlq WHERE seq = ?1",
-                [seq as i64],
-                |_| Ok(()),
-            )
-            .optional()
+            .prepare_cached(host_sql!("SELECT 1 FROM _rewind_dedup WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([id], |_| Ok(())).optional())
             .map(|r| r.is_some())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Remembers an event id (inside the batch transaction).
+    pub fn record_event_id(&self, id: &[u8], seq: u64) -> Result<(), StateError> {
+        self.conn
+            .prepare_cached(host_sql!(
+                "INSERT INTO _rewind_dedup (id, seq) VALUES (?1, ?2)"
+            ))
+            .and_then(|mut s| s.execute(params![id, seq as i64]))
+            .map(drop)
             .map_err(|e| self.err(e))
     }
 }
