@@ -82,6 +82,17 @@ pub fn run(args: &[String]) -> Result<()> {
         batch,
     )?;
     let native_time = native(&input, &dir.join("native.db"), batch)?;
+    // The host's own cost per event: a processor that does nothing.
+    let noop_input = dir.join("noop.jsonl");
+    std::fs::write(&noop_input, "{\"do\":\"noop\"}\n".repeat(events))?;
+    let (noop_time, _) = run_rewind(
+        &bin,
+        &wasm.join("hostile.wasm"),
+        &noop_input,
+        &dir.join("noop.db"),
+        &cache,
+        batch,
+    )?;
     let rate = |t: Duration| events as f64 / t.as_secs_f64();
     println!(
         "rewind run (wasm): {:>9.0} events/s  ({:.2}s, peak RSS {} MiB)",
@@ -93,6 +104,11 @@ pub fn run(args: &[String]) -> Result<()> {
         "native rusqlite:   {:>9.0} events/s  ({:.2}s)",
         rate(native_time),
         native_time.as_secs_f64()
+    );
+    println!(
+        "host alone (no-op processor): {:>9.0} events/s  ({:.2}s)",
+        rate(noop_time),
+        noop_time.as_secs_f64()
     );
     println!(
         "wasm/native time ratio: {:.2}",

@@ -82,6 +82,8 @@ impl Processor for Hostile {
         let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let act: Act = event.json()?;
         match act.act.as_str() {
+            // Does nothing: measures the host's own cost per event.
+            "noop" => {}
             "remember" => {
                 // Writes what the instance remembers: how many events it saw.
                 sql::execute(
