@@ -1,8 +1,11 @@
 //! `cargo xtask test`: everything CI runs, in the order that fails fastest.
 
-use anyhow::Result;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
-use crate::{cargo, cmd, processors};
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, cmd, processors, root};
 
 pub fn run() -> Result<()> {
     let cargo = cargo();
@@ -45,16 +48,71 @@ pub fn run() -> Result<()> {
         &cargo,
         &["build", "--package", "rewind-host", "--bin", "rewind"],
     )?;
-    cmd(
-        &cargo,
-        &[
+    let (passed, failed) = cargo_test(&cargo)?;
+    // One closing line for the whole run, whatever order cargo printed in.
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
+    Ok(())
+}
+
+/// Runs the workspace's tests, echoing their output, and totals the results.
+fn cargo_test(cargo: &str) -> Result<(u64, u64)> {
+    let mut child = Command::new(cargo)
+        .args([
             "test",
             "--workspace",
             "--exclude",
             "payments",
             "--exclude",
             "hostile",
-        ],
-    )?;
-    Ok(())
+        ])
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("cargo test has no stdout")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            passed += count(result, " passed");
+            failed += count(result, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok((passed, failed))
+}
+
+/// The number before `label` in "ok. 3 passed; 0 failed; …".
+fn count(result: &str, label: &str) -> u64 {
+    result
+        .split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label.trim_start())
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn counts_come_from_cargo_result_lines() {
+        let line =
+            "ok. 27 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 7.13s";
+        assert_eq!((count(line, " passed"), count(line, " failed")), (27, 0));
+        let line = "FAILED. 20 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!((count(line, " passed"), count(line, " failed")), (20, 1));
+    }
 }
