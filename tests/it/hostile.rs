@@ -84,6 +84,7 @@ fn hostile_input(dir: &Path) -> (std::path::PathBuf, Vec<(i64, String)>) {
         "env",
         "clock-random",
         "write-then-fail",
+        "sleep",
         "invalid",
         "print",
         "emit-flood",
@@ -165,6 +166,10 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     assert_eq!(class, "panic");
     assert!(message.contains("panics on purpose"), "{message}");
     assert_eq!(dead_of("write-then-fail").0, "failed");
+    // Regression: WASI timers really slept, so `sleep` hung the host.
+    let (class, message) = dead_of("sleep");
+    assert_eq!(class, "trap");
+    assert!(message.contains("must not wait"), "{message}");
     assert_eq!(dead_of("invalid").0, "invalid-input");
     let (class, message) = dead_of("emit-flood");
     assert_eq!(class, "failed");

@@ -18,10 +18,51 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
 
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, Resource};
+use wasmtime_wasi::p2::DynPollable;
+
+use super::host::HostState;
 use crate::event::{Position, Seed};
 
 /// Bytes of stdout (and, separately, stderr) kept per event.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// Replaces WASI's timers with ones that trap.
+///
+/// wasmtime-wasi's timers really sleep (they wait on tokio's clock for the
+/// time between our fixed clock and the deadline), so a guest that called
+/// `std::thread::sleep` would block the host, unbounded by fuel. A processor
+/// has nothing to wait for, so asking to is an error at that exact point.
+pub fn forbid_waiting(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap(
+        "subscribe-duration",
+        |_: StoreContextMut<'_, HostState>,
+         (_,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(wasmtime::Error::new(WaitForbidden))
+        },
+    )?;
+    clock.func_wrap(
+        "subscribe-instant",
+        |_: StoreContextMut<'_, HostState>,
+         (_,): (u64,)|
+         -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Err(wasmtime::Error::new(WaitForbidden))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// A guest asked to wait (sleep, or poll a timer).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the processor tried to wait (sleep or a timer): processors run on event time and must not wait"
+)]
+pub struct WaitForbidden;
 
 /// The per-event inputs of a guest's WASI: the clock reading and the random
 /// streams. An instance lives for several events, so its WASI reads these

@@ -82,6 +82,10 @@ impl Processor for Hostile {
         let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let act: Act = event.json()?;
         match act.act.as_str() {
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
+            }
             // Does nothing: measures the host's own cost per event.
             "noop" => {}
             "remember" => {
