@@ -54,6 +54,9 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("SAVEPOINT mine", false),
     ("CREATE TEMP TABLE scratch (x)", false),
     ("SELECT 1; DROP TABLE seen", false),
+    // Values are bounded, so SQL cannot make the host allocate gigabytes.
+    ("SELECT zeroblob(500000000)", false),
+    ("SELECT length(printf('%.*c', 300000000, 'x'))", false),
     // The host's own offsets query, verbatim: it must not be served from the
     // statement cache with the host's rights.
     (

@@ -141,6 +141,17 @@ impl StateDb {
         )
         .map_err(err)?;
         conn.set_prepared_statement_cache_capacity(256);
+        // Bounds on what one statement can make SQLite allocate: a value is at
+        // most 64 MiB (outputs are capped at 16 MiB per event anyway), a
+        // statement's text at most 1 MiB, and nothing can be attached.
+        use rusqlite::limits::Limit;
+        for (limit, value) in [
+            (Limit::SQLITE_LIMIT_LENGTH, 64 << 20),
+            (Limit::SQLITE_LIMIT_SQL_LENGTH, 1 << 20),
+            (Limit::SQLITE_LIMIT_ATTACHED, 0),
+        ] {
+            conn.set_limit(limit, value).map_err(err)?;
+        }
         let guard = Guard::install(&mut conn).map_err(err)?;
 
         let sql_periods = Arc::new(AtomicU64::new(0));
