@@ -57,6 +57,11 @@ const SQL_PROBES: &[(&str, bool)] = &[
     // Values are bounded, so SQL cannot make the host allocate gigabytes.
     ("SELECT zeroblob(500000000)", false),
     ("SELECT length(printf('%.*c', 300000000, 'x'))", false),
+    (
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 100) \
+         SELECT i, zeroblob(1000000) FROM n",
+        false,
+    ),
     // The host's own offsets query, verbatim: it must not be served from the
     // statement cache with the host's rights.
     (
@@ -210,6 +215,12 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     }
     assert!(probes["SELECT * FROM _rewind_offsets"].contains("host table _rewind_offsets"));
     assert!(probes["BEGIN"].contains("transactions"));
+    let big = probes
+        .iter()
+        .find(|(k, _)| k.contains("zeroblob(1000000)"))
+        .unwrap()
+        .1;
+    assert!(big.contains("larger than 64 MiB"), "{big}");
 
     // Clocks are the event's timestamp; randomness differs per draw.
     let observed: BTreeMap<String, String> = rows(&state, "SELECT what, value FROM observed")

@@ -35,8 +35,9 @@ use guard::Guard;
 /// The state DB format this host writes; a DB with another is refused.
 pub const FORMAT: &str = "rewind-state-1";
 
-/// How many rows one guest query may return before it is refused.
-const MAX_QUERY_ROWS: usize = 1_000_000;
+/// How many bytes (roughly) one guest query may return before it is
+/// refused: the whole result is built in host memory before the guest gets it.
+const MAX_QUERY_BYTES: usize = 64 << 20;
 
 /// SQLite calls the progress handler every this many VM instructions.
 const PROGRESS_PERIOD: i32 = 1000;
@@ -388,18 +389,27 @@ impl StateDb {
             let width = columns.len();
             let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
             let mut out = Vec::new();
+            let mut bytes = 0usize;
             while let Some(row) = rows.next()? {
-                if out.len() == MAX_QUERY_ROWS {
+                let mut values = Vec::with_capacity(width);
+                for i in 0..width {
+                    let value = row.get::<_, SqlValue>(i)?;
+                    bytes += 16
+                        + match &value {
+                            SqlValue::Text(s) => s.len(),
+                            SqlValue::Blob(b) => b.len(),
+                            _ => 0,
+                        };
+                    values.push(value);
+                }
+                if bytes > MAX_QUERY_BYTES {
                     return Err(rusqlite::Error::SqliteFailure(
                         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
                         Some(format!(
-                            "query returned more than {MAX_QUERY_ROWS} rows; add a LIMIT"
+                            "query result is larger than {} MiB; add a LIMIT",
+                            MAX_QUERY_BYTES >> 20
                         )),
                     ));
-                }
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    values.push(row.get::<_, SqlValue>(i)?);
                 }
                 out.push(values);
             }
