@@ -236,3 +236,22 @@ fn an_output_file_given_to_a_running_state_for_the_first_time_is_left_alone() {
     rewind_host::run(&cfg, &()).unwrap();
     assert_eq!(std::fs::read_to_string(&fresh).unwrap().lines().count(), 1);
 }
+
+/// Two runs on one state DB: the second gets a clear error, not a hang.
+#[test]
+fn a_state_db_in_use_by_another_writer_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (result, state) = run(dir.path(), &processor("payments-v2"), ORDER.as_bytes());
+    result.unwrap();
+    let holder = rusqlite::Connection::open(&state).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let input = dir.path().join("in.jsonl");
+    let error =
+        rewind_host::run(&config(&processor("payments-v2"), &input, &state), &()).unwrap_err();
+    assert!(
+        matches!(error, RunError::State(StateError::Busy { .. })),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("another process"), "{error}");
+    holder.execute_batch("ROLLBACK").unwrap();
+}

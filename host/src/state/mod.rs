@@ -60,6 +60,27 @@ pub enum StateError {
     WrongFormat { path: PathBuf, found: String },
     #[error("state DB {path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error(
+        "state DB {path} is being written by another process (another `rewind run`?); \
+         wait for it to finish, or use another --state"
+    )]
+    Busy { path: PathBuf },
+}
+
+impl StateError {
+    fn from_sqlite(path: &Path, source: rusqlite::Error) -> StateError {
+        match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StateError::Busy {
+                    path: path.to_owned(),
+                }
+            }
+            _ => StateError::Sqlite {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    }
 }
 
 /// Offsets to resume from: the next offset to consume, per stream partition.
@@ -119,10 +140,7 @@ impl StateDb {
     }
 
     fn open_with(path: &Path, flags: OpenFlags) -> Result<StateDb, StateError> {
-        let err = |source| StateError::Sqlite {
-            path: path.to_owned(),
-            source,
-        };
+        let err = |source| StateError::from_sqlite(path, source);
         vfs::register().map_err(|message| StateError::Invalid {
             path: path.to_owned(),
             message,
@@ -135,7 +153,7 @@ impl StateDb {
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
-             PRAGMA busy_timeout = 5000;
+             PRAGMA busy_timeout = 1000;
              PRAGMA cache_size = -65536;
              PRAGMA temp_store = MEMORY;
              PRAGMA trusted_schema = OFF;",
@@ -184,10 +202,7 @@ impl StateDb {
     }
 
     pub(crate) fn err(&self, source: rusqlite::Error) -> StateError {
-        StateError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        StateError::from_sqlite(&self.path, source)
     }
 
     fn create_host_tables(&self) -> Result<(), StateError> {
