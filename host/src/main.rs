@@ -117,7 +117,7 @@ struct RunArgs {
 enum OnError {
     /// Dead-letter the event and go on.
     Dlq,
-    /// Commit what came before and stop; rerunning retries the event.
+    /// Stop, keeping what the last batch commit kept; rerunning retries from there.
     Halt,
 }
 

@@ -261,7 +261,8 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
     let state = dir.path().join("h.db");
     let mut cfg = config(&processor("hostile"), &input, &state);
     cfg.on_error = ErrorPolicy::Halt;
-    cfg.batch_size = 1000;
+    // Batches of one event end at every epoch boundary (64 events).
+    cfg.batch_size = 1;
     for _ in 0..2 {
         // A rerun halts at the same event, from the same epoch start.
         match rewind_host::run(&cfg, &()) {
@@ -274,7 +275,7 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
             }
             other => panic!("expected a halt, got {other:?}"),
         }
-        // Everything before the failing event's instance epoch is committed.
+        // Everything the last commit (at the failing event's epoch start) kept.
         assert_eq!(
             rows(&state, "SELECT count(*) FROM seen")[0][0],
             Value::Integer(epoch)

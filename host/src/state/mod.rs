@@ -325,22 +325,6 @@ impl StateDb {
         self.exec_cached(host_sql!("RELEASE rewind_event"))
     }
 
-    /// Opens the savepoint an instance epoch runs in (inside the batch).
-    pub fn savepoint_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached(host_sql!("SAVEPOINT rewind_epoch"))
-    }
-
-    /// Keeps the epoch's writes.
-    pub fn release_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached(host_sql!("RELEASE rewind_epoch"))
-    }
-
-    /// Discards the epoch's writes.
-    pub fn rollback_epoch(&self) -> Result<(), StateError> {
-        self.exec_cached(host_sql!("ROLLBACK TO rewind_epoch"))?;
-        self.exec_cached(host_sql!("RELEASE rewind_epoch"))
-    }
-
     /// Prepares guest SQL for the event at `position`: SQL randomness is
     /// reseeded and the SQL budget reset. Pair with an [`EventClock`].
     pub fn enter_event(&self, seed: Seed, sql_budget: u64) {
