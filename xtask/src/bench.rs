@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::demo::XorShift;
-use crate::{cargo, cmd, processors, target_dir};
+use crate::{cargo, cmd, target_dir};
 
 pub fn run(args: &[String]) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
@@ -40,20 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
             _ => bail!("usage: cargo xtask bench [--events N] [--batch-size N]"),
         }
     }
-    let wasm = processors::build()?;
-    cmd(
-        &cargo(),
-        &[
-            "build",
-            "--quiet",
-            "--release",
-            "--package",
-            "rewind-host",
-            "--bin",
-            "rewind",
-        ],
-    )?;
-    let bin = target_dir().join("release").join("rewind");
+    let (wasm, bin) = crate::build_release()?;
     let dir = target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, cmd, processors, target_dir};
+use crate::target_dir;
 
 /// A small deterministic generator, so every demo run shows the same stream.
 pub struct XorShift(pub u64);
@@ -119,20 +119,7 @@ fn rewind(bin: &Path, args: &[&str]) -> Result<String> {
 }
 
 pub fn run() -> Result<()> {
-    let wasm = processors::build()?;
-    cmd(
-        &cargo(),
-        &[
-            "build",
-            "--quiet",
-            "--release",
-            "--package",
-            "rewind-host",
-            "--bin",
-            "rewind",
-        ],
-    )?;
-    let bin = target_dir().join("release").join("rewind");
+    let (wasm, bin) = crate::build_release()?;
     let dir: PathBuf = target_dir().join("demo");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;

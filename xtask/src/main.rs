@@ -82,6 +82,24 @@ pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Builds the processors and the release `rewind`; returns their paths.
+pub fn build_release() -> Result<(PathBuf, PathBuf)> {
+    let wasm = processors::build()?;
+    cmd(
+        &cargo(),
+        &[
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "rewind-host",
+            "--bin",
+            "rewind",
+        ],
+    )?;
+    Ok((wasm, target_dir().join("release").join("rewind")))
+}
+
 /// The cargo that runs xtask, so toolchain overrides carry over.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
