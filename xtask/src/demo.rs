@@ -204,9 +204,6 @@ pub fn run() -> Result<()> {
         bin.display(),
         v1.display()
     );
-    println!(
-        "  sqlite3 {} 'SELECT * FROM customer_totals LIMIT 5'",
-        v2.display()
-    );
+    println!("  {} inspect --state {}", bin.display(), v2.display());
     Ok(())
 }
