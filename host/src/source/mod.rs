@@ -2,7 +2,7 @@
 //! `-J` envelopes, detected per line).
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use crate::envelope::decode_line;
@@ -39,7 +39,12 @@ pub struct FileSource {
     bytes_read: u64,
     size: Option<u64>,
     buf: Vec<u8>,
+    max_line: usize,
 }
+
+/// The longest line kept whole: longer lines become dead letters holding
+/// their first this many bytes.
+pub const MAX_LINE: usize = 64 << 20;
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,6 +81,7 @@ impl FileSource {
             bytes_read: 0,
             size: meta.is_file().then_some(meta.len()),
             buf: Vec::new(),
+            max_line: MAX_LINE,
         })
     }
 
@@ -96,20 +102,62 @@ impl FileSource {
 
     /// The next record, `None` at the end of the file.
     pub fn next_record(&mut self) -> Result<Option<Record>, SourceError> {
+        let io = |source| SourceError {
+            path: self.path.clone(),
+            source,
+        };
         loop {
             self.buf.clear();
-            let n = self
-                .reader
+            // A line is read up to a bound, so a file without newlines cannot
+            // make the host allocate without limit.
+            let n = (&mut self.reader)
+                .take(self.max_line as u64 + 1)
                 .read_until(b'\n', &mut self.buf)
-                .map_err(|source| SourceError {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(io)?;
             if n == 0 {
                 return Ok(None);
             }
             self.bytes_read += n as u64;
             self.line += 1;
+            if self.buf.len() > self.max_line && self.buf.last() != Some(&b'\n') {
+                let (mut skipped, mut newline) = (0u64, false);
+                loop {
+                    let chunk = self.reader.fill_buf().map_err(io)?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let (used, done) = match chunk.iter().position(|&b| b == b'\n') {
+                        Some(i) => (i + 1, true),
+                        None => (chunk.len(), false),
+                    };
+                    self.reader.consume(used);
+                    skipped += used as u64;
+                    if done {
+                        newline = true;
+                        break;
+                    }
+                }
+                self.bytes_read += skipped;
+                self.buf.truncate(self.max_line);
+                let position = Position {
+                    stream: self.stream.clone(),
+                    partition: 0,
+                    offset: self.line,
+                };
+                let reason = format!(
+                    "{} line {}: longer than {} bytes ({} bytes); the first {} are kept",
+                    self.path.display(),
+                    self.line,
+                    self.max_line,
+                    self.max_line as u64 + 1 + skipped - u64::from(newline),
+                    self.max_line
+                );
+                return Ok(Some(Record {
+                    position,
+                    raw: self.buf.clone(),
+                    decoded: Err(reason),
+                }));
+            }
             let mut line = &self.buf[..];
             line = line.strip_suffix(b"\n").unwrap_or(line);
             line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -141,5 +189,36 @@ impl Iterator for FileSource {
 
     fn next(&mut self) -> Option<Self::Item> {
         self.next_record().transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlong_line_is_a_dead_letter_and_the_next_line_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        let mut bytes = vec![b'x'; 5000];
+        bytes.extend_from_slice(b"\n{\"a\":1}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut source = FileSource::open(&path, None).unwrap();
+        source.max_line = 100;
+        let long = source.next_record().unwrap().unwrap();
+        assert_eq!(long.raw.len(), 100);
+        assert!(
+            long.decoded
+                .unwrap_err()
+                .contains("longer than 100 bytes (5000 bytes)")
+        );
+        let next = source.next_record().unwrap().unwrap();
+        assert_eq!(next.position.offset, 2);
+        assert_eq!(
+            next.decoded.unwrap().payload.as_deref(),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert!(source.next_record().unwrap().is_none());
+        assert_eq!(source.bytes_read(), bytes.len() as u64);
     }
 }
