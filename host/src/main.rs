@@ -276,6 +276,7 @@ fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
             "offsets": summary.offsets.iter().map(|(s, p, o)| serde_json::json!({"stream": s, "partition": p, "next_offset": o})).collect::<Vec<_>>(),
             "dead_letters": summary.dead_letters,
             "outbox_pending": summary.outbox_pending,
+            "event_ids": summary.event_ids,
             "outputs_delivered": summary.outputs_delivered,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -308,6 +309,10 @@ fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
     println!(
         "outbox        {} pending, {} delivered",
         summary.outbox_pending, summary.outputs_delivered
+    );
+    println!(
+        "event ids     {} remembered for deduplication",
+        summary.event_ids
     );
     Ok(())
 }

@@ -75,6 +75,7 @@ fn run_inspect_and_dlq_list() {
         "{text}"
     );
     assert!(text.contains("dead letters  2"), "{text}");
+    assert!(text.contains("event ids     0 remembered"), "{text}");
     assert!(text.contains("orders.jsonl/0  next offset 4"), "{text}");
 
     let out = rewind(&["dlq", "list", "--state", state.to_str().unwrap()]);

@@ -104,6 +104,8 @@ pub struct Summary {
     pub offsets: Vec<(String, i32, i64)>,
     pub dead_letters: u64,
     pub outbox_pending: u64,
+    /// Event ids remembered for deduplication.
+    pub event_ids: u64,
     pub outputs_delivered: u64,
 }
 
@@ -326,6 +328,7 @@ impl StateDb {
             offsets,
             dead_letters: count("SELECT count(*) FROM _rewind_dlq")?,
             outbox_pending: count("SELECT count(*) FROM _rewind_outbox")?,
+            event_ids: count("SELECT count(*) FROM _rewind_dedup")?,
             outputs_delivered: self.meta_u64("sink.outputs")?,
         })
     }
