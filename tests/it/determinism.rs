@@ -266,3 +266,61 @@ fn ctrl_c_commits_and_the_same_command_continues() {
         std::fs::read(&out_stopped).unwrap()
     );
 }
+
+/// kill -9 and restart with a guest that keeps state in memory: crashes
+/// resume at epoch boundaries, where every run starts a fresh instance, so
+/// what it remembers is the same as in an uninterrupted run.
+#[test]
+fn kill_9_with_a_memory_stateful_guest_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let total = 20_000i64;
+    let acts: Vec<String> = (0..total)
+        .map(|i| rewind_tests::envelope("acts", i, i, "k", r#"{"do":"remember"}"#))
+        .collect();
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, acts.join("\n")).unwrap();
+    let (clean, killed) = (dir.path().join("clean.db"), dir.path().join("killed.db"));
+    let (out_clean, out_killed) = (
+        dir.path().join("clean.jsonl"),
+        dir.path().join("killed.jsonl"),
+    );
+    run_lib("hostile", &input, &clean, &out_clean, 1);
+    let mut interrupted = false;
+    for delay_ms in [300, 500, 400] {
+        let mut child = run_cli("hostile", &input, &killed, &out_killed, 1);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        if !killed.exists() {
+            continue;
+        }
+        let consumed = rewind_tests::rows(
+            &killed,
+            "SELECT value FROM _rewind_meta WHERE key = 'next_seq'",
+        );
+        if let Some(rusqlite::types::Value::Text(n)) = consumed.first().map(|r| r[0].clone()) {
+            let n: i64 = n.parse().unwrap();
+            if n < total {
+                assert_eq!(
+                    n % rewind_host::INSTANCE_EPOCH as i64,
+                    0,
+                    "a crash resumed mid-epoch"
+                );
+                interrupted = true;
+            }
+        }
+    }
+    assert!(
+        interrupted,
+        "no kill landed mid-run; the input is too small for this machine"
+    );
+    let finished = run_cli("hostile", &input, &killed, &out_killed, 1)
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert_eq!(dump(&clean), dump(&killed));
+}
