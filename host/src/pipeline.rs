@@ -313,6 +313,8 @@ impl Run<'_> {
                 self.db().rollback()?;
                 return Err(error);
             }
+            self.next_seq += 1;
+            self.summary.consumed += 1;
             self.offsets
                 .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
             in_batch += 1;
@@ -341,29 +343,15 @@ impl Run<'_> {
         event.headers.iter().find(|h| h.name == name)?.value.clone()
     }
 
-    /// Processes one record inside the open batch.
+    /// Processes one record inside the open batch: applies it, skips it as a
+    /// duplicate, or dead-letters it. The caller counts it as consumed.
     fn process(&mut self, record: Record) -> Result<(), RunError> {
         let seq = self.next_seq;
         let event = match record.decoded {
             Ok(event) => event,
             Err(reason) => {
-                let dead = DeadLetter {
-                    seq,
-                    position: record.position,
-                    module_digest: self.module.digest().to_owned(),
-                    error_class: "malformed".into(),
-                    message: reason,
-                    key: None,
-                    payload: None,
-                    headers: Vec::new(),
-                    timestamp_ms: None,
-                    raw: record.raw,
-                };
-                self.db().insert_dead_letter(&dead)?;
-                self.next_seq += 1;
-                self.summary.consumed += 1;
-                self.summary.dead_lettered += 1;
-                return Ok(());
+                let position = record.position;
+                return self.dead_letter(seq, position, "malformed", reason, None, record.raw);
             }
         };
 
@@ -371,8 +359,6 @@ impl Run<'_> {
             if self.db().seen_event_id(&id)? {
                 // Re-produced data: consumed, counted, not applied again.
                 self.summary.duplicates += 1;
-                self.next_seq += 1;
-                self.summary.consumed += 1;
                 return Ok(());
             }
             self.db().record_event_id(&id, seq)?;
@@ -422,24 +408,48 @@ impl Run<'_> {
                         rejection,
                     });
                 }
-                let dead = DeadLetter {
+                let position = event.position.clone();
+                self.dead_letter(
                     seq,
-                    position: event.position,
-                    module_digest: self.module.digest().to_owned(),
-                    error_class: rejection.class.to_owned(),
-                    message: rejection.message,
-                    key: event.key,
-                    payload: event.payload,
-                    headers: event.headers,
-                    timestamp_ms: event.timestamp_ms,
-                    raw: record.raw,
-                };
-                self.db().insert_dead_letter(&dead)?;
-                self.summary.dead_lettered += 1;
+                    position,
+                    rejection.class,
+                    rejection.message,
+                    Some(event),
+                    record.raw,
+                )?;
             }
         }
-        self.next_seq += 1;
-        self.summary.consumed += 1;
+        Ok(())
+    }
+
+    /// Keeps a record that could not be processed, with its raw bytes.
+    fn dead_letter(
+        &mut self,
+        seq: u64,
+        position: Position,
+        class: &str,
+        message: String,
+        event: Option<crate::event::Event>,
+        raw: Vec<u8>,
+    ) -> Result<(), RunError> {
+        let (key, payload, headers, timestamp_ms) = match event {
+            Some(e) => (e.key, e.payload, e.headers, e.timestamp_ms),
+            None => (None, None, Vec::new(), None),
+        };
+        let dead = DeadLetter {
+            seq,
+            position,
+            module_digest: self.module.digest().to_owned(),
+            error_class: class.to_owned(),
+            message,
+            key,
+            payload,
+            headers,
+            timestamp_ms,
+            raw,
+        };
+        self.db().insert_dead_letter(&dead)?;
+        self.summary.dead_lettered += 1;
         Ok(())
     }
 

@@ -129,6 +129,22 @@ fn generate(path: &Path, events: usize, customers: u64) -> Result<()> {
     Ok(())
 }
 
+/// `rewind run` of `processor` over `input` into `state`.
+fn rewind_run(bin: &Path, processor: &Path, input: &Path, state: &Path, cache: &Path) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .arg("run")
+        .arg("--processor")
+        .arg(processor)
+        .arg("--input")
+        .arg(input)
+        .arg("--state")
+        .arg(state)
+        .arg("--cache-dir")
+        .arg(cache);
+    command
+}
+
 fn start_time(
     bin: &Path,
     processor: &Path,
@@ -136,16 +152,7 @@ fn start_time(
     state: &Path,
     cache: &Path,
 ) -> Result<String> {
-    let out = Command::new(bin)
-        .args(["run", "--processor"])
-        .arg(processor)
-        .arg("--input")
-        .arg(input)
-        .arg("--state")
-        .arg(state)
-        .arg("--cache-dir")
-        .arg(cache)
-        .output()?;
+    let out = rewind_run(bin, processor, input, state, cache).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let line = stderr
         .lines()
@@ -167,15 +174,8 @@ fn run_rewind(
     batch: usize,
 ) -> Result<(Duration, u64)> {
     let started = Instant::now();
-    let mut child = Command::new(bin)
-        .args(["run", "--quiet", "--processor"])
-        .arg(processor)
-        .arg("--input")
-        .arg(input)
-        .arg("--state")
-        .arg(state)
-        .arg("--cache-dir")
-        .arg(cache)
+    let mut child = rewind_run(bin, processor, input, state, cache)
+        .arg("--quiet")
         // Batches end by size only, as in the native baseline.
         .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"])
         .stdout(Stdio::null())

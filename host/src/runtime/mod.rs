@@ -279,7 +279,6 @@ impl Runtime {
             runtime: self,
             module,
             live: None,
-            calls: 0,
         }
     }
 }
@@ -301,7 +300,6 @@ pub struct Instance<'a> {
     runtime: &'a Runtime,
     module: &'a Module,
     live: Option<Live>,
-    calls: u64,
 }
 
 impl std::fmt::Debug for Instance<'_> {
@@ -317,11 +315,6 @@ impl Instance<'_> {
     /// Discards the live instance: the next call starts from a fresh one.
     pub fn recycle(&mut self) {
         self.live = None;
-    }
-
-    /// Calls since this slot was created (for tests and diagnostics).
-    pub fn calls(&self) -> u64 {
-        self.calls
     }
 
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
@@ -399,7 +392,6 @@ impl Instance<'_> {
         timestamp_ms: i64,
         f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
     ) -> (StateDb, Result<CallOutcome, HostFault>) {
-        self.calls += 1;
         let fuel = self.runtime.config.fuel;
         let seed = position.seed();
         db.enter_event(seed, fuel);
@@ -414,41 +406,16 @@ impl Instance<'_> {
             Err(error) => (Err(error), Vec::new(), Vec::new(), None),
             Ok(mut live) => {
                 live.cells.enter(seed, timestamp_ms);
+                // Outputs were taken after the last call; their byte count restarts.
                 let data = live.store.data_mut();
                 data.db = db.take();
-                data.outputs.clear();
                 data.output_bytes = 0;
                 let result = live
                     .store
                     .set_fuel(fuel)
                     .and_then(|()| f(&live.processor, &mut live.store));
-                let data = live.store.data_mut();
-                db = data.db.take();
-                let mut logs: Vec<String> = data
-                    .logs
-                    .drain(..)
-                    .map(|l| format!("{:?}: {}", l.level, l.message))
-                    .collect();
-                if data.logs_dropped > 0 {
-                    logs.push(format!(
-                        "({} more log lines dropped)",
-                        std::mem::take(&mut data.logs_dropped)
-                    ));
-                }
-                let (stderr, stderr_dropped) = live.capture.stderr.take();
-                for (name, (bytes, dropped)) in [
-                    ("stdout", live.capture.stdout.take()),
-                    ("stderr", (stderr.clone(), stderr_dropped)),
-                ] {
-                    logs.extend(
-                        String::from_utf8_lossy(&bytes)
-                            .lines()
-                            .map(|l| format!("{name}: {l}")),
-                    );
-                    if dropped > 0 {
-                        logs.push(format!("{name}: ({dropped} more bytes dropped)"));
-                    }
-                }
+                db = live.store.data_mut().db.take();
+                let (logs, stderr) = collect_logs(&mut live);
                 let outputs = std::mem::take(&mut live.store.data_mut().outputs);
                 let result = result.map(|r| r.map(|()| outputs));
                 (result, stderr, logs, Some(live))
@@ -459,22 +426,17 @@ impl Instance<'_> {
         db.leave_event();
 
         let result = match result {
-            Ok(Ok(outputs)) => {
+            Ok(returned) => {
                 self.live = live;
-                Ok(outputs)
-            }
-            Ok(Err(wit::Error::InvalidInput(message))) => {
-                self.live = live;
-                Err(Rejection {
-                    class: "invalid-input",
-                    message,
-                })
-            }
-            Ok(Err(wit::Error::Failed(message))) => {
-                self.live = live;
-                Err(Rejection {
-                    class: "failed",
-                    message,
+                returned.map_err(|error| match error {
+                    wit::Error::InvalidInput(message) => Rejection {
+                        class: "invalid-input",
+                        message,
+                    },
+                    wit::Error::Failed(message) => Rejection {
+                        class: "failed",
+                        message,
+                    },
                 })
             }
             // A trapped instance cannot be entered again: `live` is dropped.
@@ -485,6 +447,36 @@ impl Instance<'_> {
         };
         (db, Ok(CallOutcome { result, logs }))
     }
+}
+
+/// Drains what the guest logged and printed during a call into log lines;
+/// also returns its stderr, where a panic message would be.
+fn collect_logs(live: &mut Live) -> (Vec<String>, Vec<u8>) {
+    let data = live.store.data_mut();
+    let mut logs: Vec<String> = data
+        .logs
+        .drain(..)
+        .map(|l| format!("{:?}: {}", l.level, l.message))
+        .collect();
+    if data.logs_dropped > 0 {
+        logs.push(format!(
+            "({} more log lines dropped)",
+            std::mem::take(&mut data.logs_dropped)
+        ));
+    }
+    let stdout = live.capture.stdout.take();
+    let stderr = live.capture.stderr.take();
+    for (name, (bytes, dropped)) in [("stdout", &stdout), ("stderr", &stderr)] {
+        logs.extend(
+            String::from_utf8_lossy(bytes)
+                .lines()
+                .map(|l| format!("{name}: {l}")),
+        );
+        if *dropped > 0 {
+            logs.push(format!("{name}: ({dropped} more bytes dropped)"));
+        }
+    }
+    (logs, stderr.0)
 }
 
 /// Turns a trap into a dead-letter class and a message a person can act on.

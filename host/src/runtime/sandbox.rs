@@ -95,10 +95,10 @@ impl EventCells {
     pub fn wasi(&self, capture: &Capture) -> WasiCtx {
         let mut builder = WasiCtxBuilder::new();
         builder
-            .wall_clock(EventWallClock {
+            .wall_clock(EventTime {
                 timestamp_ms: Arc::clone(&self.timestamp_ms),
             })
-            .monotonic_clock(EventMonotonicClock {
+            .monotonic_clock(EventTime {
                 timestamp_ms: Arc::clone(&self.timestamp_ms),
             })
             .secure_random(self.secure.clone())
@@ -164,32 +164,37 @@ impl TryRng for SharedRng {
     }
 }
 
-struct EventWallClock {
+/// Both WASI clocks: they read the current event's timestamp.
+#[derive(Clone)]
+struct EventTime {
     timestamp_ms: Arc<AtomicI64>,
 }
 
-impl HostWallClock for EventWallClock {
+impl EventTime {
+    /// Milliseconds since the epoch; WASI clocks cannot go before it, so a
+    /// negative timestamp reads as 0 rather than wrapping.
+    fn millis(&self) -> u64 {
+        self.timestamp_ms.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+impl HostWallClock for EventTime {
     fn resolution(&self) -> Duration {
         Duration::from_millis(1)
     }
 
     fn now(&self) -> Duration {
-        // WASI's wall clock cannot go before the epoch; clamp rather than wrap.
-        Duration::from_millis(self.timestamp_ms.load(Ordering::Relaxed).max(0) as u64)
+        Duration::from_millis(self.millis())
     }
 }
 
-struct EventMonotonicClock {
-    timestamp_ms: Arc<AtomicI64>,
-}
-
-impl HostMonotonicClock for EventMonotonicClock {
+impl HostMonotonicClock for EventTime {
     fn resolution(&self) -> u64 {
         1_000_000
     }
 
     fn now(&self) -> u64 {
-        (self.timestamp_ms.load(Ordering::Relaxed).max(0) as u64).saturating_mul(1_000_000)
+        self.millis().saturating_mul(1_000_000)
     }
 }
 

@@ -184,14 +184,6 @@ impl FileSource {
     }
 }
 
-impl Iterator for FileSource {
-    type Item = Result<Record, SourceError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.next_record().transpose()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -416,9 +416,4 @@ impl StateDb {
         });
         result.map_err(|e| self.guest_error(e))
     }
-
-    /// The raw connection, for the host's read-only inspection and tests.
-    pub fn connection(&self) -> &Connection {
-        &self.conn
-    }
 }

@@ -112,6 +112,9 @@ pub struct Summary {
 /// Headers as stored: a JSON array of `[name, value]`, a value being a
 /// string when it is UTF-8, `{"hex": …}` when not, or null.
 pub fn headers_to_json(headers: &[Header]) -> String {
+    if headers.is_empty() {
+        return "[]".to_owned();
+    }
     let items: Vec<_> = headers
         .iter()
         .map(|h| {
