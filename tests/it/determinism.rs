@@ -102,18 +102,21 @@ proptest! {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("orders.jsonl");
-        std::fs::write(&input, stream(1500, seed)).unwrap();
+        std::fs::write(&input, stream(6000, seed)).unwrap();
         let (clean, killed) = (dir.path().join("clean.db"), dir.path().join("killed.db"));
         let (out_clean, out_killed) = (dir.path().join("clean.jsonl"), dir.path().join("killed.jsonl"));
         run_lib("payments-v1", &input, &clean, &out_clean, 1000);
 
+        let mut interrupted = false;
         for delay_ms in kills {
             let mut child = run_cli("payments-v1", &input, &killed, &out_killed, batch);
             std::thread::sleep(Duration::from_millis(delay_ms));
             // SIGKILL: no destructor, no flush, no commit.
             let _ = child.kill();
-            let _ = child.wait();
+            // A child that finished before the kill exits successfully.
+            interrupted |= !child.wait().unwrap().success();
         }
+        prop_assert!(interrupted, "no kill landed before the run finished");
         let finished = run_cli("payments-v1", &input, &killed, &out_killed, batch).wait_with_output().unwrap();
         prop_assert!(finished.status.success(), "rerun failed: {}", String::from_utf8_lossy(&finished.stderr));
         prop_assert_eq!(dump_hash(&clean), dump_hash(&killed));

@@ -80,7 +80,7 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("DROP INDEX mine_v", true),
 ];
 
-fn hostile_input(dir: &Path) -> (std::path::PathBuf, Vec<(i64, String)>) {
+fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, String)>) {
     let mut acts: Vec<(String, Option<String>)> = [
         "loop",
         "alloc",
@@ -98,7 +98,12 @@ fn hostile_input(dir: &Path) -> (std::path::PathBuf, Vec<(i64, String)>) {
         "emit-flood",
     ]
     .iter()
-    .map(|a| (a.to_string(), None))
+    .map(|a| {
+        (
+            a.to_string(),
+            (*a == "socket").then(|| listening.to_owned()),
+        )
+    })
     .collect();
     acts.extend(
         SQL_PROBES
@@ -131,7 +136,10 @@ fn text(v: &Value) -> String {
 #[test]
 fn the_sandbox_holds_and_every_following_event_is_processed() {
     let dir = tempfile::tempdir().unwrap();
-    let (input, acts) = hostile_input(dir.path());
+    // A real listener, so the socket act could succeed if the sandbox let it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (input, acts) = hostile_input(dir.path(), &listener.local_addr().unwrap().to_string());
     let state = dir.path().join("hostile.db");
     let mut cfg = config(&processor("hostile"), &input, &state);
     // A small cap, so runaway allocation reaches it well before the fuel runs out.
@@ -197,6 +205,10 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
         .into_iter()
         .map(|r| (text(&r[0]), text(&r[1])))
         .collect();
+    assert!(
+        listener.accept().is_err(),
+        "the guest reached a host socket"
+    );
     for act in ["read-file", "list-dir", "socket"] {
         assert!(
             probes[act].starts_with("err"),

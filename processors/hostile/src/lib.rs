@@ -139,7 +139,10 @@ impl Processor for Hostile {
                 probe(&event, "list-dir", outcome)?;
             }
             "socket" => {
-                let outcome = std::net::TcpStream::connect("127.0.0.1:9")
+                // The test listens on the address it passes, so a refusal
+                // here is the sandbox's, not an empty port's.
+                let address = act.statement.unwrap_or_else(|| "127.0.0.1:9".to_owned());
+                let outcome = std::net::TcpStream::connect(address.as_str())
                     .map(|_| "connected".to_owned())
                     .map_err(|e| e.to_string());
                 probe(&event, "socket", outcome)?;
