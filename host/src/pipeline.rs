@@ -6,6 +6,7 @@
 //! on restart the run resumes after the committed offsets, and the sink
 //! delivers whatever is still in the outbox.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::runtime::{
 pub const INSTANCE_EPOCH: u64 = 64;
 use crate::sink::{FileSink, SinkError};
 use crate::source::{FileSource, Record, SourceError};
-use crate::state::{DeadLetter, OutboxRow, StateDb, StateError};
+use crate::state::{DeadLetter, Offsets, OutboxRow, StateDb, StateError};
 
 /// What to do when a processor fails on an event (invalid input is always
 /// dead-lettered).
@@ -157,7 +158,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
 
     let state_existed = config.state.exists();
     let db = StateDb::open(&config.state)?;
-    let db = match prepare(&runtime, &module, db, config) {
+    let mut db = match prepare(&runtime, &module, db, config) {
         Ok(db) => db,
         Err(error) => {
             if !state_existed {
@@ -166,6 +167,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             return Err(error);
         }
     };
+    db.checkpoint_in_background()?;
 
     let mut run = Run {
         instance: runtime.instance(&module),
@@ -188,6 +190,8 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             interrupted: false,
         },
         db: Some(db),
+        careful: false,
+        logs: Vec::new(),
     };
     if let Some(path) = &config.output {
         let claimed = run.db().meta("sink.claimed")?.is_some();
@@ -261,12 +265,53 @@ struct Run<'a> {
     module: &'a Module,
     config: &'a RunConfig,
     progress: &'a dyn Progress,
-    offsets: crate::state::Offsets,
+    offsets: Offsets,
     next_seq: u64,
     sink: Option<FileSink>,
     summary: RunSummary,
     /// Moved into the guest's store during a call, hence the `Option`.
     db: Option<StateDb>,
+    /// Whether events run in their own savepoints (see [`Batch`]).
+    careful: bool,
+    /// Guest log lines of the open batch, shown once the batch is done: a
+    /// batch that is redone logs its events again.
+    logs: Vec<(Position, String)>,
+}
+
+/// The open batch transaction.
+///
+/// A savepoint per event costs a copy of every page the event touches, so
+/// events run without one until an event fails: then the batch is rolled
+/// back and redone from its first record with a savepoint around each event
+/// ("careful"), and the failing event alone is undone. Guests are
+/// deterministic and every batch starts at an instance epoch, so the redo
+/// reaches the same state; only the time differs. A batch in which an event
+/// failed makes the next one careful too, so a stream full of bad events
+/// pays for one redo, not one per batch.
+struct Batch {
+    /// Records the batch has read, to feed them again on a redo (kept only
+    /// while the batch is not careful).
+    records: Vec<Record>,
+    retained_bytes: usize,
+    started: Instant,
+    /// Events the batch has applied, dead-lettered or skipped.
+    events: usize,
+    /// Where the run stood when the batch began.
+    next_seq: u64,
+    offsets: Offsets,
+    summary: RunSummary,
+    /// An event of this batch failed.
+    failed: bool,
+}
+
+/// Records a batch keeps for a redo at most; past this it turns careful.
+const MAX_RETAINED_BYTES: usize = 64 << 20;
+
+/// How an event went.
+enum Processed {
+    Done,
+    /// It failed outside a savepoint: the batch must be redone carefully.
+    Redo,
 }
 
 impl Run<'_> {
@@ -277,60 +322,107 @@ impl Run<'_> {
     }
 
     fn consume(&mut self, source: &mut FileSource) -> Result<(), RunError> {
-        let mut in_batch = 0usize;
-        let mut batch_started = Instant::now();
-        while let Some(record) = source.next_record()? {
+        let mut batch: Option<Batch> = None;
+        // Records to feed again, ahead of the source, after a redo.
+        let mut redo = VecDeque::new();
+        loop {
+            let record = match redo.pop_front() {
+                Some(record) => record,
+                None => match source.next_record()? {
+                    Some(record) => record,
+                    None => break,
+                },
+            };
             let key = (record.position.stream.clone(), record.position.partition);
             let next = self.offsets.get(&key).copied();
             if next.is_some_and(|next| record.position.offset < next) {
                 self.summary.skipped += 1;
+                if let Some(open) = batch.as_mut() {
+                    self.retain(open, record);
+                }
                 continue;
             }
             let boundary = self.next_seq.is_multiple_of(INSTANCE_EPOCH);
             if boundary && self.progress.should_stop() {
-                if in_batch > 0 {
-                    self.commit_batch()?;
+                if let Some(open) = batch.take() {
+                    self.commit_batch(open)?;
                 }
                 self.summary.interrupted = true;
                 return Ok(());
             }
-            if in_batch == 0 {
-                self.db().begin()?;
-                batch_started = Instant::now();
-            }
-            if in_batch == 0 || boundary {
-                // A fresh instance for every epoch, and for the first event of
-                // a run (which, but for an input's end, is an epoch start).
-                self.instance.recycle();
-            }
+            let open = match batch.as_mut() {
+                Some(open) => {
+                    if boundary {
+                        self.instance.recycle();
+                    }
+                    open
+                }
+                None => {
+                    self.db().begin()?;
+                    // A fresh instance for every epoch, and for the first
+                    // event of a run (which, but for an input's end, is an
+                    // epoch start).
+                    self.instance.recycle();
+                    batch.insert(Batch {
+                        records: Vec::new(),
+                        retained_bytes: 0,
+                        started: Instant::now(),
+                        events: 0,
+                        next_seq: self.next_seq,
+                        offsets: self.offsets.clone(),
+                        summary: self.summary.clone(),
+                        failed: false,
+                    })
+                }
+            };
             let offset = record.position.offset;
-            if let Err(error) = self.process(record) {
-                // Keep what the last commit kept. The batch began at an epoch
-                // boundary, so a rerun processes it again from the same
-                // fresh instance. (A savepoint per epoch would keep more, but
-                // nested savepoints make every event's savepoint cost grow
-                // with the epoch: 1.8x slower with 256-event epochs.)
-                self.db().rollback()?;
-                return Err(error);
+            match self.process(&record, &mut open.failed) {
+                Ok(Processed::Done) => {}
+                Ok(Processed::Redo) => {
+                    let open = batch.take().expect("the batch is open");
+                    self.db().rollback()?;
+                    self.next_seq = open.next_seq;
+                    self.offsets = open.offsets;
+                    self.summary = open.summary;
+                    self.logs.clear();
+                    self.careful = true;
+                    redo = open
+                        .records
+                        .into_iter()
+                        .chain([record])
+                        .chain(redo)
+                        .collect();
+                    continue;
+                }
+                Err(error) => {
+                    // Keep what the last commit kept. The batch began at an
+                    // epoch boundary, so a rerun processes it again from the
+                    // same fresh instance.
+                    self.show_logs();
+                    self.db().rollback()?;
+                    return Err(error);
+                }
             }
             self.next_seq += 1;
             self.summary.consumed += 1;
             self.offsets
                 .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
-            in_batch += 1;
+            let open = batch.as_mut().expect("the batch is open");
+            open.events += 1;
+            self.retain(open, record);
             // Batches end only at epoch boundaries, so a crash always resumes
             // where every run starts a fresh instance.
-            let full = in_batch >= self.config.batch_size
-                || batch_started.elapsed() >= self.config.batch_time;
+            let full = open.events >= self.config.batch_size
+                || open.started.elapsed() >= self.config.batch_time;
             if full && self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
-                self.commit_batch()?;
-                in_batch = 0;
+                let done = batch.take().expect("the batch is open");
+                self.commit_batch(done)?;
                 self.progress
                     .advance(source.bytes_read(), self.summary.consumed);
             }
         }
-        if in_batch > 0 {
-            self.commit_batch()?;
+        if let Some(open) = batch.take() {
+            self.commit_batch(open)?;
         }
         self.progress
             .advance(source.bytes_read(), self.summary.consumed);
@@ -338,52 +430,71 @@ impl Run<'_> {
     }
 
     /// The event's id for deduplication, if it carries one.
-    fn event_id(&self, event: &crate::event::Event) -> Option<Vec<u8>> {
+    fn event_id<'e>(&self, event: &'e crate::event::Event) -> Option<&'e [u8]> {
         let name = self.config.dedup_header.as_deref()?;
-        event.headers.iter().find(|h| h.name == name)?.value.clone()
+        event
+            .headers
+            .iter()
+            .find(|h| h.name == name)?
+            .value
+            .as_deref()
     }
 
     /// Processes one record inside the open batch: applies it, skips it as a
     /// duplicate, or dead-letters it. The caller counts it as consumed.
-    fn process(&mut self, record: Record) -> Result<(), RunError> {
+    fn process(&mut self, record: &Record, failed: &mut bool) -> Result<Processed, RunError> {
         let seq = self.next_seq;
-        let event = match record.decoded {
+        let event = match &record.decoded {
             Ok(event) => event,
             Err(reason) => {
-                let position = record.position;
-                return self.dead_letter(seq, position, "malformed", reason, None, record.raw);
+                let position = record.position.clone();
+                self.dead_letter(
+                    seq,
+                    position,
+                    "malformed",
+                    reason.clone(),
+                    None,
+                    &record.raw,
+                )?;
+                return Ok(Processed::Done);
             }
         };
 
-        if let Some(id) = self.event_id(&event) {
-            if self.db().seen_event_id(&id)? {
+        if let Some(id) = self.event_id(event) {
+            if self.db().seen_event_id(id)? {
                 // Re-produced data: consumed, counted, not applied again.
                 self.summary.duplicates += 1;
-                return Ok(());
+                return Ok(Processed::Done);
             }
-            self.db().record_event_id(&id, seq)?;
+            self.db().record_event_id(id, seq)?;
         }
 
-        self.db().savepoint()?;
+        let careful = self.careful;
+        if careful {
+            self.db().savepoint()?;
+        }
         let db = self
             .db
             .take()
             .expect("the state DB is lent out only during a call");
-        let (db, outcome) = self.instance.handle(db, &event);
+        let (db, outcome) = self.instance.handle(db, event);
         self.db = Some(db);
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(HostFault(source)) => {
                 return Err(RunError::Host {
                     state: self.config.state.clone(),
-                    position: event.position,
+                    position: event.position.clone(),
                     source: Box::new(source),
                 });
             }
         };
-        for line in &outcome.logs {
-            self.progress.guest_log(&event.position, line);
-        }
+        self.logs.extend(
+            outcome
+                .logs
+                .into_iter()
+                .map(|line| (event.position.clone(), line)),
+        );
         match outcome.result {
             Ok(outputs) => {
                 for (n, output) in outputs.into_iter().enumerate() {
@@ -397,17 +508,23 @@ impl Run<'_> {
                     self.db().insert_outbox(&row)?;
                     self.summary.outputs += 1;
                 }
-                self.db().release()?;
+                if careful {
+                    self.db().release()?;
+                }
                 self.summary.applied += 1;
             }
             Err(rejection) => {
-                self.db().rollback_event()?;
                 if rejection.is_failure() && self.config.on_error == ErrorPolicy::Halt {
                     return Err(RunError::Halted {
-                        position: event.position,
+                        position: event.position.clone(),
                         rejection,
                     });
                 }
+                if !careful {
+                    return Ok(Processed::Redo);
+                }
+                *failed = true;
+                self.db().rollback_event()?;
                 let position = event.position.clone();
                 self.dead_letter(
                     seq,
@@ -415,11 +532,32 @@ impl Run<'_> {
                     rejection.class,
                     rejection.message,
                     Some(event),
-                    record.raw,
+                    &record.raw,
                 )?;
             }
         }
-        Ok(())
+        Ok(Processed::Done)
+    }
+
+    /// Keeps `record` for a redo of `batch`, unless the batch is careful; a
+    /// batch holding too much turns careful instead.
+    fn retain(&mut self, batch: &mut Batch, record: Record) {
+        if self.careful {
+            return;
+        }
+        batch.retained_bytes += record.raw.len();
+        batch.records.push(record);
+        if batch.retained_bytes > MAX_RETAINED_BYTES {
+            self.careful = true;
+            batch.records = Vec::new();
+        }
+    }
+
+    /// Shows the guest log lines of the batch.
+    fn show_logs(&mut self) {
+        for (position, line) in self.logs.drain(..) {
+            self.progress.guest_log(&position, &line);
+        }
     }
 
     /// Keeps a record that could not be processed, with its raw bytes.
@@ -429,11 +567,16 @@ impl Run<'_> {
         position: Position,
         class: &str,
         message: String,
-        event: Option<crate::event::Event>,
-        raw: Vec<u8>,
+        event: Option<&crate::event::Event>,
+        raw: &[u8],
     ) -> Result<(), RunError> {
         let (key, payload, headers, timestamp_ms) = match event {
-            Some(e) => (e.key, e.payload, e.headers, e.timestamp_ms),
+            Some(e) => (
+                e.key.clone(),
+                e.payload.clone(),
+                e.headers.clone(),
+                e.timestamp_ms,
+            ),
             None => (None, None, Vec::new(), None),
         };
         let dead = DeadLetter {
@@ -446,7 +589,7 @@ impl Run<'_> {
             payload,
             headers,
             timestamp_ms,
-            raw,
+            raw: raw.to_vec(),
         };
         self.db().insert_dead_letter(&dead)?;
         self.summary.dead_lettered += 1;
@@ -454,11 +597,13 @@ impl Run<'_> {
     }
 
     /// Commits the batch with its offsets, then relays the outbox.
-    fn commit_batch(&mut self) -> Result<(), RunError> {
+    fn commit_batch(&mut self, batch: Batch) -> Result<(), RunError> {
         let db = self.db();
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;
         db.commit()?;
+        self.careful = batch.failed;
+        self.show_logs();
         self.deliver()
     }
 

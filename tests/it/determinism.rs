@@ -327,3 +327,74 @@ fn kill_9_with_a_memory_stateful_guest_changes_nothing() {
     );
     assert_eq!(dump(&clean), dump(&killed));
 }
+
+/// A failing event (here invalid input in the middle of a batch, and a trap)
+/// leaves exactly what a savepoint of its own would have: the events around
+/// it applied, it dead-lettered, and every other event's guest log shown
+/// once, in order, whatever redoing the batch took.
+#[test]
+fn a_failing_event_is_undone_alone_and_logs_show_once() {
+    struct Logs(std::cell::RefCell<Vec<String>>);
+    impl rewind_host::Progress for Logs {
+        fn guest_log(&self, position: &rewind_host::Position, line: &str) {
+            self.0.borrow_mut().push(format!("{position} {line}"));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let acts: Vec<String> = (0..150i64)
+        .map(|i| {
+            let act = match i {
+                40 => "write-then-fail",
+                41 => "invalid",
+                90 => "panic",
+                _ if i % 2 == 0 => "say",
+                _ => "normal",
+            };
+            envelope("acts", i, 0, "k", &format!(r#"{{"do":"{act}"}}"#))
+        })
+        .collect();
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, acts.join("\n")).unwrap();
+    let logs = Logs(Default::default());
+    let state = dir.path().join("s.db");
+    rewind_host::run(&config(&processor("hostile"), &input, &state), &logs).unwrap();
+
+    let said: Vec<String> = logs
+        .0
+        .into_inner()
+        .into_iter()
+        .filter(|l| l.contains("says hello"))
+        .collect();
+    let expected: Vec<String> = (0..150)
+        .filter(|i| i % 2 == 0 && ![40, 90].contains(i))
+        .map(|i| format!("acts/0@{i} info: event {i} says hello"))
+        .collect();
+    assert_eq!(said, expected);
+    let seen: Vec<i64> = rewind_tests::rows(&state, "SELECT offset FROM seen ORDER BY offset")
+        .into_iter()
+        .map(|r| match r[0] {
+            rusqlite::types::Value::Integer(o) => o,
+            ref other => panic!("{other:?}"),
+        })
+        .collect();
+    let normal: Vec<i64> = (0..150)
+        .filter(|i| i % 2 == 1 && ![41].contains(i))
+        .collect();
+    assert_eq!(
+        seen, normal,
+        "write-then-fail's write is undone, the rest kept"
+    );
+    let dead: Vec<Vec<rusqlite::types::Value>> = rewind_tests::rows(
+        &state,
+        "SELECT \"offset\", error_class FROM _rewind_dlq ORDER BY seq",
+    );
+    assert_eq!(
+        format!("{dead:?}"),
+        r#"[[Integer(40), Text("failed")], [Integer(41), Text("invalid-input")], [Integer(90), Text("panic")]]"#
+    );
+    let outputs = rewind_tests::rows(&state, "SELECT count(*) FROM _rewind_outbox");
+    assert_eq!(
+        outputs[0][0],
+        rusqlite::types::Value::Integer(normal.len() as i64)
+    );
+}

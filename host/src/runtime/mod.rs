@@ -19,7 +19,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub use cache::default_dir as default_cache_dir;
-pub use host::HostFault;
+pub use host::{HostFault, MAX_OUTPUTS_PER_EVENT};
 
 use crate::event::{Event, Output, Position};
 use crate::state::{EventClock, StateDb};
@@ -449,6 +449,17 @@ impl Instance<'_> {
     }
 }
 
+fn level_name(level: crate::wit::rewind::processor::log::Level) -> &'static str {
+    use crate::wit::rewind::processor::log::Level;
+    match level {
+        Level::Trace => "trace",
+        Level::Debug => "debug",
+        Level::Info => "info",
+        Level::Warn => "warn",
+        Level::Error => "error",
+    }
+}
+
 /// Drains what the guest logged and printed during a call into log lines;
 /// also returns its stderr, where a panic message would be.
 fn collect_logs(live: &mut Live) -> (Vec<String>, Vec<u8>) {
@@ -456,7 +467,7 @@ fn collect_logs(live: &mut Live) -> (Vec<String>, Vec<u8>) {
     let mut logs: Vec<String> = data
         .logs
         .drain(..)
-        .map(|l| format!("{:?}: {}", l.level, l.message))
+        .map(|l| format!("{}: {}", level_name(l.level), l.message))
         .collect();
     if data.logs_dropped > 0 {
         logs.push(format!(

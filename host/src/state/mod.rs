@@ -14,6 +14,7 @@ macro_rules! host_sql {
     };
 }
 
+mod checkpoint;
 mod guard;
 mod tables;
 mod vfs;
@@ -33,7 +34,7 @@ use crate::event::Seed;
 use guard::Guard;
 
 /// The state DB format this host writes; a DB with another is refused.
-pub const FORMAT: &str = "rewind-state-1";
+pub const FORMAT: &str = "rewind-state-2";
 
 /// How many bytes (roughly) one guest query may return before it is
 /// refused: the whole result is built in host memory before the guest gets it.
@@ -105,6 +106,9 @@ pub struct GuestRows {
 
 /// A processor's state DB.
 pub struct StateDb {
+    /// Declared (so dropped) before `conn`: the writer closes last, and its
+    /// close checkpoints what is left.
+    checkpointer: Option<checkpoint::Checkpointer>,
     conn: Connection,
     path: PathBuf,
     guard: Arc<Guard>,
@@ -186,6 +190,7 @@ impl StateDb {
         .map_err(err)?;
 
         let db = StateDb {
+            checkpointer: None,
             conn,
             path: path.to_owned(),
             guard,
@@ -194,6 +199,18 @@ impl StateDb {
         };
         db.create_host_tables()?;
         Ok(db)
+    }
+
+    /// Moves WAL checkpoints to a background thread (for a long run: the
+    /// writer then never waits on `fsync`). See `checkpoint`.
+    pub fn checkpoint_in_background(&mut self) -> Result<(), StateError> {
+        if self.checkpointer.is_none() {
+            let checkpointer =
+                checkpoint::Checkpointer::start(&mut self.conn, &self.path, vfs::NAME)
+                    .map_err(|e| self.err(e))?;
+            self.checkpointer = Some(checkpointer);
+        }
+        Ok(())
     }
 
     /// The file this DB lives in.

@@ -36,17 +36,21 @@ CREATE TABLE IF NOT EXISTS _rewind_dedup (
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _rewind_outbox (
-    seq INTEGER NOT NULL,
-    n INTEGER NOT NULL,
+    slot INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
     stream TEXT NOT NULL,
     key BLOB,
     payload BLOB,
     headers TEXT NOT NULL,
-    timestamp_ms INTEGER,
-    PRIMARY KEY (seq, n)
-) WITHOUT ROWID;
+    timestamp_ms INTEGER
+);
 "#;
+
+/// Outputs of one event are at most this many (the host caps them lower),
+/// so `slot = seq * OUTBOX_SLOTS + n` orders outputs and appends to the
+/// outbox's b-tree (rowid tables append cheaply).
+const OUTBOX_SLOTS: u64 = 1 << 16;
+const _: () = assert!((crate::runtime::MAX_OUTPUTS_PER_EVENT as u64) < OUTBOX_SLOTS);
 
 /// An event that could not be processed, with everything needed to redrive it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,14 +215,13 @@ impl StateDb {
 
     pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
         self.conn
-            .prepare_cached(
-                host_sql!("INSERT INTO _rewind_outbox (seq, n, id, stream, key, payload, headers, timestamp_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
-            )
+            .prepare_cached(host_sql!(
+                "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            ))
             .and_then(|mut s| {
                 s.execute(params![
-                    row.seq as i64,
-                    row.n,
+                    outbox_slot(row.seq, row.n),
                     row.id,
                     row.output.stream,
                     row.output.key,
@@ -236,24 +239,25 @@ impl StateDb {
         let mut stmt = self
             .conn
             .prepare_cached(host_sql!(
-                "SELECT seq, n, id, stream, key, payload, headers, timestamp_ms
-                 FROM _rewind_outbox ORDER BY seq, n LIMIT ?1"
+                "SELECT slot, id, stream, key, payload, headers, timestamp_ms
+                 FROM _rewind_outbox ORDER BY slot LIMIT ?1"
             ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([limit as i64], |r| {
-                let headers: String = r.get(6)?;
+                let slot = r.get::<_, i64>(0)? as u64;
+                let headers: String = r.get(5)?;
                 Ok(OutboxRow {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    n: r.get(1)?,
-                    id: r.get(2)?,
+                    seq: slot / OUTBOX_SLOTS,
+                    n: (slot % OUTBOX_SLOTS) as u32,
+                    id: r.get(1)?,
                     output: Output {
-                        stream: r.get(3)?,
-                        key: r.get(4)?,
-                        payload: r.get(5)?,
+                        stream: r.get(2)?,
+                        key: r.get(3)?,
+                        payload: r.get(4)?,
                         headers: headers_from_json(&headers).unwrap_or_default(),
                     },
-                    timestamp_ms: r.get(7)?,
+                    timestamp_ms: r.get(6)?,
                 })
             })
             .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>());
@@ -275,10 +279,8 @@ impl StateDb {
         self.begin()?;
         let result = (|| {
             self.conn
-                .prepare_cached(host_sql!(
-                    "DELETE FROM _rewind_outbox WHERE seq < ?1 OR (seq = ?1 AND n <= ?2)"
-                ))
-                .and_then(|mut s| s.execute(params![through.0 as i64, through.1]))
+                .prepare_cached(host_sql!("DELETE FROM _rewind_outbox WHERE slot <= ?1"))
+                .and_then(|mut s| s.execute([outbox_slot(through.0, through.1)]))
                 .map_err(|e| self.err(e))?;
             self.set_meta("sink.outputs", &mark.outputs.to_string())?;
             self.set_meta("sink.bytes", &mark.bytes.to_string())?;
@@ -355,6 +357,10 @@ impl StateDb {
             .map(drop)
             .map_err(|e| self.err(e))
     }
+}
+
+fn outbox_slot(seq: u64, n: u32) -> i64 {
+    (seq * OUTBOX_SLOTS + u64::from(n)) as i64
 }
 
 #[cfg(test)]
