@@ -21,5 +21,6 @@ pub use runtime::{
 };
 pub use source::{FileSource, Record};
 pub use state::{
-    DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount,
+    Checkpointer, DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary,
+    TableCount,
 };

@@ -1,7 +1,8 @@
 //! `cargo xtask bench [--events N] [--batch-size N]`: `rewind run` with payments-v2 against a
 //! native Rust implementation of the same logic issuing the same SQL through
-//! rusqlite with the same batching, in the same run, plus peak RSS and cold
-//! versus warm start. The machines are shared and noisy: read the ratio.
+//! rusqlite with the same batching (`host/examples/native_payments.rs`), in
+//! the same run, plus peak RSS and cold versus warm start. The machines are
+//! shared and noisy: read the ratio.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
 use crate::demo::XorShift;
 use crate::{cargo, cmd, target_dir};
@@ -41,6 +40,19 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let (wasm, bin) = crate::build_release()?;
+    cmd(
+        &cargo(),
+        &[
+            "build",
+            "--quiet",
+            "--release",
+            "--package",
+            "rewind-host",
+            "--example",
+            "native_payments",
+        ],
+    )?;
+    let native_bin = target_dir().join("release/examples/native_payments");
     let dir = target_dir().join("bench");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -68,7 +80,12 @@ pub fn run(args: &[String]) -> Result<()> {
         &cache,
         batch,
     )?;
-    let native_time = native(&input, &dir.join("native.db"), batch)?;
+    let (native_time, native_rss) = measure(
+        Command::new(&native_bin)
+            .arg(&input)
+            .arg(dir.join("native.db"))
+            .arg(batch.to_string()),
+    )?;
     // The host's own cost per event: a processor that does nothing.
     let noop_input = dir.join("noop.jsonl");
     std::fs::write(&noop_input, "{\"do\":\"noop\"}\n".repeat(events))?;
@@ -88,9 +105,10 @@ pub fn run(args: &[String]) -> Result<()> {
         rss / 1024
     );
     println!(
-        "native rusqlite:   {:>9.0} events/s  ({:.2}s)",
+        "native rusqlite:   {:>9.0} events/s  ({:.2}s, peak RSS {} MiB)",
         rate(native_time),
-        native_time.as_secs_f64()
+        native_time.as_secs_f64(),
+        native_rss / 1024
     );
     println!(
         "host alone (no-op processor): {:>9.0} events/s  ({:.2}s)",
@@ -164,7 +182,7 @@ fn start_time(
         .to_owned())
 }
 
-/// Runs `rewind run`, polling its peak RSS (VmHWM, KiB) while it runs.
+/// Runs `rewind run`: its wall time and peak RSS.
 fn run_rewind(
     bin: &Path,
     processor: &Path,
@@ -173,13 +191,18 @@ fn run_rewind(
     cache: &Path,
     batch: usize,
 ) -> Result<(Duration, u64)> {
+    measure(
+        rewind_run(bin, processor, input, state, cache)
+            .arg("--quiet")
+            // Batches end by size only, as in the native baseline.
+            .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]),
+    )
+}
+
+/// Runs `command` to success: its wall time and peak RSS (VmHWM, KiB).
+fn measure(command: &mut Command) -> Result<(Duration, u64)> {
     let started = Instant::now();
-    let mut child = rewind_run(bin, processor, input, state, cache)
-        .arg("--quiet")
-        // Batches end by size only, as in the native baseline.
-        .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"])
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut child = command.stdout(Stdio::null()).spawn()?;
     let status_file = PathBuf::from(format!("/proc/{}/status", child.id()));
     let mut peak = 0;
     loop {
@@ -196,175 +219,10 @@ fn run_rewind(
         }
         if let Some(status) = child.try_wait()? {
             if !status.success() {
-                bail!("rewind run failed ({status})");
+                bail!("{command:?} failed ({status})");
             }
             return Ok((started.elapsed(), peak));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Order {
-    OrderCompleted {
-        order_id: String,
-        customer_id: String,
-        amount_cents: i64,
-        currency: String,
-    },
-    OrderCancelled {
-        order_id: String,
-    },
-}
-
-#[derive(Serialize)]
-struct Payment<'a> {
-    order_id: &'a str,
-    customer_id: &'a str,
-    amount_cents: i64,
-    currency: &'a str,
-    status: &'a str,
-    gateway_ref: &'a str,
-    updated_at_ms: i64,
-}
-
-/// The payments v2 logic, natively: the same statements, a savepoint per
-/// event, outbox rows and offsets committed per batch, as the host does.
-fn native(input: &Path, db: &Path, batch: usize) -> Result<Duration> {
-    let started = Instant::now();
-    let conn = Connection::open(db)?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;
-         CREATE TABLE _rewind_offsets (stream TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (stream, partition)) WITHOUT ROWID;
-         CREATE TABLE _rewind_outbox (seq INTEGER NOT NULL, n INTEGER NOT NULL, id TEXT NOT NULL, stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL, timestamp_ms INTEGER, PRIMARY KEY (seq, n)) WITHOUT ROWID;
-         CREATE TABLE _rewind_dlq (seq INTEGER PRIMARY KEY, message TEXT NOT NULL, raw BLOB NOT NULL);
-         CREATE TABLE payments (order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL, gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
-         CREATE TABLE customer_totals (customer_id TEXT PRIMARY KEY, charged_cents INTEGER NOT NULL, refunded_cents INTEGER NOT NULL, charges INTEGER NOT NULL);",
-    )?;
-    let text = std::fs::read(input)?;
-    let mut seq = 0i64;
-    conn.execute_batch("BEGIN")?;
-    for (line_no, line) in text
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .enumerate()
-    {
-        conn.prepare_cached("SAVEPOINT e")?.execute([])?;
-        let applied = match serde_json::from_slice::<Order>(line) {
-            Ok(order) => apply(&conn, order, seq)?,
-            Err(e) => Err(e.to_string()),
-        };
-        conn.prepare_cached(if applied.is_ok() {
-            "RELEASE e"
-        } else {
-            "ROLLBACK TO e"
-        })?
-        .execute([])?;
-        if let Err(message) = applied {
-            conn.prepare_cached("RELEASE e")?.execute([])?;
-            conn.prepare_cached("INSERT INTO _rewind_dlq VALUES (?1, ?2, ?3)")?
-                .execute(params![seq, message, line])?;
-        }
-        seq += 1;
-        // The host commits at instance-epoch boundaries (64 events), so its
-        // batches of 1000 are really 1024.
-        if (seq as usize).is_multiple_of(batch.next_multiple_of(64)) {
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO _rewind_offsets VALUES ('orders.jsonl', 0, ?1)",
-            )?
-            .execute([line_no as i64 + 2])?;
-            conn.execute_batch("COMMIT; BEGIN")?;
-        }
-    }
-    conn.execute_batch("COMMIT")?;
-    Ok(started.elapsed())
-}
-
-fn apply(conn: &Connection, order: Order, seq: i64) -> Result<Result<(), String>> {
-    let gateway_ref = format!("gw_{:016x}", XorShift(seq as u64 | 1).next_u64());
-    let emit = |p: &Payment<'_>| -> Result<()> {
-        conn.prepare_cached(
-            "INSERT INTO _rewind_outbox VALUES (?1, 0, ?2, 'payments', ?3, ?4, '[]', NULL)",
-        )?
-        .execute(params![
-            seq,
-            format!("orders.jsonl/0@{seq}/0"),
-            p.order_id,
-            serde_json::to_vec(p)?
-        ])?;
-        Ok(())
-    };
-    match order {
-        Order::OrderCompleted {
-            order_id,
-            customer_id,
-            amount_cents,
-            currency,
-        } => {
-            let seen = conn
-                .prepare_cached("SELECT 1 FROM payments WHERE order_id = ?1")?
-                .query_row([&order_id], |_| Ok(()))
-                .optional()?;
-            if seen.is_some() {
-                return Ok(Ok(()));
-            }
-            let p = Payment {
-                order_id: &order_id,
-                customer_id: &customer_id,
-                amount_cents,
-                currency: &currency,
-                status: "charged",
-                gateway_ref: &gateway_ref,
-                updated_at_ms: 0,
-            };
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO payments VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                p.order_id,
-                p.customer_id,
-                p.amount_cents,
-                p.currency,
-                p.status,
-                p.gateway_ref,
-                p.updated_at_ms
-            ])?;
-            conn.prepare_cached(
-                "INSERT INTO customer_totals VALUES (?1, ?2, 0, 1) ON CONFLICT (customer_id) DO UPDATE SET
-                 charged_cents = charged_cents + excluded.charged_cents, charges = charges + 1",
-            )?
-            .execute(params![p.customer_id, p.amount_cents])?;
-            emit(&p)?;
-        }
-        Order::OrderCancelled { order_id } => {
-            let row: Option<(String, i64, String, String, String)> = conn
-                .prepare_cached("SELECT customer_id, amount_cents, currency, gateway_ref, status FROM payments WHERE order_id = ?1")?
-                .query_row([&order_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-                .optional()?;
-            let Some((customer_id, amount_cents, currency, gateway, status)) = row else {
-                return Ok(Err(format!("cancel of unknown order {order_id}")));
-            };
-            if status != "charged" {
-                return Ok(Err(format!("order {order_id} is already refunded")));
-            }
-            conn.prepare_cached(
-                "UPDATE payments SET status = 'refunded', updated_at_ms = ?2 WHERE order_id = ?1",
-            )?
-            .execute(params![order_id, 0])?;
-            conn.prepare_cached("UPDATE customer_totals SET refunded_cents = refunded_cents + ?2 WHERE customer_id = ?1")?
-                .execute(params![customer_id, amount_cents])?;
-            let p = Payment {
-                order_id: &order_id,
-                customer_id: &customer_id,
-                amount_cents,
-                currency: &currency,
-                status: "refunded",
-                gateway_ref: &gateway,
-                updated_at_ms: 0,
-            };
-            emit(&p)?;
-        }
-    }
-    Ok(Ok(()))
 }

@@ -57,25 +57,25 @@ impl Shared {
     }
 }
 
-/// The checkpointing thread of one state DB; stops when dropped.
-pub(super) struct Checkpointer {
+/// The checkpointing thread of one database; stops when dropped.
+pub struct Checkpointer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Checkpointer {
-    /// Takes over checkpoints of `writer`'s database at `path`, opened
-    /// through `vfs`.
-    pub(super) fn start(
+    /// Takes over checkpoints of `writer`'s database (in WAL mode) at
+    /// `path`, opened through `vfs` (SQLite's default when `None`).
+    pub fn start(
         writer: &mut Connection,
         path: &Path,
-        vfs: &str,
+        vfs: Option<&str>,
     ) -> rusqlite::Result<Checkpointer> {
-        let conn = Connection::open_with_flags_and_vfs(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            vfs,
-        )?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match vfs {
+            Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs)?,
+            None => Connection::open_with_flags(path, flags)?,
+        };
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 0;")?;
         let shared = Arc::new(Shared::default());
         let thread = {

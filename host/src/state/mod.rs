@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
+pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
 
@@ -206,7 +207,7 @@ impl StateDb {
     pub fn checkpoint_in_background(&mut self) -> Result<(), StateError> {
         if self.checkpointer.is_none() {
             let checkpointer =
-                checkpoint::Checkpointer::start(&mut self.conn, &self.path, vfs::NAME)
+                checkpoint::Checkpointer::start(&mut self.conn, &self.path, Some(vfs::NAME))
                     .map_err(|e| self.err(e))?;
             self.checkpointer = Some(checkpointer);
         }

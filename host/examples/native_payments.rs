@@ -1,0 +1,229 @@
+//! The benchmark's baseline: payments v2 written natively against rusqlite,
+//! issuing the same SQL as the guest with the same batching and database
+//! set-up as `rewind run`, so that `cargo xtask bench` measures what the
+//! sandbox costs and nothing else.
+//!
+//! `native_payments INPUT.jsonl STATE.db BATCH_SIZE`
+//!
+//! Like the host it commits state, outbox rows and offsets per batch (rounded
+//! up to the host's 64-event instance epochs), checkpoints the WAL in the
+//! background, and runs events without savepoints (payments rejects an event
+//! before writing anything, so none is needed natively).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Order {
+    OrderCompleted {
+        order_id: String,
+        customer_id: String,
+        amount_cents: i64,
+        currency: String,
+    },
+    OrderCancelled {
+        order_id: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Payment<'a> {
+    order_id: &'a str,
+    customer_id: &'a str,
+    amount_cents: i64,
+    currency: &'a str,
+    status: &'a str,
+    gateway_ref: &'a str,
+    updated_at_ms: i64,
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [input, db, batch] = args.as_slice() else {
+        anyhow::bail!("usage: native_payments INPUT.jsonl STATE.db BATCH_SIZE");
+    };
+    let batch: usize = batch.parse().context("BATCH_SIZE")?;
+    run(Path::new(input), Path::new(db), batch)
+}
+
+fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
+    let mut conn = Connection::open(db)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536;
+         PRAGMA temp_store = MEMORY;
+         CREATE TABLE _rewind_offsets (stream TEXT NOT NULL, partition INTEGER NOT NULL,
+             next_offset INTEGER NOT NULL, PRIMARY KEY (stream, partition)) WITHOUT ROWID;
+         CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
+             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
+             timestamp_ms INTEGER);
+         CREATE TABLE _rewind_dlq (seq INTEGER PRIMARY KEY, message TEXT NOT NULL, raw BLOB NOT NULL);",
+    )?;
+    // The payments processor's schema, as its `init` creates it.
+    conn.execute_batch(
+        "CREATE TABLE payments (
+             order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
+             amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL,
+             gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
+         CREATE TABLE customer_totals (
+             customer_id TEXT PRIMARY KEY, charged_cents INTEGER NOT NULL,
+             refunded_cents INTEGER NOT NULL, charges INTEGER NOT NULL);",
+    )?;
+    let _checkpoints = rewind_host::Checkpointer::start(&mut conn, db, None)?;
+    let stream = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = std::fs::read(input)?;
+    let commit_every = batch.next_multiple_of(64);
+    let mut seq = 0u64;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    for (line_no, line) in text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
+        let offset = line_no as i64 + 1;
+        let applied = match serde_json::from_slice::<Order>(line) {
+            Ok(order) => apply(&conn, order, seq, &stream, offset)?,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(message) = applied {
+            conn.prepare_cached("INSERT INTO _rewind_dlq VALUES (?1, ?2, ?3)")?
+                .execute(params![seq as i64, message, line])?;
+        }
+        seq += 1;
+        if (seq as usize).is_multiple_of(commit_every) {
+            commit(&conn, &stream, offset + 1, seq)?;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+        }
+    }
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+fn commit(conn: &Connection, stream: &str, next_offset: i64, seq: u64) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO _rewind_offsets VALUES (?1, 0, ?2)")?
+        .execute(params![stream, next_offset])?;
+    conn.prepare_cached("INSERT OR REPLACE INTO _rewind_meta VALUES ('next_seq', ?1)")?
+        .execute([seq.to_string()])?;
+    conn.execute_batch("COMMIT")?;
+    Ok(())
+}
+
+/// The payments v2 logic; `Err` is invalid input.
+fn apply(
+    conn: &Connection,
+    order: Order,
+    seq: u64,
+    stream: &str,
+    offset: i64,
+) -> Result<Result<(), String>> {
+    let emit = |p: &Payment<'_>| -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
+             VALUES (?1, ?2, 'payments', ?3, ?4, '[]', NULL)",
+        )?
+        .execute(params![
+            (seq << 16) as i64,
+            format!("{stream}/0@{offset}/0"),
+            p.order_id.as_bytes(),
+            serde_json::to_vec(p)?
+        ])?;
+        Ok(())
+    };
+    match order {
+        Order::OrderCompleted {
+            order_id,
+            customer_id,
+            amount_cents,
+            currency,
+        } => {
+            let seen = conn
+                .prepare_cached("SELECT 1 FROM payments WHERE order_id = ?1")?
+                .query_row([&order_id], |_| Ok(()))
+                .optional()?;
+            if seen.is_some() {
+                return Ok(Ok(()));
+            }
+            let gateway_ref = format!("gw_{:016x}", splitmix(seq));
+            let p = Payment {
+                order_id: &order_id,
+                customer_id: &customer_id,
+                amount_cents,
+                currency: &currency,
+                status: "charged",
+                gateway_ref: &gateway_ref,
+                updated_at_ms: 0,
+            };
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO payments VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                p.order_id,
+                p.customer_id,
+                p.amount_cents,
+                p.currency,
+                p.status,
+                p.gateway_ref,
+                p.updated_at_ms
+            ])?;
+            conn.prepare_cached(
+                "INSERT INTO customer_totals VALUES (?1, ?2, 0, 1)
+                 ON CONFLICT (customer_id) DO UPDATE SET
+                    charged_cents = charged_cents + excluded.charged_cents,
+                    charges = charges + 1",
+            )?
+            .execute(params![p.customer_id, p.amount_cents])?;
+            emit(&p)?;
+        }
+        Order::OrderCancelled { order_id } => {
+            let row: Option<(String, i64, String, String, String)> = conn
+                .prepare_cached(
+                    "SELECT customer_id, amount_cents, currency, gateway_ref, status
+                     FROM payments WHERE order_id = ?1",
+                )?
+                .query_row([&order_id], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()?;
+            let Some((customer_id, amount_cents, currency, gateway_ref, status)) = row else {
+                return Ok(Err(format!("cancel of unknown order {order_id}")));
+            };
+            if status != "charged" {
+                return Ok(Err(format!("order {order_id} is already refunded")));
+            }
+            conn.prepare_cached(
+                "UPDATE payments SET status = 'refunded', updated_at_ms = ?2 WHERE order_id = ?1",
+            )?
+            .execute(params![order_id, 0])?;
+            conn.prepare_cached(
+                "UPDATE customer_totals SET refunded_cents = refunded_cents + ?2
+                 WHERE customer_id = ?1",
+            )?
+            .execute(params![customer_id, amount_cents])?;
+            emit(&Payment {
+                order_id: &order_id,
+                customer_id: &customer_id,
+                amount_cents,
+                currency: &currency,
+                status: "refunded",
+                gateway_ref: &gateway_ref,
+                updated_at_ms: 0,
+            })?;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// A cheap stand-in for the host's seeded randomness.
+fn splitmix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
