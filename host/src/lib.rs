@@ -11,6 +11,7 @@ mod runtime;
 mod sink;
 mod source;
 mod state;
+mod tape;
 mod wit;
 
 pub use event::{Event, Header, Output, Position, Seed};
@@ -23,4 +24,8 @@ pub use source::{FileSource, Record};
 pub use state::{
     Checkpointer, DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary,
     TableCount,
+};
+pub use tape::{
+    EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,
+    TapeWriter, is_tape, outputs_digest,
 };

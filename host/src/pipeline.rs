@@ -22,8 +22,9 @@ use crate::runtime::{
 /// timing. It is part of the host configuration results depend on.
 pub const INSTANCE_EPOCH: u64 = 64;
 use crate::sink::{FileSink, SinkError};
-use crate::source::{FileSource, Record, SourceError};
+use crate::source::{InputError, Record, Source};
 use crate::state::{DeadLetter, Offsets, OutboxRow, StateDb, StateError};
+use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeMark, TapeWriter};
 
 /// What to do when a processor fails on an event (invalid input is always
 /// dead-lettered).
@@ -43,6 +44,8 @@ pub struct RunConfig {
     pub input: PathBuf,
     pub state: PathBuf,
     pub output: Option<PathBuf>,
+    /// Record every consumed record, with its result, onto this tape.
+    pub tape: Option<PathBuf>,
     /// Stream name for bare lines (default: the input file's stem).
     pub stream: Option<String>,
     pub batch_size: usize,
@@ -64,6 +67,7 @@ impl RunConfig {
             input: input.to_owned(),
             state: state.to_owned(),
             output: None,
+            tape: None,
             stream: None,
             batch_size: 1000,
             batch_time: Duration::from_millis(500),
@@ -117,7 +121,9 @@ pub enum RunError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Tape(#[from] TapeError),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("processor {path}: init failed ({class}): {message}; nothing was written", class = rejection.class, message = rejection.message)]
@@ -154,7 +160,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
     let started = Instant::now();
     let runtime = Runtime::new(config.runtime.clone())?;
     let module = runtime.load(&config.processor)?;
-    let mut source = FileSource::open(&config.input, config.stream.as_deref())?;
+    let mut source = crate::source::open(&config.input, config.stream.as_deref())?;
 
     let state_existed = config.state.exists();
     let db = StateDb::open(&config.state)?;
@@ -168,6 +174,24 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         }
     };
     db.checkpoint_in_background()?;
+    let tape = match &config.tape {
+        None => None,
+        Some(path) => {
+            let mark = match (db.meta("tape.id")?, db.meta_u64("tape.bytes")?) {
+                (Some(id), bytes) => Some(TapeMark { id, bytes }),
+                (None, _) => None,
+            };
+            let mut tape = TapeWriter::open(path, mark.as_ref())?;
+            db.capture_changes()?;
+            tape.run(&RunInfo {
+                first_seq: db.meta_u64("next_seq")?,
+                module_digest: module.digest().to_owned(),
+                fuel: config.runtime.fuel,
+                memory_bytes: config.runtime.memory_bytes as u64,
+            });
+            Some(tape)
+        }
+    };
 
     let mut run = Run {
         instance: runtime.instance(&module),
@@ -177,6 +201,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         offsets: db.offsets()?,
         next_seq: db.meta_u64("next_seq")?,
         sink: None,
+        tape,
         summary: RunSummary {
             module_digest: module.digest().to_owned(),
             load: module.stats(),
@@ -206,7 +231,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
     }
 
     progress.start(source.size());
-    let result = run.consume(&mut source);
+    let result = run.consume(source.as_mut());
     progress.finish();
     result?;
     run.summary.elapsed = started.elapsed();
@@ -268,6 +293,7 @@ struct Run<'a> {
     offsets: Offsets,
     next_seq: u64,
     sink: Option<FileSink>,
+    tape: Option<TapeWriter>,
     summary: RunSummary,
     /// Moved into the guest's store during a call, hence the `Option`.
     db: Option<StateDb>,
@@ -321,7 +347,7 @@ impl Run<'_> {
             .expect("the state DB is only lent out during a guest call")
     }
 
-    fn consume(&mut self, source: &mut FileSource) -> Result<(), RunError> {
+    fn consume(&mut self, source: &mut dyn Source) -> Result<(), RunError> {
         let mut batch: Option<Batch> = None;
         // Records to feed again, ahead of the source, after a redo.
         let mut redo = VecDeque::new();
@@ -359,6 +385,9 @@ impl Run<'_> {
                 }
                 None => {
                     self.db().begin()?;
+                    if let Some(tape) = self.tape.as_mut() {
+                        tape.begin_batch();
+                    }
                     // A fresh instance for every epoch, and for the first
                     // event of a run (which, but for an input's end, is an
                     // epoch start).
@@ -385,6 +414,10 @@ impl Run<'_> {
                     self.offsets = open.offsets;
                     self.summary = open.summary;
                     self.logs.clear();
+                    if let Some(tape) = self.tape.as_mut() {
+                        tape.discard();
+                    }
+                    self.db().reset_changes();
                     self.careful = true;
                     redo = open
                         .records
@@ -464,6 +497,7 @@ impl Run<'_> {
             if self.db().seen_event_id(id)? {
                 // Re-produced data: consumed, counted, not applied again.
                 self.summary.duplicates += 1;
+                self.record_on_tape(seq, record, Outcome::Duplicate, None);
                 return Ok(Processed::Done);
             }
             self.db().record_event_id(id, seq)?;
@@ -497,6 +531,10 @@ impl Run<'_> {
         );
         match outcome.result {
             Ok(outputs) => {
+                if self.tape.is_some() {
+                    let rows = self.db().take_changes();
+                    self.record_on_tape(seq, record, Outcome::Applied, Some((rows, &outputs)));
+                }
                 for (n, output) in outputs.into_iter().enumerate() {
                     let row = OutboxRow {
                         seq,
@@ -525,6 +563,9 @@ impl Run<'_> {
                 }
                 *failed = true;
                 self.db().rollback_event()?;
+                self.db().reset_changes();
+                let outcome = dead(rejection.class, &rejection.message);
+                self.record_on_tape(seq, record, outcome, None);
                 let position = event.position.clone();
                 self.dead_letter(
                     seq,
@@ -537,6 +578,32 @@ impl Run<'_> {
             }
         }
         Ok(Processed::Done)
+    }
+
+    /// Queues `record` (consumed as `seq`) and its result on the tape, if
+    /// the run records one. `applied` has the rows the event changed and its
+    /// outputs; without it the event changed nothing.
+    fn record_on_tape(
+        &mut self,
+        seq: u64,
+        record: &Record,
+        outcome: Outcome,
+        applied: Option<(Option<(u32, [u8; 32])>, &[crate::event::Output])>,
+    ) {
+        let Some(tape) = self.tape.as_mut() else {
+            return;
+        };
+        let (rows, outputs) = applied.unwrap_or((None, &[]));
+        let (rows, rows_digest) = rows.unwrap_or((0, crate::state::empty_changes_digest()));
+        let mut event = TapeEvent::from_record(seq, record);
+        event.result = Some(EventResult {
+            outcome,
+            rows,
+            outputs: outputs.len() as u32,
+            rows_digest,
+            outputs_digest: crate::tape::outputs_digest(outputs),
+        });
+        tape.event(&event);
     }
 
     /// Keeps `record` for a redo of `batch`, unless the batch is careful; a
@@ -598,7 +665,14 @@ impl Run<'_> {
 
     /// Commits the batch with its offsets, then relays the outbox.
     fn commit_batch(&mut self, batch: Batch) -> Result<(), RunError> {
+        // The tape's frames reach the file before the batch commits, and the
+        // commit records how far they go.
+        let tape = self.tape.as_mut().map(TapeWriter::flush).transpose()?;
         let db = self.db();
+        if let Some(mark) = tape {
+            db.set_meta("tape.id", &mark.id)?;
+            db.set_meta("tape.bytes", &mark.bytes.to_string())?;
+        }
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;
         db.commit()?;
@@ -625,5 +699,12 @@ impl Run<'_> {
             let mark = sink.write(&rows)?;
             db.ack_outbox((last.seq, last.n), &mark)?;
         }
+    }
+}
+
+fn dead(class: &str, message: &str) -> Outcome {
+    Outcome::DeadLetter {
+        class: class.to_owned(),
+        message: message.to_owned(),
     }
 }

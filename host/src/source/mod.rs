@@ -184,6 +184,67 @@ impl FileSource {
     }
 }
 
+/// Where a run's records come from.
+pub trait Source {
+    /// The next record, `None` at the end.
+    fn next_record(&mut self) -> Result<Option<Record>, InputError>;
+    /// The input's size in bytes, when known (for progress).
+    fn size(&self) -> Option<u64>;
+    /// Bytes consumed so far.
+    fn bytes_read(&self) -> u64;
+}
+
+/// A source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error(transparent)]
+    File(#[from] SourceError),
+    #[error(transparent)]
+    Tape(#[from] crate::tape::TapeError),
+}
+
+impl Source for FileSource {
+    fn next_record(&mut self) -> Result<Option<Record>, InputError> {
+        Ok(FileSource::next_record(self)?)
+    }
+    fn size(&self) -> Option<u64> {
+        FileSource::size(self)
+    }
+    fn bytes_read(&self) -> u64 {
+        FileSource::bytes_read(self)
+    }
+}
+
+/// Reads the records of a tape, in its order.
+pub struct TapeSource(crate::tape::TapeReader);
+
+impl TapeSource {
+    pub fn open(path: &Path) -> Result<TapeSource, crate::tape::TapeError> {
+        crate::tape::TapeReader::open(path).map(TapeSource)
+    }
+}
+
+impl Source for TapeSource {
+    fn next_record(&mut self) -> Result<Option<Record>, InputError> {
+        Ok(self.0.next_event()?.map(|event| event.to_record()))
+    }
+    fn size(&self) -> Option<u64> {
+        Some(self.0.len())
+    }
+    fn bytes_read(&self) -> u64 {
+        self.0.position()
+    }
+}
+
+/// Opens `path` as a tape if it is one, else as a JSONL file.
+pub fn open(path: &Path, stream: Option<&str>) -> Result<Box<dyn Source>, InputError> {
+    if crate::tape::is_tape(path) {
+        Ok(Box::new(TapeSource::open(path)?))
+    } else {
+        Ok(Box::new(FileSource::open(path, stream)?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

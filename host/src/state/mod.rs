@@ -14,6 +14,7 @@ macro_rules! host_sql {
     };
 }
 
+mod changes;
 mod checkpoint;
 mod guard;
 mod tables;
@@ -27,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
+pub use changes::empty_digest as empty_changes_digest;
 pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
@@ -110,6 +112,9 @@ pub struct StateDb {
     /// Declared (so dropped) before `conn`: the writer closes last, and its
     /// close checkpoints what is left.
     checkpointer: Option<checkpoint::Checkpointer>,
+    /// Row changes of processor tables, when a tape records them. Declared
+    /// before `conn`: it unregisters its hook before the connection closes.
+    changes: Option<changes::Changes>,
     conn: Connection,
     path: PathBuf,
     guard: Arc<Guard>,
@@ -192,6 +197,7 @@ impl StateDb {
 
         let db = StateDb {
             checkpointer: None,
+            changes: None,
             conn,
             path: path.to_owned(),
             guard,
@@ -212,6 +218,29 @@ impl StateDb {
             self.checkpointer = Some(checkpointer);
         }
         Ok(())
+    }
+
+    /// Starts counting and digesting the row changes of processor tables
+    /// (see [`StateDb::take_changes`]).
+    pub fn capture_changes(&mut self) -> Result<(), StateError> {
+        if self.changes.is_none() {
+            // SAFETY: `changes` is dropped before `conn` (field order).
+            self.changes = Some(unsafe { changes::Changes::register(self.conn.handle()) });
+        }
+        Ok(())
+    }
+
+    /// Rows of processor tables changed since the last call, and a digest
+    /// of the changes; `None` unless [`StateDb::capture_changes`] was called.
+    pub fn take_changes(&self) -> Option<(u32, [u8; 32])> {
+        self.changes.as_ref().map(changes::Changes::take)
+    }
+
+    /// Forgets the changes since the last [`StateDb::take_changes`].
+    pub fn reset_changes(&self) {
+        if let Some(changes) = &self.changes {
+            changes.reset();
+        }
     }
 
     /// The file this DB lives in.

@@ -1,0 +1,689 @@
+//! Tapes: durable recordings of every consumed input, in consumption order.
+//!
+//! # Format (version 1)
+//!
+//! A tape is one append-only file: a 32-byte header, then frames.
+//!
+//! ```text
+//! header = "REWIND TAPE\n" (12 bytes) | version: u32 | tape id: 16 bytes
+//! frame  = body length: u32 | CRC-32 of body: u32 | body
+//! body   = kind: u8 | fields of that kind
+//! ```
+//!
+//! Integers are little-endian; `bytes` are a u32 length and the bytes; a
+//! `str` is `bytes` holding UTF-8; `opt<T>` is a flag byte (0 absent, 1
+//! present) followed by `T` when present.
+//!
+//! Kind 1, **run**: a `rewind run` began appending here.
+//! `first_seq: u64 | module_digest: str | fuel: u64 | memory_bytes: u64`
+//!
+//! Kind 2, **event**: one consumed input record and, when a run recorded
+//! it, what the run made of it.
+//! ```text
+//! seq: u64 | stream: str | partition: i32 | offset: i64 | timestamp_ms: opt<i64>
+//! | key: opt<bytes> | payload: opt<bytes> | header count: u32 | (name: str | value: opt<bytes>)*
+//! | malformed: opt<str>            the source could not decode the record: why;
+//!                                  the payload then holds its raw bytes
+//! | result: u8 (0 none, 1 present) [ outcome: u8 (1 applied, 2 duplicate, 3 dead letter)
+//!     | class: str | message: str | rows: u32 | outputs: u32
+//!     | rows digest: 32 bytes | outputs digest: 32 bytes ]
+//! ```
+//!
+//! A live run writes a batch's frames before it commits the batch, and
+//! records the tape's length in the state DB in that commit; on restart it
+//! cuts the tape back to that length (frames past it belong to a batch that
+//! never committed). A frame whose length or CRC does not check out is
+//! corruption and is reported with its byte position.
+
+mod codec;
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::event::{Event, Header, Position};
+use crate::source::Record;
+use codec::{Reader, Writer};
+
+const MAGIC: &[u8; 12] = b"REWIND TAPE\n";
+/// The tape format this host reads and writes.
+pub const TAPE_VERSION: u32 = 1;
+const HEADER_LEN: u64 = 32;
+/// No frame is larger: a record's bytes are bounded well below (64 MiB lines).
+const MAX_FRAME: u32 = 256 << 20;
+
+const KIND_RUN: u8 = 1;
+const KIND_EVENT: u8 = 2;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TapeError {
+    #[error("tape {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a rewind tape (it does not start with the tape header)")]
+    NotATape { path: PathBuf },
+    #[error(
+        "tape {path} has format version {found}; this rewind reads version {TAPE_VERSION}: \
+         use the rewind that wrote it"
+    )]
+    UnknownVersion { path: PathBuf, found: u32 },
+    #[error(
+        "tape {path} is truncated at byte {at}: {reason}; \
+         if a run was interrupted, rerunning it repairs the tape"
+    )]
+    Truncated {
+        path: PathBuf,
+        at: u64,
+        reason: String,
+    },
+    #[error("tape {path} is corrupt at byte {at}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        at: u64,
+        reason: String,
+    },
+    #[error("tape {path}: {message}")]
+    Mismatch { path: PathBuf, message: String },
+}
+
+/// A run that appended to a tape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInfo {
+    pub first_seq: u64,
+    pub module_digest: String,
+    pub fuel: u64,
+    pub memory_bytes: u64,
+}
+
+/// What a run made of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Skipped: its event id was seen before.
+    Duplicate,
+    DeadLetter {
+        class: String,
+        message: String,
+    },
+}
+
+/// An event's result as a run recorded it: compared by `rewind verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventResult {
+    pub outcome: Outcome,
+    /// Rows of processor tables the event inserted, updated or deleted.
+    pub rows: u32,
+    pub outputs: u32,
+    /// sha256 over the row changes, in order (see `state::changes`).
+    pub rows_digest: [u8; 32],
+    /// sha256 over the outputs, in order.
+    pub outputs_digest: [u8; 32],
+}
+
+/// One consumed input record on a tape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapeEvent {
+    pub seq: u64,
+    pub position: Position,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    /// `None` is a tombstone; for a malformed record, its raw bytes.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
+    /// Why the source could not decode the record, if it could not.
+    pub malformed: Option<String>,
+    pub result: Option<EventResult>,
+}
+
+impl TapeEvent {
+    /// The record `seq` as a source delivered it.
+    pub fn from_record(seq: u64, record: &Record) -> TapeEvent {
+        match &record.decoded {
+            Ok(event) => TapeEvent {
+                seq,
+                position: event.position.clone(),
+                timestamp_ms: event.timestamp_ms,
+                key: event.key.clone(),
+                payload: event.payload.clone(),
+                headers: event.headers.clone(),
+                malformed: None,
+                result: None,
+            },
+            Err(reason) => TapeEvent {
+                seq,
+                position: record.position.clone(),
+                timestamp_ms: None,
+                key: None,
+                payload: Some(record.raw.clone()),
+                headers: Vec::new(),
+                malformed: Some(reason.clone()),
+                result: None,
+            },
+        }
+    }
+
+    /// The record, as a source delivers it to a run (the raw bytes of a
+    /// well-formed record are its kcat `-J` line).
+    pub fn to_record(&self) -> Record {
+        match &self.malformed {
+            Some(reason) => Record {
+                position: self.position.clone(),
+                raw: self.payload.clone().unwrap_or_default(),
+                decoded: Err(reason.clone()),
+            },
+            None => {
+                let mut raw = crate::envelope::encode_line(
+                    &self.position,
+                    self.timestamp_ms,
+                    &self.headers,
+                    self.key.as_deref(),
+                    self.payload.as_deref(),
+                );
+                raw.pop();
+                Record {
+                    position: self.position.clone(),
+                    raw,
+                    decoded: Ok(Event {
+                        position: self.position.clone(),
+                        key: self.key.clone(),
+                        payload: self.payload.clone(),
+                        headers: self.headers.clone(),
+                        timestamp_ms: self.timestamp_ms,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        w.u8(KIND_EVENT);
+        w.u64(self.seq);
+        w.str(&self.position.stream);
+        w.i32(self.position.partition);
+        w.i64(self.position.offset);
+        w.opt_i64(self.timestamp_ms);
+        w.opt_bytes(self.key.as_deref());
+        w.opt_bytes(self.payload.as_deref());
+        w.u32(self.headers.len() as u32);
+        for h in &self.headers {
+            w.str(&h.name);
+            w.opt_bytes(h.value.as_deref());
+        }
+        w.opt_str(self.malformed.as_deref());
+        match &self.result {
+            None => w.u8(0),
+            Some(r) => {
+                w.u8(1);
+                let (tag, class, message) = match &r.outcome {
+                    Outcome::Applied => (1, "", ""),
+                    Outcome::Duplicate => (2, "", ""),
+                    Outcome::DeadLetter { class, message } => (3, &class[..], &message[..]),
+                };
+                w.u8(tag);
+                w.str(class);
+                w.str(message);
+                w.u32(r.rows);
+                w.u32(r.outputs);
+                w.buf.extend_from_slice(&r.rows_digest);
+                w.buf.extend_from_slice(&r.outputs_digest);
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<TapeEvent, String> {
+        let seq = r.u64("seq")?;
+        let position = Position {
+            stream: r.str("stream")?,
+            partition: r.i32("partition")?,
+            offset: r.i64("offset")?,
+        };
+        let timestamp_ms = r.opt_i64("timestamp")?;
+        let key = r.opt_bytes("key")?;
+        let payload = r.opt_bytes("payload")?;
+        let count = r.u32("header count")?;
+        let mut headers = Vec::new();
+        for _ in 0..count {
+            headers.push(Header {
+                name: r.str("header name")?,
+                value: r.opt_bytes("header value")?,
+            });
+        }
+        let malformed = r.opt_str("malformed reason")?;
+        let result = match r.u8("result flag")? {
+            0 => None,
+            1 => {
+                let tag = r.u8("outcome")?;
+                let class = r.str("outcome class")?;
+                let message = r.str("outcome message")?;
+                let outcome = match tag {
+                    1 => Outcome::Applied,
+                    2 => Outcome::Duplicate,
+                    3 => Outcome::DeadLetter { class, message },
+                    other => return Err(format!("unknown outcome {other}")),
+                };
+                Some(EventResult {
+                    outcome,
+                    rows: r.u32("rows")?,
+                    outputs: r.u32("outputs")?,
+                    rows_digest: r.digest("rows digest")?,
+                    outputs_digest: r.digest("outputs digest")?,
+                })
+            }
+            other => return Err(format!("result flag is {other}, not 0 or 1")),
+        };
+        Ok(TapeEvent {
+            seq,
+            position,
+            timestamp_ms,
+            key,
+            payload,
+            headers,
+            malformed,
+            result,
+        })
+    }
+}
+
+/// One frame of a tape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Run(RunInfo),
+    Event(TapeEvent),
+}
+
+impl RunInfo {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(KIND_RUN);
+        w.u64(self.first_seq);
+        w.str(&self.module_digest);
+        w.u64(self.fuel);
+        w.u64(self.memory_bytes);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<RunInfo, String> {
+        Ok(RunInfo {
+            first_seq: r.u64("first seq")?,
+            module_digest: r.str("module digest")?,
+            fuel: r.u64("fuel")?,
+            memory_bytes: r.u64("memory cap")?,
+        })
+    }
+}
+
+/// Whether the file at `path` starts like a tape.
+pub fn is_tape(path: &Path) -> bool {
+    let mut magic = [0u8; 12];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == MAGIC)
+}
+
+/// Where a tape's committed frames end, as the state DB records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapeMark {
+    /// The tape's id (hex), from its header.
+    pub id: String,
+    pub bytes: u64,
+}
+
+fn read_header(file: &mut File, path: &Path) -> Result<[u8; 16], TapeError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(TapeError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    if filled < MAGIC.len() || &header[..12] != MAGIC {
+        return Err(TapeError::NotATape {
+            path: path.to_owned(),
+        });
+    }
+    if filled < header.len() {
+        return Err(TapeError::Truncated {
+            path: path.to_owned(),
+            at: filled as u64,
+            reason: "the header is incomplete".into(),
+        });
+    }
+    let version = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    if version != TAPE_VERSION {
+        return Err(TapeError::UnknownVersion {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    Ok(header[16..32].try_into().expect("16 bytes"))
+}
+
+/// Appends frames to a tape; frames reach the file at [`TapeWriter::flush`].
+pub struct TapeWriter {
+    path: PathBuf,
+    file: File,
+    id: [u8; 16],
+    len: u64,
+    pending: Writer,
+    /// Where the open batch's frames start in `pending`.
+    batch_start: usize,
+}
+
+impl std::fmt::Debug for TapeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapeWriter")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl TapeWriter {
+    /// Opens the tape at `path` for the run whose state DB recorded `mark`
+    /// (`None`: the state never wrote a tape). A missing tape is created;
+    /// frames past the mark (an uncommitted batch) are cut off; a tape the
+    /// state did not write is refused, never appended to.
+    pub fn open(path: &Path, mark: Option<&TapeMark>) -> Result<TapeWriter, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mismatch = |message: String| TapeError::Mismatch {
+            path: path.to_owned(),
+            message,
+        };
+        if !path.exists() {
+            if let Some(mark) = mark {
+                return Err(mismatch(format!(
+                    "the state DB recorded {} bytes on this tape, but it is missing; \
+                     restore it, or continue with a new --tape",
+                    mark.bytes
+                )));
+            }
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(io)?;
+            let id = new_tape_id(path);
+            let mut header = Vec::with_capacity(HEADER_LEN as usize);
+            header.extend_from_slice(MAGIC);
+            header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
+            header.extend_from_slice(&id);
+            file.write_all(&header).map_err(io)?;
+            return Ok(TapeWriter {
+                path: path.to_owned(),
+                file,
+                id,
+                len: HEADER_LEN,
+                pending: Writer::default(),
+                batch_start: 0,
+            });
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        let id = read_header(&mut file, path)?;
+        let len = file.metadata().map_err(io)?.len();
+        let Some(mark) = mark else {
+            return Err(mismatch(
+                "it was not recorded by this state DB; choose a new --tape \
+                 (a tape records one state DB's input)"
+                    .into(),
+            ));
+        };
+        if mark.id != hex::encode(id) {
+            return Err(mismatch(format!(
+                "it is not the tape this state DB recorded to (tape id {}, expected {})",
+                hex::encode(id),
+                mark.id
+            )));
+        }
+        if len < mark.bytes {
+            return Err(mismatch(format!(
+                "it ends at byte {len}, but the state DB committed {} bytes of it \
+                 (was it truncated or replaced?)",
+                mark.bytes
+            )));
+        }
+        // Frames past the mark belong to a batch that never committed.
+        file.set_len(mark.bytes).map_err(io)?;
+        file.seek(SeekFrom::Start(mark.bytes)).map_err(io)?;
+        Ok(TapeWriter {
+            path: path.to_owned(),
+            file,
+            id,
+            len: mark.bytes,
+            pending: Writer::default(),
+            batch_start: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a run frame.
+    pub fn run(&mut self, info: &RunInfo) {
+        self.frame(|w| info.encode(w));
+    }
+
+    /// Queues an event frame.
+    pub fn event(&mut self, event: &TapeEvent) {
+        self.frame(|w| event.encode(w));
+    }
+
+    fn frame(&mut self, encode: impl FnOnce(&mut Writer)) {
+        let start = self.pending.buf.len();
+        self.pending.buf.extend_from_slice(&[0; 8]);
+        encode(&mut self.pending);
+        let body = &self.pending.buf[start + 8..];
+        let len = body.len() as u32;
+        let crc = crc32fast::hash(body);
+        self.pending.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.pending.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Marks where a batch's frames begin (frames queued before it, such as
+    /// a run frame, survive [`TapeWriter::discard`]).
+    pub fn begin_batch(&mut self) {
+        self.batch_start = self.pending.buf.len();
+    }
+
+    /// Drops the frames queued since [`TapeWriter::begin_batch`] (their
+    /// batch is being redone).
+    pub fn discard(&mut self) {
+        self.pending.buf.truncate(self.batch_start);
+    }
+
+    /// Writes the queued frames; returns the mark to commit with the batch.
+    pub fn flush(&mut self) -> Result<TapeMark, TapeError> {
+        if !self.pending.buf.is_empty() {
+            self.file
+                .write_all(&self.pending.buf)
+                .map_err(|source| TapeError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.len += self.pending.buf.len() as u64;
+            self.pending.buf.clear();
+        }
+        self.batch_start = 0;
+        Ok(self.mark())
+    }
+
+    /// The committed-so-far mark.
+    pub fn mark(&self) -> TapeMark {
+        TapeMark {
+            id: hex::encode(self.id),
+            bytes: self.len,
+        }
+    }
+}
+
+/// A tape id: unique per tape file created (never part of any result).
+fn new_tape_id(path: &Path) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(std::process::id().to_le_bytes());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.update(t.as_nanos().to_le_bytes());
+    }
+    h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+/// Reads a tape's frames in order.
+pub struct TapeReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    at: u64,
+    len: u64,
+    id: [u8; 16],
+}
+
+impl TapeReader {
+    pub fn open(path: &Path) -> Result<TapeReader, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let id = read_header(&mut file, path)?;
+        let len = file.metadata().map_err(io)?.len();
+        Ok(TapeReader {
+            path: path.to_owned(),
+            reader: BufReader::with_capacity(1 << 20, file),
+            at: HEADER_LEN,
+            len,
+            id,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tape's id (hex).
+    pub fn id(&self) -> String {
+        hex::encode(self.id)
+    }
+
+    /// The tape's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.at
+    }
+
+    /// The next frame; `None` at the end of the tape.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TapeError> {
+        if self.at >= self.len {
+            return Ok(None);
+        }
+        let start = self.at;
+        let path = self.path.clone();
+        let truncated = |reason: String| TapeError::Truncated {
+            path: path.clone(),
+            at: start,
+            reason,
+        };
+        let corrupt = |reason: String| TapeError::Corrupt {
+            path: path.clone(),
+            at: start,
+            reason,
+        };
+        if self.len - start < 8 {
+            return Err(truncated("a frame header is incomplete".into()));
+        }
+        let mut head = [0u8; 8];
+        self.read_exact(&mut head)?;
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME {
+            return Err(corrupt(format!("a frame claims {len} bytes")));
+        }
+        if self.len - start - 8 < u64::from(len) {
+            return Err(truncated(format!(
+                "a frame of {len} bytes has only {} on the tape",
+                self.len - start - 8
+            )));
+        }
+        let mut body = vec![0u8; len as usize];
+        self.read_exact(&mut body)?;
+        if crc32fast::hash(&body) != crc {
+            return Err(corrupt("a frame's checksum does not match".into()));
+        }
+        let mut r = Reader::new(&body[1..]);
+        let frame = match body[0] {
+            KIND_RUN => RunInfo::decode(&mut r).map(Frame::Run),
+            KIND_EVENT => TapeEvent::decode(&mut r).map(Frame::Event),
+            other => Err(format!("unknown frame kind {other}")),
+        }
+        .map_err(&corrupt)?;
+        if !r.is_empty() {
+            return Err(corrupt("a frame has bytes left over".into()));
+        }
+        Ok(Some(frame))
+    }
+
+    /// The next event frame, skipping run frames.
+    pub fn next_event(&mut self) -> Result<Option<TapeEvent>, TapeError> {
+        loop {
+            match self.next_frame()? {
+                None => return Ok(None),
+                Some(Frame::Event(event)) => return Ok(Some(event)),
+                Some(Frame::Run(_)) => {}
+            }
+        }
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TapeError> {
+        self.reader
+            .read_exact(buf)
+            .map_err(|source| TapeError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.at += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// sha256 over a list of outputs, in order: the outputs part of an
+/// [`EventResult`].
+pub fn outputs_digest(outputs: &[crate::event::Output]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"rewind-outputs-v1\0");
+    let mut w = Writer::default();
+    for o in outputs {
+        w.buf.clear();
+        w.str(&o.stream);
+        w.opt_bytes(o.key.as_deref());
+        w.opt_bytes(o.payload.as_deref());
+        w.u32(o.headers.len() as u32);
+        for hd in &o.headers {
+            w.str(&hd.name);
+            w.opt_bytes(hd.value.as_deref());
+        }
+        h.update(&w.buf);
+    }
+    h.finalize().into()
+}
