@@ -6,6 +6,11 @@
 //! `payload` (strings or null; null payload = tombstone). A line is an
 //! envelope when it is an object with `topic`, `partition`, `offset` and
 //! `payload` and no key outside that set; any other JSON is a bare payload.
+//!
+//! kcat writes key, payload and header bytes as they are, so a dump can hold
+//! bytes that are not UTF-8 inside an envelope's strings: such a line is
+//! still read as an envelope, its strings as bytes. A bare payload must be
+//! valid JSON, hence UTF-8.
 
 use std::fmt;
 
@@ -31,7 +36,8 @@ const KCAT_FIELDS: [&str; 9] = [
 /// bare line: the file's stream, partition 0, the line number.
 pub fn decode_line(line: &[u8], fallback: &Position) -> Result<Event, String> {
     if let Err(e) = std::str::from_utf8(line) {
-        return Err(format!("not valid UTF-8 (at byte {})", e.valid_up_to()));
+        return byte_envelope(line)
+            .ok_or_else(|| format!("not valid UTF-8 (at byte {})", e.valid_up_to()));
     }
     let shape: Shape = serde_json::from_slice(line).map_err(|e| format!("not valid JSON: {e}"))?;
     match shape {
@@ -45,6 +51,84 @@ pub fn decode_line(line: &[u8], fallback: &Position) -> Result<Event, String> {
         Shape::Envelope(fields) => {
             envelope_event(fields).map_err(|e| format!("kcat envelope: {e}"))
         }
+    }
+}
+
+/// An envelope whose strings hold bytes that are not UTF-8, or `None` if
+/// the line is not such an envelope.
+fn byte_envelope(line: &[u8]) -> Option<Event> {
+    let raw: RawEnvelope = serde_json::from_slice(line).ok()?;
+    let bytes = |b: Option<RawBytes>| b.map(|b| b.0);
+    let mut headers = Vec::new();
+    let mut items = raw.headers.unwrap_or_default().into_iter();
+    while let Some(name) = items.next() {
+        let value = items.next()?;
+        headers.push(Header {
+            name: String::from_utf8(name?.0).ok()?,
+            value: bytes(value),
+        });
+    }
+    Some(Event {
+        position: Position {
+            stream: raw.topic,
+            partition: i32::try_from(raw.partition).ok()?,
+            offset: raw.offset,
+        },
+        key: bytes(raw.key),
+        payload: bytes(raw.payload?),
+        headers,
+        timestamp_ms: raw.ts,
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvelope {
+    topic: String,
+    partition: i64,
+    offset: i64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    tstype: Option<IgnoredAny>,
+    #[serde(default)]
+    ts: Option<i64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    broker: Option<IgnoredAny>,
+    #[serde(default)]
+    headers: Option<Vec<Option<RawBytes>>>,
+    #[serde(default)]
+    key: Option<RawBytes>,
+    /// Required: absent is `None`, null is `Some(None)`.
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Option<RawBytes>>,
+}
+
+fn present<'de, D: Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A JSON string's bytes, without requiring UTF-8.
+struct RawBytes(Vec<u8>);
+
+impl<'de> serde::Deserialize<'de> for RawBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl Visitor<'_> for Bytes {
+            type Value = RawBytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<RawBytes, E> {
+                Ok(RawBytes(v.to_vec()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBytes, E> {
+                Ok(RawBytes(v.as_bytes().to_vec()))
+            }
+        }
+        deserializer.deserialize_bytes(Bytes)
     }
 }
 
@@ -328,6 +412,31 @@ mod tests {
         assert!(decode_line(bad, &at(1)).unwrap_err().contains("partition"));
         let odd = br#"{"topic":"t","partition":0,"offset":0,"headers":["x"],"payload":"x"}"#;
         assert!(decode_line(odd, &at(1)).unwrap_err().contains("headers"));
+    }
+
+    #[test]
+    fn envelopes_may_hold_bytes_that_are_not_utf8() {
+        let position = at(4);
+        let headers = vec![Header {
+            name: "h".into(),
+            value: Some(vec![0xc3, 0x28]),
+        }];
+        let line = encode_line(
+            &position,
+            None,
+            &headers,
+            Some(&[0xff]),
+            Some(&[0xfe, b'"', 0]),
+        );
+        let event = decode_line(line.strip_suffix(b"\n").unwrap(), &at(1)).unwrap();
+        assert_eq!(event.position, position);
+        assert_eq!(event.headers, headers);
+        assert_eq!(event.key.as_deref(), Some(&[0xff][..]));
+        assert_eq!(event.payload.as_deref(), Some(&[0xfe, b'"', 0][..]));
+        // Without the payload it is no envelope, and not UTF-8: malformed.
+        let mut broken = b"{\"topic\":\"t\",\"partition\":0,\"offset\":0,\"key\":\"".to_vec();
+        broken.extend_from_slice(&[0xff, b'"', b'}']);
+        assert!(decode_line(&broken, &at(1)).unwrap_err().contains("UTF-8"));
     }
 
     #[test]

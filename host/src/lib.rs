@@ -29,3 +29,10 @@ pub use tape::{
     EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,
     TapeWriter, is_tape, outputs_digest,
 };
+/// Tape tools: `import`, `export`, `info`.
+pub mod tapes {
+    pub use crate::tape::{
+        MALFORMED_HEADER, PartitionInfo, TapeInfo, TapeRun, ToolError, export, export_line, import,
+        info,
+    };
+}

@@ -46,6 +46,45 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Work with tapes: recordings of every consumed input, in order.
+    Tape {
+        #[command(subcommand)]
+        command: TapeCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TapeCommand {
+    /// Summarise a tape: events, stream partitions and offset ranges, runs.
+    /// Reads (and checks) every frame.
+    Info {
+        /// The tape.
+        tape: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Record a JSONL file (bare lines and/or kcat -J envelopes) onto a new
+    /// tape, byte-exact, malformed lines included.
+    Import {
+        /// The JSONL file.
+        file: PathBuf,
+        /// The tape to create.
+        #[arg(long, value_name = "TAPE")]
+        out: PathBuf,
+        /// Stream name for bare lines [default: the file's name].
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Write a tape's records as kcat -J JSONL, which `tape import` reads
+    /// back identically (malformed records carry a `rewind-malformed` header).
+    Export {
+        /// The tape.
+        tape: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,7 +105,8 @@ struct RunArgs {
     /// The processor: a WebAssembly component exporting rewind:processor/processor.
     #[arg(long, value_name = "WASM")]
     processor: PathBuf,
-    /// Input JSONL: bare JSON payloads and/or kcat -J envelopes, one per line.
+    /// Input: JSONL (bare JSON payloads and/or kcat -J envelopes, one per
+    /// line), or a tape.
     #[arg(long, value_name = "FILE")]
     input: PathBuf,
     /// The processor's state DB (created if missing).
@@ -75,6 +115,10 @@ struct RunArgs {
     /// Write outputs here as kcat -J JSONL, exactly once per output.
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Record every consumed input, with what the processor made of it,
+    /// onto this tape (created if missing; a rerun continues it).
+    #[arg(long, value_name = "TAPE")]
+    tape: Option<PathBuf>,
     /// Stream name for bare lines [default: the input file's name].
     #[arg(long)]
     stream: Option<String>,
@@ -129,6 +173,7 @@ fn main() -> ExitCode {
         Command::Dlq {
             command: DlqCommand::List { state, json },
         } => dlq_list(state, json),
+        Command::Tape { command } => tape(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +226,7 @@ impl Progress for Bar {
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut config = RunConfig::new(&args.processor, &args.input, &args.state);
     config.output = args.output;
+    config.tape = args.tape;
     config.stream = args.stream;
     config.batch_size = args.batch_size as usize;
     config.batch_time = Duration::from_millis(args.batch_ms);
@@ -362,4 +408,83 @@ fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     }
     println!("{} dead letters", letters.len());
     Ok(())
+}
+
+fn tape(command: TapeCommand) -> anyhow::Result<()> {
+    use rewind_host::tapes;
+    match command {
+        TapeCommand::Info { tape, json } => {
+            let info = tapes::info(&tape)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(());
+            }
+            println!("tape          {}", tape.display());
+            println!("bytes         {}", info.bytes);
+            match info.seqs {
+                Some((first, last)) => {
+                    println!("events        {} (seq {first}..={last})", info.events)
+                }
+                None => println!("events        0"),
+            }
+            println!("malformed     {}", info.malformed);
+            println!("with results  {}", info.with_results);
+            for (i, p) in info.partitions.iter().enumerate() {
+                println!(
+                    "{}{}/{}  {} events, offsets {}..={}",
+                    if i == 0 {
+                        "partitions    "
+                    } else {
+                        "              "
+                    },
+                    p.stream,
+                    p.partition,
+                    p.events,
+                    p.first_offset,
+                    p.last_offset
+                );
+            }
+            if info.runs.is_empty() {
+                println!("runs          none (imported)");
+            }
+            for (i, r) in info.runs.iter().enumerate() {
+                println!(
+                    "{}from seq {}: module {}, {} events",
+                    if i == 0 {
+                        "runs          "
+                    } else {
+                        "              "
+                    },
+                    r.first_seq,
+                    r.module_digest,
+                    r.events
+                );
+            }
+            Ok(())
+        }
+        TapeCommand::Import { file, out, stream } => {
+            let n = tapes::import(&file, &out, stream.as_deref())?;
+            eprintln!("recorded {n} records onto {}", out.display());
+            Ok(())
+        }
+        TapeCommand::Export { tape, out } => {
+            let n = match &out {
+                Some(path) => {
+                    let file = std::fs::File::create_new(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    tapes::export(&tape, &mut w, path)?
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::new(stdout.lock());
+                    tapes::export(&tape, &mut w, std::path::Path::new("stdout"))?
+                }
+            };
+            if out.is_some() {
+                eprintln!("exported {n} records");
+            }
+            Ok(())
+        }
+    }
 }

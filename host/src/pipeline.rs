@@ -177,6 +177,15 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
     let tape = match &config.tape {
         None => None,
         Some(path) => {
+            if std::fs::canonicalize(path).ok() == std::fs::canonicalize(&config.input).ok()
+                && path.exists()
+            {
+                return Err(TapeError::Mismatch {
+                    path: path.clone(),
+                    message: "it is also the --input; record onto another tape".into(),
+                }
+                .into());
+            }
             let mark = match (db.meta("tape.id")?, db.meta_u64("tape.bytes")?) {
                 (Some(id), bytes) => Some(TapeMark { id, bytes }),
                 (None, _) => None,
@@ -489,6 +498,7 @@ impl Run<'_> {
                     None,
                     &record.raw,
                 )?;
+                self.record_on_tape(seq, record, dead("malformed", reason), None);
                 return Ok(Processed::Done);
             }
         };
@@ -588,7 +598,7 @@ impl Run<'_> {
         seq: u64,
         record: &Record,
         outcome: Outcome,
-        applied: Option<(Option<(u32, [u8; 32])>, &[crate::event::Output])>,
+        applied: Option<(RowChanges, &[crate::event::Output])>,
     ) {
         let Some(tape) = self.tape.as_mut() else {
             return;
@@ -701,6 +711,9 @@ impl Run<'_> {
         }
     }
 }
+
+/// Rows an event changed and their digest, when changes are captured.
+type RowChanges = Option<(u32, [u8; 32])>;
 
 fn dead(class: &str, message: &str) -> Outcome {
     Outcome::DeadLetter {

@@ -6,4 +6,5 @@ mod cli;
 mod determinism;
 mod hostile;
 mod payments;
+mod tape;
 mod tidy;

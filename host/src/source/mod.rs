@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::envelope::decode_line;
 use crate::event::{Event, Position};
+use crate::tape::MALFORMED_HEADER;
 
 /// One consumed input record: its position, its bytes exactly as read, and
 /// the decoded event or why it could not be decoded.
@@ -171,16 +172,38 @@ impl FileSource {
             };
             let decoded = decode_line(line, &position)
                 .map_err(|reason| format!("{} line {}: {reason}", self.path.display(), self.line));
-            let position = match &decoded {
-                Ok(event) => event.position.clone(),
-                Err(_) => position,
-            };
-            return Ok(Some(Record {
-                position,
-                raw: line.to_vec(),
-                decoded,
+            return Ok(Some(match decoded {
+                Ok(event) => match exported_malformed(&event) {
+                    Some(reason) => Record {
+                        position: event.position,
+                        raw: event.payload.unwrap_or_default(),
+                        decoded: Err(reason),
+                    },
+                    None => Record {
+                        position: event.position.clone(),
+                        raw: line.to_vec(),
+                        decoded: Ok(event),
+                    },
+                },
+                Err(reason) => Record {
+                    position,
+                    raw: line.to_vec(),
+                    decoded: Err(reason),
+                },
             }));
         }
+    }
+}
+
+/// The reason of a record `rewind tape export` wrote as malformed: an
+/// envelope with the one header [`MALFORMED_HEADER`] and no key. It is read
+/// back as the malformed record it was, raw bytes in its payload.
+fn exported_malformed(event: &Event) -> Option<String> {
+    match &event.headers[..] {
+        [header] if header.name == MALFORMED_HEADER && event.key.is_none() => {
+            Some(String::from_utf8_lossy(header.value.as_deref().unwrap_or_default()).into_owned())
+        }
+        _ => None,
     }
 }
 
@@ -229,7 +252,7 @@ impl Source for TapeSource {
         Ok(self.0.next_event()?.map(|event| event.to_record()))
     }
     fn size(&self) -> Option<u64> {
-        Some(self.0.len())
+        Some(self.0.size())
     }
     fn bytes_read(&self) -> u64 {
         self.0.position()

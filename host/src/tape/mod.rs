@@ -5,7 +5,7 @@
 //! A tape is one append-only file: a 32-byte header, then frames.
 //!
 //! ```text
-//! header = "REWIND TAPE\n" (12 bytes) | version: u32 | tape id: 16 bytes
+//! header = "REWIND TAPE\n" (12 bytes) | version: u32 | tape id: 16 bytes (0 when imported)
 //! frame  = body length: u32 | CRC-32 of body: u32 | body
 //! body   = kind: u8 | fields of that kind
 //! ```
@@ -36,6 +36,12 @@
 //! corruption and is reported with its byte position.
 
 mod codec;
+mod tools;
+
+pub use tools::{
+    MALFORMED_HEADER, PartitionInfo, RunSummary as TapeRun, TapeInfo, ToolError, export,
+    export_line, import, info,
+};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -294,7 +300,7 @@ impl TapeEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     Run(RunInfo),
-    Event(TapeEvent),
+    Event(Box<TapeEvent>),
 }
 
 impl RunInfo {
@@ -412,26 +418,7 @@ impl TapeWriter {
                     mark.bytes
                 )));
             }
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-                .map_err(io)?;
-            let id = new_tape_id(path);
-            let mut header = Vec::with_capacity(HEADER_LEN as usize);
-            header.extend_from_slice(MAGIC);
-            header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
-            header.extend_from_slice(&id);
-            file.write_all(&header).map_err(io)?;
-            return Ok(TapeWriter {
-                path: path.to_owned(),
-                file,
-                id,
-                len: HEADER_LEN,
-                pending: Writer::default(),
-                batch_start: 0,
-            });
+            return TapeWriter::create(path, new_tape_id(path));
         }
         let mut file = OpenOptions::new()
             .read(true)
@@ -469,6 +456,34 @@ impl TapeWriter {
             file,
             id,
             len: mark.bytes,
+            pending: Writer::default(),
+            batch_start: 0,
+        })
+    }
+
+    /// Creates a new tape with id `id`. Imported tapes have id 0: importing
+    /// the same records twice gives byte-identical tapes.
+    pub fn create(path: &Path, id: [u8; 16]) -> Result<TapeWriter, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io)?;
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
+        header.extend_from_slice(&id);
+        file.write_all(&header).map_err(io)?;
+        Ok(TapeWriter {
+            path: path.to_owned(),
+            file,
+            id,
+            len: HEADER_LEN,
             pending: Writer::default(),
             batch_start: 0,
         })
@@ -584,7 +599,7 @@ impl TapeReader {
     }
 
     /// The tape's size in bytes.
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 
@@ -634,7 +649,7 @@ impl TapeReader {
         let mut r = Reader::new(&body[1..]);
         let frame = match body[0] {
             KIND_RUN => RunInfo::decode(&mut r).map(Frame::Run),
-            KIND_EVENT => TapeEvent::decode(&mut r).map(Frame::Event),
+            KIND_EVENT => TapeEvent::decode(&mut r).map(|e| Frame::Event(Box::new(e))),
             other => Err(format!("unknown frame kind {other}")),
         }
         .map_err(&corrupt)?;
@@ -649,7 +664,7 @@ impl TapeReader {
         loop {
             match self.next_frame()? {
                 None => return Ok(None),
-                Some(Frame::Event(event)) => return Ok(Some(event)),
+                Some(Frame::Event(event)) => return Ok(Some(*event)),
                 Some(Frame::Run(_)) => {}
             }
         }

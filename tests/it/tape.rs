@@ -1,0 +1,329 @@
+//! Tapes: recording every consumed input with its result, crash-consistent
+//! with the state DB; import, export and info; tapes as input; corrupt and
+//! truncated tapes are clear errors.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use rewind_host::{Frame, Header, Position, TapeEvent, TapeReader, tapes};
+use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin, rows};
+
+/// Every frame of a tape, in order.
+fn frames(tape: &Path) -> Vec<Frame> {
+    let mut reader = TapeReader::open(tape).unwrap();
+    let mut out = Vec::new();
+    while let Some(frame) = reader.next_frame().unwrap() {
+        out.push(frame);
+    }
+    out
+}
+
+fn events(tape: &Path) -> Vec<TapeEvent> {
+    frames(tape)
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Event(e) => Some(*e),
+            Frame::Run(_) => None,
+        })
+        .collect()
+}
+
+/// A payments stream with re-deliveries, cancels and malformed lines.
+fn orders(n: usize, seed: u64) -> Vec<u8> {
+    let mut rng = XorShift(seed | 1);
+    let mut out = Vec::new();
+    for i in 0..n as i64 {
+        let order = rng.below(n as u64 / 2 + 1);
+        let payload = match rng.below(12) {
+            0 => "{\"broken".to_owned(),
+            1..=2 => format!(r#"{{"type":"order_cancelled","order_id":"o-{order}"}}"#),
+            _ => format!(
+                r#"{{"type":"order_completed","order_id":"o-{order}","customer_id":"c-{}","amount_cents":{},"currency":"EUR"}}"#,
+                order % 5,
+                100 + order
+            ),
+        };
+        let line = if payload.starts_with("{\"broken") {
+            payload
+        } else {
+            envelope("orders", i, 1_700_000_000_000 + i, "k", &payload)
+        };
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn user_state(db: &Path) -> Vec<Vec<Vec<rusqlite::types::Value>>> {
+    [
+        "SELECT * FROM payments ORDER BY order_id",
+        "SELECT * FROM customer_totals ORDER BY customer_id",
+        "SELECT seq, stream, partition, \"offset\", error_class, message FROM _rewind_dlq ORDER BY seq",
+        "SELECT * FROM _rewind_offsets ORDER BY stream, partition",
+    ]
+    .iter()
+    .map(|sql| rows(db, sql))
+    .collect()
+}
+
+/// A tape records every consumed record in order, malformed ones included,
+/// each with its result; a tape is a valid input giving the same state.
+#[test]
+fn a_run_records_everything_and_its_tape_replays_to_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, orders(500, 7)).unwrap();
+    let (live, tape) = (dir.path().join("live.db"), dir.path().join("orders.tape"));
+    let mut cfg = config(&processor("payments-v1"), &input, &live);
+    cfg.tape = Some(tape.clone());
+    let summary = rewind_host::run(&cfg, &()).unwrap();
+
+    let recorded = events(&tape);
+    assert_eq!(recorded.len() as u64, summary.consumed);
+    assert!(recorded.iter().enumerate().all(|(i, e)| e.seq == i as u64));
+    let malformed = recorded.iter().filter(|e| e.malformed.is_some()).count();
+    assert_eq!(malformed as u64, {
+        let dead = rows(
+            &live,
+            "SELECT count(*) FROM _rewind_dlq WHERE error_class = 'malformed'",
+        );
+        match dead[0][0] {
+            rusqlite::types::Value::Integer(n) => n as u64,
+            ref other => panic!("{other:?}"),
+        }
+    });
+    // Results: applied events wrote rows; dead letters carry their class.
+    let applied = recorded
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.result.as_ref().unwrap().outcome,
+                rewind_host::Outcome::Applied
+            )
+        })
+        .count() as u64;
+    assert_eq!(applied, summary.applied);
+    assert!(recorded.iter().any(|e| e.result.as_ref().unwrap().rows > 0));
+
+    let info = tapes::info(&tape).unwrap();
+    assert_eq!(info.events, summary.consumed);
+    assert_eq!(info.runs.len(), 1);
+    assert_eq!(info.runs[0].module_digest, summary.module_digest);
+
+    // The tape as input: the same state as the JSONL input.
+    let replayed = dir.path().join("replayed.db");
+    rewind_host::run(&config(&processor("payments-v1"), &tape, &replayed), &()).unwrap();
+    assert_eq!(user_state(&live), user_state(&replayed));
+}
+
+fn run_cli(input: &Path, state: &Path, tape: &Path, batch: usize) -> std::process::Child {
+    Command::new(rewind_bin())
+        .args(["run", "--quiet", "--processor"])
+        .arg(processor("payments-v1"))
+        .arg("--input")
+        .arg(input)
+        .arg("--state")
+        .arg(state)
+        .arg("--tape")
+        .arg(tape)
+        .args(["--batch-size", &batch.to_string()])
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4, ..ProptestConfig::default() })]
+
+    /// kill -9 at random points: the tape never runs ahead of the state
+    /// (rerunning cuts an uncommitted tail), and once finished it holds the
+    /// same events with the same results as an uninterrupted run's tape.
+    #[test]
+    fn kill_9_leaves_tape_and_state_in_agreement(
+        seed in any::<u64>(),
+        batch in 1usize..40,
+        kills in proptest::collection::vec(0u64..300, 1..4),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("orders.jsonl");
+        std::fs::write(&input, orders(5000, seed)).unwrap();
+        let (clean, killed) = (dir.path().join("clean.db"), dir.path().join("killed.db"));
+        let (clean_tape, killed_tape) = (dir.path().join("clean.tape"), dir.path().join("killed.tape"));
+        let mut cfg = config(&processor("payments-v1"), &input, &clean);
+        cfg.tape = Some(clean_tape.clone());
+        rewind_host::run(&cfg, &()).unwrap();
+
+        let mut interrupted = false;
+        for delay_ms in kills {
+            let mut child = run_cli(&input, &killed, &killed_tape, batch);
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let _ = child.kill();
+            interrupted |= !child.wait().unwrap().success();
+        }
+        prop_assert!(interrupted, "no kill landed before the run finished");
+        let finished = run_cli(&input, &killed, &killed_tape, batch).wait_with_output().unwrap();
+        prop_assert!(finished.status.success(), "rerun failed: {}", String::from_utf8_lossy(&finished.stderr));
+        prop_assert_eq!(events(&clean_tape), events(&killed_tape));
+        prop_assert_eq!(user_state(&clean), user_state(&killed));
+    }
+
+    /// import → export → import is byte-identical, on arbitrary bytes in
+    /// keys, payloads and header values (invalid UTF-8, nulls, newlines), and
+    /// the records read back are the records written.
+    #[test]
+    fn import_export_import_is_byte_identical(
+        records in proptest::collection::vec(
+            (
+                "[a-z]{1,8}",
+                0i32..4,
+                any::<i64>(),
+                proptest::option::of(any::<i64>()),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..60)),
+                proptest::collection::vec(
+                    ("[a-z-]{1,6}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..10))),
+                    0..3,
+                ),
+            ),
+            1..40,
+        )
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let written: Vec<TapeEvent> = records
+            .into_iter()
+            .enumerate()
+            .map(|(seq, (stream, partition, offset, ts, key, payload, headers))| TapeEvent {
+                seq: seq as u64,
+                position: Position { stream, partition, offset },
+                timestamp_ms: ts,
+                key,
+                payload,
+                headers: headers
+                    .into_iter()
+                    .map(|(name, value)| Header { name, value })
+                    .collect(),
+                malformed: None,
+                result: None,
+            })
+            .collect();
+        let dump = dir.path().join("dump.jsonl");
+        std::fs::write(&dump, written.iter().flat_map(tapes::export_line).collect::<Vec<u8>>()).unwrap();
+        let (a, b) = (dir.path().join("a.tape"), dir.path().join("b.tape"));
+        tapes::import(&dump, &a, None).unwrap();
+        prop_assert_eq!(&events(&a), &written);
+        let exported = dir.path().join("exported.jsonl");
+        let mut out = Vec::new();
+        tapes::export(&a, &mut out, &exported).unwrap();
+        std::fs::write(&exported, &out).unwrap();
+        tapes::import(&exported, &b, None).unwrap();
+        prop_assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    }
+}
+
+/// Malformed lines survive import → export → import as malformed records
+/// with their raw bytes and reasons.
+#[test]
+fn malformed_lines_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let mut bytes = b"{\"a\":1}\n{\"broken\n".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe, b'\n']);
+    std::fs::write(&input, &bytes).unwrap();
+    let (a, b) = (dir.path().join("a.tape"), dir.path().join("b.tape"));
+    tapes::import(&input, &a, Some("in")).unwrap();
+    let first = events(&a);
+    assert_eq!(first.len(), 3);
+    assert!(first[0].malformed.is_none());
+    assert_eq!(first[1].payload.as_deref(), Some(&b"{\"broken"[..]));
+    assert!(
+        first[1]
+            .malformed
+            .as_deref()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    assert_eq!(first[2].payload.as_deref(), Some(&[0xff, 0xfe][..]));
+    let exported = dir.path().join("exported.jsonl");
+    let mut out = Vec::new();
+    tapes::export(&a, &mut out, &exported).unwrap();
+    std::fs::write(&exported, &out).unwrap();
+    tapes::import(&exported, &b, Some("ignored: envelopes carry their stream")).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(rewind_bin()).args(args).output().unwrap()
+}
+
+/// Truncated, corrupt, foreign-version and non-tape files are clear errors
+/// naming the file and the byte position, from the CLI too (exit 2).
+#[test]
+fn damaged_tapes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, orders(50, 3)).unwrap();
+    let tape = dir.path().join("t.tape");
+    tapes::import(&input, &tape, None).unwrap();
+    let good = std::fs::read(&tape).unwrap();
+
+    let check = |name: &str, bytes: &[u8], expect: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let err = tapes::info(&path).unwrap_err().to_string();
+        assert!(err.contains(expect), "{name}: {err}");
+        assert!(err.contains(name), "{name}: {err}");
+        let out = cli(&["tape", "info", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+    };
+    check("cut.tape", &good[..good.len() - 5], "is truncated at byte");
+    let mut flipped = good.clone();
+    let middle = good.len() / 2;
+    flipped[middle] ^= 0x40;
+    check("flipped.tape", &flipped, "is corrupt at byte");
+    let mut future = good.clone();
+    future[12] = 9;
+    check("future.tape", &future, "has format version 9");
+    check("text.tape", b"{\"a\":1}\n", "is not a rewind tape");
+    // A truncated tape is refused as input too, before anything is written.
+    let cut = dir.path().join("cut.tape");
+    let state = dir.path().join("s.db");
+    let err = rewind_host::run(&config(&processor("payments-v1"), &cut, &state), &())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated"), "{err}");
+}
+
+/// A state DB only appends to the tape it recorded: an existing tape it did
+/// not write, or a different one, is refused.
+#[test]
+fn a_state_refuses_a_tape_it_did_not_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, orders(100, 5)).unwrap();
+    let imported = dir.path().join("imported.tape");
+    tapes::import(&input, &imported, None).unwrap();
+    let state = dir.path().join("s.db");
+    let mut cfg = config(&processor("payments-v1"), &input, &state);
+    cfg.tape = Some(imported.clone());
+    let err = rewind_host::run(&cfg, &()).unwrap_err().to_string();
+    assert!(err.contains("not recorded by this state DB"), "{err}");
+
+    let mine = dir.path().join("mine.tape");
+    cfg.tape = Some(mine.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    let other = dir.path().join("other.tape");
+    let mut other_cfg = config(&processor("payments-v1"), &input, &dir.path().join("o.db"));
+    other_cfg.tape = Some(other.clone());
+    rewind_host::run(&other_cfg, &()).unwrap();
+    std::fs::copy(&other, &mine).unwrap();
+    let err = rewind_host::run(&cfg, &()).unwrap_err().to_string();
+    assert!(err.contains("not the tape this state DB recorded"), "{err}");
+}
