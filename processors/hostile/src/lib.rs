@@ -96,7 +96,7 @@ impl Processor for Hostile {
                 )?;
             }
             // One log line: shows each event is logged once.
-            "say" => log::info(&format!("event {} says hello", event.offset())),
+            "say" => log::info(format!("event {} says hello", event.offset())),
             "normal" => {
                 sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
                 rewind_guest::emit("seen", event.offset().to_string(), "ok")?;
