@@ -4,26 +4,32 @@
 //! The data flow is `source` → `pipeline` (which calls the `runtime` for each
 //! event inside a savepoint of the `state` DB) → `sink`. See ARCHITECTURE.md.
 
+pub mod diff;
 mod envelope;
 mod event;
 mod pipeline;
+pub mod replay;
+pub mod report;
 mod runtime;
 mod sink;
+pub mod snapshot;
 mod source;
 mod state;
 mod tape;
 mod wit;
 
 pub use event::{Event, Header, Output, Position, Seed};
-pub use pipeline::{ErrorPolicy, INSTANCE_EPOCH, Progress, RunConfig, RunError, RunSummary, run};
+pub use pipeline::{
+    ErrorPolicy, EventRecord, INSTANCE_EPOCH, Progress, RunConfig, RunError, RunSummary, run,
+};
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,
     Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, Record};
 pub use state::{
-    Checkpointer, DeadLetter, FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary,
-    TableCount,
+    Change, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow, StateDb,
+    StateError, Summary, TableCount,
 };
 pub use tape::{
     EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,

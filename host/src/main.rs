@@ -46,11 +46,92 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Replay a tape with an old and a new processor version side by side
+    /// and show exactly what the new version changes: rows, outputs, dead
+    /// letters, and the events that caused each difference.
+    ///
+    /// Exit 0: no difference (or the differences equal the approved baseline
+    /// given with --expect); 1: differences; 2: error.
+    Replay(ReplayArgs),
+    /// Compare two state DBs: schema, and rows added, removed and changed
+    /// per table by primary key (host tables left out). Exit 0: equal; 1:
+    /// different; 2: error.
+    Diff {
+        /// The old state DB.
+        old: PathBuf,
+        /// The new state DB.
+        new: PathBuf,
+        /// Write the JSON report here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Leave out a table, or a column of a table (TABLE or TABLE.COLUMN); repeatable.
+        #[arg(long, value_name = "TABLE[.COLUMN]")]
+        ignore: Vec<rewind_host::diff::Ignore>,
+    },
+    /// Take a consistent copy of a state DB (with its offsets), even while a
+    /// run is writing it: a starting point for `replay --from`.
+    Snapshot {
+        /// The state DB.
+        #[arg(long, value_name = "DB")]
+        state: PathBuf,
+        /// The snapshot to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Work with tapes: recordings of every consumed input, in order.
     Tape {
         #[command(subcommand)]
         command: TapeCommand,
     },
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The tape to replay.
+    #[arg(long, value_name = "TAPE")]
+    tape: PathBuf,
+    /// The old processor version.
+    #[arg(long, value_name = "WASM")]
+    old: PathBuf,
+    /// The new processor version.
+    #[arg(long, value_name = "WASM")]
+    new: PathBuf,
+    /// Start both versions from a copy of this snapshot (see `rewind
+    /// snapshot`) instead of an empty state; tape records it already
+    /// consumed are skipped.
+    #[arg(long, value_name = "SNAPSHOT")]
+    from: Option<PathBuf>,
+    /// Stop after the event with this seq.
+    #[arg(long, value_name = "SEQ")]
+    until: Option<u64>,
+    /// Write the JSON report (the contract for tools) here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Leave out a table, or a column of a table (TABLE or TABLE.COLUMN); repeatable.
+    #[arg(long, value_name = "TABLE[.COLUMN]")]
+    ignore: Vec<rewind_host::diff::Ignore>,
+    /// The approved baseline (a JSON report): exit 0 when the differences
+    /// equal it, 1 when anything else changed.
+    #[arg(long, value_name = "APPROVED.json")]
+    expect: Option<PathBuf>,
+    /// Write the current differences as the approved baseline (--expect).
+    #[arg(long, requires = "expect")]
+    accept: bool,
+    /// Keep both versions' final state DBs in this directory (old.db, new.db).
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
+    /// Fuel per event (as for `run`).
+    #[arg(long, default_value_t = DEFAULT_FUEL)]
+    fuel: u64,
+    /// Linear memory cap per processor instance, in MiB (as for `run`).
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    memory_mb: u64,
+    /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -167,16 +248,33 @@ enum OnError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Inspect { state, json } => inspect(state, json),
+        Command::Run(args) => ok(run(args)),
+        Command::Inspect { state, json } => ok(inspect(state, json)),
         Command::Dlq {
             command: DlqCommand::List { state, json },
-        } => dlq_list(state, json),
-        Command::Tape { command } => tape(command),
+        } => ok(dlq_list(state, json)),
+        Command::Tape { command } => ok(tape(command)),
+        Command::Replay(args) => replay(args),
+        Command::Diff {
+            old,
+            new,
+            json,
+            ignore,
+        } => diff(&old, &new, json.as_deref(), &ignore),
+        Command::Snapshot { state, out } => ok(rewind_host::snapshot::snapshot(&state, &out)
+            .map_err(anyhow::Error::from)
+            .map(|()| {
+                eprintln!(
+                    "snapshot of {} written to {}",
+                    state.display(),
+                    out.display()
+                )
+            })),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("rewind: error: {error:#}");
             ExitCode::from(2)
@@ -487,4 +585,150 @@ fn tape(command: TapeCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Colour on a terminal, unless NO_COLOR is set.
+fn color() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+fn write_json(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use rewind_host::replay::{ReplayConfig, ReplayProgress};
+    struct Counter(ProgressBar);
+    impl ReplayProgress for Counter {
+        fn compared(&self, events: u64) {
+            self.0.set_message(format!("{events} events compared"));
+            self.0.tick();
+        }
+    }
+    let work_dir = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
+    };
+    let config = ReplayConfig {
+        tape: args.tape.clone(),
+        old: args.old.clone(),
+        new: args.new.clone(),
+        from: args.from.clone(),
+        until: args.until,
+        ignore: args.ignore.clone(),
+        runtime: RuntimeConfig {
+            fuel: args.fuel,
+            memory_bytes: (args.memory_mb << 20) as usize,
+            cache_dir: Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir)),
+        },
+        work_dir: work_dir.clone(),
+    };
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if args.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid"),
+    );
+    let replayed = rewind_host::replay::replay(&config, &Counter(bar.clone()));
+    bar.finish_and_clear();
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    let replayed = replayed?;
+    let report = rewind_host::report::replay_json(
+        &replayed,
+        &args.old.display().to_string(),
+        &args.new.display().to_string(),
+    );
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    if !args.quiet {
+        print!("{}", rewind_host::report::summary_text(&report, color()));
+        if let Some(dir) = &args.keep {
+            println!("states kept: {}", dir.display());
+        }
+    }
+    gate(
+        &report,
+        replayed.differs(),
+        args.expect.as_deref(),
+        args.accept,
+        args.quiet,
+    )
+}
+
+/// The approved-baseline gate: exit 0 when there is no difference, or it
+/// equals the approved one; `accept` records the current one.
+fn gate(
+    report: &serde_json::Value,
+    differs: bool,
+    expect: Option<&std::path::Path>,
+    accept: bool,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(path) = expect else {
+        return Ok(if differs {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    };
+    let current = rewind_host::report::gated(report);
+    if accept {
+        write_json(path, &current)?;
+        if !quiet {
+            println!("approved baseline written to {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the approved baseline {} (create it with --accept)",
+            path.display()
+        )
+    })?;
+    let approved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON report", path.display()))?;
+    if rewind_host::report::gated(&approved) == current {
+        if !quiet {
+            println!("differences equal the approved baseline {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if !quiet {
+            println!(
+                "differences do NOT equal the approved baseline {}; review them, then rerun with --accept",
+                path.display()
+            );
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn diff(
+    old: &std::path::Path,
+    new: &std::path::Path,
+    json: Option<&std::path::Path>,
+    ignore: &[rewind_host::diff::Ignore],
+) -> anyhow::Result<ExitCode> {
+    let d = rewind_host::diff::diff_states(old, new, ignore)?;
+    let report =
+        rewind_host::report::diff_json(&d, &old.display().to_string(), &new.display().to_string());
+    if let Some(path) = json {
+        write_json(path, &report)?;
+    }
+    print!("{}", rewind_host::report::summary_text(&report, color()));
+    Ok(if d.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

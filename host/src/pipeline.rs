@@ -21,9 +21,10 @@ use crate::runtime::{
 /// therefore depends on the input alone, never on batch sizes, restarts or
 /// timing. It is part of the host configuration results depend on.
 pub const INSTANCE_EPOCH: u64 = 64;
+use crate::event::Output;
 use crate::sink::{FileSink, SinkError};
 use crate::source::{InputError, Record, Source};
-use crate::state::{DeadLetter, Offsets, OutboxRow, StateDb, StateError};
+use crate::state::{Change, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
 use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeMark, TapeWriter};
 
 /// What to do when a processor fails on an event (invalid input is always
@@ -37,6 +38,16 @@ pub enum ErrorPolicy {
     Halt,
 }
 
+/// What one consumed record came to, for observers.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    /// The record with its seq and result (outcome, counts, digests).
+    pub event: TapeEvent,
+    /// The row changes, in order, when kept.
+    pub changes: Vec<Change>,
+    pub outputs: Vec<Output>,
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -46,6 +57,8 @@ pub struct RunConfig {
     pub output: Option<PathBuf>,
     /// Record every consumed record, with its result, onto this tape.
     pub tape: Option<PathBuf>,
+    /// Stop after the record with this seq.
+    pub until_seq: Option<u64>,
     /// Stream name for bare lines (default: the input file's stem).
     pub stream: Option<String>,
     pub batch_size: usize,
@@ -68,6 +81,7 @@ impl RunConfig {
             state: state.to_owned(),
             output: None,
             tape: None,
+            until_seq: None,
             stream: None,
             batch_size: 1000,
             batch_time: Duration::from_millis(500),
@@ -85,6 +99,14 @@ pub trait Progress {
     fn advance(&self, _bytes: u64, _events: u64) {}
     fn guest_log(&self, _position: &Position, _line: &str) {}
     fn finish(&self) {}
+    /// Whether this progress wants every event's result at commit
+    /// ([`Progress::committed`]): `Some(true)` with every row change in
+    /// full, `Some(false)` with digests only.
+    fn observe(&self) -> Option<bool> {
+        None
+    }
+    /// The results of a committed batch, in seq order (only if observed).
+    fn committed(&self, _events: Vec<EventRecord>) {}
     /// Asked at every instance-epoch boundary: `true` commits and stops the
     /// run there (a rerun continues from it).
     fn should_stop(&self) -> bool {
@@ -174,6 +196,10 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         }
     };
     db.checkpoint_in_background()?;
+    let observe = progress.observe();
+    if let Some(keep) = observe {
+        db.capture_changes(keep);
+    }
     let tape = match &config.tape {
         None => None,
         Some(path) => {
@@ -191,7 +217,9 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
                 (None, _) => None,
             };
             let mut tape = TapeWriter::open(path, mark.as_ref())?;
-            db.capture_changes()?;
+            if observe.is_none() {
+                db.capture_changes(false);
+            }
             tape.run(&RunInfo {
                 first_seq: db.meta_u64("next_seq")?,
                 module_digest: module.digest().to_owned(),
@@ -211,6 +239,7 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         next_seq: db.meta_u64("next_seq")?,
         sink: None,
         tape,
+        observed: observe.map(|_| Vec::new()),
         summary: RunSummary {
             module_digest: module.digest().to_owned(),
             load: module.stats(),
@@ -303,6 +332,8 @@ struct Run<'a> {
     next_seq: u64,
     sink: Option<FileSink>,
     tape: Option<TapeWriter>,
+    /// The open batch's results, when the progress observes them.
+    observed: Option<Vec<EventRecord>>,
     summary: RunSummary,
     /// Moved into the guest's store during a call, hence the `Option`.
     db: Option<StateDb>,
@@ -377,6 +408,13 @@ impl Run<'_> {
                 }
                 continue;
             }
+            if self
+                .config
+                .until_seq
+                .is_some_and(|until| self.next_seq > until)
+            {
+                break;
+            }
             let boundary = self.next_seq.is_multiple_of(INSTANCE_EPOCH);
             if boundary && self.progress.should_stop() {
                 if let Some(open) = batch.take() {
@@ -425,6 +463,9 @@ impl Run<'_> {
                     self.logs.clear();
                     if let Some(tape) = self.tape.as_mut() {
                         tape.discard();
+                    }
+                    if let Some(observed) = self.observed.as_mut() {
+                        observed.clear();
                     }
                     self.db().reset_changes();
                     self.careful = true;
@@ -541,9 +582,9 @@ impl Run<'_> {
         );
         match outcome.result {
             Ok(outputs) => {
-                if self.tape.is_some() {
-                    let rows = self.db().take_changes();
-                    self.record_on_tape(seq, record, Outcome::Applied, Some((rows, &outputs)));
+                if self.tape.is_some() || self.observed.is_some() {
+                    let changes = self.db().take_changes();
+                    self.record_on_tape(seq, record, Outcome::Applied, Some((changes, &outputs)));
                 }
                 for (n, output) in outputs.into_iter().enumerate() {
                     let row = OutboxRow {
@@ -590,30 +631,43 @@ impl Run<'_> {
         Ok(Processed::Done)
     }
 
-    /// Queues `record` (consumed as `seq`) and its result on the tape, if
-    /// the run records one. `applied` has the rows the event changed and its
-    /// outputs; without it the event changed nothing.
+    /// Queues `record` (consumed as `seq`) and its result on the tape, and
+    /// for the observer, if the run has them. `applied` has the changes the
+    /// event made and its outputs; without it the event changed nothing.
     fn record_on_tape(
         &mut self,
         seq: u64,
         record: &Record,
         outcome: Outcome,
-        applied: Option<(RowChanges, &[crate::event::Output])>,
+        applied: Option<(Option<EventChanges>, &[Output])>,
     ) {
-        let Some(tape) = self.tape.as_mut() else {
+        if self.tape.is_none() && self.observed.is_none() {
             return;
-        };
-        let (rows, outputs) = applied.unwrap_or((None, &[]));
-        let (rows, rows_digest) = rows.unwrap_or((0, crate::state::empty_changes_digest()));
+        }
+        let (changes, outputs) = applied.unwrap_or((None, &[]));
+        let changes = changes.unwrap_or_else(|| EventChanges {
+            rows: 0,
+            digest: crate::state::empty_changes_digest(),
+            changes: Vec::new(),
+        });
         let mut event = TapeEvent::from_record(seq, record);
         event.result = Some(EventResult {
             outcome,
-            rows,
+            rows: changes.rows,
             outputs: outputs.len() as u32,
-            rows_digest,
+            rows_digest: changes.digest,
             outputs_digest: crate::tape::outputs_digest(outputs),
         });
-        tape.event(&event);
+        if let Some(tape) = self.tape.as_mut() {
+            tape.event(&event);
+        }
+        if let Some(observed) = self.observed.as_mut() {
+            observed.push(EventRecord {
+                event,
+                changes: changes.changes,
+                outputs: outputs.to_vec(),
+            });
+        }
     }
 
     /// Keeps `record` for a redo of `batch`, unless the batch is careful; a
@@ -686,6 +740,9 @@ impl Run<'_> {
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;
         db.commit()?;
+        if let Some(observed) = self.observed.as_mut() {
+            self.progress.committed(std::mem::take(observed));
+        }
         self.careful = batch.failed;
         self.show_logs();
         self.deliver()
@@ -711,9 +768,6 @@ impl Run<'_> {
         }
     }
 }
-
-/// Rows an event changed and their digest, when changes are captured.
-type RowChanges = Option<(u32, [u8; 32])>;
 
 fn dead(class: &str, message: &str) -> Outcome {
     Outcome::DeadLetter {

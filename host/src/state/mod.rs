@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
+pub use changes::Change;
 pub use changes::empty_digest as empty_changes_digest;
+
 pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
@@ -99,6 +101,15 @@ pub enum GuestSqlError {
     BudgetExhausted { budget: u64 },
     /// The database itself failed (I/O, disk full, corruption): the run stops.
     Host(rusqlite::Error),
+}
+
+/// The row changes of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventChanges {
+    pub rows: u32,
+    pub digest: [u8; 32],
+    /// In order; empty unless kept.
+    pub changes: Vec<Change>,
 }
 
 /// Rows a guest query returned.
@@ -221,19 +232,25 @@ impl StateDb {
     }
 
     /// Starts counting and digesting the row changes of processor tables
-    /// (see [`StateDb::take_changes`]).
-    pub fn capture_changes(&mut self) -> Result<(), StateError> {
-        if self.changes.is_none() {
-            // SAFETY: `changes` is dropped before `conn` (field order).
-            self.changes = Some(unsafe { changes::Changes::register(self.conn.handle()) });
-        }
-        Ok(())
+    /// (see [`StateDb::take_changes`]); `keep` keeps every change in full.
+    pub fn capture_changes(&mut self, keep: bool) {
+        // SAFETY: `changes` is dropped before `conn` (field order).
+        self.changes = None;
+        self.changes = Some(unsafe { changes::Changes::register(self.conn.handle(), keep) });
     }
 
-    /// Rows of processor tables changed since the last call, and a digest
-    /// of the changes; `None` unless [`StateDb::capture_changes`] was called.
-    pub fn take_changes(&self) -> Option<(u32, [u8; 32])> {
-        self.changes.as_ref().map(changes::Changes::take)
+    /// Rows of processor tables changed since the last call, a digest of the
+    /// changes and (when kept) the changes; `None` unless
+    /// [`StateDb::capture_changes`] was called.
+    pub fn take_changes(&self) -> Option<EventChanges> {
+        self.changes.as_ref().map(|c| {
+            let taken = c.take();
+            EventChanges {
+                rows: taken.rows,
+                digest: taken.digest,
+                changes: taken.changes,
+            }
+        })
     }
 
     /// Forgets the changes since the last [`StateDb::take_changes`].

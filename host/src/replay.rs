@@ -1,0 +1,506 @@
+//! Side-by-side replay: an old and a new module version process the same
+//! tape on copies of the same starting state, and every event's effects are
+//! compared as they happen.
+//!
+//! Each side is an ordinary run ([`crate::run`]) over the tape, in a thread
+//! of its own, observing every event's result (outcome, row changes,
+//! outputs) at each commit. The comparer pairs the results by seq: an event
+//! diverges when its outcome, its outputs or the rows it wrote differ, and
+//! a row key that the two versions wrote differently records the event as a
+//! cause. At the end the two states are compared table by table
+//! ([`crate::diff`]), and every differing row gets the events that caused it.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use rusqlite::types::Value;
+
+use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
+use crate::event::Output;
+use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary};
+use crate::runtime::RuntimeConfig;
+use crate::state::Change;
+use crate::tape::{Outcome, TapeEvent};
+
+/// Everything a replay needs.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    pub tape: PathBuf,
+    pub old: PathBuf,
+    pub new: PathBuf,
+    /// Start both sides from a copy of this state DB instead of empty.
+    pub from: Option<PathBuf>,
+    /// Stop after this seq.
+    pub until: Option<u64>,
+    pub ignore: Vec<Ignore>,
+    pub runtime: RuntimeConfig,
+    /// Where the two sides' state DBs are built (`old.db`, `new.db`).
+    pub work_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    #[error("{side} version: {source}")]
+    Side {
+        side: &'static str,
+        #[source]
+        source: Box<RunError>,
+    },
+    #[error(transparent)]
+    Diff(#[from] crate::diff::DiffError),
+    #[error("{path}: {message}")]
+    Setup { path: PathBuf, message: String },
+    #[error("the {side} version stopped (a thread failed)")]
+    Crashed { side: &'static str },
+}
+
+/// What one version did with one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SideEvent {
+    pub outcome: Outcome,
+    pub changes: Vec<Change>,
+    pub outputs: Vec<Output>,
+}
+
+/// The first event whose effects differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Divergence {
+    pub event: TapeEvent,
+    pub old: SideEvent,
+    pub new: SideEvent,
+}
+
+/// An event whose outputs differ.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputDiff {
+    pub seq: u64,
+    pub old: Vec<Output>,
+    pub new: Vec<Output>,
+}
+
+/// An event that is a dead letter in one version only (or with another class).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadDiff {
+    pub seq: u64,
+    pub stream: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub class: String,
+    pub message: String,
+}
+
+/// The outcome of a replay.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub old_digest: String,
+    pub new_digest: String,
+    pub events: u64,
+    pub diverged_events: u64,
+    pub first_divergence: Option<Divergence>,
+    pub state: StateDiff,
+    /// Per table, per key (the diff's key values): the seqs of the events
+    /// the versions wrote that row differently in, in order.
+    pub causes: HashMap<RowKey, Vec<u64>>,
+    pub outputs: Vec<OutputDiff>,
+    pub dead_only_old: Vec<DeadDiff>,
+    pub dead_only_new: Vec<DeadDiff>,
+    pub old_db: PathBuf,
+    pub new_db: PathBuf,
+}
+
+impl Replay {
+    /// Whether the versions differ in anything the report covers.
+    pub fn differs(&self) -> bool {
+        self.diverged_events > 0 || !self.state.is_empty()
+    }
+
+    /// The events that caused a differing row.
+    pub fn caused_by(&self, table: &str, key: &[(String, Value)]) -> &[u64] {
+        let values: Vec<Value> = key.iter().map(|(_, v)| v.clone()).collect();
+        self.causes
+            .get(&(table.to_owned(), encode_key(&values)))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Receives replay progress.
+pub trait ReplayProgress: Sync {
+    /// Events compared so far, out of the tape's size in bytes read.
+    fn compared(&self, _events: u64) {}
+}
+
+impl ReplayProgress for () {}
+
+/// A side's run reports its committed batches into a channel.
+struct Side {
+    tx: SyncSender<Vec<EventRecord>>,
+}
+
+impl Progress for Side {
+    fn observe(&self) -> Option<bool> {
+        Some(true)
+    }
+    fn committed(&self, events: Vec<EventRecord>) {
+        // The comparer hanging up means it failed; the run finishes anyway.
+        let _ = self.tx.send(events);
+    }
+}
+
+/// Replays the tape with both versions and compares them.
+pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Replay, ReplayError> {
+    let setup = |path: &Path, message: String| ReplayError::Setup {
+        path: path.to_owned(),
+        message,
+    };
+    std::fs::create_dir_all(&config.work_dir)
+        .map_err(|e| setup(&config.work_dir, e.to_string()))?;
+    let old_db = config.work_dir.join("old.db");
+    let new_db = config.work_dir.join("new.db");
+    for db in [&old_db, &new_db] {
+        for suffix in ["", "-wal", "-shm"] {
+            let file = PathBuf::from(format!("{}{suffix}", db.display()));
+            if file.exists() {
+                std::fs::remove_file(&file).map_err(|e| setup(&file, e.to_string()))?;
+            }
+        }
+        if let Some(from) = &config.from {
+            crate::snapshot::snapshot(from, db).map_err(|e| setup(from, e.to_string()))?;
+        }
+    }
+    let side_config = |module: &Path, db: &Path| {
+        let mut c = RunConfig::new(module, &config.tape, db);
+        c.runtime = config.runtime.clone();
+        c.until_seq = config.until;
+        // A snapshot was written by one of the versions; both continue it.
+        c.allow_module_change = true;
+        c
+    };
+    let (old_cfg, new_cfg) = (
+        side_config(&config.old, &old_db),
+        side_config(&config.new, &new_db),
+    );
+    let (old_tx, old_rx) = sync_channel(8);
+    let (new_tx, new_rx) = sync_channel(8);
+    std::thread::scope(|scope| {
+        let old = scope.spawn(move || crate::run(&old_cfg, &Side { tx: old_tx }));
+        let new = scope.spawn(move || crate::run(&new_cfg, &Side { tx: new_tx }));
+        let compared = compare(&old_rx, &new_rx, &old_db, &new_db, &config.ignore, progress);
+        // Unblock a side still sending (its receiver goes away).
+        drop((old_rx, new_rx));
+        let join = |handle: std::thread::ScopedJoinHandle<'_, Result<RunSummary, RunError>>,
+                    side: &'static str| {
+            handle
+                .join()
+                .map_err(|_| ReplayError::Crashed { side })?
+                .map_err(|e| ReplayError::Side {
+                    side,
+                    source: Box::new(e),
+                })
+        };
+        let (old_summary, new_summary) = (join(old, "old")?, join(new, "new")?);
+        let compared = compared?;
+        let state = diff_states(&old_db, &new_db, &config.ignore)?;
+        Ok(Replay {
+            old_digest: old_summary.module_digest,
+            new_digest: new_summary.module_digest,
+            events: compared.events,
+            diverged_events: compared.diverged,
+            first_divergence: compared.first,
+            state,
+            causes: compared.causes,
+            outputs: compared.outputs,
+            dead_only_old: compared.dead_only_old,
+            dead_only_new: compared.dead_only_new,
+            old_db: old_db.clone(),
+            new_db: new_db.clone(),
+        })
+    })
+}
+
+#[derive(Default)]
+struct Compared {
+    events: u64,
+    diverged: u64,
+    first: Option<Divergence>,
+    causes: HashMap<RowKey, Vec<u64>>,
+    outputs: Vec<OutputDiff>,
+    dead_only_old: Vec<DeadDiff>,
+    dead_only_new: Vec<DeadDiff>,
+}
+
+/// The most causes kept per row: the first ones matter most.
+const MAX_CAUSES: usize = 1000;
+
+/// Pairs the sides' results by seq and compares them.
+fn compare(
+    old_rx: &Receiver<Vec<EventRecord>>,
+    new_rx: &Receiver<Vec<EventRecord>>,
+    old_db: &Path,
+    new_db: &Path,
+    ignore: &[Ignore],
+    progress: &dyn ReplayProgress,
+) -> Result<Compared, ReplayError> {
+    let mut out = Compared::default();
+    let (mut olds, mut news) = (VecDeque::new(), VecDeque::new());
+    let mut shapes = [Shapes::new(old_db), Shapes::new(new_db)];
+    let (mut old_open, mut new_open) = (true, true);
+    loop {
+        // Take from whichever side is behind.
+        if olds.is_empty() && old_open {
+            match old_rx.recv() {
+                Ok(batch) => olds.extend(batch),
+                Err(_) => old_open = false,
+            }
+            continue;
+        }
+        if news.is_empty() && new_open {
+            match new_rx.recv() {
+                Ok(batch) => news.extend(batch),
+                Err(_) => new_open = false,
+            }
+            continue;
+        }
+        let (Some(a), Some(b)) = (olds.pop_front(), news.pop_front()) else {
+            // One side ended: the other's results have no partner. That
+            // happens only when a side failed, which its join reports.
+            return Ok(out);
+        };
+        compare_event(&mut out, a, b, &mut shapes, ignore)?;
+        if out.events.is_multiple_of(10_000) {
+            progress.compared(out.events);
+        }
+    }
+}
+
+fn compare_event(
+    out: &mut Compared,
+    a: EventRecord,
+    b: EventRecord,
+    shapes: &mut [Shapes; 2],
+    ignore: &[Ignore],
+) -> Result<(), ReplayError> {
+    let seq = a.event.seq;
+    if b.event.seq != seq {
+        return Err(ReplayError::Setup {
+            path: PathBuf::new(),
+            message: format!(
+                "the versions consumed different records (seq {seq} against {})",
+                b.event.seq
+            ),
+        });
+    }
+    out.events += 1;
+    let (ra, rb) = (
+        a.event
+            .result
+            .as_ref()
+            .expect("observed events carry results"),
+        b.event
+            .result
+            .as_ref()
+            .expect("observed events carry results"),
+    );
+    let outcome_differs = ra.outcome != rb.outcome;
+    let outputs_differ = ra.outputs_digest != rb.outputs_digest;
+    let mut rows_differ = false;
+    if ra.rows_digest != rb.rows_digest {
+        let ia = shapes[0].images(&a.changes, ignore)?;
+        let ib = shapes[1].images(&b.changes, ignore)?;
+        for (key, image) in ia.iter() {
+            if ib.get(key) != Some(image) {
+                rows_differ = true;
+                push_cause(&mut out.causes, key.clone(), seq);
+            }
+        }
+        for key in ib.keys() {
+            if !ia.contains_key(key) {
+                rows_differ = true;
+                push_cause(&mut out.causes, key.clone(), seq);
+            }
+        }
+    }
+    if outputs_differ {
+        out.outputs.push(OutputDiff {
+            seq,
+            old: a.outputs.clone(),
+            new: b.outputs.clone(),
+        });
+    }
+    if outcome_differs {
+        let dead = |e: &TapeEvent, o: &Outcome| match o {
+            Outcome::DeadLetter { class, message } => Some(DeadDiff {
+                seq,
+                stream: e.position.stream.clone(),
+                partition: e.position.partition,
+                offset: e.position.offset,
+                class: class.clone(),
+                message: message.clone(),
+            }),
+            _ => None,
+        };
+        out.dead_only_old.extend(dead(&a.event, &ra.outcome));
+        out.dead_only_new.extend(dead(&b.event, &rb.outcome));
+    }
+    if outcome_differs || outputs_differ || rows_differ {
+        out.diverged += 1;
+        if out.first.is_none() {
+            let side = |r: &EventRecord| SideEvent {
+                outcome: r.event.result.as_ref().expect("results").outcome.clone(),
+                changes: r.changes.clone(),
+                outputs: r.outputs.clone(),
+            };
+            let mut event = a.event.clone();
+            event.result = None;
+            out.first = Some(Divergence {
+                old: side(&a),
+                new: side(&b),
+                event,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A row's identity: its table and its key values, encoded.
+pub type RowKey = (String, Vec<u8>);
+
+/// Key values as bytes: a type tag, then the value (reals by their bits).
+pub fn encode_key(values: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for v in values {
+        match v {
+            Value::Null => out.push(0),
+            Value::Integer(i) => {
+                out.push(1);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Value::Real(r) => {
+                out.push(2);
+                out.extend_from_slice(&r.to_bits().to_le_bytes());
+            }
+            Value::Text(t) => {
+                out.push(3);
+                out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                out.extend_from_slice(t.as_bytes());
+            }
+            Value::Blob(b) => {
+                out.push(4);
+                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    out
+}
+
+fn push_cause(causes: &mut HashMap<RowKey, Vec<u64>>, key: RowKey, seq: u64) {
+    let seqs = causes.entry(key).or_default();
+    if seqs.len() < MAX_CAUSES && seqs.last() != Some(&seq) {
+        seqs.push(seq);
+    }
+}
+
+/// The shapes of one side's tables, read through a connection of our own.
+struct Shapes {
+    path: PathBuf,
+    conn: Option<rusqlite::Connection>,
+    tables: HashMap<String, TableShape>,
+}
+
+/// A row image per (table, key): what an event left there (`None`: deleted).
+type Images = HashMap<RowKey, Option<Vec<(String, Value)>>>;
+
+impl Shapes {
+    fn new(path: &Path) -> Shapes {
+        Shapes {
+            path: path.to_owned(),
+            conn: None,
+            tables: HashMap::new(),
+        }
+    }
+
+    fn shape(&mut self, table: &str, width: usize) -> Result<&TableShape, ReplayError> {
+        let err = |e: rusqlite::Error| {
+            ReplayError::Diff(crate::diff::DiffError {
+                path: self.path.clone(),
+                source: e,
+            })
+        };
+        let stale = self
+            .tables
+            .get(table)
+            .is_none_or(|s| s.columns.len() != width);
+        if stale {
+            if self.conn.is_none() {
+                let conn = rusqlite::Connection::open_with_flags(
+                    &self.path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .map_err(err)?;
+                self.conn = Some(conn);
+            }
+            let conn = self.conn.as_ref().expect("opened above");
+            let shape = crate::diff::shape(conn, table).map_err(err)?;
+            self.tables.insert(table.to_owned(), shape);
+        }
+        Ok(&self.tables[table])
+    }
+
+    /// What the changes left per row key, ignored tables and columns left out.
+    fn images(&mut self, changes: &[Change], ignore: &[Ignore]) -> Result<Images, ReplayError> {
+        let mut images = Images::new();
+        for change in changes {
+            if ignore
+                .iter()
+                .any(|i| matches!(i, Ignore::Table(t) if *t == change.table))
+            {
+                continue;
+            }
+            let width = change
+                .after
+                .as_ref()
+                .or(change.before.as_ref())
+                .map_or(0, Vec::len);
+            let shape = self.shape(&change.table, width)?.clone();
+            let keep = |c: &str| {
+                !ignore.iter().any(
+                    |i| matches!(i, Ignore::Column { table, column } if *table == change.table && column == c),
+                )
+            };
+            let image = |row: &Vec<Value>| -> Vec<(String, Value)> {
+                shape
+                    .columns
+                    .iter()
+                    .zip(row)
+                    .filter(|(c, _)| keep(c))
+                    .map(|(c, v)| (c.clone(), v.clone()))
+                    .collect()
+            };
+            let key = |row: &Vec<Value>| -> Vec<u8> {
+                let values: Vec<Value> = if shape.key.is_empty() {
+                    image(row).into_iter().map(|(_, v)| v).collect()
+                } else {
+                    shape
+                        .key
+                        .iter()
+                        .filter_map(|k| shape.columns.iter().position(|c| c == k))
+                        .filter_map(|i| row.get(i).cloned())
+                        .collect()
+                };
+                encode_key(&values)
+            };
+            if let Some(before) = &change.before {
+                let k = key(before);
+                if change.after.as_ref().is_none_or(|after| key(after) != k) {
+                    images.insert((change.table.clone(), k), None);
+                }
+            }
+            if let Some(after) = &change.after {
+                images.insert((change.table.clone(), key(after)), Some(image(after)));
+            }
+        }
+        Ok(images)
+    }
+}

@@ -1,0 +1,344 @@
+//! Reports of replays and diffs: the JSON contract other tools read, a
+//! terminal summary, and the approved-baseline gate.
+//!
+//! JSON values are numbers, strings, null, or `{"blob_hex": "..."}`.
+
+use std::fmt::Write as _;
+
+use rusqlite::types::Value;
+use serde_json::{Map, Value as Json, json};
+
+use crate::diff::{RowChange, StateDiff, TableDiff};
+use crate::event::Output;
+use crate::replay::{DeadDiff, Divergence, Replay, SideEvent};
+use crate::state::Change;
+use crate::tape::Outcome;
+
+/// A SQLite value as JSON.
+pub fn value(v: &Value) -> Json {
+    match v {
+        Value::Null => Json::Null,
+        Value::Integer(i) => json!(i),
+        Value::Real(r) => serde_json::Number::from_f64(*r).map_or(Json::Null, Json::Number),
+        Value::Text(t) => json!(t),
+        Value::Blob(b) => json!({ "blob_hex": hex::encode(b) }),
+    }
+}
+
+/// Bytes as JSON: a string when they are UTF-8, else `{"blob_hex"}`.
+pub fn bytes(b: Option<&[u8]>) -> Json {
+    match b {
+        None => Json::Null,
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => json!(s),
+            Err(_) => json!({ "blob_hex": hex::encode(b) }),
+        },
+    }
+}
+
+fn output(o: &Output) -> Json {
+    json!({
+        "stream": o.stream,
+        "key": bytes(o.key.as_deref()),
+        "payload": bytes(o.payload.as_deref()),
+        "headers": o.headers.iter().map(|h| json!([h.name, bytes(h.value.as_deref())])).collect::<Vec<_>>(),
+    })
+}
+
+fn outcome(o: &Outcome) -> Json {
+    match o {
+        Outcome::Applied => json!({ "result": "applied" }),
+        Outcome::Duplicate => json!({ "result": "duplicate" }),
+        Outcome::DeadLetter { class, message } => {
+            json!({ "result": "dead-letter", "class": class, "message": message })
+        }
+    }
+}
+
+fn change(c: &Change) -> Json {
+    let row = |r: &Option<Vec<Value>>| match r {
+        None => Json::Null,
+        Some(values) => Json::Array(values.iter().map(value).collect()),
+    };
+    json!({
+        "table": c.table,
+        "op": match (&c.before, &c.after) {
+            (None, _) => "insert",
+            (_, None) => "delete",
+            _ => "update",
+        },
+        "before": row(&c.before),
+        "after": row(&c.after),
+    })
+}
+
+fn side(s: &SideEvent) -> Json {
+    let mut o = outcome(&s.outcome);
+    o["rows"] = Json::Array(s.changes.iter().map(change).collect());
+    o["outputs"] = Json::Array(s.outputs.iter().map(output).collect());
+    o
+}
+
+fn divergence(d: &Divergence) -> Json {
+    json!({
+        "seq": d.event.seq,
+        "stream": d.event.position.stream,
+        "partition": d.event.position.partition,
+        "offset": d.event.position.offset,
+        "payload": bytes(d.event.payload.as_deref()),
+        "old": side(&d.old),
+        "new": side(&d.new),
+    })
+}
+
+fn dead(d: &DeadDiff) -> Json {
+    json!({
+        "seq": d.seq, "stream": d.stream, "partition": d.partition, "offset": d.offset,
+        "class": d.class, "message": d.message,
+    })
+}
+
+fn change_name(c: RowChange) -> &'static str {
+    match c {
+        RowChange::Added => "added",
+        RowChange::Removed => "removed",
+        RowChange::Changed => "changed",
+    }
+}
+
+/// The events that caused a differing row of a table (by key).
+pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64> + 'a;
+
+/// The per-table section, with causes when a replay found them.
+pub fn tables(
+    diff: &StateDiff,
+    caused_by: &dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64>,
+) -> Json {
+    Json::Array(
+        diff.tables
+            .iter()
+            .map(|t| {
+                let rows: Vec<Json> = t
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        let key: Map<String, Json> =
+                            r.key.iter().map(|(c, v)| (c.clone(), value(v))).collect();
+                        let columns: Map<String, Json> = r
+                            .columns
+                            .iter()
+                            .map(|(c, o, n)| {
+                                let v = |x: &Option<Value>| x.as_ref().map_or(Json::Null, value);
+                                (c.clone(), json!({ "old": v(o), "new": v(n) }))
+                            })
+                            .collect();
+                        json!({
+                            "key": key,
+                            "change": change_name(r.change),
+                            "columns": columns,
+                            "caused_by": caused_by(t, &r.key),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": t.name,
+                    "keyed": t.keyed,
+                    "key_columns": t.key_columns,
+                    "added": t.added,
+                    "removed": t.removed,
+                    "changed": t.changed,
+                    "rows": rows,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The replay report (the JSON contract).
+pub fn replay_json(r: &Replay, old_path: &str, new_path: &str) -> Json {
+    json!({
+        "old": { "path": old_path, "module_digest": r.old_digest },
+        "new": { "path": new_path, "module_digest": r.new_digest },
+        "summary": {
+            "events": r.events,
+            "diverged_events": r.diverged_events,
+            "first_divergence": r.first_divergence.as_ref().map(divergence),
+        },
+        "schema": r.state.schema,
+        "tables": tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec()),
+        "outputs": {
+            "diverged_events": r.outputs.len(),
+            "events": r.outputs.iter().map(|o| json!({
+                "seq": o.seq,
+                "old": o.old.iter().map(output).collect::<Vec<_>>(),
+                "new": o.new.iter().map(output).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        },
+        "dead_letters": {
+            "only_old": r.dead_only_old.iter().map(dead).collect::<Vec<_>>(),
+            "only_new": r.dead_only_new.iter().map(dead).collect::<Vec<_>>(),
+        },
+    })
+}
+
+/// The `rewind diff` report: the table section of the replay report.
+pub fn diff_json(d: &StateDiff, old_path: &str, new_path: &str) -> Json {
+    json!({
+        "old": { "path": old_path },
+        "new": { "path": new_path },
+        "schema": d.schema,
+        "tables": tables(d, &|_, _| Vec::new()),
+    })
+}
+
+/// What the approved-baseline gate compares: everything but where the files
+/// and modules were (a rebuilt module that behaves the same passes).
+pub fn gated(report: &Json) -> Json {
+    let mut r = report.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.remove("old");
+        o.remove("new");
+    }
+    r
+}
+
+/// A terminal summary; `color` adds ANSI colours.
+pub fn summary_text(report: &Json, color: bool) -> String {
+    let paint = |code: &str, s: &str| {
+        if color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    };
+    let mut out = String::new();
+    if let Some(summary) = report.get("summary") {
+        let events = summary["events"].as_u64().unwrap_or(0);
+        let diverged = summary["diverged_events"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{} events replayed, {} diverged",
+            events,
+            if diverged == 0 {
+                paint("32", "0")
+            } else {
+                paint("31", &diverged.to_string())
+            }
+        );
+        if let Some(first) = summary.get("first_divergence").filter(|f| !f.is_null()) {
+            let _ = writeln!(
+                out,
+                "first divergence: seq {} ({}/{}@{}) payload {}",
+                first["seq"],
+                first["stream"].as_str().unwrap_or(""),
+                first["partition"],
+                first["offset"],
+                first["payload"]
+            );
+            for side in ["old", "new"] {
+                let s = &first[side];
+                let _ = writeln!(
+                    out,
+                    "  {side}: {}{}, {} row changes, {} outputs",
+                    s["result"].as_str().unwrap_or(""),
+                    s.get("class")
+                        .and_then(Json::as_str)
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default(),
+                    s["rows"].as_array().map_or(0, Vec::len),
+                    s["outputs"].as_array().map_or(0, Vec::len)
+                );
+            }
+        }
+    }
+    let schema = &report["schema"];
+    for (key, label) in [
+        ("tables_only_old", "only in old"),
+        ("tables_only_new", "only in new"),
+    ] {
+        if let Some(t) = schema[key].as_array().filter(|t| !t.is_empty()) {
+            let _ = writeln!(
+                out,
+                "{} tables {label}: {}",
+                paint("33", "schema:"),
+                list(t)
+            );
+        }
+    }
+    for c in schema["columns"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{} {}: columns only in old [{}], only in new [{}]",
+            paint("33", "schema:"),
+            c["table"].as_str().unwrap_or(""),
+            list(c["only_old"].as_array().map_or(&[][..], Vec::as_slice)),
+            list(c["only_new"].as_array().map_or(&[][..], Vec::as_slice)),
+        );
+    }
+    let tables = report["tables"].as_array().map_or(&[][..], Vec::as_slice);
+    if tables.is_empty() {
+        let _ = writeln!(out, "tables: {}", paint("32", "no differences"));
+    }
+    for t in tables {
+        let _ = writeln!(
+            out,
+            "table {}: {} added, {} removed, {} changed{}",
+            paint("1", t["name"].as_str().unwrap_or("")),
+            paint("32", &t["added"].to_string()),
+            paint("31", &t["removed"].to_string()),
+            paint("33", &t["changed"].to_string()),
+            if t["keyed"] == json!(false) {
+                " (no primary key: compared by full row)"
+            } else {
+                ""
+            }
+        );
+        let rows = t["rows"].as_array().map_or(&[][..], Vec::as_slice);
+        for row in rows.iter().take(5) {
+            let cols: Vec<String> = row["columns"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(c, v)| format!("{c}: {} → {}", v["old"], v["new"]))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {} {} {}{}",
+                row["change"].as_str().unwrap_or(""),
+                row["key"],
+                cols.join(", "),
+                row["caused_by"]
+                    .as_array()
+                    .filter(|c| !c.is_empty())
+                    .map(|c| format!("  caused by seq {}", list(c)))
+                    .unwrap_or_default()
+            );
+        }
+        if rows.len() > 5 {
+            let _ = writeln!(out, "  … {} more", rows.len() - 5);
+        }
+    }
+    if let Some(outputs) = report.get("outputs") {
+        let _ = writeln!(out, "outputs: {} events differ", outputs["diverged_events"]);
+    }
+    if let Some(dl) = report.get("dead_letters") {
+        let _ = writeln!(
+            out,
+            "dead letters: {} only in old, {} only in new",
+            dl["only_old"].as_array().map_or(0, Vec::len),
+            dl["only_new"].as_array().map_or(0, Vec::len)
+        );
+    }
+    out
+}
+
+fn list(items: &[Json]) -> String {
+    items
+        .iter()
+        .map(|i| match i.as_str() {
+            Some(s) => s.to_owned(),
+            None => i.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
