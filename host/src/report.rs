@@ -110,10 +110,7 @@ fn change_name(c: RowChange) -> &'static str {
 pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64> + 'a;
 
 /// The per-table section, with causes when a replay found them.
-pub fn tables(
-    diff: &StateDiff,
-    caused_by: &dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64>,
-) -> Json {
+pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>) -> Json {
     Json::Array(
         diff.tables
             .iter()
