@@ -308,16 +308,12 @@ fn compare_event(
     if ra.rows_digest != rb.rows_digest {
         let ia = shapes[0].images(&a.changes, ignore)?;
         let ib = shapes[1].images(&b.changes, ignore)?;
-        for (key, image) in ia.iter() {
-            if ib.get(key) != Some(image) {
+        for key in ia.keys().chain(ib.keys().filter(|k| !ia.contains_key(*k))) {
+            if let Some(new_difference) = compare_writes(ia.get(key), ib.get(key)) {
                 rows_differ = true;
-                push_cause(&mut out.causes, key.clone(), seq);
-            }
-        }
-        for key in ib.keys() {
-            if !ia.contains_key(key) {
-                rows_differ = true;
-                push_cause(&mut out.causes, key.clone(), seq);
+                if new_difference {
+                    push_cause(&mut out.causes, key.clone(), seq);
+                }
             }
         }
     }
@@ -409,8 +405,52 @@ struct Shapes {
     tables: HashMap<String, TableShape>,
 }
 
-/// A row image per (table, key): what an event left there (`None`: deleted).
-type Images = HashMap<RowKey, Option<Vec<(String, Value)>>>;
+/// A row's columns and values.
+type Image = Vec<(String, Value)>;
+
+/// What an event did to one row: the row before its first change and after
+/// its last (`None`: absent).
+#[derive(Debug, Clone, PartialEq)]
+struct Write {
+    before: Option<Image>,
+    after: Option<Image>,
+}
+
+/// Per (table, key), what an event did there.
+type Images = HashMap<RowKey, Write>;
+
+/// Compares what the versions did to one row in one event: `None` when it
+/// is the same, else whether the event made a *new* difference (one version
+/// wrote the row and the other did not, or a column that was equal before
+/// the event differs after it). An event that only carries an earlier
+/// difference along (a counter both versions increment) is not a cause.
+fn compare_writes(a: Option<&Write>, b: Option<&Write>) -> Option<bool> {
+    let (a, b) = match (a, b) {
+        (None, None) => return None,
+        (Some(_), None) | (None, Some(_)) => return Some(true),
+        (Some(a), Some(b)) => (a, b),
+    };
+    if a.after == b.after {
+        return if a.before == b.before {
+            None
+        } else {
+            Some(false)
+        };
+    }
+    if a.before == b.before {
+        return Some(true);
+    }
+    Some(match (&a.before, &b.before, &a.after, &b.after) {
+        (Some(ba), Some(bb), Some(aa), Some(ab)) => aa.iter().zip(ab).zip(ba.iter().zip(bb)).any(
+            |(((_, after_a), (_, after_b)), ((_, before_a), (_, before_b)))| {
+                before_a == before_b && after_a != after_b
+            },
+        ),
+        (before_a, before_b, after_a, after_b) => {
+            before_a.is_some() == before_b.is_some() && after_a.is_some() != after_b.is_some()
+        }
+    })
+}
 
 impl Shapes {
     fn new(path: &Path) -> Shapes {
@@ -492,13 +532,22 @@ impl Shapes {
                 encode_key(&values)
             };
             if let Some(before) = &change.before {
-                let k = key(before);
-                if change.after.as_ref().is_none_or(|after| key(after) != k) {
-                    images.insert((change.table.clone(), k), None);
-                }
+                let write = images
+                    .entry((change.table.clone(), key(before)))
+                    .or_insert_with(|| Write {
+                        before: Some(image(before)),
+                        after: None,
+                    });
+                write.after = None;
             }
             if let Some(after) = &change.after {
-                images.insert((change.table.clone(), key(after)), Some(image(after)));
+                let write = images
+                    .entry((change.table.clone(), key(after)))
+                    .or_insert(Write {
+                        before: None,
+                        after: None,
+                    });
+                write.after = Some(image(after));
             }
         }
         Ok(images)

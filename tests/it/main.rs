@@ -6,5 +6,6 @@ mod cli;
 mod determinism;
 mod hostile;
 mod payments;
+mod replay;
 mod tape;
 mod tidy;

@@ -1,0 +1,564 @@
+//! Side-by-side replay and state diffs: what a fix changes, and which
+//! events caused each difference, checked against an independent model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use proptest::prelude::*;
+use rewind_host::diff::{Ignore, RowChange, diff_states};
+use rewind_host::replay::{ReplayConfig, replay};
+use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin};
+use rusqlite::types::Value;
+
+const TS: i64 = 1_700_000_000_000;
+
+enum Ev {
+    Completed {
+        order: u64,
+        customer: u64,
+        amount: i64,
+    },
+    Cancelled {
+        order: u64,
+    },
+}
+
+/// Orders, re-deliveries of earlier completions, and cancels (some of
+/// unknown orders), as kcat envelopes with offset = seq.
+fn stream(n: usize, seed: u64) -> (Vec<Ev>, Vec<u8>) {
+    let mut rng = XorShift(seed | 1);
+    let mut evs: Vec<Ev> = Vec::new();
+    let mut completed: Vec<(u64, u64, i64)> = Vec::new();
+    for _ in 0..n {
+        let roll = rng.below(10);
+        let ev = if roll < 2 && !completed.is_empty() {
+            let (order, customer, amount) = completed[rng.below(completed.len() as u64) as usize];
+            Ev::Completed {
+                order,
+                customer,
+                amount,
+            }
+        } else if roll < 4 {
+            Ev::Cancelled {
+                order: rng.below(n as u64 / 2 + 1),
+            }
+        } else {
+            let order = rng.below(n as u64 / 2 + 1);
+            let customer = rng.below(7);
+            let amount = 100 + rng.below(900) as i64;
+            completed.push((order, customer, amount));
+            Ev::Completed {
+                order,
+                customer,
+                amount,
+            }
+        };
+        evs.push(ev);
+    }
+    let mut bytes = Vec::new();
+    for (i, ev) in evs.iter().enumerate() {
+        let payload = match ev {
+            Ev::Completed {
+                order,
+                customer,
+                amount,
+            } => format!(
+                r#"{{"type":"order_completed","order_id":"o-{order}","customer_id":"c-{customer}","amount_cents":{amount},"currency":"EUR"}}"#
+            ),
+            Ev::Cancelled { order } => {
+                format!(r#"{{"type":"order_cancelled","order_id":"o-{order}"}}"#)
+            }
+        };
+        bytes.extend_from_slice(
+            envelope("orders", i as i64, TS + i as i64, "k", &payload).as_bytes(),
+        );
+        bytes.push(b'\n');
+    }
+    (evs, bytes)
+}
+
+#[derive(Clone, PartialEq, Debug)]
+struct Payment {
+    customer: u64,
+    amount: i64,
+    status: &'static str,
+    updated: i64,
+    /// The seq whose randomness made the gateway_ref.
+    charged_by: usize,
+}
+
+#[derive(Default)]
+struct Model {
+    payments: BTreeMap<u64, Payment>,
+    totals: BTreeMap<u64, (i64, i64, i64)>,
+    /// The seqs where v1 charged an order again.
+    recharged: Vec<usize>,
+}
+
+/// The payments processor, independently: v1 charges a re-delivered order
+/// again, v2 does not.
+fn model(evs: &[Ev], v1: bool) -> Model {
+    let mut m = Model::default();
+    for (seq, ev) in evs.iter().enumerate() {
+        let ts = TS + seq as i64;
+        match *ev {
+            Ev::Completed {
+                order,
+                customer,
+                amount,
+            } => {
+                if m.payments.contains_key(&order) {
+                    if !v1 {
+                        continue;
+                    }
+                    m.recharged.push(seq);
+                }
+                m.payments.insert(
+                    order,
+                    Payment {
+                        customer,
+                        amount,
+                        status: "charged",
+                        updated: ts,
+                        charged_by: seq,
+                    },
+                );
+                let t = m.totals.entry(customer).or_default();
+                t.0 += amount;
+                t.2 += 1;
+            }
+            Ev::Cancelled { order } => {
+                let Some(p) = m.payments.get_mut(&order) else {
+                    continue;
+                };
+                if p.status != "charged" {
+                    continue;
+                }
+                p.status = "refunded";
+                p.updated = ts;
+                m.totals.entry(p.customer).or_default().1 += p.amount;
+            }
+        }
+    }
+    m
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        other => panic!("not text: {other:?}"),
+    }
+}
+
+fn record_tape(dir: &Path, bytes: &[u8]) -> std::path::PathBuf {
+    let input = dir.join("orders.jsonl");
+    std::fs::write(&input, bytes).unwrap();
+    let tape = dir.join("orders.tape");
+    let mut cfg = config(&processor("payments-v1"), &input, &dir.join("live.db"));
+    cfg.tape = Some(tape.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    tape
+}
+
+fn replay_config(dir: &Path, tape: &Path, old: &str, new: &str) -> ReplayConfig {
+    ReplayConfig {
+        tape: tape.to_owned(),
+        old: processor(old),
+        new: processor(new),
+        from: None,
+        until: None,
+        ignore: Vec::new(),
+        runtime: config(&processor(old), tape, dir).runtime,
+        work_dir: dir.join(format!("work-{old}-{new}")),
+    }
+}
+
+/// v1 against v2 on a stream with re-deliveries: the differing rows and
+/// their old and new values are exactly the model's, and every differing
+/// row's causes include the re-deliveries that charged it again.
+#[test]
+fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let (evs, bytes) = stream(1500, 11);
+    let tape = record_tape(dir.path(), &bytes);
+    let r = replay(
+        &replay_config(dir.path(), &tape, "payments-v1", "payments-v2"),
+        &(),
+    )
+    .unwrap();
+    let (v1, v2) = (model(&evs, true), model(&evs, false));
+    assert!(!v1.recharged.is_empty(), "the stream has re-deliveries");
+    assert_eq!(r.events, evs.len() as u64);
+    assert!(r.differs());
+    assert!(r.state.schema.is_empty());
+
+    // customer_totals: exact old and new values.
+    let expected_totals: BTreeMap<String, Vec<(String, i64, i64)>> = v1
+        .totals
+        .iter()
+        .filter_map(|(c, old)| {
+            let new = v2.totals[c];
+            let cols: Vec<(String, i64, i64)> = [
+                ("charged_cents", old.0, new.0),
+                ("refunded_cents", old.1, new.1),
+                ("charges", old.2, new.2),
+            ]
+            .into_iter()
+            .filter(|(_, o, n)| o != n)
+            .map(|(name, o, n)| (name.to_owned(), o, n))
+            .collect();
+            (!cols.is_empty()).then(|| (format!("c-{c}"), cols))
+        })
+        .collect();
+    let totals = r
+        .state
+        .tables
+        .iter()
+        .find(|t| t.name == "customer_totals")
+        .unwrap();
+    let got_totals: BTreeMap<String, Vec<(String, i64, i64)>> = totals
+        .rows
+        .iter()
+        .map(|row| {
+            assert_eq!(row.change, RowChange::Changed);
+            let cols = row
+                .columns
+                .iter()
+                .map(|(c, o, n)| match (o, n) {
+                    (Some(Value::Integer(o)), Some(Value::Integer(n))) => (c.clone(), *o, *n),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            (text(&row.key[0].1), cols)
+        })
+        .collect();
+    assert_eq!(got_totals, expected_totals);
+
+    // payments: the changed columns, and status/updated_at_ms values.
+    let mut expected_payments = BTreeMap::new();
+    for (o, old) in &v1.payments {
+        let new = &v2.payments[o];
+        let mut cols = BTreeSet::new();
+        if old.charged_by != new.charged_by {
+            cols.insert("gateway_ref".to_owned());
+        }
+        if old.customer != new.customer {
+            cols.insert("customer_id".to_owned());
+        }
+        if old.amount != new.amount {
+            cols.insert("amount_cents".to_owned());
+        }
+        if old.status != new.status {
+            cols.insert("status".to_owned());
+        }
+        if old.updated != new.updated {
+            cols.insert("updated_at_ms".to_owned());
+        }
+        if !cols.is_empty() {
+            expected_payments.insert(format!("o-{o}"), cols);
+        }
+    }
+    let payments = r
+        .state
+        .tables
+        .iter()
+        .find(|t| t.name == "payments")
+        .unwrap();
+    let got_payments: BTreeMap<String, BTreeSet<String>> = payments
+        .rows
+        .iter()
+        .map(|row| {
+            let key = text(&row.key[0].1);
+            let order: u64 = key[2..].parse().unwrap();
+            for (c, o, n) in &row.columns {
+                let (o, n) = (o.clone().unwrap(), n.clone().unwrap());
+                match c.as_str() {
+                    "status" => {
+                        assert_eq!(text(&o), v1.payments[&order].status);
+                        assert_eq!(text(&n), v2.payments[&order].status);
+                    }
+                    "updated_at_ms" => {
+                        assert_eq!(o, Value::Integer(v1.payments[&order].updated));
+                        assert_eq!(n, Value::Integer(v2.payments[&order].updated));
+                    }
+                    _ => {}
+                }
+            }
+            (key, row.columns.iter().map(|(c, _, _)| c.clone()).collect())
+        })
+        .collect();
+    assert_eq!(got_payments, expected_payments);
+
+    // Causes: every re-charge is among the causes of its order's payment
+    // row and its customer's totals row.
+    for &seq in &v1.recharged {
+        let Ev::Completed {
+            order, customer, ..
+        } = evs[seq]
+        else {
+            unreachable!("re-charges are completions")
+        };
+        for (table, key) in [
+            ("payments", format!("o-{order}")),
+            ("customer_totals", format!("c-{customer}")),
+        ] {
+            let differing = r
+                .state
+                .tables
+                .iter()
+                .find(|t| t.name == table)
+                .unwrap()
+                .rows
+                .iter()
+                .any(|row| text(&row.key[0].1) == key);
+            if differing {
+                let causes = r.caused_by(table, &[("k".into(), Value::Text(key.clone()))]);
+                assert!(
+                    causes.contains(&(seq as u64)),
+                    "{table} {key}: {causes:?} lacks {seq}"
+                );
+            }
+        }
+    }
+    // The first divergence is the first re-charge (or a cancel v1 accepts).
+    assert_eq!(
+        r.first_divergence.as_ref().unwrap().event.seq,
+        v1.recharged[0] as u64
+    );
+    // Outputs differ exactly on the re-charges and the cancels only v1 accepted.
+    assert!(r.outputs.iter().any(|o| o.seq == v1.recharged[0] as u64));
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(rewind_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("REWIND_CACHE_DIR", cache_dir())
+        .output()
+        .unwrap()
+}
+
+/// A version against itself changes nothing (exit 0), and the same holds
+/// from the CLI; v1 against v2 exits 1.
+#[test]
+fn a_version_against_itself_has_no_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(400, 3);
+    let tape = record_tape(dir.path(), &bytes);
+    for v in ["payments-v1", "payments-v2"] {
+        let r = replay(&replay_config(dir.path(), &tape, v, v), &()).unwrap();
+        assert!(!r.differs(), "{v}");
+        assert_eq!(r.diverged_events, 0);
+        let json = dir.path().join(format!("{v}.json"));
+        let p = processor(v);
+        let out = cli(&[
+            "replay",
+            "--tape",
+            tape.to_str().unwrap(),
+            "--old",
+            p.to_str().unwrap(),
+            "--new",
+            p.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(report["summary"]["diverged_events"], 0);
+        assert_eq!(report["tables"], serde_json::json!([]));
+    }
+    let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
+    let out = cli(&[
+        "replay",
+        "--tape",
+        tape.to_str().unwrap(),
+        "--old",
+        v1.to_str().unwrap(),
+        "--new",
+        v2.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+/// Ignore rules drop exactly what they name; the approved-baseline gate
+/// passes when equal, fails on anything else, and --accept round-trips.
+#[test]
+fn ignore_rules_and_the_approved_baseline_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(600, 5);
+    let tape = record_tape(dir.path(), &bytes);
+    let mut cfg = replay_config(dir.path(), &tape, "payments-v1", "payments-v2");
+    let full = replay(&cfg, &()).unwrap();
+    cfg.ignore = vec![Ignore::Table("customer_totals".into())];
+    let no_totals = replay(&cfg, &()).unwrap();
+    assert!(
+        full.state
+            .tables
+            .iter()
+            .any(|t| t.name == "customer_totals")
+    );
+    assert!(
+        no_totals
+            .state
+            .tables
+            .iter()
+            .all(|t| t.name != "customer_totals")
+    );
+    assert_eq!(
+        full.state.tables.iter().find(|t| t.name == "payments"),
+        no_totals.state.tables.iter().find(|t| t.name == "payments")
+    );
+    cfg.ignore = vec!["payments.gateway_ref".parse().unwrap()];
+    let no_ref = replay(&cfg, &()).unwrap();
+    let payments = no_ref.state.tables.iter().find(|t| t.name == "payments");
+    assert!(payments.is_none_or(|t| {
+        t.rows
+            .iter()
+            .all(|r| r.columns.iter().all(|(c, _, _)| c != "gateway_ref"))
+    }));
+    assert_eq!(
+        full.state
+            .tables
+            .iter()
+            .find(|t| t.name == "customer_totals"),
+        no_ref
+            .state
+            .tables
+            .iter()
+            .find(|t| t.name == "customer_totals")
+    );
+
+    let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
+    let approved = dir.path().join("approved.json");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "replay",
+            "--quiet",
+            "--tape",
+            tape.to_str().unwrap(),
+            "--old",
+            v1.to_str().unwrap(),
+            "--new",
+            v2.to_str().unwrap(),
+            "--expect",
+            approved.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
+            .status
+            .code()
+    };
+    // No baseline yet: an error (2) that says how to make one.
+    assert_eq!(run(args(&[])), Some(2));
+    assert_eq!(run(args(&["--accept"])), Some(0));
+    assert_eq!(run(args(&[])), Some(0), "equal to the approved baseline");
+    // Any other change fails: here, ignoring a table changes the diff.
+    assert_eq!(run(args(&["--ignore", "customer_totals"])), Some(1));
+    // Tampering with the baseline fails too.
+    let mut baseline: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&approved).unwrap()).unwrap();
+    baseline["summary"]["diverged_events"] = serde_json::json!(0);
+    std::fs::write(&approved, baseline.to_string()).unwrap();
+    assert_eq!(run(args(&[])), Some(1));
+}
+
+/// Replaying from a snapshot equals replaying from empty over the same
+/// events: the snapshot carries its offsets, so consumed records are skipped.
+#[test]
+fn replay_from_a_snapshot_equals_replay_from_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(800, 9);
+    let lines: Vec<&[u8]> = bytes.split_inclusive(|&b| b == b'\n').collect();
+    // The live run consumes the first half, is snapshotted, then the rest.
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, lines[..400].concat()).unwrap();
+    let tape = dir.path().join("orders.tape");
+    let live = dir.path().join("live.db");
+    let mut cfg = config(&processor("payments-v1"), &input, &live);
+    cfg.tape = Some(tape.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    let snap = dir.path().join("snap.db");
+    rewind_host::snapshot::snapshot(&live, &snap).unwrap();
+    std::fs::write(&input, lines.concat()).unwrap();
+    rewind_host::run(&cfg, &()).unwrap();
+
+    let mut from_empty = replay_config(dir.path(), &tape, "payments-v1", "payments-v2");
+    from_empty.work_dir = dir.path().join("empty");
+    let a = replay(&from_empty, &()).unwrap();
+    let mut from_snap = from_empty.clone();
+    from_snap.work_dir = dir.path().join("snap");
+    from_snap.from = Some(snap.clone());
+    let b = replay(&from_snap, &()).unwrap();
+    // The snapshot was v1's state for the first half, so the new side starts
+    // with v1's first-half differences already in; compare the old sides.
+    assert!(diff_states(&a.old_db, &b.old_db, &[]).unwrap().is_empty());
+    assert_eq!(b.events, 400);
+}
+
+/// A table of random rows, keyed or not.
+fn db_with(path: &Path, rows: &[(i64, Option<String>, i64)], keyed: bool) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(if keyed {
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, n INTEGER)"
+    } else {
+        "CREATE TABLE t (id INTEGER, name TEXT, n INTEGER)"
+    })
+    .unwrap();
+    for (id, name, n) in rows {
+        conn.execute(
+            "INSERT OR REPLACE INTO t VALUES (?1, ?2, ?3)",
+            rusqlite::params![id, name, n],
+        )
+        .unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// diff(a, a) is empty; diff(a, b) mirrors diff(b, a): added and
+    /// removed swap, old and new swap.
+    #[test]
+    fn diffs_are_empty_on_equal_states_and_mirror(
+        a in proptest::collection::vec((0i64..30, proptest::option::of("[a-c]{0,2}"), 0i64..3), 0..25),
+        b in proptest::collection::vec((0i64..30, proptest::option::of("[a-c]{0,2}"), 0i64..3), 0..25),
+        keyed in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, pb) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        db_with(&pa, &a, keyed);
+        db_with(&pb, &b, keyed);
+        prop_assert!(diff_states(&pa, &pa, &[]).unwrap().is_empty());
+        let ab = diff_states(&pa, &pb, &[]).unwrap();
+        let ba = diff_states(&pb, &pa, &[]).unwrap();
+        let flip = |c: RowChange| match c {
+            RowChange::Added => RowChange::Removed,
+            RowChange::Removed => RowChange::Added,
+            RowChange::Changed => RowChange::Changed,
+        };
+        let norm = |d: &rewind_host::diff::StateDiff, mirror: bool| -> Vec<String> {
+            let mut rows: Vec<String> = d.tables.iter().flat_map(|t| t.rows.iter().map(move |r| {
+                let cols: Vec<_> = r.columns.iter().map(|(c, o, n)| if mirror { (c.clone(), n.clone(), o.clone()) } else { (c.clone(), o.clone(), n.clone()) }).collect();
+                format!("{:?} {:?} {:?}", r.key, if mirror { flip(r.change) } else { r.change }, cols)
+            })).collect();
+            rows.sort();
+            rows
+        };
+        prop_assert_eq!(norm(&ab, false), norm(&ba, true));
+        prop_assert_eq!(ab.is_empty(), ba.is_empty());
+    }
+}
