@@ -5,9 +5,12 @@
 //! Each side is an ordinary run ([`crate::run`]) over the tape, in a thread
 //! of its own, observing every event's result (outcome, row changes,
 //! outputs) at each commit. The comparer pairs the results by seq: an event
-//! diverges when its outcome, its outputs or the rows it wrote differ, and
-//! a row key that the two versions wrote differently records the event as a
-//! cause. At the end the two states are compared table by table
+//! diverges when its outcome or its outputs differ, or when it makes a new
+//! difference in a row (one version writes it and the other not, or a
+//! column equal before the event differs after it); such a row records the
+//! event as a cause. An event that only carries an earlier difference along
+//! (both versions add to a counter that already differs) is not a
+//! divergence. At the end the two states are compared table by table
 //! ([`crate::diff`]), and every differing row gets the events that caused it.
 
 use std::collections::{HashMap, VecDeque};
@@ -309,11 +312,11 @@ fn compare_event(
         let ia = shapes[0].images(&a.changes, ignore)?;
         let ib = shapes[1].images(&b.changes, ignore)?;
         for key in ia.keys().chain(ib.keys().filter(|k| !ia.contains_key(*k))) {
-            if let Some(new_difference) = compare_writes(ia.get(key), ib.get(key)) {
+            // An event that only carries an earlier difference along is
+            // not a divergence of its own.
+            if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 rows_differ = true;
-                if new_difference {
-                    push_cause(&mut out.causes, key.clone(), seq);
-                }
+                push_cause(&mut out.causes, key.clone(), seq);
             }
         }
     }
