@@ -16,6 +16,7 @@ pub mod snapshot;
 mod source;
 mod state;
 mod tape;
+pub mod verify;
 mod wit;
 
 pub use event::{Event, Header, Output, Position, Seed};

@@ -68,6 +68,21 @@ enum Command {
         #[arg(long, value_name = "TABLE[.COLUMN]")]
         ignore: Vec<rewind_host::diff::Ignore>,
     },
+    /// Replay a tape with the processor that recorded it and check every
+    /// event's result against the digests recorded live. Prints "identical",
+    /// or the first mismatching seq and what differs (nondeterminism, or a
+    /// tampered tape). Exit 0: identical; 1: mismatch; 2: error.
+    Verify {
+        /// The tape (recorded by `rewind run --tape`).
+        #[arg(long, value_name = "TAPE")]
+        tape: PathBuf,
+        /// The processor that recorded it.
+        #[arg(long, value_name = "WASM")]
+        processor: PathBuf,
+        /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// Take a consistent copy of a state DB (with its offsets), even while a
     /// run is writing it: a starting point for `replay --from`.
     Snapshot {
@@ -263,6 +278,11 @@ fn main() -> ExitCode {
             json,
             ignore,
         } => diff(&old, &new, json.as_deref(), &ignore),
+        Command::Verify {
+            tape,
+            processor,
+            cache_dir,
+        } => verify(&tape, &processor, cache_dir),
         Command::Snapshot { state, out } => ok(rewind_host::snapshot::snapshot(&state, &out)
             .map_err(anyhow::Error::from)
             .map(|()| {
@@ -731,4 +751,34 @@ fn diff(
     } else {
         ExitCode::from(1)
     })
+}
+
+fn verify(
+    tape: &std::path::Path,
+    processor: &std::path::Path,
+    cache_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = RuntimeConfig {
+        cache_dir: Some(cache_dir.unwrap_or_else(default_cache_dir)),
+        ..RuntimeConfig::default()
+    };
+    let work = std::env::temp_dir().join(format!("rewind-verify-{}.db", std::process::id()));
+    let result = rewind_host::verify::verify(tape, processor, &runtime, &work);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
+    }
+    let verified = result?;
+    match verified.first_mismatch {
+        None => {
+            println!(
+                "identical: {} events reproduce their recorded results",
+                verified.events
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(mismatch) => {
+            println!("mismatch at {}", mismatch.describe());
+            Ok(ExitCode::from(1))
+        }
+    }
 }

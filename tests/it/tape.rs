@@ -327,3 +327,82 @@ fn a_state_refuses_a_tape_it_did_not_record() {
     let err = rewind_host::run(&cfg, &()).unwrap_err().to_string();
     assert!(err.contains("not the tape this state DB recorded"), "{err}");
 }
+
+/// `verify` reproduces a recorded run exactly, and catches a tampered
+/// result at exactly the tampered seq; a tape without results, or recorded
+/// by another module, cannot be verified (a clear error).
+#[test]
+fn verify_finds_identical_runs_and_tampered_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, orders(600, 21)).unwrap();
+    let tape = dir.path().join("orders.tape");
+    let mut cfg = config(
+        &processor("payments-v1"),
+        &input,
+        &dir.path().join("live.db"),
+    );
+    cfg.tape = Some(tape.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    let runtime = cfg.runtime.clone();
+    let work = dir.path().join("verify.db");
+
+    let verified =
+        rewind_host::verify::verify(&tape, &processor("payments-v1"), &runtime, &work).unwrap();
+    assert_eq!(verified.events, 600);
+    assert!(verified.first_mismatch.is_none());
+
+    for (seq, part) in [(137u64, "rows written"), (411, "outputs"), (512, "outcome")] {
+        let tampered = dir.path().join(format!("tampered-{seq}.tape"));
+        let mut writer = rewind_host::TapeWriter::create(&tampered, [7; 16]).unwrap();
+        for frame in frames(&tape) {
+            match frame {
+                Frame::Run(run) => writer.run(&run),
+                Frame::Event(mut e) => {
+                    if e.seq == seq {
+                        let r = e.result.as_mut().unwrap();
+                        match part {
+                            "rows written" => r.rows_digest[0] ^= 1,
+                            "outputs" => r.outputs += 1,
+                            _ => r.outcome = rewind_host::Outcome::Duplicate,
+                        }
+                    }
+                    writer.event(&e);
+                }
+            }
+        }
+        writer.flush().unwrap();
+        let verified =
+            rewind_host::verify::verify(&tampered, &processor("payments-v1"), &runtime, &work)
+                .unwrap();
+        let mismatch = verified.first_mismatch.expect("the tampering is caught");
+        assert_eq!(mismatch.event.seq, seq);
+        assert!(
+            mismatch.describe().contains(part),
+            "{}",
+            mismatch.describe()
+        );
+        let out = cli(&[
+            "verify",
+            "--tape",
+            tampered.to_str().unwrap(),
+            "--processor",
+            processor("payments-v1").to_str().unwrap(),
+            "--cache-dir",
+            cache_dir().to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("seq {seq} ")));
+    }
+
+    let err = rewind_host::verify::verify(&tape, &processor("payments-v2"), &runtime, &work)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("recorded by module"), "{err}");
+    let imported = dir.path().join("imported.tape");
+    tapes::import(&input, &imported, None).unwrap();
+    let err = rewind_host::verify::verify(&imported, &processor("payments-v1"), &runtime, &work)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no recorded results"), "{err}");
+}

@@ -1,0 +1,218 @@
+//! `rewind verify`: replays a tape with the module that recorded it and
+//! checks every event's result against the digests recorded live. Any
+//! mismatch is nondeterminism (or a tampered tape), reported at the first
+//! event where it appears.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::pipeline::{EventRecord, Progress, RunConfig, RunError};
+use crate::runtime::RuntimeConfig;
+use crate::tape::{EventResult, Frame, Outcome, TapeError, TapeEvent, TapeReader};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    #[error(transparent)]
+    Tape(#[from] TapeError),
+    #[error(transparent)]
+    Run(#[from] Box<RunError>),
+    #[error("tape {path}: {message}")]
+    Unverifiable { path: PathBuf, message: String },
+}
+
+/// Where a replay first differs from the recording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub event: TapeEvent,
+    pub recorded: EventResult,
+    pub replayed: EventResult,
+}
+
+impl Mismatch {
+    /// What differs, in words.
+    pub fn describe(&self) -> String {
+        let (r, p) = (&self.recorded, &self.replayed);
+        let mut parts = Vec::new();
+        if r.outcome != p.outcome {
+            parts.push(format!(
+                "outcome: recorded {}, replayed {}",
+                outcome(&r.outcome),
+                outcome(&p.outcome)
+            ));
+        }
+        if (r.rows, r.rows_digest) != (p.rows, p.rows_digest) {
+            parts.push(format!(
+                "rows written: recorded {} (digest {}), replayed {} (digest {})",
+                r.rows,
+                &hex::encode(r.rows_digest)[..12],
+                p.rows,
+                &hex::encode(p.rows_digest)[..12]
+            ));
+        }
+        if (r.outputs, r.outputs_digest) != (p.outputs, p.outputs_digest) {
+            parts.push(format!(
+                "outputs: recorded {} (digest {}), replayed {} (digest {})",
+                r.outputs,
+                &hex::encode(r.outputs_digest)[..12],
+                p.outputs,
+                &hex::encode(p.outputs_digest)[..12]
+            ));
+        }
+        format!(
+            "seq {} ({}): {}",
+            self.event.seq,
+            self.event.position,
+            parts.join("; ")
+        )
+    }
+}
+
+fn outcome(o: &Outcome) -> String {
+    match o {
+        Outcome::Applied => "applied".into(),
+        Outcome::Duplicate => "duplicate".into(),
+        Outcome::DeadLetter { class, message } => format!("dead letter ({class}: {message})"),
+    }
+}
+
+/// What a verification found.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub events: u64,
+    pub first_mismatch: Option<Mismatch>,
+}
+
+/// Compares committed results with the tape's, in order.
+struct Checker {
+    reader: Mutex<TapeReader>,
+    state: Mutex<Checked>,
+}
+
+#[derive(Default)]
+struct Checked {
+    events: u64,
+    first: Option<Mismatch>,
+    error: Option<TapeError>,
+}
+
+impl Progress for Checker {
+    fn observe(&self) -> Option<bool> {
+        Some(false)
+    }
+    fn committed(&self, events: Vec<EventRecord>) {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for replayed in events {
+            if state.first.is_some() || state.error.is_some() {
+                return;
+            }
+            let recorded = match reader.next_event() {
+                Ok(Some(e)) => e,
+                Ok(None) => return,
+                Err(e) => {
+                    state.error = Some(e);
+                    return;
+                }
+            };
+            state.events += 1;
+            let (Some(r), Some(p)) = (recorded.result.clone(), replayed.event.result) else {
+                continue;
+            };
+            if r != p {
+                let mut event = recorded;
+                event.result = None;
+                state.first = Some(Mismatch {
+                    event,
+                    recorded: r,
+                    replayed: p,
+                });
+            }
+        }
+    }
+    fn should_stop(&self) -> bool {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.first.is_some() || state.error.is_some()
+    }
+}
+
+/// Replays `tape` with `processor` into a fresh state DB at `work` and
+/// compares every event's result with the recorded one.
+pub fn verify(
+    tape: &Path,
+    processor: &Path,
+    runtime: &RuntimeConfig,
+    work: &Path,
+) -> Result<Verified, VerifyError> {
+    let unverifiable = |message: String| VerifyError::Unverifiable {
+        path: tape.to_owned(),
+        message,
+    };
+    // The tape must have been recorded from the start, with results.
+    let mut reader = TapeReader::open(tape)?;
+    let mut runs = Vec::new();
+    let mut with_results = false;
+    while let Some(frame) = reader.next_frame()? {
+        match frame {
+            Frame::Run(run) => runs.push(run),
+            Frame::Event(e) => {
+                with_results = e.result.is_some();
+                if e.seq != 0 {
+                    return Err(unverifiable(format!(
+                        "its recording starts at seq {}, after events it does not hold; \
+                         verify replays from an empty state",
+                        e.seq
+                    )));
+                }
+                break;
+            }
+        }
+    }
+    if !with_results {
+        return Err(unverifiable(
+            "it holds no recorded results (an imported tape?); record one with `rewind run --tape`"
+                .into(),
+        ));
+    }
+    let runtime_module = crate::runtime::Runtime::new(runtime.clone())
+        .and_then(|rt| rt.load(processor).map(|m| m.digest().to_owned()))
+        .map_err(|e| Box::new(RunError::from(e)))?;
+    let mut reader = TapeReader::open(tape)?;
+    while let Some(frame) = reader.next_frame()? {
+        if let Frame::Run(run) = frame
+            && run.module_digest != runtime_module
+        {
+            return Err(unverifiable(format!(
+                "events from seq {} were recorded by module {}, not {} ({}); \
+                 verify with the module that recorded them",
+                run.first_seq,
+                run.module_digest,
+                runtime_module,
+                processor.display()
+            )));
+        }
+    }
+
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
+    }
+    let mut config = RunConfig::new(processor, tape, work);
+    config.runtime = runtime.clone();
+    let checker = Checker {
+        reader: Mutex::new(TapeReader::open(tape)?),
+        state: Mutex::new(Checked::default()),
+    };
+    let run = crate::run(&config, &checker);
+    let state = checker
+        .state
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(error) = state.error {
+        return Err(error.into());
+    }
+    run.map_err(Box::new)?;
+    Ok(Verified {
+        events: state.events,
+        first_mismatch: state.first,
+    })
+}
