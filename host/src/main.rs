@@ -61,9 +61,8 @@ enum Command {
         old: PathBuf,
         /// The new state DB.
         new: PathBuf,
-        /// Write the JSON report here.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        reports: Reports,
         /// Leave out a table, or a column of a table (TABLE or TABLE.COLUMN); repeatable.
         #[arg(long, value_name = "TABLE[.COLUMN]")]
         ignore: Vec<rewind_host::diff::Ignore>,
@@ -100,6 +99,38 @@ enum Command {
     },
 }
 
+/// Where to write reports, besides the terminal summary.
+#[derive(Args)]
+struct Reports {
+    /// Write the JSON report (the contract for tools) here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write a Markdown report (for a pull-request comment) here.
+    #[arg(long, value_name = "FILE")]
+    markdown: Option<PathBuf>,
+    /// Write a self-contained HTML report here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+}
+
+impl Reports {
+    fn write(&self, report: &serde_json::Value) -> anyhow::Result<()> {
+        if let Some(path) = &self.json {
+            write_json(path, report)?;
+        }
+        let text = |path: &PathBuf, text: String| {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        };
+        if let Some(path) = &self.markdown {
+            text(path, rewind_host::report::markdown(report))?;
+        }
+        if let Some(path) = &self.html {
+            text(path, rewind_host::report::html(report))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Args)]
 struct ReplayArgs {
     /// The tape to replay.
@@ -119,9 +150,8 @@ struct ReplayArgs {
     /// Stop after the event with this seq.
     #[arg(long, value_name = "SEQ")]
     until: Option<u64>,
-    /// Write the JSON report (the contract for tools) here.
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    reports: Reports,
     /// Leave out a table, or a column of a table (TABLE or TABLE.COLUMN); repeatable.
     #[arg(long, value_name = "TABLE[.COLUMN]")]
     ignore: Vec<rewind_host::diff::Ignore>,
@@ -275,9 +305,9 @@ fn main() -> ExitCode {
         Command::Diff {
             old,
             new,
-            json,
+            reports,
             ignore,
-        } => diff(&old, &new, json.as_deref(), &ignore),
+        } => diff(&old, &new, &reports, &ignore),
         Command::Verify {
             tape,
             processor,
@@ -667,9 +697,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         &args.old.display().to_string(),
         &args.new.display().to_string(),
     );
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
+    args.reports.write(&report)?;
     if !args.quiet {
         print!("{}", rewind_host::report::summary_text(&report, color()));
         if let Some(dir) = &args.keep {
@@ -736,15 +764,13 @@ fn gate(
 fn diff(
     old: &std::path::Path,
     new: &std::path::Path,
-    json: Option<&std::path::Path>,
+    reports: &Reports,
     ignore: &[rewind_host::diff::Ignore],
 ) -> anyhow::Result<ExitCode> {
     let d = rewind_host::diff::diff_states(old, new, ignore)?;
     let report =
         rewind_host::report::diff_json(&d, &old.display().to_string(), &new.display().to_string());
-    if let Some(path) = json {
-        write_json(path, &report)?;
-    }
+    reports.write(&report)?;
     print!("{}", rewind_host::report::summary_text(&report, color()));
     Ok(if d.is_empty() {
         ExitCode::SUCCESS

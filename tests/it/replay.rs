@@ -562,3 +562,109 @@ proptest! {
         prop_assert_eq!(ab.is_empty(), ba.is_empty());
     }
 }
+
+/// The HTML report is one self-contained page that Chromium renders with
+/// every differing key of the JSON report, each changed cell marked.
+#[test]
+fn the_html_report_renders_the_differing_keys_in_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(500, 13);
+    let tape = record_tape(dir.path(), &bytes);
+    let (json, html, md) = (
+        dir.path().join("r.json"),
+        dir.path().join("r.html"),
+        dir.path().join("r.md"),
+    );
+    let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
+    let out = cli(&[
+        "replay",
+        "--quiet",
+        "--tape",
+        tape.to_str().unwrap(),
+        "--old",
+        v1.to_str().unwrap(),
+        "--new",
+        v2.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+        "--markdown",
+        md.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("<script"),
+        "self-contained"
+    );
+
+    let chromium = which("chromium").expect(
+        "Debian's chromium is needed to render the HTML report: `apt-get install chromium` (cargo xtask test does)",
+    );
+    let rendered = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let dom = String::from_utf8_lossy(&rendered.stdout);
+    let mut keys = 0;
+    for table in report["tables"].as_array().unwrap() {
+        for row in table["rows"].as_array().unwrap() {
+            let key: Vec<String> = row["key"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+                .collect();
+            let cell = format!(
+                "<td rowspan=\"{}\" class=\"mono key\">{}</td>",
+                row["columns"].as_object().unwrap().len(),
+                key.join(", ")
+            );
+            assert!(dom.contains(&cell), "the page lacks {cell}");
+            keys += 1;
+        }
+    }
+    assert!(keys > 0);
+    assert_eq!(
+        dom.matches("class=\"mono new\"").count(),
+        report["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| t["rows"].as_array().unwrap())
+            .map(|r| r["columns"].as_object().unwrap().len())
+            .sum::<usize>()
+    );
+    // The Markdown report has the per-table counts.
+    let markdown = std::fs::read_to_string(&md).unwrap();
+    for table in report["tables"].as_array().unwrap() {
+        assert!(markdown.contains(&format!(
+            "| `{}` | {} | {} | {} |",
+            table["name"].as_str().unwrap(),
+            table["added"],
+            table["removed"],
+            table["changed"]
+        )));
+    }
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}

@@ -10,6 +10,7 @@ use crate::{cargo, cmd, processors, root};
 pub fn run() -> Result<()> {
     let cargo = cargo();
     cmd(&cargo, &["fmt", "--all", "--check"])?;
+    system_tools()?;
     processors::build()?;
     cmd(
         &cargo,
@@ -55,6 +56,44 @@ pub fn run() -> Result<()> {
         bail!("{failed} tests failed");
     }
     Ok(())
+}
+
+/// The Debian packages the tests use: Chromium renders the HTML report,
+/// sqldiff is the diff benchmark's baseline. Installed when missing and
+/// possible (root with apt-get), else a clear error.
+fn system_tools() -> Result<()> {
+    let missing: Vec<&str> = [("chromium", "chromium"), ("sqldiff", "sqlite3-tools")]
+        .into_iter()
+        .filter(|(program, _)| !on_path(program))
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root || !on_path("apt-get") {
+        bail!(
+            "the tests need {}: install them (`sudo apt-get install {}`) and rerun",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(", "));
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(&missing);
+    if cmd("apt-get", &args).is_err() {
+        cmd("apt-get", &["update"])?;
+        cmd("apt-get", &args)?;
+    }
+    Ok(())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Runs the workspace's tests, echoing their output, and totals the results.

@@ -3,7 +3,11 @@
 //!
 //! JSON values are numbers, strings, null, or `{"blob_hex": "..."}`.
 
+mod render;
+
 use std::fmt::Write as _;
+
+pub use render::{html, markdown};
 
 use rusqlite::types::Value;
 use serde_json::{Map, Value as Json, json};
