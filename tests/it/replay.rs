@@ -668,3 +668,40 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| Path::new(dir).join(program))
         .find(|p| p.is_file())
 }
+
+/// A version that adds a column is a schema difference plus the row
+/// differences, not a crash; against v2 (same logic) only the schema differs.
+#[test]
+fn a_schema_change_is_reported_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(400, 17);
+    let tape = record_tape(dir.path(), &bytes);
+    let r = replay(
+        &replay_config(dir.path(), &tape, "payments-v1", "payments-v3"),
+        &(),
+    )
+    .unwrap();
+    assert_eq!(r.state.schema.columns.len(), 1);
+    assert_eq!(r.state.schema.columns[0].table, "payments");
+    assert_eq!(
+        r.state.schema.columns[0].only_new,
+        vec!["channel".to_owned()]
+    );
+    assert!(
+        r.state
+            .tables
+            .iter()
+            .any(|t| t.name == "payments" && t.changed > 0)
+    );
+    let same = replay(
+        &replay_config(dir.path(), &tape, "payments-v2", "payments-v3"),
+        &(),
+    )
+    .unwrap();
+    assert_eq!(
+        same.state.schema.columns[0].only_new,
+        vec!["channel".to_owned()]
+    );
+    assert!(same.state.tables.is_empty(), "{:?}", same.state.tables);
+    assert!(same.differs(), "a schema difference is a difference");
+}

@@ -16,6 +16,7 @@ const PROFILE: &str = "wasm";
 const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("payments", "", "payments.wasm", "payments-v2"),
     ("payments", "v1", "payments.wasm", "payments-v1"),
+    ("payments", "v3", "payments.wasm", "payments-v3"),
     ("hostile", "", "hostile.wasm", "hostile"),
     ("hostile", "bad-init", "hostile.wasm", "hostile-bad-init"),
     ("hostile", "", "other-world.wasm", "other-world"),

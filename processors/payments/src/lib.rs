@@ -37,11 +37,19 @@ struct Payment {
 
 impl Processor for Payments {
     fn init() -> Result<()> {
+        // Version 3 adds a column: a schema change for the replay tests.
+        let extra = if cfg!(feature = "v3") {
+            ", channel TEXT NOT NULL DEFAULT 'web'"
+        } else {
+            ""
+        };
         sql::execute(
-            "CREATE TABLE IF NOT EXISTS payments (
-                order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
-                amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL,
-                gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL)",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS payments (
+                    order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
+                    amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL,
+                    gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL{extra})"
+            ),
             &[],
         )?;
         sql::execute(
@@ -77,7 +85,8 @@ impl Processor for Payments {
                     updated_at_ms: now_ms(),
                 };
                 sql::execute(
-                    "INSERT OR REPLACE INTO payments VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT OR REPLACE INTO payments (order_id, customer_id, amount_cents, currency,
+                        status, gateway_ref, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     &[
                         &payment.order_id,
                         &payment.customer_id,
