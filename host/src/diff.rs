@@ -8,10 +8,10 @@
 //! multisets, and flagged.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
 /// What to leave out of a comparison: a table, or one column of a table.
@@ -173,7 +173,7 @@ fn open(path: &Path) -> Result<Connection, DiffError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(err)?;
-    conn.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -65536;")
+    conn.execute_batch("PRAGMA query_only = ON; PRAGMA cache_size = -8192;")
         .map_err(err)?;
     Ok(conn)
 }
@@ -288,8 +288,6 @@ fn side<'c>(
     conn.prepare(&sql)
 }
 
-type Row = (Vec<Value>, Vec<Value>);
-
 fn diff_table(
     name: &str,
     (a, old): (&Connection, Option<&TableShape>),
@@ -341,95 +339,138 @@ fn diff_table(
         .map(|_| side(b, name, &key, &new_cols))
         .transpose()
         .map_err(|e| (true, e))?;
-    let mut ra = match sa.as_mut() {
+    let mut ra: Option<rusqlite::Rows<'_>> = match sa.as_mut() {
         Some(s) => Some(s.query([]).map_err(|e| (false, e))?),
         None => None,
     };
-    let mut rb = match sb.as_mut() {
+    let mut rb: Option<rusqlite::Rows<'_>> = match sb.as_mut() {
         Some(s) => Some(s.query([]).map_err(|e| (true, e))?),
         None => None,
     };
-    let (ka, kb) = (key.len(), key.len());
-    let width_a = ka + old_cols.len();
-    let width_b = kb + new_cols.len();
-    let next = |rows: &mut Option<rusqlite::Rows<'_>>,
-                width: usize,
-                k: usize,
-                side: bool|
-     -> Result<Option<Row>, (bool, rusqlite::Error)> {
-        let Some(rows) = rows.as_mut() else {
-            return Ok(None);
-        };
-        match rows.next().map_err(|e| (side, e))? {
-            None => Ok(None),
-            Some(row) => {
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    values.push(row.get::<_, Value>(i).map_err(|e| (side, e))?);
-                }
-                let rest = values.split_off(k);
-                Ok(Some((values, rest)))
-            }
-        }
-    };
-    let mut x = next(&mut ra, width_a, ka, false)?;
-    let mut y = next(&mut rb, width_b, kb, true)?;
+    let k = key.len();
+    // Where each of old's compared columns sits in new's rows.
+    let in_new: Vec<Option<usize>> = old_cols
+        .iter()
+        .map(|c| new_cols.iter().position(|n| n == c).map(|i| k + i))
+        .collect();
+    let (width_a, width_b) = (k + old_cols.len(), k + new_cols.len());
+    // Rows are compared in place (`ValueRef`s); only differing rows are
+    // copied out.
+    let mut x = advance(&mut ra).map_err(|e| (false, e))?;
+    let mut y = advance(&mut rb).map_err(|e| (true, e))?;
     loop {
-        let order = match (&x, &y) {
+        let order = match (x, y) {
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
-            (Some((kx, vx)), Some((ky, vy))) => {
-                if keyed {
-                    cmp_row(kx, ky)
-                } else {
-                    cmp_row(vx, vy)
-                }
+            (Some(rx), Some(ry)) => {
+                let n = if keyed { k } else { width_a.min(width_b) };
+                cmp_refs(rx, ry, n).map_err(|e| (false, e))?
             }
         };
         match order {
             Ordering::Less => {
-                let (k, v) = x.take().expect("x is a row");
+                let row = owned(x.expect("x is a row"), width_a).map_err(|e| (false, e))?;
+                let (kv, v) = split(row, k);
                 out.removed += 1;
                 out.rows
-                    .push(whole(&key, k, &old_cols, v, RowChange::Removed));
-                x = next(&mut ra, width_a, ka, false)?;
+                    .push(whole(&key, kv, &old_cols, v, RowChange::Removed));
+                x = advance(&mut ra).map_err(|e| (false, e))?;
             }
             Ordering::Greater => {
-                let (k, v) = y.take().expect("y is a row");
+                let row = owned(y.expect("y is a row"), width_b).map_err(|e| (true, e))?;
+                let (kv, v) = split(row, k);
                 out.added += 1;
                 out.rows
-                    .push(whole(&key, k, &new_cols, v, RowChange::Added));
-                y = next(&mut rb, width_b, kb, true)?;
+                    .push(whole(&key, kv, &new_cols, v, RowChange::Added));
+                y = advance(&mut rb).map_err(|e| (true, e))?;
             }
             Ordering::Equal => {
-                let ((k, vx), (_, vy)) = (x.take().expect("row"), y.take().expect("row"));
+                let (rx, ry) = (x.expect("x is a row"), y.expect("y is a row"));
                 if keyed {
                     let mut columns = Vec::new();
-                    let by_name: HashMap<&str, &Value> =
-                        new_cols.iter().map(String::as_str).zip(vy.iter()).collect();
-                    for (c, v) in old_cols.iter().zip(vx) {
-                        if let Some(w) = by_name.get(c.as_str())
-                            && !same(&v, w)
-                        {
-                            columns.push((c.clone(), Some(v), Some((*w).clone())));
+                    for (i, c) in old_cols.iter().enumerate() {
+                        let Some(j) = in_new[i] else { continue };
+                        let (va, vb) = (
+                            rx.get_ref(k + i).map_err(|e| (false, e))?,
+                            ry.get_ref(j).map_err(|e| (true, e))?,
+                        );
+                        if !same_ref(va, vb) {
+                            columns.push((c.clone(), Some(to_value(va)), Some(to_value(vb))));
                         }
                     }
                     if !columns.is_empty() {
+                        let kv = (0..k)
+                            .map(|i| rx.get::<_, Value>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                            .map_err(|e| (false, e))?;
                         out.changed += 1;
                         out.rows.push(RowDiff {
-                            key: key.iter().cloned().zip(k).collect(),
+                            key: key.iter().cloned().zip(kv).collect(),
                             change: RowChange::Changed,
                             columns,
                         });
                     }
                 }
-                x = next(&mut ra, width_a, ka, false)?;
-                y = next(&mut rb, width_b, kb, true)?;
+                x = advance(&mut ra).map_err(|e| (false, e))?;
+                y = advance(&mut rb).map_err(|e| (true, e))?;
             }
         }
     }
     Ok(out)
+}
+
+fn advance<'r, 's>(
+    rows: &'r mut Option<rusqlite::Rows<'s>>,
+) -> rusqlite::Result<Option<&'r rusqlite::Row<'s>>> {
+    match rows {
+        None => Ok(None),
+        Some(rows) => rows.next(),
+    }
+}
+
+fn owned(row: &rusqlite::Row<'_>, width: usize) -> rusqlite::Result<Vec<Value>> {
+    (0..width).map(|i| row.get::<_, Value>(i)).collect()
+}
+
+fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
+    let rest = row.split_off(k);
+    (row, rest)
+}
+
+/// Compares the first `n` columns of two rows in SQLite's BINARY order.
+fn cmp_refs(a: &rusqlite::Row<'_>, b: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Ordering> {
+    for i in 0..n {
+        let (x, y) = (a.get_ref(i)?, b.get_ref(i)?);
+        let order = match (x, y) {
+            (ValueRef::Text(p), ValueRef::Text(q)) | (ValueRef::Blob(p), ValueRef::Blob(q)) => {
+                p.cmp(q)
+            }
+            (ValueRef::Integer(p), ValueRef::Integer(q)) => p.cmp(&q),
+            _ => cmp_value(&to_value(x), &to_value(y)),
+        };
+        if order != Ordering::Equal {
+            return Ok(order);
+        }
+    }
+    Ok(Ordering::Equal)
+}
+
+fn to_value(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(r) => Value::Real(r),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+    }
+}
+
+fn same_ref(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
+    match (a, b) {
+        (ValueRef::Real(x), ValueRef::Real(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
+    }
 }
 
 fn whole(
@@ -460,15 +501,6 @@ fn whole(
         },
         change,
         columns,
-    }
-}
-
-/// Equal as SQLite stores them (an integer and a real of the same value
-/// are different values here: they are different bytes in the state).
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
-        _ => a == b,
     }
 }
 
@@ -504,14 +536,4 @@ fn cmp_int_real(i: i64, r: f64) -> Ordering {
     } else {
         (i as f64).total_cmp(&r)
     }
-}
-
-fn cmp_row(a: &[Value], b: &[Value]) -> Ordering {
-    for (x, y) in a.iter().zip(b) {
-        match cmp_value(x, y) {
-            Ordering::Equal => {}
-            other => return other,
-        }
-    }
-    a.len().cmp(&b.len())
 }

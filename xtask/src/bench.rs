@@ -302,9 +302,12 @@ fn diff_bench(bin: &Path, dir: &Path, rows: usize) -> Result<()> {
     let (rewind_time, _) = measure_ok(Command::new(bin).arg("diff").arg(&a).arg(&b), &[0, 1])?;
     match which("sqldiff") {
         Some(sqldiff) => {
-            let (sqldiff_time, _) = measure(Command::new(sqldiff).arg(&a).arg(&b))?;
+            // --primarykey: compare by the declared key, as rewind does
+            // (by rowid, a missing row shifts every later one).
+            let (sqldiff_time, _) =
+                measure(Command::new(sqldiff).arg("--primarykey").arg(&a).arg(&b))?;
             println!(
-                "rewind diff vs sqldiff ({rows} rows, ~1% differ): {:.2}s vs {:.2}s: {:.2}x faster",
+                "rewind diff vs sqldiff --primarykey ({rows} rows, ~1% differ): {:.2}s vs {:.2}s: {:.2}x faster",
                 rewind_time.as_secs_f64(),
                 sqldiff_time.as_secs_f64(),
                 sqldiff_time.as_secs_f64() / rewind_time.as_secs_f64()
