@@ -59,6 +59,8 @@ pub struct RunConfig {
     pub tape: Option<PathBuf>,
     /// Stop after the record with this seq.
     pub until_seq: Option<u64>,
+    /// The state DB's page cache, in MiB (default 64).
+    pub cache_mib: Option<u32>,
     /// Stream name for bare lines (default: the input file's stem).
     pub stream: Option<String>,
     pub batch_size: usize,
@@ -82,6 +84,7 @@ impl RunConfig {
             output: None,
             tape: None,
             until_seq: None,
+            cache_mib: None,
             stream: None,
             batch_size: 1000,
             batch_time: Duration::from_millis(500),
@@ -196,6 +199,9 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
         }
     };
     db.checkpoint_in_background()?;
+    if let Some(mib) = config.cache_mib {
+        db.set_cache_mib(mib)?;
+    }
     let observe = progress.observe();
     if let Some(keep) = observe {
         db.capture_changes(keep);

@@ -219,6 +219,13 @@ impl StateDb {
         Ok(db)
     }
 
+    /// Sets the page cache size (the default is 64 MiB).
+    pub fn set_cache_mib(&self, mib: u32) -> Result<(), StateError> {
+        self.conn
+            .execute_batch(&format!("PRAGMA cache_size = -{}", u64::from(mib) * 1024))
+            .map_err(|e| self.err(e))
+    }
+
     /// Moves WAL checkpoints to a background thread (for a long run: the
     /// writer then never waits on `fsync`). See `checkpoint`.
     pub fn checkpoint_in_background(&mut self) -> Result<(), StateError> {
