@@ -705,3 +705,62 @@ fn a_schema_change_is_reported_not_a_crash() {
     assert!(same.state.tables.is_empty(), "{:?}", same.state.tables);
     assert!(same.differs(), "a schema difference is a difference");
 }
+
+/// A snapshot taken while a run is writing is consistent: its offsets match
+/// its state, so continuing from it ends exactly where the run ended.
+#[test]
+fn a_snapshot_of_a_live_run_is_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(40_000, 23);
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, &bytes).unwrap();
+    let live = dir.path().join("live.db");
+    let mut child = Command::new(rewind_bin())
+        .args(["run", "--quiet", "--batch-size", "64", "--processor"])
+        .arg(processor("payments-v1"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--state")
+        .arg(&live)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .spawn()
+        .unwrap();
+    // Wait until the run has committed something, then copy it mid-run.
+    let snap = dir.path().join("snap.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let committed = rusqlite::Connection::open_with_flags(
+            &live,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|c| {
+            c.query_row("SELECT count(*) FROM _rewind_offsets", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .is_ok_and(|n| n > 0);
+        if committed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never committed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    rewind_host::snapshot::snapshot(&live, &snap).unwrap();
+    let still_running = child.try_wait().unwrap().is_none();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        still_running,
+        "the snapshot was taken while the run was live"
+    );
+    // Continuing the snapshot over the same input reaches the same state.
+    rewind_host::run(&config(&processor("payments-v1"), &input, &snap), &()).unwrap();
+    assert!(diff_states(&live, &snap, &[]).unwrap().is_empty());
+    assert_eq!(
+        rewind_tests::rows(&live, "SELECT * FROM _rewind_offsets"),
+        rewind_tests::rows(&snap, "SELECT * FROM _rewind_offsets")
+    );
+}

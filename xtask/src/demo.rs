@@ -166,7 +166,11 @@ pub fn run() -> Result<()> {
     print!("{}", rewind(&bin, &["tape", "info", &path(&tape)])?);
 
     println!("\n== replay: v1 against the fix (v2), side by side, on the tape");
-    let (json, keep) = (dir.join("report.json"), dir.join("replay"));
+    let (json, html, keep) = (
+        dir.join("report.json"),
+        dir.join("report.html"),
+        dir.join("replay"),
+    );
     let replay = [
         "replay",
         "--tape",
@@ -177,13 +181,19 @@ pub fn run() -> Result<()> {
         &path(&v2),
         "--json",
         &path(&json),
+        "--html",
+        &path(&html),
         "--keep",
         &path(&keep),
     ];
     println!("rewind {}", replay.join(" "));
     print!("{}", rewind_with(&bin, &replay, &[0, 1])?);
 
-    println!("\nthe JSON report: {}", json.display());
+    println!(
+        "\nreports: {} (open in a browser), {}",
+        html.display(),
+        json.display()
+    );
     println!("look closer:");
     println!("  {} dlq list --state {}", bin.display(), live.display());
     println!(
