@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::Value;
+use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
 /// What to leave out of a comparison: a table, or one column of a table.
@@ -247,7 +247,7 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
                 });
             }
         }
-        let table = diff_table(name, (old, so), (new, sn)).map_err(|(side, source)| DiffError {
+        let table = diff_table(name, (&a, so), (&b, sn)).map_err(|(side, source)| DiffError {
             path: if side { new } else { old }.to_owned(),
             source,
         })?;
@@ -258,10 +258,40 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
     Ok(diff)
 }
 
+/// A side's rows of a table, in key order: key columns, then `columns`.
+fn side<'c>(
+    conn: &'c Connection,
+    table: &str,
+    key: &[String],
+    columns: &[String],
+) -> rusqlite::Result<rusqlite::Statement<'c>> {
+    let order = if key.is_empty() { columns } else { key };
+    let select: Vec<String> = key.iter().chain(columns).map(|c| quote(c)).collect();
+    let order: Vec<String> = order
+        .iter()
+        .map(|c| format!("{} COLLATE BINARY", quote(c)))
+        .collect();
+    let sql = format!(
+        "SELECT {} FROM {} ORDER BY {}",
+        if select.is_empty() {
+            "NULL".into()
+        } else {
+            select.join(", ")
+        },
+        quote(table),
+        if order.is_empty() {
+            "1".into()
+        } else {
+            order.join(", ")
+        }
+    );
+    conn.prepare(&sql)
+}
+
 fn diff_table(
     name: &str,
-    (a, old): (&Path, Option<&TableShape>),
-    (b, new): (&Path, Option<&TableShape>),
+    (a, old): (&Connection, Option<&TableShape>),
+    (b, new): (&Connection, Option<&TableShape>),
 ) -> Result<TableDiff, (bool, rusqlite::Error)> {
     // The key: the old side's primary key, if the new side has the same.
     let key: Vec<String> = match (old, new) {
@@ -301,184 +331,106 @@ fn diff_table(
         key_columns: key.clone(),
         ..TableDiff::default()
     };
-    let sql_a = old.map(|_| select(name, &key, &old_cols));
-    let sql_b = new.map(|_| select(name, &key, &new_cols));
+    let mut sa = old
+        .map(|_| side(a, name, &key, &old_cols))
+        .transpose()
+        .map_err(|e| (false, e))?;
+    let mut sb = new
+        .map(|_| side(b, name, &key, &new_cols))
+        .transpose()
+        .map_err(|e| (true, e))?;
+    let mut ra: Option<rusqlite::Rows<'_>> = match sa.as_mut() {
+        Some(s) => Some(s.query([]).map_err(|e| (false, e))?),
+        None => None,
+    };
+    let mut rb: Option<rusqlite::Rows<'_>> = match sb.as_mut() {
+        Some(s) => Some(s.query([]).map_err(|e| (true, e))?),
+        None => None,
+    };
     let k = key.len();
     // Where each of old's compared columns sits in new's rows.
     let in_new: Vec<Option<usize>> = old_cols
         .iter()
         .map(|c| new_cols.iter().position(|n| n == c).map(|i| k + i))
         .collect();
-    let width = (k + old_cols.len()).min(k + new_cols.len());
-    std::thread::scope(|scope| {
-        // Each side is read on a thread of its own: the two scans run side by
-        // side, and the merge below only compares.
-        let mut x = Cursor::start(scope, a, sql_a, false);
-        let mut y = Cursor::start(scope, b, sql_b, true);
-        let (mut rx, mut ry) = (x.next()?, y.next()?);
-        loop {
-            let order = match (&rx, &ry) {
-                (None, None) => break,
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (Some(p), Some(q)) => {
-                    let n = if keyed { k } else { width };
-                    cmp_row(&p[..n.min(p.len())], &q[..n.min(q.len())])
-                }
-            };
-            match order {
-                Ordering::Less => {
-                    let (kv, v) = split(rx.take().expect("a row"), k);
-                    out.removed += 1;
-                    out.rows
-                        .push(whole(&key, kv, &old_cols, v, RowChange::Removed));
-                    rx = x.next()?;
-                }
-                Ordering::Greater => {
-                    let (kv, v) = split(ry.take().expect("a row"), k);
-                    out.added += 1;
-                    out.rows
-                        .push(whole(&key, kv, &new_cols, v, RowChange::Added));
-                    ry = y.next()?;
-                }
-                Ordering::Equal => {
-                    let (p, q) = (rx.take().expect("a row"), ry.take().expect("a row"));
-                    if keyed {
-                        let columns: Vec<_> = old_cols
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(i, c)| {
-                                let j = in_new[i]?;
-                                (!same(&p[k + i], &q[j])).then(|| {
-                                    (c.clone(), Some(p[k + i].clone()), Some(q[j].clone()))
-                                })
-                            })
-                            .collect();
-                        if !columns.is_empty() {
-                            out.changed += 1;
-                            out.rows.push(RowDiff {
-                                key: key.iter().cloned().zip(p.into_iter().take(k)).collect(),
-                                change: RowChange::Changed,
-                                columns,
-                            });
-                        }
-                    }
-                    rx = x.next()?;
-                    ry = y.next()?;
-                }
+    let (width_a, width_b) = (k + old_cols.len(), k + new_cols.len());
+    // Rows are compared in place (`ValueRef`s); only differing rows are
+    // copied out.
+    let mut x = advance(&mut ra).map_err(|e| (false, e))?;
+    let mut y = advance(&mut rb).map_err(|e| (true, e))?;
+    loop {
+        let order = match (x, y) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(rx), Some(ry)) => {
+                let n = if keyed { k } else { width_a.min(width_b) };
+                cmp_refs(rx, ry, n).map_err(|e| (false, e))?
             }
-        }
-        Ok(out)
-    })
-}
-
-/// The query reading a side's rows of a table in key order (`COLLATE
-/// BINARY`, which the key's index serves): key columns, then `columns`.
-fn select(table: &str, key: &[String], columns: &[String]) -> String {
-    let order = if key.is_empty() { columns } else { key };
-    let select: Vec<String> = key.iter().chain(columns).map(|c| quote(c)).collect();
-    let order: Vec<String> = order
-        .iter()
-        .map(|c| format!("{} COLLATE BINARY", quote(c)))
-        .collect();
-    format!(
-        "SELECT {} FROM {} ORDER BY {}",
-        if select.is_empty() {
-            "NULL".into()
-        } else {
-            select.join(", ")
-        },
-        quote(table),
-        if order.is_empty() {
-            "1".into()
-        } else {
-            order.join(", ")
-        }
-    )
-}
-
-type Batch = Result<Vec<Vec<Value>>, rusqlite::Error>;
-
-/// One side's rows, read in batches by a thread of its own.
-struct Cursor {
-    rx: Option<std::sync::mpsc::Receiver<Batch>>,
-    batch: std::vec::IntoIter<Vec<Value>>,
-    side: bool,
-}
-
-/// Rows per batch sent from a reader thread.
-const BATCH_ROWS: usize = 4096;
-
-impl Cursor {
-    /// Starts reading `path` with `sql` (no rows when `None`: the table is
-    /// not on this side).
-    fn start<'s>(
-        scope: &'s std::thread::Scope<'s, '_>,
-        path: &Path,
-        sql: Option<String>,
-        side: bool,
-    ) -> Cursor {
-        let rx = sql.map(|sql| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(4);
-            let path = path.to_owned();
-            scope.spawn(move || {
-                let read = || -> rusqlite::Result<()> {
-                    let conn = open(&path).map_err(|e| e.source)?;
-                    let mut stmt = conn.prepare(&sql)?;
-                    let width = stmt.column_count();
-                    let mut rows = stmt.query([])?;
-                    let mut batch = Vec::with_capacity(BATCH_ROWS);
-                    while let Some(row) = rows.next()? {
-                        batch.push(
-                            (0..width)
-                                .map(|i| row.get::<_, Value>(i))
-                                .collect::<rusqlite::Result<Vec<_>>>()?,
+        };
+        match order {
+            Ordering::Less => {
+                let row = owned(x.expect("x is a row"), width_a).map_err(|e| (false, e))?;
+                let (kv, v) = split(row, k);
+                out.removed += 1;
+                out.rows
+                    .push(whole(&key, kv, &old_cols, v, RowChange::Removed));
+                x = advance(&mut ra).map_err(|e| (false, e))?;
+            }
+            Ordering::Greater => {
+                let row = owned(y.expect("y is a row"), width_b).map_err(|e| (true, e))?;
+                let (kv, v) = split(row, k);
+                out.added += 1;
+                out.rows
+                    .push(whole(&key, kv, &new_cols, v, RowChange::Added));
+                y = advance(&mut rb).map_err(|e| (true, e))?;
+            }
+            Ordering::Equal => {
+                let (rx, ry) = (x.expect("x is a row"), y.expect("y is a row"));
+                if keyed {
+                    let mut columns = Vec::new();
+                    for (i, c) in old_cols.iter().enumerate() {
+                        let Some(j) = in_new[i] else { continue };
+                        let (va, vb) = (
+                            rx.get_ref(k + i).map_err(|e| (false, e))?,
+                            ry.get_ref(j).map_err(|e| (true, e))?,
                         );
-                        if batch.len() == BATCH_ROWS
-                            && tx
-                                .send(Ok(std::mem::replace(
-                                    &mut batch,
-                                    Vec::with_capacity(BATCH_ROWS),
-                                )))
-                                .is_err()
-                        {
-                            return Ok(());
+                        if !same_ref(va, vb) {
+                            columns.push((c.clone(), Some(to_value(va)), Some(to_value(vb))));
                         }
                     }
-                    let _ = tx.send(Ok(batch));
-                    Ok(())
-                };
-                if let Err(e) = read() {
-                    let _ = tx.send(Err(e));
+                    if !columns.is_empty() {
+                        let kv = (0..k)
+                            .map(|i| rx.get::<_, Value>(i))
+                            .collect::<rusqlite::Result<Vec<_>>>()
+                            .map_err(|e| (false, e))?;
+                        out.changed += 1;
+                        out.rows.push(RowDiff {
+                            key: key.iter().cloned().zip(kv).collect(),
+                            change: RowChange::Changed,
+                            columns,
+                        });
+                    }
                 }
-            });
-            rx
-        });
-        Cursor {
-            rx,
-            batch: Vec::new().into_iter(),
-            side,
+                x = advance(&mut ra).map_err(|e| (false, e))?;
+                y = advance(&mut rb).map_err(|e| (true, e))?;
+            }
         }
     }
+    Ok(out)
+}
 
-    fn next(&mut self) -> Result<Option<Vec<Value>>, (bool, rusqlite::Error)> {
-        loop {
-            if let Some(row) = self.batch.next() {
-                return Ok(Some(row));
-            }
-            let Some(rx) = &self.rx else {
-                return Ok(None);
-            };
-            match rx.recv() {
-                Ok(Ok(batch)) => self.batch = batch.into_iter(),
-                Ok(Err(e)) => return Err((self.side, e)),
-                Err(_) => {
-                    self.rx = None;
-                    return Ok(None);
-                }
-            }
-        }
+fn advance<'r, 's>(
+    rows: &'r mut Option<rusqlite::Rows<'s>>,
+) -> rusqlite::Result<Option<&'r rusqlite::Row<'s>>> {
+    match rows {
+        None => Ok(None),
+        Some(rows) => rows.next(),
     }
+}
+
+fn owned(row: &rusqlite::Row<'_>, width: usize) -> rusqlite::Result<Vec<Value>> {
+    (0..width).map(|i| row.get::<_, Value>(i)).collect()
 }
 
 fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
@@ -486,23 +438,39 @@ fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
     (row, rest)
 }
 
-/// Equal as SQLite stores them (an integer and a real of the same value
-/// are different values here: they are different bytes in the state).
-fn same(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Real(x), Value::Real(y)) => x.to_bits() == y.to_bits(),
-        _ => a == b,
+/// Compares the first `n` columns of two rows in SQLite's BINARY order.
+fn cmp_refs(a: &rusqlite::Row<'_>, b: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Ordering> {
+    for i in 0..n {
+        let (x, y) = (a.get_ref(i)?, b.get_ref(i)?);
+        let order = match (x, y) {
+            (ValueRef::Text(p), ValueRef::Text(q)) | (ValueRef::Blob(p), ValueRef::Blob(q)) => {
+                p.cmp(q)
+            }
+            (ValueRef::Integer(p), ValueRef::Integer(q)) => p.cmp(&q),
+            _ => cmp_value(&to_value(x), &to_value(y)),
+        };
+        if order != Ordering::Equal {
+            return Ok(order);
+        }
+    }
+    Ok(Ordering::Equal)
+}
+
+fn to_value(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Null => Value::Null,
+        ValueRef::Integer(i) => Value::Integer(i),
+        ValueRef::Real(r) => Value::Real(r),
+        ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => Value::Blob(b.to_vec()),
     }
 }
 
-fn cmp_row(a: &[Value], b: &[Value]) -> Ordering {
-    for (x, y) in a.iter().zip(b) {
-        match cmp_value(x, y) {
-            Ordering::Equal => {}
-            other => return other,
-        }
+fn same_ref(a: ValueRef<'_>, b: ValueRef<'_>) -> bool {
+    match (a, b) {
+        (ValueRef::Real(x), ValueRef::Real(y)) => x.to_bits() == y.to_bits(),
+        _ => a == b,
     }
-    a.len().cmp(&b.len())
 }
 
 fn whole(

@@ -114,6 +114,10 @@ struct Reports {
 }
 
 impl Reports {
+    fn any(&self) -> bool {
+        self.json.is_some() || self.markdown.is_some() || self.html.is_some()
+    }
+
     fn write(&self, report: &serde_json::Value) -> anyhow::Result<()> {
         if let Some(path) = &self.json {
             write_json(path, report)?;
@@ -692,18 +696,25 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     let replayed = replayed?;
-    let report = rewind_host::report::replay_json(
-        &replayed,
-        &args.old.display().to_string(),
-        &args.new.display().to_string(),
+    use rewind_host::report::Rows;
+    let (old, new) = (
+        args.old.display().to_string(),
+        args.new.display().to_string(),
     );
-    args.reports.write(&report)?;
+    // The whole report only for files and the gate; the terminal needs a few rows.
+    let full = (args.reports.any() || args.expect.is_some())
+        .then(|| rewind_host::report::replay_json(&replayed, &old, &new, Rows::All));
+    if let Some(report) = &full {
+        args.reports.write(report)?;
+    }
     if !args.quiet {
-        print!("{}", rewind_host::report::summary_text(&report, color()));
+        let brief = rewind_host::report::replay_json(&replayed, &old, &new, Rows::First(5));
+        print!("{}", rewind_host::report::summary_text(&brief, color()));
         if let Some(dir) = &args.keep {
             println!("states kept: {}", dir.display());
         }
     }
+    let report = full.unwrap_or(serde_json::Value::Null);
     gate(
         &report,
         replayed.differs(),
@@ -768,10 +779,14 @@ fn diff(
     ignore: &[rewind_host::diff::Ignore],
 ) -> anyhow::Result<ExitCode> {
     let d = rewind_host::diff::diff_states(old, new, ignore)?;
-    let report =
-        rewind_host::report::diff_json(&d, &old.display().to_string(), &new.display().to_string());
-    reports.write(&report)?;
-    print!("{}", rewind_host::report::summary_text(&report, color()));
+    use rewind_host::report::Rows;
+    let (o, n) = (old.display().to_string(), new.display().to_string());
+    // The whole report only for files; the terminal needs a few rows.
+    if reports.any() {
+        reports.write(&rewind_host::report::diff_json(&d, &o, &n, Rows::All))?;
+    }
+    let brief = rewind_host::report::diff_json(&d, &o, &n, Rows::First(5));
+    print!("{}", rewind_host::report::summary_text(&brief, color()));
     Ok(if d.is_empty() {
         ExitCode::SUCCESS
     } else {

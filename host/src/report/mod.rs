@@ -110,11 +110,23 @@ fn change_name(c: RowChange) -> &'static str {
     }
 }
 
+/// How many differing rows per table a report holds: the JSON report has
+/// them all; a terminal summary needs only the first few.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    First(usize),
+}
+
 /// The events that caused a differing row of a table (by key).
 pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64> + 'a;
 
 /// The per-table section, with causes when a replay found them.
-pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>) -> Json {
+pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
+    let limit = match rows {
+        Rows::All => usize::MAX,
+        Rows::First(n) => n,
+    };
     Json::Array(
         diff.tables
             .iter()
@@ -122,6 +134,7 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>) -> Json {
                 let rows: Vec<Json> = t
                     .rows
                     .iter()
+                    .take(limit)
                     .map(|r| {
                         let key: Map<String, Json> =
                             r.key.iter().map(|(c, v)| (c.clone(), value(v))).collect();
@@ -156,7 +169,7 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>) -> Json {
 }
 
 /// The replay report (the JSON contract).
-pub fn replay_json(r: &Replay, old_path: &str, new_path: &str) -> Json {
+pub fn replay_json(r: &Replay, old_path: &str, new_path: &str, rows: Rows) -> Json {
     json!({
         "old": { "path": old_path, "module_digest": r.old_digest },
         "new": { "path": new_path, "module_digest": r.new_digest },
@@ -166,7 +179,7 @@ pub fn replay_json(r: &Replay, old_path: &str, new_path: &str) -> Json {
             "first_divergence": r.first_divergence.as_ref().map(divergence),
         },
         "schema": r.state.schema,
-        "tables": tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec()),
+        "tables": tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec(), rows),
         "outputs": {
             "diverged_events": r.outputs.len(),
             "events": r.outputs.iter().map(|o| json!({
@@ -183,12 +196,12 @@ pub fn replay_json(r: &Replay, old_path: &str, new_path: &str) -> Json {
 }
 
 /// The `rewind diff` report: the table section of the replay report.
-pub fn diff_json(d: &StateDiff, old_path: &str, new_path: &str) -> Json {
+pub fn diff_json(d: &StateDiff, old_path: &str, new_path: &str, rows: Rows) -> Json {
     json!({
         "old": { "path": old_path },
         "new": { "path": new_path },
         "schema": d.schema,
-        "tables": tables(d, &|_, _| Vec::new()),
+        "tables": tables(d, &|_, _| Vec::new(), rows),
     })
 }
 
@@ -315,8 +328,12 @@ pub fn summary_text(report: &Json, color: bool) -> String {
                     .unwrap_or_default()
             );
         }
-        if rows.len() > 5 {
-            let _ = writeln!(out, "  … {} more", rows.len() - 5);
+        let total = ["added", "removed", "changed"]
+            .iter()
+            .map(|k| t[*k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if total > 5 {
+            let _ = writeln!(out, "  … {} more", total - 5);
         }
     }
     if let Some(outputs) = report.get("outputs") {
