@@ -656,9 +656,16 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     use rewind_host::replay::{ReplayConfig, ReplayProgress};
     struct Counter(ProgressBar);
     impl ReplayProgress for Counter {
+        fn start(&self, tape_bytes: Option<u64>) {
+            if let Some(total) = tape_bytes {
+                self.0.set_length(total);
+            }
+        }
+        fn read(&self, bytes: u64) {
+            self.0.set_position(bytes);
+        }
         fn compared(&self, events: u64) {
             self.0.set_message(format!("{events} events compared"));
-            self.0.tick();
         }
     }
     let work_dir = match &args.keep {
@@ -688,7 +695,10 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         },
     );
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("valid"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
+        )
+        .expect("the template is valid"),
     );
     let replayed = rewind_host::replay::replay(&config, &Counter(bar.clone()));
     bar.finish_and_clear();

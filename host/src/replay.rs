@@ -130,18 +130,34 @@ impl Replay {
 
 /// Receives replay progress.
 pub trait ReplayProgress: Sync {
-    /// Events compared so far, out of the tape's size in bytes read.
+    /// The tape's size in bytes, once known.
+    fn start(&self, _tape_bytes: Option<u64>) {}
+    /// Bytes of the tape the old version has consumed and committed.
+    fn read(&self, _bytes: u64) {}
+    /// Events compared so far.
     fn compared(&self, _events: u64) {}
 }
 
 impl ReplayProgress for () {}
 
-/// A side's run reports its committed batches into a channel.
-struct Side {
+/// A side's run reports its committed batches into a channel (and the old
+/// side its progress through the tape).
+struct Side<'p> {
     tx: SyncSender<Vec<EventRecord>>,
+    progress: Option<&'p dyn ReplayProgress>,
 }
 
-impl Progress for Side {
+impl Progress for Side<'_> {
+    fn start(&self, total_bytes: Option<u64>) {
+        if let Some(p) = self.progress {
+            p.start(total_bytes);
+        }
+    }
+    fn advance(&self, bytes: u64, _events: u64) {
+        if let Some(p) = self.progress {
+            p.read(bytes);
+        }
+    }
     fn observe(&self) -> Option<bool> {
         Some(true)
     }
@@ -190,8 +206,20 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
     let (old_tx, old_rx) = sync_channel(8);
     let (new_tx, new_rx) = sync_channel(8);
     std::thread::scope(|scope| {
-        let old = scope.spawn(move || crate::run(&old_cfg, &Side { tx: old_tx }));
-        let new = scope.spawn(move || crate::run(&new_cfg, &Side { tx: new_tx }));
+        let old = scope.spawn(move || {
+            let side = Side {
+                tx: old_tx,
+                progress: Some(progress),
+            };
+            crate::run(&old_cfg, &side)
+        });
+        let new = scope.spawn(move || {
+            let side = Side {
+                tx: new_tx,
+                progress: None,
+            };
+            crate::run(&new_cfg, &side)
+        });
         let compared = compare(&old_rx, &new_rx, &old_db, &new_db, &config.ignore, progress);
         // Unblock a side still sending (its receiver goes away).
         drop((old_rx, new_rx));
