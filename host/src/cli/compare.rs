@@ -1,0 +1,226 @@
+//! `rewind replay`, `verify` and `diff`: reports in every format, and the
+//! approved-baseline gate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rewind_host::{RuntimeConfig, default_cache_dir};
+
+use crate::{ReplayArgs, Reports};
+
+impl Reports {
+    fn any(&self) -> bool {
+        self.json.is_some() || self.markdown.is_some() || self.html.is_some()
+    }
+
+    fn write(&self, report: &serde_json::Value) -> anyhow::Result<()> {
+        if let Some(path) = &self.json {
+            write_json(path, report)?;
+        }
+        let text = |path: &PathBuf, text: String| {
+            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+        };
+        if let Some(path) = &self.markdown {
+            text(path, rewind_host::report::markdown(report))?;
+        }
+        if let Some(path) = &self.html {
+            text(path, rewind_host::report::html(report))?;
+        }
+        Ok(())
+    }
+}
+
+/// Colour on a terminal, unless NO_COLOR is set.
+fn color() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
+}
+
+fn write_json(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)? + "\n";
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use rewind_host::replay::{ReplayConfig, ReplayProgress};
+    struct Counter(ProgressBar);
+    impl ReplayProgress for Counter {
+        fn start(&self, tape_bytes: Option<u64>) {
+            if let Some(total) = tape_bytes {
+                self.0.set_length(total);
+            }
+        }
+        fn read(&self, bytes: u64) {
+            self.0.set_position(bytes);
+        }
+        fn compared(&self, events: u64) {
+            self.0.set_message(format!("{events} events compared"));
+        }
+    }
+    let work_dir = match &args.keep {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
+    };
+    let config = ReplayConfig {
+        tape: args.tape.clone(),
+        old: args.old.clone(),
+        new: args.new.clone(),
+        from: args.from.clone(),
+        until: args.until,
+        ignore: args.ignore.clone(),
+        runtime: RuntimeConfig {
+            fuel: args.fuel,
+            memory_bytes: (args.memory_mb << 20) as usize,
+            cache_dir: Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir)),
+        },
+        work_dir: work_dir.clone(),
+    };
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if args.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
+        )
+        .expect("the template is valid"),
+    );
+    let replayed = rewind_host::replay::replay(&config, &Counter(bar.clone()));
+    bar.finish_and_clear();
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    let replayed = replayed?;
+    use rewind_host::report::Rows;
+    let (old, new) = (
+        args.old.display().to_string(),
+        args.new.display().to_string(),
+    );
+    // The whole report only for files and the gate; the terminal needs a few rows.
+    let full = (args.reports.any() || args.expect.is_some())
+        .then(|| rewind_host::report::replay_json(&replayed, &old, &new, Rows::All));
+    if let Some(report) = &full {
+        args.reports.write(report)?;
+    }
+    if !args.quiet {
+        let brief = rewind_host::report::replay_json(&replayed, &old, &new, Rows::First(5));
+        print!("{}", rewind_host::report::summary_text(&brief, color()));
+        if let Some(dir) = &args.keep {
+            println!("states kept: {}", dir.display());
+        }
+    }
+    let report = full.unwrap_or(serde_json::Value::Null);
+    gate(
+        &report,
+        replayed.differs(),
+        args.expect.as_deref(),
+        args.accept,
+        args.quiet,
+    )
+}
+
+/// The approved-baseline gate: exit 0 when there is no difference, or it
+/// equals the approved one; `accept` records the current one.
+fn gate(
+    report: &serde_json::Value,
+    differs: bool,
+    expect: Option<&std::path::Path>,
+    accept: bool,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let Some(path) = expect else {
+        return Ok(if differs {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        });
+    };
+    let current = rewind_host::report::gated(report);
+    if accept {
+        write_json(path, &current)?;
+        if !quiet {
+            println!("approved baseline written to {}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read the approved baseline {} (create it with --accept)",
+            path.display()
+        )
+    })?;
+    let approved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON report", path.display()))?;
+    if rewind_host::report::gated(&approved) == current {
+        if !quiet {
+            println!("differences equal the approved baseline {}", path.display());
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        if !quiet {
+            println!(
+                "differences do NOT equal the approved baseline {}; review them, then rerun with --accept",
+                path.display()
+            );
+        }
+        Ok(ExitCode::from(1))
+    }
+}
+
+pub fn diff(
+    old: &std::path::Path,
+    new: &std::path::Path,
+    reports: &Reports,
+    ignore: &[rewind_host::diff::Ignore],
+) -> anyhow::Result<ExitCode> {
+    let d = rewind_host::diff::diff_states(old, new, ignore)?;
+    use rewind_host::report::Rows;
+    let (o, n) = (old.display().to_string(), new.display().to_string());
+    // The whole report only for files; the terminal needs a few rows.
+    if reports.any() {
+        reports.write(&rewind_host::report::diff_json(&d, &o, &n, Rows::All))?;
+    }
+    let brief = rewind_host::report::diff_json(&d, &o, &n, Rows::First(5));
+    print!("{}", rewind_host::report::summary_text(&brief, color()));
+    Ok(if d.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn verify(
+    tape: &std::path::Path,
+    processor: &std::path::Path,
+    cache_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let runtime = RuntimeConfig {
+        cache_dir: Some(cache_dir.unwrap_or_else(default_cache_dir)),
+        ..RuntimeConfig::default()
+    };
+    let work = std::env::temp_dir().join(format!("rewind-verify-{}.db", std::process::id()));
+    let result = rewind_host::verify::verify(tape, processor, &runtime, &work);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
+    }
+    let verified = result?;
+    match verified.first_mismatch {
+        None => {
+            println!(
+                "identical: {} events reproduce their recorded results",
+                verified.events
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(mismatch) => {
+            println!("mismatch at {}", mismatch.describe());
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! `rewind inspect` and `rewind dlq list`: what a state DB holds.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use rewind_host::StateDb;
+
+pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
+    let db = StateDb::open_existing(&state)?;
+    let summary = db.summary()?;
+    if json {
+        let value = serde_json::json!({
+            "state": state,
+            "module_digest": summary.module_digest,
+            "consumed": summary.consumed,
+            "tables": summary.tables.iter().map(|t| serde_json::json!({"name": t.name, "rows": t.rows})).collect::<Vec<_>>(),
+            "offsets": summary.offsets.iter().map(|(s, p, o)| serde_json::json!({"stream": s, "partition": p, "next_offset": o})).collect::<Vec<_>>(),
+            "dead_letters": summary.dead_letters,
+            "outbox_pending": summary.outbox_pending,
+            "event_ids": summary.event_ids,
+            "outputs_delivered": summary.outputs_delivered,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!("state         {}", state.display());
+    println!(
+        "module        {}",
+        summary.module_digest.as_deref().unwrap_or("(none yet)")
+    );
+    println!("consumed      {} records", summary.consumed);
+    let width = summary
+        .tables
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(0);
+    for (i, table) in summary.tables.iter().enumerate() {
+        let label = if i == 0 { "tables" } else { "" };
+        println!("{label:<13} {:<width$}  {} rows", table.name, table.rows);
+    }
+    if summary.tables.is_empty() {
+        println!("tables        (none)");
+    }
+    for (i, (stream, partition, next)) in summary.offsets.iter().enumerate() {
+        let label = if i == 0 { "offsets" } else { "" };
+        println!("{label:<13} {stream}/{partition}  next offset {next}");
+    }
+    println!("dead letters  {}", summary.dead_letters);
+    println!(
+        "outbox        {} pending, {} delivered",
+        summary.outbox_pending, summary.outputs_delivered
+    );
+    println!(
+        "event ids     {} remembered for deduplication",
+        summary.event_ids
+    );
+    Ok(())
+}
+
+pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
+    let db = StateDb::open_existing(&state)?;
+    let letters = db
+        .dead_letters()
+        .with_context(|| format!("reading dead letters of {}", state.display()))?;
+    if json {
+        for dl in &letters {
+            let text =
+                |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+            let line = serde_json::json!({
+                "seq": dl.seq,
+                "stream": dl.position.stream,
+                "partition": dl.position.partition,
+                "offset": dl.position.offset,
+                "module_digest": dl.module_digest,
+                "error_class": dl.error_class,
+                "message": dl.message,
+                "key": text(&dl.key),
+                "payload": text(&dl.payload),
+                "timestamp_ms": dl.timestamp_ms,
+                "raw_hex": hex::encode(&dl.raw),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    if letters.is_empty() {
+        println!("no dead letters in {}", state.display());
+        return Ok(());
+    }
+    println!("{:>6}  {:<24} {:<15} message", "seq", "position", "class");
+    for dl in &letters {
+        let raw = String::from_utf8_lossy(&dl.raw);
+        let raw: String = raw.chars().take(60).collect();
+        println!(
+            "{:>6}  {:<24} {:<15} {}",
+            dl.seq,
+            dl.position.to_string(),
+            dl.error_class,
+            dl.message
+        );
+        println!("{:>6}  {:<24} {:<15} raw: {raw}", "", "", "");
+    }
+    println!("{} dead letters", letters.len());
+    Ok(())
+}

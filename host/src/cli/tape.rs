@@ -1,0 +1,84 @@
+//! `rewind tape info|import|export`.
+
+use anyhow::Context as _;
+
+use crate::TapeCommand;
+
+pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
+    use rewind_host::tapes;
+    match command {
+        TapeCommand::Info { tape, json } => {
+            let info = tapes::info(&tape)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(());
+            }
+            println!("tape          {}", tape.display());
+            println!("bytes         {}", info.bytes);
+            match info.seqs {
+                Some((first, last)) => {
+                    println!("events        {} (seq {first}..={last})", info.events)
+                }
+                None => println!("events        0"),
+            }
+            println!("malformed     {}", info.malformed);
+            println!("with results  {}", info.with_results);
+            for (i, p) in info.partitions.iter().enumerate() {
+                println!(
+                    "{}{}/{}  {} events, offsets {}..={}",
+                    if i == 0 {
+                        "partitions    "
+                    } else {
+                        "              "
+                    },
+                    p.stream,
+                    p.partition,
+                    p.events,
+                    p.first_offset,
+                    p.last_offset
+                );
+            }
+            if info.runs.is_empty() {
+                println!("runs          none (imported)");
+            }
+            for (i, r) in info.runs.iter().enumerate() {
+                println!(
+                    "{}from seq {}: module {}, {} events",
+                    if i == 0 {
+                        "runs          "
+                    } else {
+                        "              "
+                    },
+                    r.first_seq,
+                    r.module_digest,
+                    r.events
+                );
+            }
+            Ok(())
+        }
+        TapeCommand::Import { file, out, stream } => {
+            let n = tapes::import(&file, &out, stream.as_deref())?;
+            eprintln!("recorded {n} records onto {}", out.display());
+            Ok(())
+        }
+        TapeCommand::Export { tape, out } => {
+            let n = match &out {
+                Some(path) => {
+                    let file = std::fs::File::create_new(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut w = std::io::BufWriter::new(file);
+                    tapes::export(&tape, &mut w, path)?
+                }
+                None => {
+                    let stdout = std::io::stdout();
+                    let mut w = std::io::BufWriter::new(stdout.lock());
+                    tapes::export(&tape, &mut w, std::path::Path::new("stdout"))?
+                }
+            };
+            if out.is_some() {
+                eprintln!("exported {n} records");
+            }
+            Ok(())
+        }
+    }
+}
