@@ -1,0 +1,374 @@
+//! Tape files: the header, appending frames ([`TapeWriter`]) and reading
+//! them back with every length and checksum checked ([`TapeReader`]).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::codec::{Reader, Writer};
+use super::{
+    Frame, HEADER_LEN, KIND_EVENT, KIND_RUN, MAGIC, MAX_FRAME, RunInfo, TAPE_VERSION, TapeError,
+    TapeEvent,
+};
+
+/// Whether the file at `path` starts like a tape.
+pub fn is_tape(path: &Path) -> bool {
+    let mut magic = [0u8; 12];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == MAGIC)
+}
+
+/// Where a tape's committed frames end, as the state DB records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapeMark {
+    /// The tape's id (hex), from its header.
+    pub id: String,
+    pub bytes: u64,
+}
+
+fn read_header(file: &mut File, path: &Path) -> Result<[u8; 16], TapeError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(TapeError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    if filled < MAGIC.len() || &header[..12] != MAGIC {
+        return Err(TapeError::NotATape {
+            path: path.to_owned(),
+        });
+    }
+    if filled < header.len() {
+        return Err(TapeError::Truncated {
+            path: path.to_owned(),
+            at: filled as u64,
+            reason: "the header is incomplete".into(),
+        });
+    }
+    let version = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    if version != TAPE_VERSION {
+        return Err(TapeError::UnknownVersion {
+            path: path.to_owned(),
+            found: version,
+        });
+    }
+    Ok(header[16..32].try_into().expect("16 bytes"))
+}
+
+/// Appends frames to a tape; frames reach the file at [`TapeWriter::flush`].
+pub struct TapeWriter {
+    path: PathBuf,
+    file: File,
+    id: [u8; 16],
+    len: u64,
+    pending: Writer,
+    /// Where the open batch's frames start in `pending`.
+    batch_start: usize,
+}
+
+impl std::fmt::Debug for TapeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapeWriter")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl TapeWriter {
+    /// Opens the tape at `path` for the run whose state DB recorded `mark`
+    /// (`None`: the state never wrote a tape). A missing tape is created;
+    /// frames past the mark (an uncommitted batch) are cut off; a tape the
+    /// state did not write is refused, never appended to.
+    pub fn open(path: &Path, mark: Option<&TapeMark>) -> Result<TapeWriter, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mismatch = |message: String| TapeError::Mismatch {
+            path: path.to_owned(),
+            message,
+        };
+        if !path.exists() {
+            if let Some(mark) = mark {
+                return Err(mismatch(format!(
+                    "the state DB recorded {} bytes on this tape, but it is missing; \
+                     restore it, or continue with a new --tape",
+                    mark.bytes
+                )));
+            }
+            return TapeWriter::create(path, new_tape_id(path));
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        let id = read_header(&mut file, path)?;
+        let len = file.metadata().map_err(io)?.len();
+        let Some(mark) = mark else {
+            return Err(mismatch(
+                "it was not recorded by this state DB; choose a new --tape \
+                 (a tape records one state DB's input)"
+                    .into(),
+            ));
+        };
+        if mark.id != hex::encode(id) {
+            return Err(mismatch(format!(
+                "it is not the tape this state DB recorded to (tape id {}, expected {})",
+                hex::encode(id),
+                mark.id
+            )));
+        }
+        if len < mark.bytes {
+            return Err(mismatch(format!(
+                "it ends at byte {len}, but the state DB committed {} bytes of it \
+                 (was it truncated or replaced?)",
+                mark.bytes
+            )));
+        }
+        // Frames past the mark belong to a batch that never committed.
+        file.set_len(mark.bytes).map_err(io)?;
+        file.seek(SeekFrom::Start(mark.bytes)).map_err(io)?;
+        Ok(TapeWriter {
+            path: path.to_owned(),
+            file,
+            id,
+            len: mark.bytes,
+            pending: Writer::default(),
+            batch_start: 0,
+        })
+    }
+
+    /// Creates a new tape with id `id`. Imported tapes have id 0: importing
+    /// the same records twice gives byte-identical tapes.
+    pub fn create(path: &Path, id: [u8; 16]) -> Result<TapeWriter, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io)?;
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
+        header.extend_from_slice(&id);
+        file.write_all(&header).map_err(io)?;
+        Ok(TapeWriter {
+            path: path.to_owned(),
+            file,
+            id,
+            len: HEADER_LEN,
+            pending: Writer::default(),
+            batch_start: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queues a run frame.
+    pub fn run(&mut self, info: &RunInfo) {
+        self.frame(|w| info.encode(w));
+    }
+
+    /// Queues an event frame.
+    pub fn event(&mut self, event: &TapeEvent) {
+        self.frame(|w| event.encode(w));
+    }
+
+    fn frame(&mut self, encode: impl FnOnce(&mut Writer)) {
+        let start = self.pending.buf.len();
+        self.pending.buf.extend_from_slice(&[0; 8]);
+        encode(&mut self.pending);
+        let body = &self.pending.buf[start + 8..];
+        let len = body.len() as u32;
+        let crc = crc32fast::hash(body);
+        self.pending.buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.pending.buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Marks where a batch's frames begin (frames queued before it, such as
+    /// a run frame, survive [`TapeWriter::discard`]).
+    pub fn begin_batch(&mut self) {
+        self.batch_start = self.pending.buf.len();
+    }
+
+    /// Drops the frames queued since [`TapeWriter::begin_batch`] (their
+    /// batch is being redone).
+    pub fn discard(&mut self) {
+        self.pending.buf.truncate(self.batch_start);
+    }
+
+    /// Writes the queued frames; returns the mark to commit with the batch.
+    pub fn flush(&mut self) -> Result<TapeMark, TapeError> {
+        if !self.pending.buf.is_empty() {
+            self.file
+                .write_all(&self.pending.buf)
+                .map_err(|source| TapeError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.len += self.pending.buf.len() as u64;
+            self.pending.buf.clear();
+        }
+        self.batch_start = 0;
+        Ok(self.mark())
+    }
+
+    /// The committed-so-far mark.
+    pub fn mark(&self) -> TapeMark {
+        TapeMark {
+            id: hex::encode(self.id),
+            bytes: self.len,
+        }
+    }
+}
+
+/// A tape id: unique per tape file created (never part of any result).
+fn new_tape_id(path: &Path) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(path.as_os_str().as_encoded_bytes());
+    h.update(std::process::id().to_le_bytes());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.update(t.as_nanos().to_le_bytes());
+    }
+    h.finalize()[..16].try_into().expect("16 bytes")
+}
+
+/// Reads a tape's frames in order.
+pub struct TapeReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    at: u64,
+    len: u64,
+    id: [u8; 16],
+}
+
+impl TapeReader {
+    pub fn open(path: &Path) -> Result<TapeReader, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let id = read_header(&mut file, path)?;
+        let len = file.metadata().map_err(io)?.len();
+        Ok(TapeReader {
+            path: path.to_owned(),
+            reader: BufReader::with_capacity(1 << 20, file),
+            at: HEADER_LEN,
+            len,
+            id,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tape's id (hex).
+    pub fn id(&self) -> String {
+        hex::encode(self.id)
+    }
+
+    /// The tape's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// Bytes read so far.
+    pub fn position(&self) -> u64 {
+        self.at
+    }
+
+    /// The next frame; `None` at the end of the tape.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, TapeError> {
+        if self.at >= self.len {
+            return Ok(None);
+        }
+        let start = self.at;
+        let path = self.path.clone();
+        let truncated = |reason: String| TapeError::Truncated {
+            path: path.clone(),
+            at: start,
+            reason,
+        };
+        let corrupt = |reason: String| TapeError::Corrupt {
+            path: path.clone(),
+            at: start,
+            reason,
+        };
+        if self.len - start < 8 {
+            return Err(truncated("a frame header is incomplete".into()));
+        }
+        let mut head = [0u8; 8];
+        self.read_exact(&mut head)?;
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if len == 0 || len > MAX_FRAME {
+            return Err(corrupt(format!("a frame claims {len} bytes")));
+        }
+        if self.len - start - 8 < u64::from(len) {
+            return Err(truncated(format!(
+                "a frame of {len} bytes has only {} on the tape",
+                self.len - start - 8
+            )));
+        }
+        let mut body = vec![0u8; len as usize];
+        self.read_exact(&mut body)?;
+        if crc32fast::hash(&body) != crc {
+            return Err(corrupt("a frame's checksum does not match".into()));
+        }
+        let mut r = Reader::new(&body[1..]);
+        let frame = match body[0] {
+            KIND_RUN => RunInfo::decode(&mut r).map(Frame::Run),
+            KIND_EVENT => TapeEvent::decode(&mut r).map(|e| Frame::Event(Box::new(e))),
+            other => Err(format!("unknown frame kind {other}")),
+        }
+        .map_err(&corrupt)?;
+        if !r.is_empty() {
+            return Err(corrupt("a frame has bytes left over".into()));
+        }
+        Ok(Some(frame))
+    }
+
+    /// The next event frame, skipping run frames.
+    pub fn next_event(&mut self) -> Result<Option<TapeEvent>, TapeError> {
+        loop {
+            match self.next_frame()? {
+                None => return Ok(None),
+                Some(Frame::Event(event)) => return Ok(Some(*event)),
+                Some(Frame::Run(_)) => {}
+            }
+        }
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), TapeError> {
+        self.reader
+            .read_exact(buf)
+            .map_err(|source| TapeError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.at += buf.len() as u64;
+        Ok(())
+    }
+}
