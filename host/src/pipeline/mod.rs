@@ -1,0 +1,334 @@
+//! The live run: source → processor → state, batched, then sink.
+//!
+//! Each event runs in its own savepoint inside a batch transaction. A batch
+//! commits its state writes, input offsets, outbox rows and dead letters
+//! together, so a crash at any point loses nothing and applies nothing twice:
+//! on restart the run resumes after the committed offsets, and the sink
+//! delivers whatever is still in the outbox.
+
+mod batch;
+
+use batch::Run;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::event::Position;
+use crate::runtime::{
+    HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig,
+};
+
+/// Events per instance epoch. An epoch starts at every multiple of this
+/// many consumed records (by seq): the processor gets a fresh instance there,
+/// and batches commit only there. What a guest keeps in memory between events
+/// therefore depends on the input alone, never on batch sizes, restarts or
+/// timing. It is part of the host configuration results depend on.
+pub const INSTANCE_EPOCH: u64 = 64;
+use crate::event::Output;
+use crate::sink::{FileSink, SinkError};
+use crate::source::{InputError, Record, Source};
+use crate::state::{Change, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
+use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeMark, TapeWriter};
+
+/// What to do when a processor fails on an event (invalid input is always
+/// dead-lettered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Dead-letter the event and go on.
+    #[default]
+    Dlq,
+    /// Stop, keeping what the last batch commit kept; rerunning retries from there.
+    Halt,
+}
+
+/// What one consumed record came to, for observers.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    /// The record with its seq and result (outcome, counts, digests).
+    pub event: TapeEvent,
+    /// The row changes, in order, when kept.
+    pub changes: Vec<Change>,
+    pub outputs: Vec<Output>,
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub processor: PathBuf,
+    pub input: PathBuf,
+    pub state: PathBuf,
+    pub output: Option<PathBuf>,
+    /// Record every consumed record, with its result, onto this tape.
+    pub tape: Option<PathBuf>,
+    /// Stop after the record with this seq.
+    pub until_seq: Option<u64>,
+    /// The state DB's page cache, in MiB (default 64).
+    pub cache_mib: Option<u32>,
+    /// Stream name for bare lines (default: the input file's stem).
+    pub stream: Option<String>,
+    pub batch_size: usize,
+    pub batch_time: Duration,
+    pub on_error: ErrorPolicy,
+    pub runtime: RuntimeConfig,
+    /// Accept a state DB last written by another module version.
+    pub allow_module_change: bool,
+    /// Skip an event whose value of this header was seen before (re-produced
+    /// data); `None` turns deduplication off. Defaults to `rewind-id`, the
+    /// idempotency id rewind puts on its own outputs.
+    pub dedup_header: Option<String>,
+}
+
+impl RunConfig {
+    pub fn new(processor: &Path, input: &Path, state: &Path) -> Self {
+        RunConfig {
+            processor: processor.to_owned(),
+            input: input.to_owned(),
+            state: state.to_owned(),
+            output: None,
+            tape: None,
+            until_seq: None,
+            cache_mib: None,
+            stream: None,
+            batch_size: 1000,
+            batch_time: Duration::from_millis(500),
+            on_error: ErrorPolicy::Dlq,
+            runtime: RuntimeConfig::default(),
+            allow_module_change: false,
+            dedup_header: Some(crate::sink::ID_HEADER.to_owned()),
+        }
+    }
+}
+
+/// Receives progress; the CLI draws a bar, tests ignore it.
+pub trait Progress {
+    fn start(&self, _total_bytes: Option<u64>) {}
+    fn advance(&self, _bytes: u64, _events: u64) {}
+    fn guest_log(&self, _position: &Position, _line: &str) {}
+    fn finish(&self) {}
+    /// Whether this progress wants every event's result at commit
+    /// ([`Progress::committed`]): `Some(true)` with every row change in
+    /// full, `Some(false)` with digests only.
+    fn observe(&self) -> Option<bool> {
+        None
+    }
+    /// The results of a committed batch, in seq order (only if observed).
+    fn committed(&self, _events: Vec<EventRecord>) {}
+    /// Asked at every instance-epoch boundary: `true` commits and stops the
+    /// run there (a rerun continues from it).
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+impl Progress for () {}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub module_digest: String,
+    pub load: LoadStats,
+    /// Records consumed by this run (not counting those already consumed earlier).
+    pub consumed: u64,
+    pub applied: u64,
+    pub dead_lettered: u64,
+    /// Records skipped because an earlier run already consumed them.
+    pub skipped: u64,
+    /// Events skipped because their event id (the dedup header) was seen before.
+    pub duplicates: u64,
+    pub outputs: u64,
+    pub elapsed: Duration,
+    /// The run stopped early because [`Progress::should_stop`] asked it to.
+    pub interrupted: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Tape(#[from] TapeError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("processor {path}: init failed ({class}): {message}; nothing was written", class = rejection.class, message = rejection.message)]
+    Init { path: PathBuf, rejection: Rejection },
+    #[error(
+        "state DB {state} was written by module {recorded}, not {module}; \
+         use a new --state, or pass --allow-module-change to continue it with this version"
+    )]
+    ModuleChanged {
+        state: PathBuf,
+        recorded: String,
+        module: String,
+    },
+    #[error(
+        "halted at {position} ({class}): {message}; everything up to the last committed \
+         batch is kept; fix the processor and rerun, or use --on-error dlq",
+        class = rejection.class, message = rejection.message
+    )]
+    Halted {
+        position: Position,
+        rejection: Rejection,
+    },
+    #[error("state DB {state} failed while processing {position}: {source}")]
+    Host {
+        state: PathBuf,
+        position: Position,
+        #[source]
+        source: Box<rusqlite::Error>,
+    },
+}
+
+/// Runs a processor over a file into a state DB (and optionally an output file).
+pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let runtime = Runtime::new(config.runtime.clone())?;
+    let module = runtime.load(&config.processor)?;
+    let mut source = crate::source::open(&config.input, config.stream.as_deref())?;
+
+    let state_existed = config.state.exists();
+    let db = StateDb::open(&config.state)?;
+    let mut db = match prepare(&runtime, &module, db, config) {
+        Ok(db) => db,
+        Err(error) => {
+            if !state_existed {
+                remove_db_files(&config.state);
+            }
+            return Err(error);
+        }
+    };
+    db.checkpoint_in_background()?;
+    if let Some(mib) = config.cache_mib {
+        db.set_cache_mib(mib)?;
+    }
+    let observe = progress.observe();
+    if let Some(keep) = observe {
+        db.capture_changes(keep);
+    }
+    let tape = match &config.tape {
+        None => None,
+        Some(path) => {
+            if std::fs::canonicalize(path).ok() == std::fs::canonicalize(&config.input).ok()
+                && path.exists()
+            {
+                return Err(TapeError::Mismatch {
+                    path: path.clone(),
+                    message: "it is also the --input; record onto another tape".into(),
+                }
+                .into());
+            }
+            let mark = match (db.meta("tape.id")?, db.meta_u64("tape.bytes")?) {
+                (Some(id), bytes) => Some(TapeMark { id, bytes }),
+                (None, _) => None,
+            };
+            let mut tape = TapeWriter::open(path, mark.as_ref())?;
+            if observe.is_none() {
+                db.capture_changes(false);
+            }
+            tape.run(&RunInfo {
+                first_seq: db.meta_u64("next_seq")?,
+                module_digest: module.digest().to_owned(),
+                fuel: config.runtime.fuel,
+                memory_bytes: config.runtime.memory_bytes as u64,
+            });
+            Some(tape)
+        }
+    };
+
+    let mut run = Run {
+        instance: runtime.instance(&module),
+        module: &module,
+        config,
+        progress,
+        offsets: db.offsets()?,
+        next_seq: db.meta_u64("next_seq")?,
+        sink: None,
+        tape,
+        observed: observe.map(|_| Vec::new()),
+        summary: RunSummary {
+            module_digest: module.digest().to_owned(),
+            load: module.stats(),
+            consumed: 0,
+            applied: 0,
+            dead_lettered: 0,
+            skipped: 0,
+            duplicates: 0,
+            outputs: 0,
+            elapsed: Duration::ZERO,
+            interrupted: false,
+        },
+        db: Some(db),
+        careful: false,
+        logs: Vec::new(),
+    };
+    if let Some(path) = &config.output {
+        let claimed = run.db().meta("sink.claimed")?.is_some();
+        let sink = FileSink::open(path, &run.db().sink_mark()?, claimed)?;
+        if !claimed {
+            // Recorded before the first write, so after a crash the bytes in
+            // the file are known to be ours to cut back to the recorded mark.
+            run.db().set_meta("sink.claimed", "1")?;
+        }
+        run.sink = Some(sink);
+        run.deliver()?;
+    }
+
+    progress.start(source.size());
+    let result = run.consume(source.as_mut());
+    progress.finish();
+    result?;
+    run.summary.elapsed = started.elapsed();
+    Ok(run.summary)
+}
+
+/// Checks the module against the state and runs `init` in a transaction.
+fn prepare(
+    runtime: &Runtime,
+    module: &Module,
+    db: StateDb,
+    config: &RunConfig,
+) -> Result<StateDb, RunError> {
+    if let Some(recorded) = db.meta("module_digest")?
+        && recorded != module.digest()
+        && !config.allow_module_change
+    {
+        return Err(RunError::ModuleChanged {
+            state: config.state.clone(),
+            recorded,
+            module: module.digest().to_owned(),
+        });
+    }
+    db.begin()?;
+    let (db, outcome) = runtime.instance(module).init(db);
+    let failure = match outcome {
+        Err(HostFault(source)) => Some(RunError::Host {
+            state: config.state.clone(),
+            position: Position::init(),
+            source: Box::new(source),
+        }),
+        Ok(outcome) => outcome.result.err().map(|rejection| RunError::Init {
+            path: config.processor.clone(),
+            rejection,
+        }),
+    };
+    if let Some(error) = failure {
+        db.rollback()?;
+        return Err(error);
+    }
+    db.set_meta("module_digest", module.digest())?;
+    db.commit()?;
+    Ok(db)
+}
+
+fn remove_db_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}
