@@ -175,8 +175,9 @@ impl TapeEvent {
         }
     }
 
-    /// The record, as a source delivers it to a run (the raw bytes of a
-    /// well-formed record are its kcat `-J` line).
+    /// The record, as a source delivers it to a run. The raw bytes of a
+    /// well-formed record are its payload (its key, headers and timestamp
+    /// travel beside it, as from Kafka).
     pub fn to_record(&self) -> Record {
         match &self.malformed {
             Some(reason) => Record {
@@ -184,27 +185,17 @@ impl TapeEvent {
                 raw: self.payload.clone().unwrap_or_default(),
                 decoded: Err(reason.clone()),
             },
-            None => {
-                let mut raw = crate::envelope::encode_line(
-                    &self.position,
-                    self.timestamp_ms,
-                    &self.headers,
-                    self.key.as_deref(),
-                    self.payload.as_deref(),
-                );
-                raw.pop();
-                Record {
+            None => Record {
+                position: self.position.clone(),
+                raw: self.payload.clone().unwrap_or_default(),
+                decoded: Ok(Event {
                     position: self.position.clone(),
-                    raw,
-                    decoded: Ok(Event {
-                        position: self.position.clone(),
-                        key: self.key.clone(),
-                        payload: self.payload.clone(),
-                        headers: self.headers.clone(),
-                        timestamp_ms: self.timestamp_ms,
-                    }),
-                }
-            }
+                    key: self.key.clone(),
+                    payload: self.payload.clone(),
+                    headers: self.headers.clone(),
+                    timestamp_ms: self.timestamp_ms,
+                }),
+            },
         }
     }
 
