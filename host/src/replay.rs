@@ -192,9 +192,9 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         let mut c = RunConfig::new(module, &config.tape, db);
         c.runtime = config.runtime.clone();
         c.until_seq = config.until;
-        // Two runs side by side: a smaller page cache each keeps the
+        // Two runs side by side: a small page cache each (8 MiB) keeps the
         // replay's memory flat and small whatever the tape's length.
-        c.cache_mib = Some(16);
+        c.cache_mib = Some(8);
         // A snapshot was written by one of the versions; both continue it.
         c.allow_module_change = true;
         c
