@@ -109,6 +109,18 @@ fn a_run_records_everything_and_its_tape_replays_to_the_same_state() {
 
     let info = tapes::info(&tape).unwrap();
     assert_eq!(info.events, summary.consumed);
+    // The CLI shows both ends of the link.
+    let bytes = std::fs::metadata(&tape).unwrap().len();
+    let inspect = cli(&["inspect", "--state", live.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains(&format!("{bytes} bytes committed")), "{text}");
+    let shown = cli(&["tape", "info", tape.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&format!("events        {}", summary.consumed)),
+        "{text}"
+    );
+    assert!(text.contains(&summary.module_digest), "{text}");
     assert_eq!(info.runs.len(), 1);
     assert_eq!(info.runs[0].module_digest, summary.module_digest);
 

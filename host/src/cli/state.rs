@@ -8,6 +8,11 @@ use rewind_host::StateDb;
 pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
     let summary = db.summary()?;
+    // The tape this state records onto, if any: its id and committed bytes.
+    let tape = match db.meta("tape.id")? {
+        Some(id) => Some((id, db.meta_u64("tape.bytes")?)),
+        None => None,
+    };
     if json {
         let value = serde_json::json!({
             "state": state,
@@ -19,6 +24,7 @@ pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
             "outbox_pending": summary.outbox_pending,
             "event_ids": summary.event_ids,
             "outputs_delivered": summary.outputs_delivered,
+            "tape": tape.as_ref().map(|(id, bytes)| serde_json::json!({"id": id, "bytes": bytes})),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -55,6 +61,10 @@ pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
         "event ids     {} remembered for deduplication",
         summary.event_ids
     );
+    match tape {
+        Some((id, bytes)) => println!("tape          id {id}, {bytes} bytes committed"),
+        None => println!("tape          none (run with --tape to record one)"),
+    }
     Ok(())
 }
 
