@@ -764,3 +764,25 @@ fn a_snapshot_of_a_live_run_is_consistent() {
         rewind_tests::rows(&snap, "SELECT * FROM _rewind_offsets")
     );
 }
+
+/// `--until SEQ` stops both versions after that event.
+#[test]
+fn replay_until_stops_after_the_given_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(300, 29);
+    let tape = record_tape(dir.path(), &bytes);
+    let mut cfg = replay_config(dir.path(), &tape, "payments-v1", "payments-v2");
+    cfg.until = Some(99);
+    let r = replay(&cfg, &()).unwrap();
+    assert_eq!(r.events, 100);
+    assert!(
+        r.first_divergence
+            .as_ref()
+            .is_none_or(|d| d.event.seq <= 99)
+    );
+    let consumed = rewind_tests::rows(
+        &r.old_db,
+        "SELECT value FROM _rewind_meta WHERE key = 'next_seq'",
+    );
+    assert_eq!(consumed[0][0], Value::Text("100".into()));
+}
