@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Run without a task to list them.
 
 mod bench;
+mod broker;
 mod demo;
 mod processors;
 mod test;
@@ -17,7 +18,7 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "demo",
-        "build everything, generate a payments stream, run payments v1 and v2 over it, show what each did",
+        "build everything, run buggy payments v1 live onto a tape, replay it against the fix (v2), write the reports",
     ),
     (
         "test",
@@ -25,7 +26,11 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "bench",
-        "benchmark `rewind run` against a native implementation of the same logic (release build)",
+        "benchmark `rewind run` against native code, side-by-side replay, and `rewind diff` against sqldiff",
+    ),
+    (
+        "broker",
+        "start|stop|status a local Kafka-API broker (tansu, built once per machine)",
     ),
 ];
 
@@ -43,6 +48,7 @@ fn run() -> Result<()> {
         Some("demo") => demo::run(),
         Some("test") => test::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("broker") => broker::run(&args[1..]),
         None | Some("help" | "--help" | "-h") => {
             println!("usage: cargo xtask <task>\n\ntasks:");
             for (name, about) in TASKS {

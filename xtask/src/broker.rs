@@ -1,0 +1,178 @@
+//! `cargo xtask broker start|stop|status`: a local Kafka-API broker (tansu)
+//! for the tests and for trying rewind against Kafka without one.
+//!
+//! tansu is built once per machine with `cargo install` into
+//! `~/.cargo/rewind-tools` (13–17 minutes cold; CI caches `~/.cargo`). The
+//! broker keeps its pid, port and log under `target/broker/`.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, target_dir};
+
+/// The tansu release line the tests are written against.
+const TANSU_VERSION: &str = "^0.6";
+/// The port `start` listens on unless told otherwise.
+const DEFAULT_PORT: u16 = 19092;
+
+/// Where tansu is installed (`$REWIND_TOOLS`, or `~/.cargo/rewind-tools`).
+pub fn tools_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REWIND_TOOLS") {
+        return PathBuf::from(dir);
+    }
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"));
+    cargo_home.join("rewind-tools")
+}
+
+/// The tansu binary, built first if missing.
+pub fn tansu() -> Result<PathBuf> {
+    let dir = tools_dir();
+    let bin = dir.join("bin").join("tansu");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: building the tansu broker into {} (once per machine; 13–17 minutes cold)",
+        dir.display()
+    );
+    let status = Command::new(cargo())
+        .args([
+            "install",
+            "--quiet",
+            "tansu",
+            "--version",
+            TANSU_VERSION,
+            "--features",
+            "dynostore,libsql",
+            "--root",
+        ])
+        .arg(&dir)
+        // Kept, so an interrupted build resumes where it stopped.
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .status()
+        .context("cannot run cargo install")?;
+    if !status.success() || !bin.is_file() {
+        bail!("building tansu failed ({status})");
+    }
+    Ok(bin)
+}
+
+fn state_dir() -> PathBuf {
+    target_dir().join("broker")
+}
+
+/// The pid and port of the broker `start` left running, if it still runs.
+fn running() -> Option<(u32, u16)> {
+    let dir = state_dir();
+    let pid: u32 = std::fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let port: u16 = std::fs::read_to_string(dir.join("port"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some((pid, port))
+}
+
+/// Waits until something accepts connections on `port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let usage = "usage: cargo xtask broker start [--port N] | stop | status";
+    match args.first().map(String::as_str) {
+        Some("start") => {
+            let port = match args.get(1..) {
+                Some([flag, value]) if flag == "--port" => {
+                    value.parse().with_context(|| format!("--port {value:?}"))?
+                }
+                Some([]) | None => DEFAULT_PORT,
+                _ => bail!(usage),
+            };
+            start(port)
+        }
+        Some("stop") => stop(),
+        Some("status") => {
+            match running() {
+                Some((pid, port)) => println!("broker running: pid {pid}, 127.0.0.1:{port}"),
+                None => println!("no broker running (cargo xtask broker start)"),
+            }
+            Ok(())
+        }
+        _ => bail!(usage),
+    }
+}
+
+fn start(port: u16) -> Result<()> {
+    if let Some((pid, port)) = running() {
+        println!("broker already running: pid {pid}, 127.0.0.1:{port}");
+        return Ok(());
+    }
+    let tansu = tansu()?;
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", tansu.display()))?;
+    std::fs::write(dir.join("pid"), child.id().to_string())?;
+    std::fs::write(dir.join("port"), port.to_string())?;
+    wait_for_port(port, Duration::from_secs(30)).with_context(|| {
+        format!(
+            "the broker did not come up; see {}",
+            dir.join("log").display()
+        )
+    })?;
+    println!(
+        "broker running: pid {}, 127.0.0.1:{port} (in memory; log in {})",
+        child.id(),
+        dir.join("log").display()
+    );
+    Ok(())
+}
+
+fn stop() -> Result<()> {
+    let Some((pid, _)) = running() else {
+        println!("no broker running");
+        return Ok(());
+    };
+    let status = Command::new("kill").arg(pid.to_string()).status()?;
+    if !status.success() {
+        bail!("cannot stop the broker (pid {pid})");
+    }
+    let _ = std::fs::remove_file(state_dir().join("pid"));
+    println!("broker stopped");
+    Ok(())
+}
