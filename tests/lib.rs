@@ -137,3 +137,86 @@ pub fn envelope(topic: &str, offset: i64, ts: i64, key: &str, payload: &str) -> 
     })
     .to_string()
 }
+
+/// A real Kafka-API broker (tansu, in memory) on a free port, for one test;
+/// stopped when dropped. `cargo xtask test` builds tansu first.
+pub struct Broker {
+    child: std::process::Child,
+    pub port: u16,
+    tansu: PathBuf,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let tansu = std::env::var_os("REWIND_TOOLS")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("CARGO_HOME").map(|h| PathBuf::from(h).join("rewind-tools"))
+            })
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/rewind-tools"))
+            })
+            .expect("HOME is set")
+            .join("bin/tansu");
+        assert!(
+            tansu.is_file(),
+            "{} is missing: `cargo xtask test` (or `cargo xtask broker start`) builds it",
+            tansu.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(&tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not come up on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Broker { child, port, tansu }
+    }
+
+    /// `host:port` for clients.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic with `partitions` partitions.
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let status = std::process::Command::new(&self.tansu)
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .status()
+            .expect("tansu topic create runs");
+        assert!(status.success(), "creating topic {name} failed");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

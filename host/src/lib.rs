@@ -8,6 +8,7 @@ pub mod diff;
 mod envelope;
 mod event;
 mod pipeline;
+pub mod produce;
 pub mod replay;
 pub mod report;
 mod runtime;

@@ -81,6 +81,11 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
     },
+    /// Produce a kcat -J dump, bare JSONL or a tape to a Kafka topic, keys,
+    /// headers and timestamps preserved. Records that cannot be decoded are
+    /// reported (with their line) and never produced; exit 1 if any were
+    /// skipped, unless --skip-invalid.
+    Produce(ProduceArgs),
     /// Take a consistent copy of a state DB (with its offsets), even while a
     /// run is writing it: a starting point for `replay --from`.
     Snapshot {
@@ -110,6 +115,28 @@ struct Reports {
     /// Write a self-contained HTML report here.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// The topic to produce to.
+    #[arg(long)]
+    topic: String,
+    /// The records: a kcat -J dump, bare JSONL (one payload per line) or a tape.
+    #[arg(long, value_name = "FILE_OR_TAPE")]
+    from: PathBuf,
+    /// Send each record to the partition it came from (else its key decides).
+    #[arg(long)]
+    keep_partitions: bool,
+    /// Exit 0 even if invalid records were skipped.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// A librdkafka setting, as kcat's -X; repeatable.
+    #[arg(short = 'X', value_name = "KEY=VALUE")]
+    settings: Vec<String>,
 }
 
 #[derive(Args)]
@@ -283,6 +310,7 @@ fn main() -> ExitCode {
         } => ok(cli::state::dlq_list(state, json)),
         Command::Tape { command } => ok(cli::tape::tape(command)),
         Command::Replay(args) => cli::compare::replay(args),
+        Command::Produce(args) => cli::kafka::produce(args),
         Command::Diff {
             old,
             new,

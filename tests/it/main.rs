@@ -5,6 +5,7 @@ mod bad_files;
 mod cli;
 mod determinism;
 mod hostile;
+mod kafka;
 mod payments;
 mod replay;
 mod tape;

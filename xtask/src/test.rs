@@ -11,6 +11,8 @@ pub fn run() -> Result<()> {
     let cargo = cargo();
     cmd(&cargo, &["fmt", "--all", "--check"])?;
     system_tools()?;
+    // The Kafka tests start their own tansu broker; build it once per machine.
+    crate::broker::tansu()?;
     processors::build()?;
     cmd(
         &cargo,

@@ -2,6 +2,7 @@
 //! `main.rs`).
 
 pub mod compare;
+pub mod kafka;
 pub mod run;
 pub mod state;
 pub mod tape;
