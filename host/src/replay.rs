@@ -57,6 +57,11 @@ pub enum ReplayError {
     Setup { path: PathBuf, message: String },
     #[error("the {side} version stopped (a thread failed)")]
     Crashed { side: &'static str },
+    #[error(
+        "tape {tape}: the versions consumed different records (seq {old} against {new}); \
+         was the tape changed during the replay?"
+    )]
+    OutOfStep { tape: PathBuf, old: u64, new: u64 },
 }
 
 /// What one version did with one event.
@@ -220,7 +225,15 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             };
             crate::run(&new_cfg, &side)
         });
-        let compared = compare(&old_rx, &new_rx, &old_db, &new_db, &config.ignore, progress);
+        let compared = compare(
+            &config.tape,
+            &old_rx,
+            &new_rx,
+            &old_db,
+            &new_db,
+            &config.ignore,
+            progress,
+        );
         // Unblock a side still sending (its receiver goes away).
         drop((old_rx, new_rx));
         let join = |handle: std::thread::ScopedJoinHandle<'_, Result<RunSummary, RunError>>,
@@ -269,6 +282,7 @@ const MAX_CAUSES: usize = 1000;
 
 /// Pairs the sides' results by seq and compares them.
 fn compare(
+    tape: &Path,
     old_rx: &Receiver<Vec<EventRecord>>,
     new_rx: &Receiver<Vec<EventRecord>>,
     old_db: &Path,
@@ -301,6 +315,13 @@ fn compare(
             // happens only when a side failed, which its join reports.
             return Ok(out);
         };
+        if a.event.seq != b.event.seq {
+            return Err(ReplayError::OutOfStep {
+                tape: tape.to_owned(),
+                old: a.event.seq,
+                new: b.event.seq,
+            });
+        }
         compare_event(&mut out, a, b, &mut shapes, ignore)?;
         if out.events.is_multiple_of(10_000) {
             progress.compared(out.events);
@@ -316,15 +337,6 @@ fn compare_event(
     ignore: &[Ignore],
 ) -> Result<(), ReplayError> {
     let seq = a.event.seq;
-    if b.event.seq != seq {
-        return Err(ReplayError::Setup {
-            path: PathBuf::new(),
-            message: format!(
-                "the versions consumed different records (seq {seq} against {})",
-                b.event.seq
-            ),
-        });
-    }
     out.events += 1;
     let (ra, rb) = (
         a.event
