@@ -161,7 +161,7 @@ pub fn markdown(report: &Json) -> String {
 }
 
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0 1.5em;max-width:100%}td.mono{overflow-wrap:anywhere}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.new{background:#fff3bf}tr.added td{background:#d3f9d8}tr.removed td{background:#ffe3e3}
 code,.mono{font-family:ui-monospace,monospace}.muted{color:#777}h2{margin-top:1.5em}";
 
