@@ -418,3 +418,19 @@ fn verify_finds_identical_runs_and_tampered_results() {
         .to_string();
     assert!(err.contains("no recorded results"), "{err}");
 }
+
+/// A crash right after a run created its tape, before the state DB claimed
+/// it, leaves a tape with a header and no frames: the rerun adopts it. A
+/// tape with frames the state never claimed stays refused.
+#[test]
+fn an_unclaimed_empty_tape_is_adopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, orders(200, 9)).unwrap();
+    let tape = dir.path().join("orders.tape");
+    drop(rewind_host::TapeWriter::create(&tape, [9; 16]).unwrap());
+    let mut cfg = config(&processor("payments-v1"), &input, &dir.path().join("s.db"));
+    cfg.tape = Some(tape.clone());
+    let summary = rewind_host::run(&cfg, &()).unwrap();
+    assert_eq!(events(&tape).len() as u64, summary.consumed);
+}

@@ -227,6 +227,16 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
                 (None, _) => None,
             };
             let mut tape = TapeWriter::open(path, mark.as_ref())?;
+            if mark.is_none() {
+                // Claim the tape before any frame reaches it: a crash after a
+                // frame but before the first commit then finds the mark and
+                // cuts the frame, instead of finding a tape it cannot place.
+                let claim = tape.mark();
+                db.begin()?;
+                db.set_meta("tape.id", &claim.id)?;
+                db.set_meta("tape.bytes", &claim.bytes.to_string())?;
+                db.commit()?;
+            }
             if observe.is_none() {
                 db.capture_changes(false);
             }

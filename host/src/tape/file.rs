@@ -89,8 +89,9 @@ impl std::fmt::Debug for TapeWriter {
 
 impl TapeWriter {
     /// Opens the tape at `path` for the run whose state DB recorded `mark`
-    /// (`None`: the state never wrote a tape). A missing tape is created;
-    /// frames past the mark (an uncommitted batch) are cut off; a tape the
+    /// (`None`: the state never wrote a tape). A missing tape is created (the
+    /// caller claims it in the state DB before writing frames); frames past
+    /// the mark (an uncommitted batch) are cut off; a tape holding frames the
     /// state did not write is refused, never appended to.
     pub fn open(path: &Path, mark: Option<&TapeMark>) -> Result<TapeWriter, TapeError> {
         let io = |source| TapeError::Io {
@@ -119,6 +120,19 @@ impl TapeWriter {
         let id = read_header(&mut file, path)?;
         let len = file.metadata().map_err(io)?.len();
         let Some(mark) = mark else {
+            if len == HEADER_LEN {
+                // No frames: nothing to protect. This is how a crash between
+                // creating a tape and claiming it in the state DB leaves it.
+                file.seek(SeekFrom::Start(HEADER_LEN)).map_err(io)?;
+                return Ok(TapeWriter {
+                    path: path.to_owned(),
+                    file,
+                    id,
+                    len,
+                    pending: Writer::default(),
+                    batch_start: 0,
+                });
+            }
             return Err(mismatch(
                 "it was not recorded by this state DB; choose a new --tape \
                  (a tape records one state DB's input)"
