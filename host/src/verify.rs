@@ -84,19 +84,49 @@ pub struct Verified {
 }
 
 /// Compares committed results with the tape's, in order.
-struct Checker {
+struct Checker<'a> {
     reader: Mutex<TapeReader>,
     state: Mutex<Checked>,
+    /// The digest of the module replaying, and its file (for messages).
+    module: String,
+    processor: &'a Path,
 }
 
 #[derive(Default)]
 struct Checked {
     events: u64,
     first: Option<Mismatch>,
-    error: Option<TapeError>,
+    error: Option<VerifyError>,
 }
 
-impl Progress for Checker {
+impl Checker<'_> {
+    /// The next recorded event; a run frame of another module is an error
+    /// (its events cannot be reproduced by this one).
+    fn next_recorded(&self, reader: &mut TapeReader) -> Result<Option<TapeEvent>, VerifyError> {
+        loop {
+            match reader.next_frame()? {
+                None => return Ok(None),
+                Some(Frame::Event(event)) => return Ok(Some(*event)),
+                Some(Frame::Run(run)) if run.module_digest != self.module => {
+                    return Err(VerifyError::Unverifiable {
+                        path: reader.path().to_owned(),
+                        message: format!(
+                            "events from seq {} were recorded by module {}, not {} ({}); \
+                             verify with the module that recorded them",
+                            run.first_seq,
+                            run.module_digest,
+                            self.module,
+                            self.processor.display()
+                        ),
+                    });
+                }
+                Some(Frame::Run(_)) => {}
+            }
+        }
+    }
+}
+
+impl Progress for Checker<'_> {
     fn observe(&self) -> Option<bool> {
         Some(false)
     }
@@ -107,7 +137,7 @@ impl Progress for Checker {
             if state.first.is_some() || state.error.is_some() {
                 return;
             }
-            let recorded = match reader.next_event() {
+            let recorded = match self.next_recorded(&mut reader) {
                 Ok(Some(e)) => e,
                 Ok(None) => return,
                 Err(e) => {
@@ -148,13 +178,13 @@ pub fn verify(
         path: tape.to_owned(),
         message,
     };
-    // The tape must have been recorded from the start, with results.
+    // The tape must have been recorded from the start, with results: its
+    // first event says so.
     let mut reader = TapeReader::open(tape)?;
-    let mut runs = Vec::new();
     let mut with_results = false;
     while let Some(frame) = reader.next_frame()? {
         match frame {
-            Frame::Run(run) => runs.push(run),
+            Frame::Run(_) => {}
             Frame::Event(e) => {
                 with_results = e.result.is_some();
                 if e.seq != 0 {
@@ -174,25 +204,9 @@ pub fn verify(
                 .into(),
         ));
     }
-    let runtime_module = crate::runtime::Runtime::new(runtime.clone())
+    let module = crate::runtime::Runtime::new(runtime.clone())
         .and_then(|rt| rt.load(processor).map(|m| m.digest().to_owned()))
         .map_err(|e| Box::new(RunError::from(e)))?;
-    let mut reader = TapeReader::open(tape)?;
-    while let Some(frame) = reader.next_frame()? {
-        if let Frame::Run(run) = frame
-            && run.module_digest != runtime_module
-        {
-            return Err(unverifiable(format!(
-                "events from seq {} were recorded by module {}, not {} ({}); \
-                 verify with the module that recorded them",
-                run.first_seq,
-                run.module_digest,
-                runtime_module,
-                processor.display()
-            )));
-        }
-    }
-
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
     }
@@ -201,6 +215,8 @@ pub fn verify(
     let checker = Checker {
         reader: Mutex::new(TapeReader::open(tape)?),
         state: Mutex::new(Checked::default()),
+        module,
+        processor,
     };
     let run = crate::run(&config, &checker);
     let state = checker
@@ -208,7 +224,7 @@ pub fn verify(
         .into_inner()
         .unwrap_or_else(|e| e.into_inner());
     if let Some(error) = state.error {
-        return Err(error.into());
+        return Err(error);
     }
     run.map_err(Box::new)?;
     Ok(Verified {

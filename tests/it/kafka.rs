@@ -150,19 +150,22 @@ fn produce_sends_valid_records_byte_exact_and_reports_the_rest() {
     let path = dir.path().join("dump.jsonl");
     std::fs::write(&path, &dump).unwrap();
 
-    let out = Command::new(rewind_bin())
-        .args([
-            "produce",
-            "--brokers",
-            &broker.address(),
-            "--topic",
-            "orders",
-            "--keep-partitions",
-            "--from",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let produce = |extra: &[&str]| {
+        Command::new(rewind_bin())
+            .args([
+                "produce",
+                "--brokers",
+                &broker.address(),
+                "--topic",
+                "orders",
+            ])
+            .args(["--keep-partitions", "--from"])
+            .arg(&path)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = produce(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -178,20 +181,7 @@ fn produce_sends_valid_records_byte_exact_and_reports_the_rest() {
     assert_eq!(seen, expected);
 
     // --skip-invalid: the same records again, exit 0.
-    let out = Command::new(rewind_bin())
-        .args([
-            "produce",
-            "--brokers",
-            &broker.address(),
-            "--topic",
-            "orders",
-            "--keep-partitions",
-            "--skip-invalid",
-            "--from",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = produce(&["--skip-invalid"]);
     assert_eq!(
         out.status.code(),
         Some(0),

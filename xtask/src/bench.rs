@@ -300,7 +300,7 @@ fn diff_bench(bin: &Path, dir: &Path, rows: usize) -> Result<()> {
         conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
     }
     let (rewind_time, _) = measure_ok(Command::new(bin).arg("diff").arg(&a).arg(&b), &[0, 1])?;
-    match which("sqldiff") {
+    match crate::which("sqldiff") {
         Some(sqldiff) => {
             // --primarykey: compare by the declared key, as rewind does
             // (by rowid, a missing row shifts every later one).
@@ -319,10 +319,4 @@ fn diff_bench(bin: &Path, dir: &Path, rows: usize) -> Result<()> {
         ),
     }
     Ok(())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
 }

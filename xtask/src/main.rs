@@ -106,6 +106,13 @@ pub fn build_release() -> Result<(PathBuf, PathBuf)> {
     Ok((wasm, target_dir().join("release").join("rewind")))
 }
 
+/// Where `program` is on the PATH, if it is.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 /// The cargo that runs xtask, so toolchain overrides carry over.
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())

@@ -66,7 +66,7 @@ pub fn run() -> Result<()> {
 fn system_tools() -> Result<()> {
     let missing: Vec<&str> = [("chromium", "chromium"), ("sqldiff", "sqlite3-tools")]
         .into_iter()
-        .filter(|(program, _)| !on_path(program))
+        .filter(|(program, _)| crate::which(program).is_none())
         .map(|(_, package)| package)
         .collect();
     if missing.is_empty() {
@@ -76,7 +76,7 @@ fn system_tools() -> Result<()> {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if !root || !on_path("apt-get") {
+    if !root || crate::which("apt-get").is_none() {
         bail!(
             "the tests need {}: install them (`sudo apt-get install {}`) and rerun",
             missing.join(", "),
@@ -91,11 +91,6 @@ fn system_tools() -> Result<()> {
         cmd("apt-get", &args)?;
     }
     Ok(())
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// Runs the workspace's tests, echoing their output, and totals the results.

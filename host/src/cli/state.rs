@@ -9,10 +9,7 @@ pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
     let summary = db.summary()?;
     // The tape this state records onto, if any: its id and committed bytes.
-    let tape = match db.meta("tape.id")? {
-        Some(id) => Some((id, db.meta_u64("tape.bytes")?)),
-        None => None,
-    };
+    let tape = db.tape_mark()?.map(|m| (m.id, m.bytes));
     if json {
         let value = serde_json::json!({
             "state": state,

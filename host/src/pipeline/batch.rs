@@ -326,11 +326,7 @@ impl Run<'_> {
             return;
         }
         let (changes, outputs) = applied.unwrap_or((None, &[]));
-        let changes = changes.unwrap_or_else(|| EventChanges {
-            rows: 0,
-            digest: crate::state::empty_changes_digest(),
-            changes: Vec::new(),
-        });
+        let changes = changes.unwrap_or_else(EventChanges::none);
         let mut event = TapeEvent::from_record(seq, record);
         event.result = Some(EventResult {
             outcome,
@@ -415,8 +411,7 @@ impl Run<'_> {
         let tape = self.tape.as_mut().map(TapeWriter::flush).transpose()?;
         let db = self.db();
         if let Some(mark) = tape {
-            db.set_meta("tape.id", &mark.id)?;
-            db.set_meta("tape.bytes", &mark.bytes.to_string())?;
+            db.set_tape_mark(&mark)?;
         }
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;

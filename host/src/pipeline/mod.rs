@@ -29,7 +29,7 @@ use crate::event::Output;
 use crate::sink::{FileSink, SinkError};
 use crate::source::{InputError, Record, Source};
 use crate::state::{Change, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
-use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeMark, TapeWriter};
+use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeWriter};
 
 /// What to do when a processor fails on an event (invalid input is always
 /// dead-lettered).
@@ -222,19 +222,14 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
                 }
                 .into());
             }
-            let mark = match (db.meta("tape.id")?, db.meta_u64("tape.bytes")?) {
-                (Some(id), bytes) => Some(TapeMark { id, bytes }),
-                (None, _) => None,
-            };
+            let mark = db.tape_mark()?;
             let mut tape = TapeWriter::open(path, mark.as_ref())?;
             if mark.is_none() {
                 // Claim the tape before any frame reaches it: a crash after a
                 // frame but before the first commit then finds the mark and
                 // cuts the frame, instead of finding a tape it cannot place.
-                let claim = tape.mark();
                 db.begin()?;
-                db.set_meta("tape.id", &claim.id)?;
-                db.set_meta("tape.bytes", &claim.bytes.to_string())?;
+                db.set_tape_mark(&tape.mark())?;
                 db.commit()?;
             }
             if observe.is_none() {

@@ -10,7 +10,7 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::{Mutex, PoisonError};
 
 use rusqlite::ffi;
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use sha2::{Digest, Sha256};
 
 struct Acc {
@@ -43,7 +43,7 @@ pub struct Change {
 }
 
 /// The digest of no changes at all.
-pub fn empty_digest() -> [u8; 32] {
+fn empty_digest() -> [u8; 32] {
     Acc::new(false).hasher.finalize().into()
 }
 
@@ -81,11 +81,11 @@ impl Changes {
     }
 
     /// Rows changed and their digest since the last call; starts afresh.
-    pub(super) fn take(&self) -> Taken {
+    pub(super) fn take(&self) -> EventChanges {
         let mut acc = self.acc();
         let keep = acc.kept.is_some();
         let done = std::mem::replace(&mut *acc, Acc::new(keep));
-        Taken {
+        EventChanges {
             rows: done.rows,
             digest: done.hasher.finalize().into(),
             changes: done.kept.unwrap_or_default(),
@@ -111,12 +111,24 @@ impl Drop for Changes {
     }
 }
 
-/// What an event changed.
-pub(super) struct Taken {
+/// The row changes of one event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventChanges {
     pub rows: u32,
     pub digest: [u8; 32],
-    /// Empty unless changes are kept.
+    /// In order; empty unless kept.
     pub changes: Vec<Change>,
+}
+
+impl EventChanges {
+    /// An event that changed nothing.
+    pub fn none() -> EventChanges {
+        EventChanges {
+            rows: 0,
+            digest: empty_digest(),
+            changes: Vec::new(),
+        }
+    }
 }
 
 /// Called by SQLite before each row change. Never panics.
@@ -156,15 +168,17 @@ unsafe extern "C" fn hook(
         for i in 0..columns {
             let mut value = std::ptr::null_mut();
             if op != ffi::SQLITE_INSERT && ffi::sqlite3_preupdate_old(db, i, &mut value) == 0 {
-                hash_value(h, value);
+                let v = value_ref(value);
+                hash_value(h, v);
                 if keep {
-                    before.push(owned(value));
+                    before.push(owned(v));
                 }
             }
             if op != ffi::SQLITE_DELETE && ffi::sqlite3_preupdate_new(db, i, &mut value) == 0 {
-                hash_value(h, value);
+                let v = value_ref(value);
+                hash_value(h, v);
                 if keep {
-                    after.push(owned(value));
+                    after.push(owned(v));
                 }
             }
         }
@@ -178,76 +192,67 @@ unsafe extern "C" fn hook(
     }
 }
 
-/// An owned copy of a value SQLite handed out.
+/// A value SQLite handed out, borrowed (`None`: the pointer is null).
 ///
 /// # Safety
-/// As for [`hash_value`].
-unsafe fn owned(value: *mut ffi::sqlite3_value) -> SqlValue {
+/// `value` is null or a value SQLite handed out for the current call; the
+/// result lives no longer than that call.
+unsafe fn value_ref<'a>(value: *mut ffi::sqlite3_value) -> Option<ValueRef<'a>> {
     if value.is_null() {
-        return SqlValue::Null;
+        return None;
     }
     // SAFETY: per the function's contract.
     unsafe {
-        match ffi::sqlite3_value_type(value) {
-            ffi::SQLITE_INTEGER => SqlValue::Integer(ffi::sqlite3_value_int64(value)),
-            ffi::SQLITE_FLOAT => SqlValue::Real(ffi::sqlite3_value_double(value)),
-            kind @ (ffi::SQLITE_TEXT | ffi::SQLITE_BLOB) => {
-                let data = if kind == ffi::SQLITE_TEXT {
-                    ffi::sqlite3_value_text(value).cast::<u8>()
-                } else {
-                    ffi::sqlite3_value_blob(value).cast::<u8>()
-                };
-                let len = ffi::sqlite3_value_bytes(value).max(0) as usize;
-                let bytes = if data.is_null() || len == 0 {
-                    Vec::new()
-                } else {
-                    std::slice::from_raw_parts(data, len).to_vec()
-                };
-                if kind == ffi::SQLITE_TEXT {
-                    SqlValue::Text(String::from_utf8_lossy(&bytes).into_owned())
-                } else {
-                    SqlValue::Blob(bytes)
-                }
+        let bytes = |data: *const u8| {
+            let len = ffi::sqlite3_value_bytes(value).max(0) as usize;
+            if data.is_null() || len == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(data, len)
             }
-            _ => SqlValue::Null,
-        }
+        };
+        Some(match ffi::sqlite3_value_type(value) {
+            ffi::SQLITE_INTEGER => ValueRef::Integer(ffi::sqlite3_value_int64(value)),
+            ffi::SQLITE_FLOAT => ValueRef::Real(ffi::sqlite3_value_double(value)),
+            ffi::SQLITE_TEXT => ValueRef::Text(bytes(ffi::sqlite3_value_text(value).cast())),
+            ffi::SQLITE_BLOB => ValueRef::Blob(bytes(ffi::sqlite3_value_blob(value).cast())),
+            _ => ValueRef::Null,
+        })
+    }
+}
+
+/// An owned copy of a value.
+fn owned(value: Option<ValueRef<'_>>) -> SqlValue {
+    match value {
+        None | Some(ValueRef::Null) => SqlValue::Null,
+        Some(ValueRef::Integer(i)) => SqlValue::Integer(i),
+        Some(ValueRef::Real(r)) => SqlValue::Real(r),
+        Some(ValueRef::Text(t)) => SqlValue::Text(String::from_utf8_lossy(t).into_owned()),
+        Some(ValueRef::Blob(b)) => SqlValue::Blob(b.to_vec()),
     }
 }
 
 /// Hashes one value: its type, then its bytes.
-///
-/// # Safety
-/// `value` is null or a value SQLite handed out for the current call.
-unsafe fn hash_value(h: &mut Sha256, value: *mut ffi::sqlite3_value) {
-    if value.is_null() {
-        h.update([0xff]);
-        return;
-    }
-    // SAFETY: per the function's contract.
-    unsafe {
-        match ffi::sqlite3_value_type(value) {
-            ffi::SQLITE_INTEGER => {
-                h.update([1]);
-                h.update(ffi::sqlite3_value_int64(value).to_le_bytes());
-            }
-            ffi::SQLITE_FLOAT => {
-                h.update([2]);
-                h.update(ffi::sqlite3_value_double(value).to_bits().to_le_bytes());
-            }
-            kind @ (ffi::SQLITE_TEXT | ffi::SQLITE_BLOB) => {
-                let data = if kind == ffi::SQLITE_TEXT {
-                    ffi::sqlite3_value_text(value).cast::<u8>()
-                } else {
-                    ffi::sqlite3_value_blob(value).cast::<u8>()
-                };
-                let len = ffi::sqlite3_value_bytes(value).max(0) as usize;
-                h.update([if kind == ffi::SQLITE_TEXT { 3 } else { 4 }]);
-                h.update((len as u64).to_le_bytes());
-                if !data.is_null() && len > 0 {
-                    h.update(std::slice::from_raw_parts(data, len));
-                }
-            }
-            _ => h.update([0]),
+fn hash_value(h: &mut Sha256, value: Option<ValueRef<'_>>) {
+    match value {
+        None => h.update([0xff]),
+        Some(ValueRef::Null) => h.update([0]),
+        Some(ValueRef::Integer(i)) => {
+            h.update([1]);
+            h.update(i.to_le_bytes());
+        }
+        Some(ValueRef::Real(r)) => {
+            h.update([2]);
+            h.update(r.to_bits().to_le_bytes());
+        }
+        Some(ValueRef::Text(b)) | Some(ValueRef::Blob(b)) => {
+            h.update([if matches!(value, Some(ValueRef::Text(_))) {
+                3
+            } else {
+                4
+            }]);
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
         }
     }
 }

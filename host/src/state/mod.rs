@@ -28,8 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
-pub use changes::Change;
-pub use changes::empty_digest as empty_changes_digest;
+pub use changes::{Change, EventChanges};
 
 pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
@@ -101,15 +100,6 @@ pub enum GuestSqlError {
     BudgetExhausted { budget: u64 },
     /// The database itself failed (I/O, disk full, corruption): the run stops.
     Host(rusqlite::Error),
-}
-
-/// The row changes of one event.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventChanges {
-    pub rows: u32,
-    pub digest: [u8; 32],
-    /// In order; empty unless kept.
-    pub changes: Vec<Change>,
 }
 
 /// Rows a guest query returned.
@@ -250,14 +240,7 @@ impl StateDb {
     /// changes and (when kept) the changes; `None` unless
     /// [`StateDb::capture_changes`] was called.
     pub fn take_changes(&self) -> Option<EventChanges> {
-        self.changes.as_ref().map(|c| {
-            let taken = c.take();
-            EventChanges {
-                rows: taken.rows,
-                digest: taken.digest,
-                changes: taken.changes,
-            }
-        })
+        self.changes.as_ref().map(changes::Changes::take)
     }
 
     /// Forgets the changes since the last [`StateDb::take_changes`].

@@ -264,6 +264,23 @@ impl StateDb {
         rows.map_err(|e| self.err(e))
     }
 
+    /// How far the tape this state records onto goes, if it records one.
+    pub fn tape_mark(&self) -> Result<Option<crate::tape::TapeMark>, StateError> {
+        Ok(match self.meta("tape.id")? {
+            Some(id) => Some(crate::tape::TapeMark {
+                id,
+                bytes: self.meta_u64("tape.bytes")?,
+            }),
+            None => None,
+        })
+    }
+
+    /// Records how far the tape goes (inside the current transaction).
+    pub fn set_tape_mark(&self, mark: &crate::tape::TapeMark) -> Result<(), StateError> {
+        self.set_meta("tape.id", &mark.id)?;
+        self.set_meta("tape.bytes", &mark.bytes.to_string())
+    }
+
     /// The file sink's progress.
     pub fn sink_mark(&self) -> Result<SinkMark, StateError> {
         Ok(SinkMark {
