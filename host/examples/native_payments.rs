@@ -57,7 +57,7 @@ fn main() -> Result<()> {
 fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
     let mut conn = Connection::open(db)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536;
+        "PRAGMA page_size = 16384; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536;
          PRAGMA temp_store = MEMORY;
          CREATE TABLE _rewind_offsets (stream TEXT NOT NULL, partition INTEGER NOT NULL,
              next_offset INTEGER NOT NULL, PRIMARY KEY (stream, partition)) WITHOUT ROWID;
@@ -72,10 +72,10 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         "CREATE TABLE payments (
              order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL,
              amount_cents INTEGER NOT NULL, currency TEXT NOT NULL, status TEXT NOT NULL,
-             gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);
+             gateway_ref TEXT NOT NULL, updated_at_ms INTEGER NOT NULL) WITHOUT ROWID;
          CREATE TABLE customer_totals (
              customer_id TEXT PRIMARY KEY, charged_cents INTEGER NOT NULL,
-             refunded_cents INTEGER NOT NULL, charges INTEGER NOT NULL);",
+             refunded_cents INTEGER NOT NULL, charges INTEGER NOT NULL) WITHOUT ROWID;",
     )?;
     let _checkpoints = rewind_host::Checkpointer::start(&mut conn, db, None)?;
     let stream = input
