@@ -7,6 +7,7 @@
 pub mod diff;
 mod envelope;
 mod event;
+pub mod kafka;
 mod pipeline;
 pub mod produce;
 pub mod replay;
@@ -22,7 +23,8 @@ mod wit;
 
 pub use event::{Event, Header, Output, Position, Seed};
 pub use pipeline::{
-    ErrorPolicy, EventRecord, INSTANCE_EPOCH, Progress, RunConfig, RunError, RunSummary, run,
+    DLQ_STREAM, ErrorPolicy, EventRecord, INSTANCE_EPOCH, Progress, RunConfig, RunError,
+    RunSummary, run,
 };
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,

@@ -241,20 +241,73 @@ struct RunArgs {
     processor: PathBuf,
     /// Input: JSONL (bare JSON payloads and/or kcat -J envelopes, one per
     /// line), or a tape.
-    #[arg(long, value_name = "FILE")]
-    input: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "brokers",
+        conflicts_with = "brokers"
+    )]
+    input: Option<PathBuf>,
     /// The processor's state DB (created if missing).
-    #[arg(long, value_name = "DB")]
-    state: PathBuf,
+    #[arg(
+        long,
+        value_name = "DB",
+        required_unless_present = "brokers",
+        conflicts_with = "brokers"
+    )]
+    state: Option<PathBuf>,
+    /// Consume from Kafka instead of a file: the bootstrap brokers (host:port,...).
+    #[arg(long, value_name = "HOSTS", help_heading = "Kafka", requires_all = ["topic", "group", "state_dir"])]
+    brokers: Option<String>,
+    /// Input topic (repeat for several; they must be co-partitioned).
+    #[arg(long, value_name = "TOPIC", help_heading = "Kafka")]
+    topic: Vec<String>,
+    /// Consumer group.
+    #[arg(long, value_name = "GROUP", help_heading = "Kafka")]
+    group: Option<String>,
+    /// One state DB per input partition: DIR/partition-N.db. Processes of
+    /// one group may share it on one machine.
+    #[arg(long, value_name = "DIR", help_heading = "Kafka")]
+    state_dir: Option<PathBuf>,
+    /// Produce every output to this topic [default: the topic named by the
+    /// output's stream].
+    #[arg(
+        long,
+        value_name = "TOPIC",
+        help_heading = "Kafka",
+        requires = "brokers"
+    )]
+    output_topic: Option<String>,
+    /// Also produce dead letters here, raw key and payload unchanged, with
+    /// rewind.error.* and rewind.source.* headers.
+    #[arg(
+        long,
+        value_name = "TOPIC",
+        help_heading = "Kafka",
+        requires = "brokers"
+    )]
+    dlq_topic: Option<String>,
+    /// A librdkafka setting, as with kcat (repeatable): -X key=value.
+    #[arg(
+        short = 'X',
+        value_name = "KEY=VALUE",
+        help_heading = "Kafka",
+        requires = "brokers"
+    )]
+    kafka_settings: Vec<String>,
+    /// Exit once every assigned partition is consumed to its end (like kcat -e).
+    #[arg(long, help_heading = "Kafka", requires = "brokers")]
+    exit_at_end: bool,
     /// Write outputs here as kcat -J JSONL, exactly once per output.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "brokers")]
     output: Option<PathBuf>,
     /// Record every consumed input, with what the processor made of it,
-    /// onto this tape (created if missing; a rerun continues it).
+    /// onto this tape (created if missing; a rerun continues it). With
+    /// --brokers, a directory: one tape per input partition.
     #[arg(long, value_name = "TAPE")]
     tape: Option<PathBuf>,
     /// Stream name for bare lines [default: the input file's name].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "brokers")]
     stream: Option<String>,
     /// Events per committed batch, rounded up to an instance epoch (64 events).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]

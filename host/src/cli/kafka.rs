@@ -4,16 +4,19 @@ use std::process::ExitCode;
 
 use crate::ProduceArgs;
 
-pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
-    let settings = args
-        .settings
-        .iter()
+/// `-X key=value` librdkafka settings.
+pub fn settings(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    raw.iter()
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .ok_or_else(|| anyhow::anyhow!("-X {kv:?}: use -X key=value"))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect()
+}
+
+pub fn produce(args: ProduceArgs) -> anyhow::Result<ExitCode> {
+    let settings = settings(&args.settings)?;
     let config = rewind_host::produce::ProduceConfig {
         brokers: args.brokers,
         topic: args.topic.clone(),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rewind_host::kafka::{self, KafkaConfig};
 use rewind_host::{ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, default_cache_dir};
 
 use crate::{OnError, RunArgs};
@@ -49,11 +50,13 @@ impl Progress for Bar {
     }
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let mut config = RunConfig::new(&args.processor, &args.input, &args.state);
-    config.output = args.output;
-    config.tape = args.tape;
-    config.stream = args.stream;
+pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    let input = args.input.take().unwrap_or_default();
+    let state = args.state.take().unwrap_or_default();
+    let mut config = RunConfig::new(&args.processor, &input, &state);
+    config.output = args.output.take();
+    config.tape = args.tape.take();
+    config.stream = args.stream.take();
     config.batch_size = args.batch_size as usize;
     config.batch_time = Duration::from_millis(args.batch_ms);
     config.on_error = match args.on_error {
@@ -61,16 +64,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         OnError::Halt => ErrorPolicy::Halt,
     };
     config.allow_module_change = args.allow_module_change;
-    config.dedup_header = (!args.no_dedup).then_some(args.dedup_header);
+    config.dedup_header = (!args.no_dedup).then(|| std::mem::take(&mut args.dedup_header));
     config.runtime = RuntimeConfig {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,
         cache_dir: if args.no_cache {
             None
         } else {
-            Some(args.cache_dir.unwrap_or_else(default_cache_dir))
+            Some(args.cache_dir.take().unwrap_or_else(default_cache_dir))
         },
     };
+
+    // The first Ctrl-C stops at the next epoch boundary, committed; a second
+    // one exits at once, which is safe too (the state DB is crash-safe).
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    if let Some(brokers) = args.brokers.take() {
+        return run_kafka(args, brokers, config, &stop);
+    }
 
     let target = if args.quiet {
         ProgressDrawTarget::hidden()
@@ -84,16 +101,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .expect("the template is valid"),
     );
-    // The first Ctrl-C stops at the next epoch boundary, committed; a second
-    // one exits at once, which is safe too (the state DB is crash-safe).
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::Relaxed) {
-            std::process::exit(130);
-        }
-    })
-    .context("cannot install the Ctrl-C handler")?;
     let progress = Bar {
         bar,
         quiet: args.quiet,
@@ -122,16 +129,78 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             summary.duplicates,
             summary.skipped,
         );
+        print_module(&summary.module_digest, &summary.load);
+    }
+    Ok(())
+}
+
+fn print_module(digest: &str, load: &rewind_host::LoadStats) {
+    eprintln!(
+        "module {digest} ({} in {:.0} ms)",
+        if load.compiled {
+            "compiled"
+        } else {
+            "loaded from cache"
+        },
+        load.duration.as_secs_f64() * 1000.0,
+    );
+}
+
+/// `rewind run --brokers …`: a consumer group, one state DB per partition.
+fn run_kafka(
+    args: RunArgs,
+    brokers: String,
+    run: RunConfig,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let config = KafkaConfig {
+        brokers,
+        topics: args.topic,
+        group: args.group.unwrap_or_default(),
+        state_dir: args.state_dir.unwrap_or_default(),
+        tape_dir: run.tape.clone(),
+        output_topic: args.output_topic,
+        dlq_topic: args.dlq_topic,
+        settings: crate::cli::kafka::settings(&args.kafka_settings)?,
+        exit_at_end: args.exit_at_end,
+        run,
+    };
+    if !args.quiet {
         eprintln!(
-            "module {} ({} in {:.0} ms)",
-            summary.module_digest,
-            if summary.load.compiled {
-                "compiled"
-            } else {
-                "loaded from cache"
-            },
-            summary.load.duration.as_secs_f64() * 1000.0,
+            "consuming {} as group {} into {}/partition-N.db (Ctrl-C stops, committed)",
+            config.topics.join(", "),
+            config.group,
+            config.state_dir.display()
         );
+    }
+    let summary = kafka::run(&config, stop)?;
+    if !args.quiet {
+        let mut per_partition: std::collections::BTreeMap<i32, (u64, u64, u64)> =
+            Default::default();
+        for (partition, run) in &summary.runs {
+            let entry = per_partition.entry(*partition).or_default();
+            entry.0 += run.consumed;
+            entry.1 += run.dead_lettered;
+            entry.2 += run.outputs;
+        }
+        for (partition, (consumed, dead, outputs)) in per_partition {
+            eprintln!(
+                "partition {partition}: {consumed} events, {dead} dead-lettered, {outputs} outputs"
+            );
+        }
+        let secs = summary.elapsed.as_secs_f64();
+        eprintln!(
+            "processed {} events in {secs:.2}s ({:.0} events/s)",
+            summary.consumed(),
+            summary.consumed() as f64 / secs.max(1e-9)
+        );
+        print_module(&summary.module_digest, &summary.load);
+    }
+    if summary.interrupted {
+        eprintln!(
+            "interrupted; everything processed is committed: run the same command to continue"
+        );
+        std::process::exit(130);
     }
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! event failed, dead letters, and the tape and observers fed per event.
 
 use super::*;
+use crate::event::Header;
+use crate::source::Polled;
 
 /// A run in progress: the instance, the state DB, and where consumption stands.
 pub(super) struct Run<'a> {
@@ -11,8 +13,14 @@ pub(super) struct Run<'a> {
     pub(super) progress: &'a dyn Progress,
     pub(super) offsets: Offsets,
     pub(super) next_seq: u64,
-    pub(super) sink: Option<FileSink>,
+    pub(super) sink: Option<Box<dyn Sink>>,
     pub(super) tape: Option<TapeWriter>,
+    /// The tape's run frame, written again where an idle commit breaks an
+    /// instance epoch.
+    pub(super) run_info: Option<RunInfo>,
+    /// An idle commit ended the last batch mid-epoch: the next batch starts
+    /// with a run frame on the tape.
+    pub(super) break_pending: bool,
     /// The open batch's results, when the progress observes them.
     pub(super) observed: Option<Vec<EventRecord>>,
     pub(super) summary: RunSummary,
@@ -51,6 +59,10 @@ struct Batch {
     failed: bool,
 }
 
+/// How long a live source is waited on at most before the run looks up
+/// (for a stop request, or a batch due by time).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 /// Records a batch keeps for a redo at most; past this it turns careful.
 const MAX_RETAINED_BYTES: usize = 64 << 20;
 
@@ -75,10 +87,35 @@ impl Run<'_> {
         loop {
             let record = match redo.pop_front() {
                 Some(record) => record,
-                None => match source.next_record()? {
-                    Some(record) => record,
-                    None => break,
-                },
+                None => {
+                    // A live source waits no longer than the open batch may.
+                    let wait = batch.as_ref().map_or(IDLE_WAIT, |open| {
+                        self.config
+                            .batch_time
+                            .saturating_sub(open.started.elapsed())
+                            .min(IDLE_WAIT)
+                    });
+                    match source.poll(wait)? {
+                        Polled::Record(record) => record,
+                        Polled::End => break,
+                        Polled::Idle => {
+                            if self.progress.should_stop() {
+                                if let Some(open) = batch.take() {
+                                    self.commit_batch(open)?;
+                                }
+                                self.summary.interrupted = true;
+                                return Ok(());
+                            }
+                            let due = batch
+                                .as_ref()
+                                .is_some_and(|b| b.started.elapsed() >= self.config.batch_time);
+                            if due {
+                                self.commit_idle(batch.take().expect("the batch is open"))?;
+                            }
+                            continue;
+                        }
+                    }
+                }
             };
             let key = (record.position.stream.clone(), record.position.partition);
             let next = self.offsets.get(&key).copied();
@@ -106,7 +143,7 @@ impl Run<'_> {
             }
             let open = match batch.as_mut() {
                 Some(open) => {
-                    if boundary {
+                    if boundary || record.fresh {
                         self.instance.recycle();
                     }
                     open
@@ -114,8 +151,15 @@ impl Run<'_> {
                 None => {
                     self.db().begin()?;
                     if let Some(tape) = self.tape.as_mut() {
+                        // Written before the batch's frames, so that a redo
+                        // of the batch keeps it.
+                        if let Some(info) = self.run_info.as_mut().filter(|_| self.break_pending) {
+                            info.first_seq = self.next_seq;
+                            tape.run(info);
+                        }
                         tape.begin_batch();
                     }
+                    self.break_pending = false;
                     // A fresh instance for every epoch, and for the first
                     // event of a run (which, but for an input's end, is an
                     // epoch start).
@@ -401,6 +445,19 @@ impl Run<'_> {
         };
         self.db().insert_dead_letter(&dead)?;
         self.summary.dead_lettered += 1;
+        if self.config.dead_letter_outputs {
+            self.db().insert_outbox(&dead_letter_output(&dead))?;
+        }
+        Ok(())
+    }
+
+    /// Commits a batch that ended mid-epoch because its source went idle.
+    /// What comes next starts a fresh instance, in the live run and in every
+    /// replay of its tape, which records the break as a run frame.
+    fn commit_idle(&mut self, batch: Batch) -> Result<(), RunError> {
+        self.break_pending = true;
+        self.commit_batch(batch)?;
+        self.progress.advance(0, self.summary.consumed);
         Ok(())
     }
 
@@ -416,6 +473,7 @@ impl Run<'_> {
         db.save_offsets(&self.offsets)?;
         db.set_meta("next_seq", &self.next_seq.to_string())?;
         db.commit()?;
+        self.progress.batch_committed(&self.offsets);
         if let Some(observed) = self.observed.as_mut() {
             self.progress.committed(std::mem::take(observed));
         }
@@ -440,8 +498,47 @@ impl Run<'_> {
                 return Ok(());
             };
             let mark = sink.write(&rows)?;
-            db.ack_outbox((last.seq, last.n), &mark)?;
+            db.ack_outbox((last.seq, last.n), mark.as_ref())?;
         }
+    }
+}
+
+/// A dead letter as an outbox row for the dead-letter topic: the raw key and
+/// payload unchanged, and what failed in headers named after Kafka
+/// Connect's `__connect.errors.*`.
+fn dead_letter_output(dead: &DeadLetter) -> OutboxRow {
+    let header = |name: &str, value: String| Header {
+        name: name.to_owned(),
+        value: Some(value.into_bytes()),
+    };
+    let mut headers = dead.headers.clone();
+    headers.extend([
+        header("rewind.error.class", dead.error_class.clone()),
+        header("rewind.error.message", dead.message.clone()),
+        header("rewind.source.topic", dead.position.stream.clone()),
+        header(
+            "rewind.source.partition",
+            dead.position.partition.to_string(),
+        ),
+        header("rewind.source.offset", dead.position.offset.to_string()),
+        header("rewind.module", dead.module_digest.clone()),
+    ]);
+    // A record that could not be decoded keeps its bytes as the payload.
+    let payload = match (&dead.payload, dead.key.is_none() && dead.headers.is_empty()) {
+        (None, true) if !dead.raw.is_empty() => Some(dead.raw.clone()),
+        (payload, _) => payload.clone(),
+    };
+    OutboxRow {
+        seq: dead.seq,
+        n: 0,
+        id: format!("{}/dlq", dead.position),
+        output: Output {
+            stream: DLQ_STREAM.to_owned(),
+            key: dead.key.clone(),
+            payload,
+            headers,
+        },
+        timestamp_ms: dead.timestamp_ms,
     }
 }
 

@@ -25,8 +25,13 @@ use crate::runtime::{
 /// therefore depends on the input alone, never on batch sizes, restarts or
 /// timing. It is part of the host configuration results depend on.
 pub const INSTANCE_EPOCH: u64 = 64;
+
+/// The outbox stream of dead letters queued as outputs (see
+/// [`RunConfig::dead_letter_outputs`]). Processors cannot emit to it: a
+/// stream name is a Kafka topic name, which never starts with `!`.
+pub const DLQ_STREAM: &str = "!dlq";
 use crate::event::Output;
-use crate::sink::{FileSink, SinkError};
+use crate::sink::{FileSink, Sink, SinkError};
 use crate::source::{InputError, Record, Source};
 use crate::state::{Change, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
 use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeWriter};
@@ -73,6 +78,11 @@ pub struct RunConfig {
     pub runtime: RuntimeConfig,
     /// Accept a state DB last written by another module version.
     pub allow_module_change: bool,
+    /// Also queue every dead letter in the outbox, as an output on
+    /// [`DLQ_STREAM`] carrying the raw key and payload and `rewind.*`
+    /// headers saying what failed and where (the Kafka runner's
+    /// `--dlq-topic`).
+    pub dead_letter_outputs: bool,
     /// Skip an event whose value of this header was seen before (re-produced
     /// data); `None` turns deduplication off. Defaults to `rewind-id`, the
     /// idempotency id rewind puts on its own outputs.
@@ -95,6 +105,7 @@ impl RunConfig {
             on_error: ErrorPolicy::Dlq,
             runtime: RuntimeConfig::default(),
             allow_module_change: false,
+            dead_letter_outputs: false,
             dedup_header: Some(crate::sink::ID_HEADER.to_owned()),
         }
     }
@@ -114,6 +125,8 @@ pub trait Progress {
     }
     /// The results of a committed batch, in seq order (only if observed).
     fn committed(&self, _events: Vec<EventRecord>) {}
+    /// A batch committed; `offsets` are the next offsets to consume.
+    fn batch_committed(&self, _offsets: &Offsets) {}
     /// Asked at every instance-epoch boundary: `true` commits and stops the
     /// run there (a rerun continues from it).
     fn should_stop(&self) -> bool {
@@ -186,14 +199,27 @@ pub enum RunError {
 
 /// Runs a processor over a file into a state DB (and optionally an output file).
 pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, RunError> {
-    let started = Instant::now();
     let runtime = Runtime::new(config.runtime.clone())?;
     let module = runtime.load(&config.processor)?;
     let mut source = crate::source::open(&config.input, config.stream.as_deref())?;
+    run_source(config, &runtime, &module, source.as_mut(), None, progress)
+}
 
+/// Runs a loaded processor over `source` into `config.state`. Outputs go to
+/// `config.output` when set, else to `sink` when given, else they wait in
+/// the outbox. The Kafka runner calls this once per partition.
+pub fn run_source(
+    config: &RunConfig,
+    runtime: &Runtime,
+    module: &Module,
+    source: &mut dyn Source,
+    sink: Option<Box<dyn Sink>>,
+    progress: &dyn Progress,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
     let state_existed = config.state.exists();
     let db = StateDb::open(&config.state)?;
-    let mut db = match prepare(&runtime, &module, db, config) {
+    let mut db = match prepare(runtime, module, db, config) {
         Ok(db) => db,
         Err(error) => {
             if !state_existed {
@@ -235,25 +261,29 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             if observe.is_none() {
                 db.capture_changes(false);
             }
-            tape.run(&RunInfo {
+            let info = RunInfo {
                 first_seq: db.meta_u64("next_seq")?,
                 module_digest: module.digest().to_owned(),
                 fuel: config.runtime.fuel,
                 memory_bytes: config.runtime.memory_bytes as u64,
-            });
-            Some(tape)
+            };
+            tape.run(&info);
+            Some((tape, info))
         }
     };
 
+    let (tape, run_info) = tape.unzip();
     let mut run = Run {
-        instance: runtime.instance(&module),
-        module: &module,
+        instance: runtime.instance(module),
+        module,
         config,
         progress,
         offsets: db.offsets()?,
         next_seq: db.meta_u64("next_seq")?,
         sink: None,
         tape,
+        run_info,
+        break_pending: false,
         observed: observe.map(|_| Vec::new()),
         summary: RunSummary {
             module_digest: module.digest().to_owned(),
@@ -279,12 +309,14 @@ pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, Ru
             // the file are known to be ours to cut back to the recorded mark.
             run.db().set_meta("sink.claimed", "1")?;
         }
-        run.sink = Some(sink);
-        run.deliver()?;
+        run.sink = Some(Box::new(sink));
+    } else {
+        run.sink = sink;
     }
+    run.deliver()?;
 
     progress.start(source.size());
-    let result = run.consume(source.as_mut());
+    let result = run.consume(source);
     progress.finish();
     result?;
     run.summary.elapsed = started.elapsed();

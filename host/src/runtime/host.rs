@@ -186,6 +186,13 @@ impl output::Host for HostState {
                 .iter()
                 .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
                 .sum::<usize>();
+        if !valid_stream(&event.stream) {
+            return Ok(Err(format!(
+                "output stream {:?} is not a valid name: 1 to 249 characters of \
+                 A-Z a-z 0-9 . _ - (it becomes a Kafka topic)",
+                event.stream
+            )));
+        }
         if self.outputs.len() >= MAX_OUTPUTS_PER_EVENT {
             return Ok(Err(format!(
                 "output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event"
@@ -224,4 +231,13 @@ impl log::Host for HostState {
         self.logs.push(LogLine { level, message });
         Ok(())
     }
+}
+
+/// Whether `stream` is a legal Kafka topic name, as output streams become
+/// topics.
+fn valid_stream(stream: &str) -> bool {
+    (1..=249).contains(&stream.len())
+        && stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -27,11 +27,27 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error("kafka ({brokers}): {message}")]
+    Kafka { brokers: String, message: String },
     #[error(
         "output {path} is not the file this state DB wrote ({reason}); \
          pass the --output it was run with, or start a new --state"
     )]
     Foreign { path: PathBuf, reason: String },
+}
+
+/// Where a run relays its outbox after each commit.
+pub trait Sink: Send {
+    /// Delivers `rows` durably (written and synced, or acknowledged), in
+    /// order. Returns the mark to commit with their removal from the
+    /// outbox, if the sink keeps one.
+    fn write(&mut self, rows: &[OutboxRow]) -> Result<Option<SinkMark>, SinkError>;
+}
+
+impl Sink for FileSink {
+    fn write(&mut self, rows: &[OutboxRow]) -> Result<Option<SinkMark>, SinkError> {
+        FileSink::write(self, rows).map(Some)
+    }
 }
 
 /// The header carrying an output's deterministic idempotency id.

@@ -16,6 +16,9 @@ pub struct Record {
     pub position: Position,
     pub raw: Vec<u8>,
     pub decoded: Result<Event, String>,
+    /// The recorded run gave the processor a fresh instance right before
+    /// this record (a tape's run frame): a replay must do the same.
+    pub fresh: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,7 @@ impl FileSource {
                     position,
                     raw: self.buf.clone(),
                     decoded: Err(reason),
+                    fresh: false,
                 }));
             }
             let mut line = &self.buf[..];
@@ -178,17 +182,20 @@ impl FileSource {
                         position: event.position,
                         raw: event.payload.unwrap_or_default(),
                         decoded: Err(reason),
+                        fresh: false,
                     },
                     None => Record {
                         position: event.position.clone(),
                         raw: line.to_vec(),
                         decoded: Ok(event),
+                        fresh: false,
                     },
                 },
                 Err(reason) => Record {
                     position,
                     raw: line.to_vec(),
                     decoded: Err(reason),
+                    fresh: false,
                 },
             }));
         }
@@ -207,10 +214,29 @@ fn exported_malformed(event: &Event) -> Option<String> {
     }
 }
 
+/// What a source had when asked.
+#[derive(Debug)]
+pub enum Polled {
+    Record(Record),
+    /// Nothing yet: a live source waited and may have more later.
+    Idle,
+    /// The input is exhausted (or, for a live source, stopped).
+    End,
+}
+
 /// Where a run's records come from.
 pub trait Source {
     /// The next record, `None` at the end.
     fn next_record(&mut self) -> Result<Option<Record>, InputError>;
+    /// The next record, waiting at most `wait` for one. Finite sources never
+    /// idle; live ones (Kafka) do, and the run commits an open batch then.
+    fn poll(&mut self, wait: std::time::Duration) -> Result<Polled, InputError> {
+        let _ = wait;
+        Ok(match self.next_record()? {
+            Some(record) => Polled::Record(record),
+            None => Polled::End,
+        })
+    }
     /// The input's size in bytes, when known (for progress).
     fn size(&self) -> Option<u64>;
     /// Bytes consumed so far.
@@ -224,6 +250,8 @@ pub enum InputError {
     File(#[from] SourceError),
     #[error(transparent)]
     Tape(#[from] crate::tape::TapeError),
+    #[error("kafka ({brokers}): {message}")]
+    Kafka { brokers: String, message: String },
 }
 
 impl Source for FileSource {
@@ -249,7 +277,20 @@ impl TapeSource {
 
 impl Source for TapeSource {
     fn next_record(&mut self) -> Result<Option<Record>, InputError> {
-        Ok(self.0.next_event()?.map(|event| event.to_record()))
+        // A run frame marks where the recorded run started a fresh instance
+        // (a restart, or a commit while its source was idle).
+        let mut fresh = false;
+        loop {
+            match self.0.next_frame()? {
+                None => return Ok(None),
+                Some(crate::tape::Frame::Run(_)) => fresh = true,
+                Some(crate::tape::Frame::Event(event)) => {
+                    let mut record = event.to_record();
+                    record.fresh = fresh;
+                    return Ok(Some(record));
+                }
+            }
+        }
     }
     fn size(&self) -> Option<u64> {
         Some(self.0.size())

@@ -292,16 +292,22 @@ impl StateDb {
 
     /// Removes delivered outputs (up to and including `through`) and records
     /// the sink's progress, atomically.
-    pub fn ack_outbox(&self, through: (u64, u32), mark: &SinkMark) -> Result<(), StateError> {
+    pub fn ack_outbox(
+        &self,
+        through: (u64, u32),
+        mark: Option<&SinkMark>,
+    ) -> Result<(), StateError> {
         self.begin()?;
         let result = (|| {
             self.conn
                 .prepare_cached(host_sql!("DELETE FROM _rewind_outbox WHERE slot <= ?1"))
                 .and_then(|mut s| s.execute([outbox_slot(through.0, through.1)]))
                 .map_err(|e| self.err(e))?;
-            self.set_meta("sink.outputs", &mark.outputs.to_string())?;
-            self.set_meta("sink.bytes", &mark.bytes.to_string())?;
-            self.set_meta("sink.last_line_sha256", &mark.last_line_sha256)?;
+            if let Some(mark) = mark {
+                self.set_meta("sink.outputs", &mark.outputs.to_string())?;
+                self.set_meta("sink.bytes", &mark.bytes.to_string())?;
+                self.set_meta("sink.last_line_sha256", &mark.last_line_sha256)?;
+            }
             self.commit()
         })();
         if result.is_err() {

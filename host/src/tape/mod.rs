@@ -184,6 +184,7 @@ impl TapeEvent {
                 position: self.position.clone(),
                 raw: self.payload.clone().unwrap_or_default(),
                 decoded: Err(reason.clone()),
+                fresh: false,
             },
             None => Record {
                 position: self.position.clone(),
@@ -195,6 +196,7 @@ impl TapeEvent {
                     headers: self.headers.clone(),
                     timestamp_ms: self.timestamp_ms,
                 }),
+                fresh: false,
             },
         }
     }
