@@ -140,6 +140,42 @@ pub fn envelope(topic: &str, offset: i64, ts: i64, key: &str, payload: &str) -> 
 
 /// A real Kafka-API broker (tansu, in memory) on a free port, for one test;
 /// stopped when dropped. `cargo xtask test` builds tansu first.
+/// Where xtask keeps the tools it builds once per machine.
+fn tools_dir() -> PathBuf {
+    std::env::var_os("REWIND_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CARGO_HOME").map(|h| PathBuf::from(h).join("rewind-tools")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/rewind-tools")))
+        .expect("HOME is set")
+}
+
+/// Runs the independent Kafka client (confluent-kafka in a venv that
+/// `cargo xtask test` installs): `produce` or `consume` `topic` from or to
+/// `file`; returns how many records it handled.
+pub fn kafka_client(command: &str, broker: &Broker, topic: &str, file: &Path) -> u64 {
+    let python = tools_dir().join("venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: `cargo xtask test` installs it",
+        python.display()
+    );
+    let out = std::process::Command::new(python)
+        .arg(root().join("tests/client/kafka_client.py"))
+        .args([command, &broker.address(), topic])
+        .arg(file)
+        .output()
+        .expect("the Kafka client runs");
+    assert!(
+        out.status.success(),
+        "kafka_client {command} {topic} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the client prints a count")
+}
+
 pub struct Broker {
     child: std::process::Child,
     pub port: u16,
@@ -148,16 +184,7 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
-        let tansu = std::env::var_os("REWIND_TOOLS")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("CARGO_HOME").map(|h| PathBuf::from(h).join("rewind-tools"))
-            })
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/rewind-tools"))
-            })
-            .expect("HOME is set")
-            .join("bin/tansu");
+        let tansu = tools_dir().join("bin/tansu");
         assert!(
             tansu.is_file(),
             "{} is missing: `cargo xtask test` (or `cargo xtask broker start`) builds it",

@@ -6,6 +6,7 @@ mod cli;
 mod determinism;
 mod hostile;
 mod kafka;
+mod kafka_run;
 mod payments;
 mod replay;
 mod tape;

@@ -32,6 +32,45 @@ pub fn tools_dir() -> PathBuf {
 }
 
 /// The tansu binary, built first if missing.
+/// The confluent-kafka release the tests' independent client uses
+/// (librdkafka 2.16, which speaks tansu's ApiVersion v3).
+const CONFLUENT_KAFKA: &str = "confluent-kafka==2.16.*";
+
+/// A Python with confluent-kafka, in a venv under the tools directory: the
+/// tests' independent Kafka client (`tests/client/kafka_client.py`).
+pub fn kafka_client() -> Result<PathBuf> {
+    let venv = tools_dir().join("venv");
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", "import confluent_kafka"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ready {
+        return Ok(python);
+    }
+    eprintln!(
+        "xtask: installing {CONFLUENT_KAFKA} into {}",
+        venv.display()
+    );
+    let created = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .context("cannot run python3 (apt-get install python3 python3-venv)")?;
+    if !created.success() {
+        bail!("python3 -m venv failed: apt-get install python3-venv, then rerun");
+    }
+    let installed = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", CONFLUENT_KAFKA])
+        .status()
+        .context("cannot run pip")?;
+    if !installed.success() {
+        bail!("pip install {CONFLUENT_KAFKA} failed");
+    }
+    Ok(python)
+}
+
 pub fn tansu() -> Result<PathBuf> {
     let dir = tools_dir();
     let bin = dir.join("bin").join("tansu");

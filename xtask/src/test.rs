@@ -13,6 +13,7 @@ pub fn run() -> Result<()> {
     system_tools()?;
     // The Kafka tests start their own tansu broker; build it once per machine.
     crate::broker::tansu()?;
+    crate::broker::kafka_client()?;
     processors::build()?;
     cmd(
         &cargo,
@@ -61,14 +62,28 @@ pub fn run() -> Result<()> {
 }
 
 /// The Debian packages the tests use: Chromium renders the HTML report,
-/// sqldiff is the diff benchmark's baseline. Installed when missing and
+/// sqldiff is the diff benchmark's baseline, Python runs the Kafka tests'
+/// independent client. Installed when missing and
 /// possible (root with apt-get), else a clear error.
 fn system_tools() -> Result<()> {
-    let missing: Vec<&str> = [("chromium", "chromium"), ("sqldiff", "sqlite3-tools")]
-        .into_iter()
-        .filter(|(program, _)| crate::which(program).is_none())
-        .map(|(_, package)| package)
-        .collect();
+    let mut missing: Vec<&str> = [
+        ("chromium", "chromium"),
+        ("sqldiff", "sqlite3-tools"),
+        ("python3", "python3"),
+    ]
+    .into_iter()
+    .filter(|(program, _)| crate::which(program).is_none())
+    .map(|(_, package)| package)
+    .collect();
+    // The Kafka tests' independent client lives in a venv.
+    let venv = Command::new("python3")
+        .args(["-c", "import ensurepip, venv"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !venv {
+        missing.push("python3-venv");
+    }
     if missing.is_empty() {
         return Ok(());
     }

@@ -1,0 +1,285 @@
+//! `rewind run --brokers`: a consumer group over a real broker (tansu),
+//! inputs produced and outputs read back by an independent client
+//! (confluent-kafka), state checked against a model of the payments rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use rewind_tests::{Broker, XorShift, cache_dir, kafka_client, processor, rewind_bin, rows};
+use rusqlite::types::Value;
+use serde_json::{Value as Json, json};
+
+const PARTITIONS: i32 = 3;
+
+/// What the model expects of a payments v2 run.
+#[derive(Default)]
+struct Model {
+    /// order → (customer, amount, status)
+    payments: BTreeMap<String, (String, i64, &'static str)>,
+    /// customer → (charged, refunded, charges)
+    totals: BTreeMap<String, (i64, i64, i64)>,
+    /// `rewind-id`s of the outputs, in no particular order.
+    outputs: BTreeSet<String>,
+    /// (partition, offset) of the malformed records.
+    malformed: BTreeSet<(i32, i64)>,
+}
+
+/// `events` orders keyed by customer (a customer's events share a
+/// partition), with re-deliveries, cancels and one malformed payload in a
+/// thousand; returns the client's input lines and the model.
+fn generate(events: usize, seed: u64) -> (String, Model) {
+    let mut rng = XorShift(seed);
+    let mut model = Model::default();
+    let mut lines = String::new();
+    let mut next_offset = [0i64; PARTITIONS as usize];
+    // Per partition: completed payloads, and orders still charged.
+    let mut completed: Vec<Vec<String>> = vec![Vec::new(); PARTITIONS as usize];
+    let mut charged: Vec<Vec<(String, String)>> = vec![Vec::new(); PARTITIONS as usize];
+    for i in 0..events {
+        let customer = format!("c-{}", rng.below(300));
+        let partition = (customer.bytes().map(u64::from).sum::<u64>() % PARTITIONS as u64) as i32;
+        let p = partition as usize;
+        let offset = next_offset[p];
+        next_offset[p] += 1;
+        let id = format!("orders/{partition}@{offset}/0");
+        let roll = rng.below(1000);
+        let payload = if roll == 0 {
+            model.malformed.insert((partition, offset));
+            "{\"type\": \"order_completed\", oops".to_owned()
+        } else if roll < 60 && !completed[p].is_empty() {
+            // A re-delivery: v2 changes nothing and emits nothing.
+            completed[p][rng.below(completed[p].len() as u64) as usize].clone()
+        } else if roll < 160 && !charged[p].is_empty() {
+            let pick = rng.below(charged[p].len() as u64) as usize;
+            let (order, customer) = charged[p].swap_remove(pick);
+            let payment = model.payments.get_mut(&order).unwrap();
+            payment.2 = "refunded";
+            model.totals.get_mut(&customer).unwrap().1 += payment.1;
+            model.outputs.insert(id);
+            json!({"type": "order_cancelled", "order_id": order}).to_string()
+        } else {
+            let order = format!("o-{i}");
+            let amount = 100 + rng.below(9000) as i64;
+            model
+                .payments
+                .insert(order.clone(), (customer.clone(), amount, "charged"));
+            let totals = model.totals.entry(customer.clone()).or_default();
+            totals.0 += amount;
+            totals.2 += 1;
+            model.outputs.insert(id);
+            charged[p].push((order.clone(), customer.clone()));
+            let payload = json!({"type": "order_completed", "order_id": order,
+                "customer_id": customer, "amount_cents": amount, "currency": "EUR"})
+            .to_string();
+            completed[p].push(payload.clone());
+            payload
+        };
+        lines.push_str(
+            &json!({"key": customer, "payload": payload, "partition": partition}).to_string(),
+        );
+        lines.push('\n');
+    }
+    (lines, model)
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Integer(i) => *i,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+/// Every partition DB's rows, merged: payments and totals.
+#[allow(clippy::type_complexity)]
+fn state(
+    dir: &Path,
+) -> (
+    BTreeMap<String, (String, i64, String)>,
+    BTreeMap<String, (i64, i64, i64)>,
+) {
+    let (mut payments, mut totals) = (BTreeMap::new(), BTreeMap::new());
+    for p in 0..PARTITIONS {
+        let db = dir.join(format!("partition-{p}.db"));
+        for r in rows(
+            &db,
+            "SELECT order_id, customer_id, amount_cents, status FROM payments",
+        ) {
+            payments.insert(text(&r[0]), (text(&r[1]), int(&r[2]), text(&r[3])));
+        }
+        for r in rows(
+            &db,
+            "SELECT customer_id, charged_cents, refunded_cents, charges FROM customer_totals",
+        ) {
+            assert!(
+                totals
+                    .insert(text(&r[0]), (int(&r[1]), int(&r[2]), int(&r[3])))
+                    .is_none(),
+                "a customer's totals live in one partition"
+            );
+        }
+    }
+    (payments, totals)
+}
+
+fn header<'a>(record: &'a Json, name: &str) -> Option<&'a str> {
+    record["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0] == name)
+        .and_then(|h| h[1].as_str())
+}
+
+fn read_back(broker: &Broker, topic: &str, dir: &Path) -> Vec<Json> {
+    let file = dir.join(format!("{topic}.jsonl"));
+    kafka_client("consume", broker, topic, &file);
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dead_letters() {
+    let broker = Broker::start();
+    broker.create_topic("orders", PARTITIONS as u32);
+    broker.create_topic("payments", PARTITIONS as u32);
+    broker.create_topic("orders.dlq", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, model) = generate(100_000, 0x6b61_666b);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    assert_eq!(kafka_client("produce", &broker, "orders", &input), 100_000);
+
+    let (state_dir, tapes) = (dir.path().join("state"), dir.path().join("tapes"));
+    let out = Command::new(rewind_bin())
+        .arg("run")
+        .arg("--processor")
+        .arg(processor("payments-v2"))
+        .args([
+            "--brokers",
+            &broker.address(),
+            "--topic",
+            "orders",
+            "--group",
+            "payments",
+        ])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--tape")
+        .arg(&tapes)
+        .args([
+            "--output-topic",
+            "payments",
+            "--dlq-topic",
+            "orders.dlq",
+            "--exit-at-end",
+        ])
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "rewind run failed: {stderr}");
+    assert!(stderr.contains("processed 100000 events"), "{stderr}");
+
+    // The state, merged over the partitions, equals the model.
+    let (payments, totals) = state(&state_dir);
+    let want: BTreeMap<_, _> = model
+        .payments
+        .iter()
+        .map(|(k, (c, a, s))| (k.clone(), (c.clone(), *a, s.to_string())))
+        .collect();
+    assert_eq!(payments.len(), want.len());
+    assert!(payments == want, "payments differ from the model");
+    assert!(
+        totals == model.totals,
+        "customer_totals differ from the model"
+    );
+
+    // Dead letters: exactly the malformed records, in the state and the DLQ topic.
+    let mut dead = BTreeSet::new();
+    for p in 0..PARTITIONS {
+        let db = state_dir.join(format!("partition-{p}.db"));
+        for r in rows(
+            &db,
+            r#"SELECT partition, "offset", error_class FROM _rewind_dlq"#,
+        ) {
+            assert_eq!(text(&r[2]), "invalid-input");
+            dead.insert((int(&r[0]) as i32, int(&r[1])));
+        }
+        // Every output left the outbox.
+        assert_eq!(
+            rows(&db, "SELECT count(*) FROM _rewind_outbox")[0][0],
+            Value::Integer(0)
+        );
+    }
+    assert!(!model.malformed.is_empty());
+    assert_eq!(dead, model.malformed);
+    let dlq = read_back(&broker, "orders.dlq", dir.path());
+    let mut dlq_positions = BTreeSet::new();
+    for record in &dlq {
+        assert_eq!(header(record, "rewind.error.class"), Some("invalid-input"));
+        assert_eq!(header(record, "rewind.source.topic"), Some("orders"));
+        assert!(header(record, "rewind.error.message").is_some_and(|m| !m.is_empty()));
+        assert!(header(record, "rewind.module").is_some_and(|m| m.starts_with("sha256:")));
+        assert_eq!(
+            record["payload"], "{\"type\": \"order_completed\", oops",
+            "raw payload kept"
+        );
+        let partition: i32 = header(record, "rewind.source.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let offset: i64 = header(record, "rewind.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            record["key"].as_str().map(|k| k.starts_with("c-")),
+            Some(true),
+            "raw key kept"
+        );
+        dlq_positions.insert((partition, offset));
+    }
+    assert_eq!(
+        dlq.len(),
+        model.malformed.len(),
+        "one DLQ record per dead letter"
+    );
+    assert_eq!(dlq_positions, model.malformed);
+
+    // The output topic holds every output once, each with its rewind-id.
+    let outputs = read_back(&broker, "payments", dir.path());
+    let ids: Vec<String> = outputs
+        .iter()
+        .map(|r| {
+            header(r, "rewind-id")
+                .expect("every output has a rewind-id")
+                .to_owned()
+        })
+        .collect();
+    let unique: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), unique.len(), "no output was produced twice");
+    assert!(
+        unique == model.outputs,
+        "the outputs are not exactly the model's"
+    );
+
+    // Each partition's inputs are on its tape.
+    let info = Command::new(rewind_bin())
+        .args(["tape", "info"])
+        .arg(tapes.join("partition-0.tape"))
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("orders/0"), "{info}");
+}
