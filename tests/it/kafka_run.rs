@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use rewind_tests::{Broker, XorShift, cache_dir, kafka_client, processor, rewind_bin, rows};
+use rewind_tests::{
+    Broker, XorShift, cache_dir, dump_hash, kafka_client, processor, rewind_bin, rows,
+};
 use rusqlite::types::Value;
 use serde_json::{Value as Json, json};
 
@@ -274,7 +276,8 @@ fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dea
         "the outputs are not exactly the model's"
     );
 
-    // Each partition's inputs are on its tape.
+    // Each partition's inputs are on its tape, and replaying it gives
+    // exactly what the live run recorded.
     let info = Command::new(rewind_bin())
         .args(["tape", "info"])
         .arg(tapes.join("partition-0.tape"))
@@ -282,4 +285,132 @@ fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dea
         .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("orders/0"), "{info}");
+    let verify = Command::new(rewind_bin())
+        .arg("verify")
+        .arg("--tape")
+        .arg(tapes.join("partition-1.tape"))
+        .arg("--processor")
+        .arg(processor("payments-v2"))
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stdout);
+    assert!(
+        verify.status.success(),
+        "verify: {said} {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(said.contains("identical"), "{said}");
+}
+
+/// `rewind run` over Kafka into `state_dir` as group `group`.
+fn kafka_run(broker: &Broker, group: &str, state_dir: &Path) -> Command {
+    let mut command = Command::new(rewind_bin());
+    command
+        .arg("run")
+        .arg("--processor")
+        .arg(processor("payments-v2"))
+        .args([
+            "--brokers",
+            &broker.address(),
+            "--topic",
+            "orders",
+            "--group",
+            group,
+        ])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--output-topic", "payments", "--exit-at-end", "--quiet"])
+        // A killed member leaves the group when its session times out.
+        .args([
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=500",
+        ])
+        .arg("--cache-dir")
+        .arg(cache_dir());
+    command
+}
+
+/// Runs `command` to success, killing it (and failing) after `limit`.
+fn run_within(command: &mut Command, limit: std::time::Duration) {
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{command:?} failed: {status}");
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
+    let broker = Broker::start();
+    broker.create_topic("orders", PARTITIONS as u32);
+    broker.create_topic("payments", PARTITIONS as u32);
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, model) = generate(40_000, 0x6b69_6c6c);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    kafka_client("produce", &broker, "orders", &input);
+
+    let whole = dir.path().join("whole");
+    let limit = std::time::Duration::from_secs(180);
+    run_within(&mut kafka_run(&broker, "whole", &whole), limit);
+
+    let killed = dir.path().join("killed");
+    let mut rng = XorShift(0x4b11);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let mut child = kafka_run(&broker, "killed", &killed).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(600 + rng.below(1500)));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    assert!(
+        kills > 0,
+        "the run always finished before it could be killed"
+    );
+    // The killed members leave the group when their sessions time out;
+    // until then they hold partitions, and --exit-at-end covers only what
+    // this member was assigned.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    run_within(&mut kafka_run(&broker, "killed", &killed), limit);
+
+    for p in 0..PARTITIONS {
+        let name = format!("partition-{p}.db");
+        assert_eq!(
+            dump_hash(&killed.join(&name)),
+            dump_hash(&whole.join(&name)),
+            "partition {p} differs from the uninterrupted run"
+        );
+    }
+    // Outputs: both runs produced to one topic. Every output of the model is
+    // there; a duplicate is a copy (same rewind-id, same payload).
+    let outputs = read_back(&broker, "payments", dir.path());
+    let mut by_id: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for record in &outputs {
+        let id = header(record, "rewind-id").expect("every output has a rewind-id");
+        by_id
+            .entry(id.to_owned())
+            .or_default()
+            .insert(record["payload"].to_string());
+    }
+    let ids: BTreeSet<String> = by_id.keys().cloned().collect();
+    assert!(ids == model.outputs, "an output is missing or unexpected");
+    assert!(
+        by_id.values().all(|payloads| payloads.len() == 1),
+        "outputs sharing a rewind-id differ"
+    );
 }

@@ -72,10 +72,21 @@ impl Shared {
     /// the worker's queue is full).
     pub(super) fn dispatch(&self, record: Record) {
         let position = &record.position;
-        lock(&self.positions).insert(
+        let expected = lock(&self.positions).insert(
             (position.stream.clone(), position.partition),
             position.offset.saturating_add(1),
         );
+        if let Some(expected) = expected.filter(|&e| position.offset > e) {
+            // Compaction, retention or transaction markers leave gaps too,
+            // but a gap is worth a line: it may be records a broker skipped.
+            eprintln!(
+                "{}/{}: offsets {expected}..{} were not delivered (compacted, deleted by \
+                 retention, transaction markers, or skipped by the broker)",
+                position.stream,
+                position.partition,
+                position.offset - 1
+            );
+        }
         let partition = position.partition;
         let workers = lock(&self.workers);
         let sent = match workers.get(&partition) {
@@ -143,6 +154,15 @@ impl Shared {
                 Some(&next) => Offset::Offset(next),
                 None => Offset::Beginning,
             };
+            eprintln!(
+                "{}/{}: assigned; consuming from {}",
+                key.0,
+                key.1,
+                match offset {
+                    Offset::Offset(next) => format!("offset {next} (stored in the state)"),
+                    _ => "the beginning (no state yet)".to_owned(),
+                }
+            );
             if let Some(&next) = starts.get(&key) {
                 positions.insert(key.clone(), next);
             } else {
@@ -215,7 +235,13 @@ impl Shared {
         drop(worker.queue);
         let state = state_path(&self.config.state_dir, partition);
         match worker.thread.join() {
-            Ok(Ok(summary)) => lock(&self.finished).push((partition, summary)),
+            Ok(Ok(summary)) => {
+                eprintln!(
+                    "partition {partition}: closed after {} events, committed",
+                    summary.consumed
+                );
+                lock(&self.finished).push((partition, summary));
+            }
             Ok(Err(source)) => self.fail(KafkaRunError::Partition {
                 partition,
                 state,
