@@ -25,6 +25,8 @@ struct Model {
     outputs: BTreeSet<String>,
     /// (partition, offset) of the malformed records.
     malformed: BTreeSet<(i32, i64)>,
+    /// Records per partition.
+    ends: Vec<i64>,
 }
 
 /// `events` orders keyed by customer (a customer's events share a
@@ -82,6 +84,7 @@ fn generate(events: usize, seed: u64) -> (String, Model) {
         );
         lines.push('\n');
     }
+    model.ends = next_offset.to_vec();
     (lines, model)
 }
 
@@ -321,7 +324,7 @@ fn kafka_run(broker: &Broker, group: &str, state_dir: &Path) -> Command {
         ])
         .arg("--state-dir")
         .arg(state_dir)
-        .args(["--output-topic", "payments", "--exit-at-end", "--quiet"])
+        .args(["--output-topic", "payments", "--quiet"])
         // A killed member leaves the group when its session times out.
         .args([
             "-X",
@@ -364,13 +367,19 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
 
     let whole = dir.path().join("whole");
     let limit = std::time::Duration::from_secs(180);
-    run_within(&mut kafka_run(&broker, "whole", &whole), limit);
+    run_within(
+        kafka_run(&broker, "whole", &whole).arg("--exit-at-end"),
+        limit,
+    );
 
     let killed = dir.path().join("killed");
     let mut rng = XorShift(0x4b11);
     let mut kills = 0;
     for _ in 0..3 {
-        let mut child = kafka_run(&broker, "killed", &killed).spawn().unwrap();
+        let mut child = kafka_run(&broker, "killed", &killed)
+            .arg("--exit-at-end")
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(600 + rng.below(1500)));
         if child.try_wait().unwrap().is_none() {
             kills += 1;
@@ -386,7 +395,10 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
     // until then they hold partitions, and --exit-at-end covers only what
     // this member was assigned.
     std::thread::sleep(std::time::Duration::from_secs(7));
-    run_within(&mut kafka_run(&broker, "killed", &killed), limit);
+    run_within(
+        kafka_run(&broker, "killed", &killed).arg("--exit-at-end"),
+        limit,
+    );
 
     for p in 0..PARTITIONS {
         let name = format!("partition-{p}.db");
@@ -413,4 +425,110 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
         by_id.values().all(|payloads| payloads.len() == 1),
         "outputs sharing a rewind-id differ"
     );
+}
+
+/// The next offset stored in a partition's state DB (0 before any commit).
+fn stored_offset(db: &Path) -> i64 {
+    if !db.exists() {
+        return 0;
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row("SELECT next_offset FROM _rewind_offsets", [], |r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// Ctrl-C: the run commits and leaves the group.
+fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait().unwrap()
+}
+
+#[test]
+fn a_second_process_joins_and_leaves_mid_stream_and_the_state_equals_one_process() {
+    let broker = Broker::start();
+    broker.create_topic("orders", PARTITIONS as u32);
+    broker.create_topic("payments", PARTITIONS as u32);
+    let dir = tempfile::tempdir().unwrap();
+    let (lines, model) = generate(100_000, 0x7265_6261);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    kafka_client("produce", &broker, "orders", &input);
+
+    let limit = std::time::Duration::from_secs(180);
+    let whole = dir.path().join("whole");
+    run_within(
+        kafka_run(&broker, "whole", &whole).arg("--exit-at-end"),
+        limit,
+    );
+
+    // Two processes of one group share one state directory.
+    let shared = dir.path().join("shared");
+    let mut first = kafka_run(&broker, "shared", &shared)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut second = kafka_run(&broker, "shared", &shared)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It leaves (Ctrl-C) soon after its first assignment.
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(second.stderr.take().unwrap()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut said = Vec::new();
+    while !said.iter().any(|l: &String| l.contains("assigned")) {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(line) => said.push(line),
+            Err(_) => panic!("the second process never got a partition: {said:?}"),
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let left = interrupt(&mut second);
+    assert_eq!(left.code(), Some(130), "{said:?}");
+    // The first process takes everything back and finishes.
+    let deadline = std::time::Instant::now() + limit;
+    while (0..PARTITIONS)
+        .any(|p| stored_offset(&shared.join(format!("partition-{p}.db"))) < model.ends[p as usize])
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group did not finish"
+        );
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first process stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    interrupt(&mut first);
+    let mut said = String::new();
+    std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut said).unwrap();
+    // It handed its partitions over when the second joined, and closed
+    // them again at the end.
+    assert!(
+        said.matches("closed after").count() > PARTITIONS as usize,
+        "the first process never handed a partition over: {said}"
+    );
+
+    for p in 0..PARTITIONS {
+        let name = format!("partition-{p}.db");
+        assert_eq!(
+            dump_hash(&shared.join(&name)),
+            dump_hash(&whole.join(&name)),
+            "partition {p} differs from the single-process run"
+        );
+    }
 }
