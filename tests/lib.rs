@@ -180,30 +180,65 @@ pub struct Broker {
     child: std::process::Child,
     pub port: u16,
     tansu: PathBuf,
+    storage: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Broker {
+    /// A broker keeping everything in memory.
     pub fn start() -> Broker {
+        let port = free_port();
+        Broker::launch(port, None)
+    }
+
+    /// A broker keeping its log in SQLite under `dir`, so it survives
+    /// [`Broker::restart`].
+    pub fn start_durable(dir: &Path) -> Broker {
+        Broker::launch(free_port(), Some(dir.to_owned()))
+    }
+
+    /// Stops the broker and starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Broker::launch(self.port, self.storage.clone());
+    }
+
+    /// Stops the broker (kill -9).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn launch(port: u16, storage: Option<PathBuf>) -> Broker {
         let tansu = tools_dir().join("bin/tansu");
         assert!(
             tansu.is_file(),
             "{} is missing: `cargo xtask test` (or `cargo xtask broker start`) builds it",
             tansu.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
+        let mut command = std::process::Command::new(&tansu);
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]);
+        match &storage {
+            // tansu resolves a sqlite:// path against its working directory.
+            Some(dir) => command
+                .current_dir(dir)
+                .args(["--storage-engine", "sqlite://tansu.db"]),
+            None => command.args(["--storage-engine", "memory://tansu/"]),
+        };
+        let child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -216,7 +251,12 @@ impl Broker {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Broker { child, port, tansu }
+        Broker {
+            child,
+            port,
+            tansu,
+            storage,
+        }
     }
 
     /// `host:port` for clients.

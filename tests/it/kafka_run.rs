@@ -532,3 +532,80 @@ fn a_second_process_joins_and_leaves_mid_stream_and_the_state_equals_one_process
         );
     }
 }
+
+#[test]
+fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("broker");
+    std::fs::create_dir(&storage).unwrap();
+    let mut broker = Broker::start_durable(&storage);
+    broker.create_topic("orders", PARTITIONS as u32);
+    broker.create_topic("payments", PARTITIONS as u32);
+    let (lines, model) = generate(10_000, 0x6272_6b72);
+    let input = dir.path().join("input.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    kafka_client("produce", &broker, "orders", &input);
+
+    let state_dir = dir.path().join("state");
+    let mut run = kafka_run(&broker, "outage", &state_dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let progress = || -> i64 {
+        (0..PARTITIONS)
+            .map(|p| stored_offset(&state_dir.join(format!("partition-{p}.db"))))
+            .sum()
+    };
+    // Stop the broker once the run is under way, for longer than a batch.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while progress() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    broker.stop();
+    let during = progress();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "the run gave up during the outage"
+    );
+    broker.restart();
+
+    let total: i64 = model.ends.iter().sum();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while progress() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not resume: {} of {total}",
+            progress()
+        );
+        assert!(run.try_wait().unwrap().is_none(), "the run stopped");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        during < total,
+        "the outage came after the end of the stream"
+    );
+    interrupt(&mut run);
+
+    let (payments, totals) = state(&state_dir);
+    let want: BTreeMap<_, _> = model
+        .payments
+        .iter()
+        .map(|(k, (c, a, s))| (k.clone(), (c.clone(), *a, s.to_string())))
+        .collect();
+    assert!(payments == want, "payments differ from the model");
+    assert!(
+        totals == model.totals,
+        "customer_totals differ from the model"
+    );
+    let outputs = read_back(&broker, "payments", dir.path());
+    let ids: BTreeSet<String> = outputs
+        .iter()
+        .map(|r| header(r, "rewind-id").unwrap().to_owned())
+        .collect();
+    assert!(ids == model.outputs, "an output is missing or unexpected");
+}
