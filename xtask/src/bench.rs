@@ -2,7 +2,8 @@
 //! native Rust implementation of the same logic issuing the same SQL through
 //! rusqlite with the same batching (`host/examples/native_payments.rs`), in
 //! the same run, plus peak RSS and cold versus warm start. The machines are
-//! shared and noisy: read the ratio.
+//! shared and noisy: read the ratio. Then `rewind replay`, `rewind diff`
+//! against sqldiff, and Kafka end to end against a raw consumer.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -150,6 +151,7 @@ pub fn run(args: &[String]) -> Result<()> {
         replay_rss / 1024
     );
     diff_bench(&bin, &dir, events)?;
+    crate::bench_kafka::run(&bin, &processor, &input, &dir, events)?;
     println!(
         "wasm/native time ratio: {:.2}",
         wasm_time.as_secs_f64() / native_time.as_secs_f64()

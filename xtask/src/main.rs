@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <task>`. Run without a task to list them.
 
 mod bench;
+mod bench_kafka;
 mod broker;
 mod demo;
 mod processors;
