@@ -116,6 +116,39 @@ impl StateDiff {
     pub fn is_empty(&self) -> bool {
         self.schema.is_empty() && self.tables.is_empty()
     }
+
+    /// Adds the differences of another pair of DBs (another partition of
+    /// the same state): tables of one name become one table.
+    pub fn merge(&mut self, other: StateDiff) {
+        let schema = &mut self.schema;
+        for (into, from) in [
+            (&mut schema.tables_only_old, other.schema.tables_only_old),
+            (&mut schema.tables_only_new, other.schema.tables_only_new),
+        ] {
+            for table in from {
+                if !into.contains(&table) {
+                    into.push(table);
+                }
+            }
+        }
+        for column in other.schema.columns {
+            if !schema.columns.contains(&column) {
+                schema.columns.push(column);
+            }
+        }
+        for table in other.tables {
+            match self.tables.iter_mut().find(|t| t.name == table.name) {
+                Some(into) => {
+                    into.added += table.added;
+                    into.removed += table.removed;
+                    into.changed += table.changed;
+                    into.rows.extend(table.rows);
+                }
+                None => self.tables.push(table),
+            }
+        }
+        self.tables.sort_by(|a, b| a.name.cmp(&b.name));
+    }
 }
 
 /// A table's columns, in order, and its primary key (in key order).

@@ -33,8 +33,8 @@ enum Command {
     Run(RunArgs),
     /// Show a state DB: module, tables and row counts, offsets, dead letters.
     Inspect {
-        /// The state DB.
-        #[arg(long, value_name = "DB")]
+        /// The state DB, or a Kafka run's state directory (every partition).
+        #[arg(long, value_name = "DB|DIR")]
         state: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -56,9 +56,10 @@ enum Command {
     /// per table by primary key (host tables left out). Exit 0: equal; 1:
     /// different; 2: error.
     Diff {
-        /// The old state DB.
+        /// The old state DB (or state directory: partition by partition,
+        /// one combined report).
         old: PathBuf,
-        /// The new state DB.
+        /// The new state DB (or state directory).
         new: PathBuf,
         #[command(flatten)]
         reports: Reports,
@@ -353,6 +354,12 @@ enum OnError {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` and the like: end quietly when the reader
+    // goes away, as Unix tools do, instead of failing on a broken pipe.
+    // SAFETY: restoring a signal's default disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {

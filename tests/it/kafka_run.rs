@@ -408,6 +408,30 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
             "partition {p} differs from the uninterrupted run"
         );
     }
+    // The state directories compare as one state, partition by partition.
+    let diff = Command::new(rewind_bin())
+        .arg("diff")
+        .arg(&whole)
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert_eq!(
+        diff.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    let inspect = Command::new(rewind_bin())
+        .args(["inspect", "--state"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&inspect.stdout);
+    assert_eq!(
+        said.matches("module        sha256:").count(),
+        PARTITIONS as usize,
+        "{said}"
+    );
     // Outputs: both runs produced to one topic. Every output of the model is
     // there; a duplicate is a copy (same rewind-id, same payload).
     let outputs = read_back(&broker, "payments", dir.path());

@@ -179,7 +179,15 @@ pub fn diff(
     reports: &Reports,
     ignore: &[rewind_host::diff::Ignore],
 ) -> anyhow::Result<ExitCode> {
-    let d = rewind_host::diff::diff_states(old, new, ignore)?;
+    let d = match (old.is_dir(), new.is_dir()) {
+        (true, true) => {
+            rewind_host::kafka::diff_dirs(old, new, ignore).map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        (false, false) => rewind_host::diff::diff_states(old, new, ignore)?,
+        _ => anyhow::bail!(
+            "compare a state DB with a state DB, or a state directory with a state directory"
+        ),
+    };
     use rewind_host::report::Rows;
     let (o, n) = (old.display().to_string(), new.display().to_string());
     // The whole report only for files; the terminal needs a few rows.

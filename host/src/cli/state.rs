@@ -6,6 +6,25 @@ use anyhow::Context as _;
 use rewind_host::StateDb;
 
 pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
+    if state.is_dir() {
+        // A Kafka run's state directory: every partition's DB in turn.
+        let dbs = rewind_host::kafka::state_dbs(&state)
+            .with_context(|| format!("reading {}", state.display()))?;
+        if dbs.is_empty() {
+            anyhow::bail!("{} holds no partition-N.db state DBs", state.display());
+        }
+        for (i, db) in dbs.into_values().enumerate() {
+            if i > 0 && !json {
+                println!();
+            }
+            inspect_db(db, json)?;
+        }
+        return Ok(());
+    }
+    inspect_db(state, json)
+}
+
+fn inspect_db(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
     let summary = db.summary()?;
     // The tape this state records onto, if any: its id and committed bytes.

@@ -292,3 +292,32 @@ fn commit_to_group(consumer: &BaseConsumer<Context>, shared: &Shared) {
     }
     let _ = consumer.commit(&list, CommitMode::Async);
 }
+
+/// `rewind diff` of two state directories: every partition's DBs compared,
+/// one combined result. A partition only one side has is compared with an
+/// empty DB.
+pub fn diff_dirs(
+    old: &Path,
+    new: &Path,
+    ignore: &[crate::diff::Ignore],
+) -> Result<crate::diff::StateDiff, Box<dyn std::error::Error + Send + Sync>> {
+    let (a, b) = (state_dbs(old)?, state_dbs(new)?);
+    if a.is_empty() && b.is_empty() {
+        return Err(format!(
+            "neither {} nor {} holds partition-N.db state DBs",
+            old.display(),
+            new.display()
+        )
+        .into());
+    }
+    let empty_dir = tempfile::tempdir()?;
+    let empty = empty_dir.path().join("empty.db");
+    rusqlite::Connection::open(&empty)?;
+    let mut total = crate::diff::StateDiff::default();
+    let partitions: std::collections::BTreeSet<i32> = a.keys().chain(b.keys()).copied().collect();
+    for p in partitions {
+        let (x, y) = (a.get(&p).unwrap_or(&empty), b.get(&p).unwrap_or(&empty));
+        total.merge(crate::diff::diff_states(x, y, ignore)?);
+    }
+    Ok(total)
+}
