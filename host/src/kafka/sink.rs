@@ -1,7 +1,8 @@
-//! The Kafka sink: produces outbox rows with an idempotent producer and
-//! returns only once the broker acknowledged every one of them, so the rows
-//! leave the outbox only when they are safely in Kafka.
+//! The Kafka sink: produces outbox rows with an idempotent producer; rows
+//! leave the outbox only once the broker acknowledged them (and every row
+//! before them), so they are safely in Kafka.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -11,35 +12,62 @@ use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 
 use crate::pipeline::DLQ_STREAM;
-use crate::sink::{ID_HEADER, Sink, SinkError};
+use crate::sink::{ID_HEADER, Sink, SinkError, Slot};
 use crate::state::{OutboxRow, SinkMark};
 
 /// Produces outputs (to `output_topic`, or the topic their stream names)
-/// and dead letters (to `dlq_topic`).
+/// and dead letters (to `dlq_topic`). Sending does not wait: rows become
+/// durable as the broker acknowledges them, in the order they were sent.
 pub struct KafkaSink {
     brokers: String,
     producer: BaseProducer<Deliveries>,
     output_topic: Option<String>,
     dlq_topic: Option<String>,
+    /// Packed slots sent and not yet reported durable, in send order.
+    in_flight: VecDeque<u64>,
 }
 
-/// Delivery failures since the last write.
+/// What the delivery callbacks reported.
 #[derive(Default)]
-struct Deliveries {
-    failed: Mutex<(u64, Option<String>)>,
+struct Acks {
+    delivered: HashSet<u64>,
+    failed: u64,
+    first_failure: Option<String>,
+}
+
+#[derive(Default)]
+struct Deliveries(Mutex<Acks>);
+
+impl Deliveries {
+    fn acks(&self) -> std::sync::MutexGuard<'_, Acks> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl rdkafka::ClientContext for Deliveries {}
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((error, _)) = result {
-            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-            failed.0 += 1;
-            failed.1.get_or_insert_with(|| error.to_string());
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+        let mut acks = self.acks();
+        match result {
+            Ok(_) => {
+                acks.delivered.insert(slot as u64);
+            }
+            Err((error, _)) => {
+                acks.failed += 1;
+                acks.first_failure.get_or_insert_with(|| error.to_string());
+            }
         }
     }
+}
+
+fn pack((seq, n): Slot) -> u64 {
+    (seq << 16) | u64::from(n)
+}
+
+fn unpack(slot: u64) -> Slot {
+    (slot >> 16, (slot & 0xffff) as u32)
 }
 
 impl KafkaSink {
@@ -81,6 +109,7 @@ impl KafkaSink {
             producer,
             output_topic,
             dlq_topic,
+            in_flight: VecDeque::new(),
         })
     }
 
@@ -106,17 +135,14 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn write(&mut self, rows: &[OutboxRow]) -> Result<Option<SinkMark>, SinkError> {
-        *self
-            .producer
-            .context()
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = (0, None);
+    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError> {
         for row in rows {
+            let slot = pack((row.seq, row.n));
+            self.in_flight.push_back(slot);
             // Dead letters queued by a run with --dlq-topic, now continued
             // without one: they stay in the state's dead-letter table.
             let Some(topic) = self.topic(row) else {
+                self.producer.context().acks().delivered.insert(slot);
                 continue;
             };
             let mut headers =
@@ -130,7 +156,8 @@ impl Sink for KafkaSink {
                     value: h.value.as_deref(),
                 });
             }
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(topic, slot as usize).headers(headers);
             if let Some(key) = row.output.key.as_deref() {
                 record = record.key(key);
             }
@@ -152,35 +179,47 @@ impl Sink for KafkaSink {
                     }
                 }
             }
+        }
+        self.producer.poll(Duration::ZERO);
+        Ok(())
+    }
+
+    fn durable(&mut self, wait: bool) -> Result<Option<(Slot, Option<SinkMark>)>, SinkError> {
+        if wait {
+            // While the broker is away the producer keeps retrying (up to
+            // its message.timeout.ms).
+            let mut waited = 0u32;
+            while self.producer.flush(Duration::from_secs(5)).is_err() {
+                waited += 5;
+                if waited % 30 == 5 {
+                    eprintln!(
+                        "kafka ({}): waiting for the broker to acknowledge outputs ({waited}s)",
+                        self.brokers
+                    );
+                }
+            }
+        } else {
             self.producer.poll(Duration::ZERO);
         }
-        // Wait for every acknowledgement. While the broker is away the
-        // producer keeps retrying (up to its message.timeout.ms).
-        let mut waited = 0u32;
-        while self.producer.flush(Duration::from_secs(5)).is_err() {
-            waited += 5;
-            if waited % 30 == 5 {
-                eprintln!(
-                    "kafka ({}): waiting for the broker to acknowledge outputs ({waited}s)",
-                    self.brokers
-                );
-            }
-        }
-        let failed = self
-            .producer
-            .context()
-            .failed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if failed.0 > 0 {
-            return Err(self.error(format!(
+        let mut acks = self.producer.context().acks();
+        if acks.failed > 0 {
+            let message = format!(
                 "{} outputs were not delivered (first: {}); they stay in the outbox \
                  and are produced again when the run restarts",
-                failed.0,
-                failed.1.unwrap_or_default()
-            )));
+                acks.failed,
+                acks.first_failure.clone().unwrap_or_default()
+            );
+            drop(acks);
+            return Err(self.error(message));
         }
-        Ok(None)
+        let mut through = None;
+        while let Some(&slot) = self.in_flight.front() {
+            if !acks.delivered.remove(&slot) {
+                break;
+            }
+            through = Some(slot);
+            self.in_flight.pop_front();
+        }
+        Ok(through.map(|slot| (unpack(slot), None)))
     }
 }

@@ -21,6 +21,8 @@ pub(super) struct Run<'a> {
     /// An idle commit ended the last batch mid-epoch: the next batch starts
     /// with a run frame on the tape.
     pub(super) break_pending: bool,
+    /// The last outbox row handed to the sink (this run).
+    pub(super) sent_through: Option<(u64, u32)>,
     /// The open batch's results, when the progress observes them.
     pub(super) observed: Option<Vec<EventRecord>>,
     pub(super) summary: RunSummary,
@@ -479,12 +481,13 @@ impl Run<'_> {
         }
         self.careful = batch.failed;
         self.show_logs();
-        self.deliver()
+        self.deliver(false)
     }
 
-    /// Writes pending outbox rows to the sink and removes them, committed
-    /// with the sink's new mark.
-    pub(super) fn deliver(&mut self) -> Result<(), RunError> {
+    /// Sends the outbox rows not sent yet to the sink, and removes those
+    /// the sink says are durable (with its mark, in one transaction).
+    /// `wait`: until every row is durable (the end of a run).
+    pub(super) fn deliver(&mut self, wait: bool) -> Result<(), RunError> {
         let Some(sink) = self.sink.as_mut() else {
             return Ok(());
         };
@@ -493,13 +496,17 @@ impl Run<'_> {
             .as_ref()
             .expect("the state DB is lent out only during a call");
         loop {
-            let rows = db.pending_outbox(10_000)?;
+            let rows = db.pending_outbox(self.sent_through, 10_000)?;
             let Some(last) = rows.last() else {
-                return Ok(());
+                break;
             };
-            let mark = sink.write(&rows)?;
-            db.ack_outbox((last.seq, last.n), mark.as_ref())?;
+            sink.send(&rows)?;
+            self.sent_through = Some((last.seq, last.n));
         }
+        if let Some((through, mark)) = sink.durable(wait)? {
+            db.ack_outbox(through, mark.as_ref())?;
+        }
+        Ok(())
     }
 }
 

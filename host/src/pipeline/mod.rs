@@ -284,6 +284,7 @@ pub fn run_source(
         tape,
         run_info,
         break_pending: false,
+        sent_through: None,
         observed: observe.map(|_| Vec::new()),
         summary: RunSummary {
             module_digest: module.digest().to_owned(),
@@ -313,10 +314,10 @@ pub fn run_source(
     } else {
         run.sink = sink;
     }
-    run.deliver()?;
+    run.deliver(true)?;
 
     progress.start(source.size());
-    let result = run.consume(source);
+    let result = run.consume(source).and_then(|()| run.deliver(true));
     progress.finish();
     result?;
     run.summary.elapsed = started.elapsed();

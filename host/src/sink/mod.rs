@@ -36,17 +36,33 @@ pub enum SinkError {
     Foreign { path: PathBuf, reason: String },
 }
 
-/// Where a run relays its outbox after each commit.
+/// An outbox row's place: its input's seq and its index among the outputs.
+pub type Slot = (u64, u32);
+
+/// Where a run relays its outbox after each commit. Rows leave the outbox
+/// only once the sink says they are durable, so delivery may lag behind
+/// (a Kafka producer's acknowledgements arrive while the run goes on).
 pub trait Sink: Send {
-    /// Delivers `rows` durably (written and synced, or acknowledged), in
-    /// order. Returns the mark to commit with their removal from the
-    /// outbox, if the sink keeps one.
-    fn write(&mut self, rows: &[OutboxRow]) -> Result<Option<SinkMark>, SinkError>;
+    /// Starts delivering `rows`, which follow every row sent before.
+    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError>;
+    /// The last row up to which everything sent is durable (written and
+    /// synced, or acknowledged), with the mark to commit with their removal
+    /// from the outbox; `None` if nothing new. `wait`: until everything
+    /// sent is.
+    fn durable(&mut self, wait: bool) -> Result<Option<(Slot, Option<SinkMark>)>, SinkError>;
 }
 
 impl Sink for FileSink {
-    fn write(&mut self, rows: &[OutboxRow]) -> Result<Option<SinkMark>, SinkError> {
-        FileSink::write(self, rows).map(Some)
+    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError> {
+        self.mark = FileSink::write(self, rows)?;
+        self.written = rows.last().map(|r| (r.seq, r.n)).or(self.written);
+        Ok(())
+    }
+    fn durable(&mut self, _wait: bool) -> Result<Option<(Slot, Option<SinkMark>)>, SinkError> {
+        Ok(self
+            .written
+            .take()
+            .map(|slot| (slot, Some(self.mark.clone()))))
     }
 }
 
@@ -58,6 +74,8 @@ pub struct FileSink {
     path: PathBuf,
     file: File,
     mark: SinkMark,
+    /// The last row written since [`Sink::durable`] last said so.
+    written: Option<Slot>,
 }
 
 impl std::fmt::Debug for FileSink {
@@ -140,6 +158,7 @@ impl FileSink {
             path: path.to_owned(),
             file,
             mark: mark.clone(),
+            written: None,
         })
     }
 

@@ -235,16 +235,21 @@ impl StateDb {
     }
 
     /// Outputs not yet delivered, in order.
-    pub fn pending_outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StateError> {
+    pub fn pending_outbox(
+        &self,
+        after: Option<(u64, u32)>,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StateError> {
         let mut stmt = self
             .conn
             .prepare_cached(host_sql!(
                 "SELECT slot, id, stream, key, payload, headers, timestamp_ms
-                 FROM _rewind_outbox ORDER BY slot LIMIT ?1"
+                 FROM _rewind_outbox WHERE slot > ?1 ORDER BY slot LIMIT ?2"
             ))
             .map_err(|e| self.err(e))?;
+        let after = after.map_or(-1, |(seq, n)| outbox_slot(seq, n));
         let rows = stmt
-            .query_map([limit as i64], |r| {
+            .query_map([after, limit as i64], |r| {
                 let slot = r.get::<_, i64>(0)? as u64;
                 let headers: String = r.get(5)?;
                 Ok(OutboxRow {
