@@ -113,6 +113,22 @@ pub fn rows(db: &Path, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
         .unwrap()
 }
 
+/// A SQLite text value (any other type fails the test).
+pub fn text(v: &rusqlite::types::Value) -> String {
+    match v {
+        rusqlite::types::Value::Text(s) => s.clone(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// A SQLite integer value (any other type fails the test).
+pub fn int(v: &rusqlite::types::Value) -> i64 {
+    match v {
+        rusqlite::types::Value::Integer(i) => *i,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
 /// A small deterministic generator for test streams.
 pub struct XorShift(pub u64);
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use rewind_tests::{
-    Broker, XorShift, cache_dir, dump_hash, kafka_client, processor, rewind_bin, rows,
+    Broker, XorShift, cache_dir, dump_hash, int, kafka_client, processor, rewind_bin, rows, text,
 };
 use rusqlite::types::Value;
 use serde_json::{Value as Json, json};
@@ -88,20 +88,6 @@ fn generate(events: usize, seed: u64) -> (String, Model) {
     (lines, model)
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
-
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::Integer(i) => *i,
-        other => panic!("expected an integer, got {other:?}"),
-    }
-}
-
 /// Every partition DB's rows, merged: payments and totals.
 #[allow(clippy::type_complexity)]
 fn state(
@@ -134,6 +120,21 @@ fn state(
     (payments, totals)
 }
 
+/// Creates the orders and payments topics and has the independent client
+/// produce `events` generated orders; returns the model of what they make.
+fn produce_orders(broker: &Broker, dir: &Path, events: usize, seed: u64) -> Model {
+    broker.create_topic("orders", PARTITIONS as u32);
+    broker.create_topic("payments", PARTITIONS as u32);
+    let (lines, model) = generate(events, seed);
+    let input = dir.join("input.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    assert_eq!(
+        kafka_client("produce", broker, "orders", &input),
+        events as u64
+    );
+    model
+}
+
 fn header<'a>(record: &'a Json, name: &str) -> Option<&'a str> {
     record["headers"]
         .as_array()?
@@ -155,14 +156,9 @@ fn read_back(broker: &Broker, topic: &str, dir: &Path) -> Vec<Json> {
 #[test]
 fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dead_letters() {
     let broker = Broker::start();
-    broker.create_topic("orders", PARTITIONS as u32);
-    broker.create_topic("payments", PARTITIONS as u32);
     broker.create_topic("orders.dlq", 1);
     let dir = tempfile::tempdir().unwrap();
-    let (lines, model) = generate(100_000, 0x6b61_666b);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(&input, lines).unwrap();
-    assert_eq!(kafka_client("produce", &broker, "orders", &input), 100_000);
+    let model = produce_orders(&broker, dir.path(), 100_000, 0x6b61_666b);
 
     let (state_dir, tapes) = (dir.path().join("state"), dir.path().join("tapes"));
     let out = Command::new(rewind_bin())
@@ -357,13 +353,8 @@ fn run_within(command: &mut Command, limit: std::time::Duration) {
 #[test]
 fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
     let broker = Broker::start();
-    broker.create_topic("orders", PARTITIONS as u32);
-    broker.create_topic("payments", PARTITIONS as u32);
     let dir = tempfile::tempdir().unwrap();
-    let (lines, model) = generate(40_000, 0x6b69_6c6c);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(&input, lines).unwrap();
-    kafka_client("produce", &broker, "orders", &input);
+    let model = produce_orders(&broker, dir.path(), 40_000, 0x6b69_6c6c);
 
     let whole = dir.path().join("whole");
     let limit = std::time::Duration::from_secs(180);
@@ -476,13 +467,8 @@ fn interrupt(child: &mut std::process::Child) -> std::process::ExitStatus {
 #[test]
 fn a_second_process_joins_and_leaves_mid_stream_and_the_state_equals_one_process() {
     let broker = Broker::start();
-    broker.create_topic("orders", PARTITIONS as u32);
-    broker.create_topic("payments", PARTITIONS as u32);
     let dir = tempfile::tempdir().unwrap();
-    let (lines, model) = generate(100_000, 0x7265_6261);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(&input, lines).unwrap();
-    kafka_client("produce", &broker, "orders", &input);
+    let model = produce_orders(&broker, dir.path(), 100_000, 0x7265_6261);
 
     let limit = std::time::Duration::from_secs(180);
     let whole = dir.path().join("whole");
@@ -563,12 +549,7 @@ fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
     let storage = dir.path().join("broker");
     std::fs::create_dir(&storage).unwrap();
     let mut broker = Broker::start_durable(&storage);
-    broker.create_topic("orders", PARTITIONS as u32);
-    broker.create_topic("payments", PARTITIONS as u32);
-    let (lines, model) = generate(10_000, 0x6272_6b72);
-    let input = dir.path().join("input.jsonl");
-    std::fs::write(&input, lines).unwrap();
-    kafka_client("produce", &broker, "orders", &input);
+    let model = produce_orders(&broker, dir.path(), 10_000, 0x6272_6b72);
 
     let state_dir = dir.path().join("state");
     let mut run = kafka_run(&broker, "outage", &state_dir)

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rewind_tests::{XorShift, config, envelope, processor, rows};
+use rewind_tests::{XorShift, config, envelope, int, processor, rows, text};
 use rusqlite::types::Value;
 
 const BASE_TS: i64 = 1_700_000_000_000;
@@ -159,20 +159,6 @@ fn model(lines: &[(i64, i64, Line)], idempotent: bool) -> Model {
         }
     }
     m
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
-
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::Integer(i) => *i,
-        other => panic!("expected integer, got {other:?}"),
-    }
 }
 
 fn check(db: &Path, expected: &Model) {

@@ -8,7 +8,7 @@ use std::process::Command;
 use proptest::prelude::*;
 use rewind_host::diff::{Ignore, RowChange, diff_states};
 use rewind_host::replay::{ReplayConfig, replay};
-use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin};
+use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin, text};
 use rusqlite::types::Value;
 
 const TS: i64 = 1_700_000_000_000;
@@ -142,13 +142,6 @@ fn model(evs: &[Ev], v1: bool) -> Model {
         }
     }
     m
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Text(s) => s.clone(),
-        other => panic!("not text: {other:?}"),
-    }
 }
 
 fn record_tape(dir: &Path, bytes: &[u8]) -> std::path::PathBuf {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -31,21 +31,12 @@ pub fn run(bin: &Path, processor: &Path, input: &Path, dir: &Path, events: usize
         .local_addr()?
         .port();
     let url = format!("tcp://127.0.0.1:{port}");
-    let _broker = Broker(
-        Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start tansu")?,
-    );
+    let _broker = Broker(crate::broker::spawn(
+        &tansu,
+        port,
+        Stdio::null(),
+        Stdio::null(),
+    )?);
     crate::broker::wait_for_port(port, Duration::from_secs(30))?;
     for topic in ["orders", "payments"] {
         let status = Command::new(&tansu)

@@ -6,8 +6,8 @@
 //! broker keeps its pid, port and log under `target/broker/`.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -162,17 +162,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
-fn start(port: u16) -> Result<()> {
-    if let Some((pid, port)) = running() {
-        println!("broker already running: pid {pid}, 127.0.0.1:{port}");
-        return Ok(());
-    }
-    let tansu = tansu()?;
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir)?;
-    let log = std::fs::File::create(dir.join("log"))?;
+/// Starts tansu on `port` of the loopback interface, keeping its log in memory.
+pub fn spawn(tansu: &Path, port: u16, stdout: Stdio, stderr: Stdio) -> Result<Child> {
     let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(&tansu)
+    Command::new(tansu)
         .args([
             "broker",
             "--listener-url",
@@ -182,10 +175,27 @@ fn start(port: u16) -> Result<()> {
         ])
         .args(["--storage-engine", "memory://tansu/"])
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
-        .with_context(|| format!("cannot start {}", tansu.display()))?;
+        .with_context(|| format!("cannot start {}", tansu.display()))
+}
+
+fn start(port: u16) -> Result<()> {
+    if let Some((pid, port)) = running() {
+        println!("broker already running: pid {pid}, 127.0.0.1:{port}");
+        return Ok(());
+    }
+    let tansu = tansu()?;
+    let dir = state_dir();
+    std::fs::create_dir_all(&dir)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    let child = spawn(
+        &tansu,
+        port,
+        Stdio::from(log.try_clone()?),
+        Stdio::from(log),
+    )?;
     std::fs::write(dir.join("pid"), child.id().to_string())?;
     std::fs::write(dir.join("port"), port.to_string())?;
     wait_for_port(port, Duration::from_secs(30)).with_context(|| {
