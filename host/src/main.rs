@@ -142,8 +142,10 @@ struct ProduceArgs {
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// The tape to replay.
-    #[arg(long, value_name = "TAPE")]
+    /// The tape to replay, or a Kafka run's tape directory (each
+    /// partition-N.tape in turn, one combined report; its seqs are numbered
+    /// tape after tape, positions stay exact).
+    #[arg(long, value_name = "TAPE|DIR")]
     tape: PathBuf,
     /// The old processor version.
     #[arg(long, value_name = "WASM")]
@@ -153,8 +155,8 @@ struct ReplayArgs {
     new: PathBuf,
     /// Start both versions from a copy of this snapshot (see `rewind
     /// snapshot`) instead of an empty state; tape records it already
-    /// consumed are skipped.
-    #[arg(long, value_name = "SNAPSHOT")]
+    /// consumed are skipped. With a tape directory, a state directory.
+    #[arg(long, value_name = "SNAPSHOT|DIR")]
     from: Option<PathBuf>,
     /// Stop after the event with this seq.
     #[arg(long, value_name = "SEQ")]

@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use rusqlite::types::Value;
 
 use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
-use crate::event::Output;
+use crate::event::{Output, Position};
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary};
 use crate::runtime::RuntimeConfig;
 use crate::state::Change;
@@ -111,6 +111,8 @@ pub struct Replay {
     /// Per table, per key (the diff's key values): the seqs of the events
     /// the versions wrote that row differently in, in order.
     pub causes: HashMap<RowKey, Vec<u64>>,
+    /// The positions (stream, partition, offset) of the causing events.
+    pub cause_positions: HashMap<u64, Position>,
     pub outputs: Vec<OutputDiff>,
     pub dead_only_old: Vec<DeadDiff>,
     pub dead_only_new: Vec<DeadDiff>,
@@ -122,6 +124,48 @@ impl Replay {
     /// Whether the versions differ in anything the report covers.
     pub fn differs(&self) -> bool {
         self.diverged_events > 0 || !self.state.is_empty()
+    }
+
+    /// Adds the replay of another tape (another partition of the same
+    /// input) to this one. Its seqs are renumbered after this one's, so a
+    /// combined report numbers events tape by tape, in the order merged;
+    /// `caused_by_positions` in the report stay unambiguous.
+    pub fn merge(&mut self, other: Replay) {
+        let shift = self.events;
+        self.events += other.events;
+        self.diverged_events += other.diverged_events;
+        if self.first_divergence.is_none() {
+            self.first_divergence = other.first_divergence.map(|mut d| {
+                d.event.seq += shift;
+                d
+            });
+        }
+        self.state.merge(other.state);
+        for (key, seqs) in other.causes {
+            self.causes
+                .entry(key)
+                .or_default()
+                .extend(seqs.into_iter().map(|s| s + shift));
+        }
+        self.cause_positions.extend(
+            other
+                .cause_positions
+                .into_iter()
+                .map(|(s, p)| (s + shift, p)),
+        );
+        self.outputs.extend(other.outputs.into_iter().map(|mut o| {
+            o.seq += shift;
+            o
+        }));
+        for (into, from) in [
+            (&mut self.dead_only_old, other.dead_only_old),
+            (&mut self.dead_only_new, other.dead_only_new),
+        ] {
+            into.extend(from.into_iter().map(|mut d| {
+                d.seq += shift;
+                d
+            }));
+        }
     }
 
     /// The events that caused a differing row.
@@ -257,6 +301,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             first_divergence: compared.first,
             state,
             causes: compared.causes,
+            cause_positions: compared.positions,
             outputs: compared.outputs,
             dead_only_old: compared.dead_only_old,
             dead_only_new: compared.dead_only_new,
@@ -272,6 +317,7 @@ struct Compared {
     diverged: u64,
     first: Option<Divergence>,
     causes: HashMap<RowKey, Vec<u64>>,
+    positions: HashMap<u64, Position>,
     outputs: Vec<OutputDiff>,
     dead_only_old: Vec<DeadDiff>,
     dead_only_new: Vec<DeadDiff>,
@@ -360,6 +406,9 @@ fn compare_event(
             if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 rows_differ = true;
                 push_cause(&mut out.causes, key.clone(), seq);
+                out.positions
+                    .entry(seq)
+                    .or_insert_with(|| a.event.position.clone());
             }
         }
     }

@@ -1,6 +1,6 @@
 """An independent Kafka client for rewind's tests (confluent-kafka, librdkafka 2.16).
 
-    kafka_client.py produce BROKERS TOPIC FILE   # FILE: JSON lines {"key", "payload", "partition"?, "headers"?}
+    kafka_client.py produce BROKERS TOPIC FILE   # FILE: JSON lines {"key", "payload", "partition"?, "timestamp"?, "headers"?}
     kafka_client.py consume BROKERS TOPIC FILE   # writes every record of TOPIC as JSON lines, then exits
 
 Strings travel as UTF-8; "payload_hex"/"key_hex" carry bytes that are not.
@@ -40,6 +40,8 @@ def produce(brokers, topic, path):
                 kwargs["value"] = record["payload"].encode()
             if record.get("partition") is not None:
                 kwargs["partition"] = record["partition"]
+            if record.get("timestamp") is not None:
+                kwargs["timestamp"] = record["timestamp"]
             if record.get("headers"):
                 kwargs["headers"] = [(k, v.encode() if v is not None else None) for k, v in record["headers"]]
             while True:

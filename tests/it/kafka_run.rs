@@ -13,6 +13,8 @@ use rusqlite::types::Value;
 use serde_json::{Value as Json, json};
 
 const PARTITIONS: i32 = 3;
+/// The producer's timestamp of the first event (the next ones a ms apart).
+const BASE_TS: i64 = 1_700_000_000_000;
 
 /// What the model expects of a payments v2 run.
 #[derive(Default)]
@@ -80,7 +82,9 @@ fn generate(events: usize, seed: u64) -> (String, Model) {
             payload
         };
         lines.push_str(
-            &json!({"key": customer, "payload": payload, "partition": partition}).to_string(),
+            &json!({"key": customer, "payload": payload, "partition": partition,
+                "timestamp": BASE_TS + i as i64})
+            .to_string(),
         );
         lines.push('\n');
     }
@@ -613,4 +617,132 @@ fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
         .map(|r| header(r, "rewind-id").unwrap().to_owned())
         .collect();
     assert!(ids == model.outputs, "an output is missing or unexpected");
+}
+
+/// The parts of a replay report that do not depend on how events were
+/// numbered: summary counts, every differing row with the positions of the
+/// events that caused it, output and dead-letter differences.
+fn comparable(report: &Json) -> Json {
+    let mut tables: Vec<Json> = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let mut rows: Vec<Json> = t["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let mut positions = r["caused_by_positions"].as_array().unwrap().clone();
+                    positions.sort_by_key(|p| (p["partition"].as_i64(), p["offset"].as_i64()));
+                    json!([r["key"], r["change"], r["columns"], positions])
+                })
+                .collect();
+            rows.sort_by_key(|r| r.to_string());
+            json!([t["name"], t["added"], t["removed"], t["changed"], rows])
+        })
+        .collect();
+    tables.sort_by_key(|t| t.to_string());
+    let dead = |side: &str| {
+        let mut d: Vec<Json> = report["dead_letters"][side]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| json!([d["partition"], d["offset"], d["class"]]))
+            .collect();
+        d.sort_by_key(|d| d.to_string());
+        d
+    };
+    json!({
+        "events": report["summary"]["events"],
+        "diverged_events": report["summary"]["diverged_events"],
+        "tables": tables,
+        "outputs": report["outputs"]["diverged_events"],
+        "dead_only_old": dead("only_old"),
+        "dead_only_new": dead("only_new"),
+    })
+}
+
+fn replay_report(tape: &Path, json_out: &Path) -> Json {
+    let out = Command::new(rewind_bin())
+        .args(["replay", "--quiet", "--tape"])
+        .arg(tape)
+        .arg("--old")
+        .arg(processor("payments-v1"))
+        .arg("--new")
+        .arg(processor("payments-v2"))
+        .arg("--json")
+        .arg(json_out)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "v1 and v2 differ on re-deliveries: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json_out).unwrap()).unwrap()
+}
+
+#[test]
+fn tapes_recorded_from_kafka_replay_to_the_report_of_the_same_events_from_a_file() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    produce_orders(&broker, dir.path(), 20_000, 0x7461_7065);
+    let tapes = dir.path().join("tapes");
+    let limit = std::time::Duration::from_secs(180);
+    run_within(
+        kafka_run(&broker, "live", &dir.path().join("state"))
+            .arg("--tape")
+            .arg(&tapes)
+            .arg("--exit-at-end"),
+        limit,
+    );
+
+    // The same events as a kcat -J dump, partition after partition.
+    let mut next = [0i64; PARTITIONS as usize];
+    let mut dump: Vec<(i64, i64, String)> = Vec::new();
+    for line in std::fs::read_to_string(dir.path().join("input.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let r: Json = serde_json::from_str(line).unwrap();
+        let p = r["partition"].as_i64().unwrap();
+        let offset = next[p as usize];
+        next[p as usize] += 1;
+        let envelope = json!({"topic": "orders", "partition": p, "offset": offset,
+            "tstype": "create", "ts": r["timestamp"], "broker": 0,
+            "key": r["key"], "payload": r["payload"]});
+        dump.push((p, offset, envelope.to_string()));
+    }
+    dump.sort();
+    let dump_file = dir.path().join("dump.jsonl");
+    let text: String = dump.into_iter().map(|(_, _, l)| l + "\n").collect();
+    std::fs::write(&dump_file, text).unwrap();
+    let file_tape = dir.path().join("file.tape");
+    let status = Command::new(rewind_bin())
+        .args(["tape", "import"])
+        .arg(&dump_file)
+        .arg("--out")
+        .arg(&file_tape)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let from_kafka = replay_report(&tapes, &dir.path().join("kafka.json"));
+    let from_file = replay_report(&file_tape, &dir.path().join("file.json"));
+    let (a, b) = (comparable(&from_kafka), comparable(&from_file));
+    assert!(a["diverged_events"].as_u64() > Some(0));
+    assert_eq!(a["events"], 20_000);
+    let caused = from_kafka["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["rows"].as_array().unwrap())
+        .filter(|r| !r["caused_by_positions"].as_array().unwrap().is_empty())
+        .count();
+    assert!(caused > 0, "no row names the events that caused it");
+    assert!(a == b, "the reports differ:\nkafka {a:#}\nfile {b:#}");
 }

@@ -91,7 +91,11 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         )
         .expect("the template is valid"),
     );
-    let replayed = rewind_host::replay::replay(&config, &Counter(bar.clone()));
+    let replayed = if args.tape.is_dir() {
+        replay_dir(&config, &Counter(bar.clone()))
+    } else {
+        rewind_host::replay::replay(&config, &Counter(bar.clone())).map_err(anyhow::Error::from)
+    };
     bar.finish_and_clear();
     if args.keep.is_none() {
         let _ = std::fs::remove_dir_all(&work_dir);
@@ -123,6 +127,38 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         args.accept,
         args.quiet,
     )
+}
+
+/// A Kafka run's tape directory: each `partition-N.tape` replayed on its own
+/// (from `--from DIR/partition-N.db` when `--from` is a state directory),
+/// one combined result.
+fn replay_dir(
+    config: &rewind_host::replay::ReplayConfig,
+    progress: &dyn rewind_host::replay::ReplayProgress,
+) -> anyhow::Result<rewind_host::replay::Replay> {
+    let tapes = rewind_host::kafka::tapes(&config.tape)
+        .with_context(|| format!("reading {}", config.tape.display()))?;
+    if tapes.is_empty() {
+        anyhow::bail!("{} holds no partition-N.tape tapes", config.tape.display());
+    }
+    let mut combined: Option<rewind_host::replay::Replay> = None;
+    for (partition, tape) in tapes {
+        let mut one = config.clone();
+        one.tape = tape;
+        one.work_dir = config.work_dir.join(format!("partition-{partition}"));
+        one.from = match &config.from {
+            Some(dir) if dir.is_dir() => {
+                Some(rewind_host::kafka::state_path(dir, partition)).filter(|p| p.exists())
+            }
+            other => other.clone(),
+        };
+        let replayed = rewind_host::replay::replay(&one, progress)?;
+        match combined.as_mut() {
+            Some(all) => all.merge(replayed),
+            None => combined = Some(replayed),
+        }
+    }
+    Ok(combined.expect("at least one tape"))
 }
 
 /// The approved-baseline gate: exit 0 when there is no difference, or it

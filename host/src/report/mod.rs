@@ -170,6 +170,24 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
 
 /// The replay report (the JSON contract).
 pub fn replay_json(r: &Replay, old_path: &str, new_path: &str, rows: Rows) -> Json {
+    let mut tables = tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec(), rows);
+    // Where each causing event sits in its source, next to its seq.
+    for row in tables
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["rows"].as_array_mut())
+        .flatten()
+    {
+        let positions: Vec<Json> = row["caused_by"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|seq| r.cause_positions.get(&seq.as_u64()?))
+            .map(|p| json!({"stream": p.stream, "partition": p.partition, "offset": p.offset}))
+            .collect();
+        row["caused_by_positions"] = Json::Array(positions);
+    }
     json!({
         "old": { "path": old_path, "module_digest": r.old_digest },
         "new": { "path": new_path, "module_digest": r.new_digest },
@@ -179,7 +197,7 @@ pub fn replay_json(r: &Replay, old_path: &str, new_path: &str, rows: Rows) -> Js
             "first_divergence": r.first_divergence.as_ref().map(divergence),
         },
         "schema": r.state.schema,
-        "tables": tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec(), rows),
+        "tables": tables,
         "outputs": {
             "diverged_events": r.outputs.len(),
             "events": r.outputs.iter().map(|o| json!({
