@@ -1,7 +1,10 @@
 //! Reports of replays and diffs: the JSON contract other tools read, a
 //! terminal summary, and the approved-baseline gate.
 //!
-//! JSON values are numbers, strings, null, or `{"blob_hex": "..."}`.
+//! JSON values are numbers, strings, null, or `{"blob_hex": "..."}`. Each
+//! differing row of a replay lists its causes as `caused_by` (seqs) and
+//! `caused_by_positions` (`{"stream", "partition", "offset"}`, exact even in
+//! a report combining several tapes).
 
 mod render;
 
