@@ -309,6 +309,13 @@ fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dea
 
 /// `rewind run` over Kafka into `state_dir` as group `group`.
 fn kafka_run(broker: &Broker, group: &str, state_dir: &Path) -> Command {
+    let mut command = kafka_run_verbose(broker, group, state_dir);
+    command.arg("--quiet");
+    command
+}
+
+/// As [`kafka_run`], saying what it does (assignments, closes) on stderr.
+fn kafka_run_verbose(broker: &Broker, group: &str, state_dir: &Path) -> Command {
     let mut command = Command::new(rewind_bin());
     command
         .arg("run")
@@ -324,7 +331,7 @@ fn kafka_run(broker: &Broker, group: &str, state_dir: &Path) -> Command {
         ])
         .arg("--state-dir")
         .arg(state_dir)
-        .args(["--output-topic", "payments", "--quiet"])
+        .args(["--output-topic", "payments"])
         // A killed member leaves the group when its session times out.
         .args([
             "-X",
@@ -483,12 +490,12 @@ fn a_second_process_joins_and_leaves_mid_stream_and_the_state_equals_one_process
 
     // Two processes of one group share one state directory.
     let shared = dir.path().join("shared");
-    let mut first = kafka_run(&broker, "shared", &shared)
+    let mut first = kafka_run_verbose(&broker, "shared", &shared)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let mut second = kafka_run(&broker, "shared", &shared)
+    let mut second = kafka_run_verbose(&broker, "shared", &shared)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -163,6 +163,7 @@ fn run_kafka(
         dlq_topic: args.dlq_topic,
         settings: crate::cli::kafka::settings(&args.kafka_settings)?,
         exit_at_end: args.exit_at_end,
+        quiet: args.quiet,
         run,
     };
     if !args.quiet {

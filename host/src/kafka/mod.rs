@@ -56,6 +56,8 @@ pub struct KafkaConfig {
     pub settings: Vec<(String, String)>,
     /// Stop once every assigned partition has been consumed to its end.
     pub exit_at_end: bool,
+    /// Say nothing but warnings and errors (no assignments, no closes).
+    pub quiet: bool,
     /// The template of every partition's run: processor, batching, runtime,
     /// error policy, dedup. Its `input`, `state`, `tape` and `output` are
     /// set per partition.

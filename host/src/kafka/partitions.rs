@@ -154,15 +154,17 @@ impl Shared {
                 Some(&next) => Offset::Offset(next),
                 None => Offset::Beginning,
             };
-            eprintln!(
-                "{}/{}: assigned; consuming from {}",
-                key.0,
-                key.1,
-                match offset {
-                    Offset::Offset(next) => format!("offset {next} (stored in the state)"),
-                    _ => "the beginning (no state yet)".to_owned(),
-                }
-            );
+            if !self.config.quiet {
+                eprintln!(
+                    "{}/{}: assigned; consuming from {}",
+                    key.0,
+                    key.1,
+                    match offset {
+                        Offset::Offset(next) => format!("offset {next} (stored in the state)"),
+                        _ => "the beginning (no state yet)".to_owned(),
+                    }
+                );
+            }
             if let Some(&next) = starts.get(&key) {
                 positions.insert(key.clone(), next);
             } else {
@@ -236,10 +238,12 @@ impl Shared {
         let state = state_path(&self.config.state_dir, partition);
         match worker.thread.join() {
             Ok(Ok(summary)) => {
-                eprintln!(
-                    "partition {partition}: closed after {} events, committed",
-                    summary.consumed
-                );
+                if !self.config.quiet {
+                    eprintln!(
+                        "partition {partition}: closed after {} events, committed",
+                        summary.consumed
+                    );
+                }
                 lock(&self.finished).push((partition, summary));
             }
             Ok(Err(source)) => self.fail(KafkaRunError::Partition {
