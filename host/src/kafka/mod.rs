@@ -196,7 +196,16 @@ pub fn run(config: &KafkaConfig, stop: &AtomicBool) -> Result<KafkaSummary, Kafk
             shared.close_all();
             return Err(error);
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        // Records are handed to the workers in chunks; when the consumer
+        // has nothing more at once, the partial chunks go too.
+        let polled = match consumer.poll(Duration::ZERO) {
+            None => {
+                shared.flush();
+                consumer.poll(Duration::from_millis(100))
+            }
+            some => some,
+        };
+        match polled {
             Some(Ok(message)) => {
                 let record = partitions::to_record(&message);
                 shared.dispatch(record);
@@ -224,6 +233,7 @@ pub fn run(config: &KafkaConfig, stop: &AtomicBool) -> Result<KafkaSummary, Kafk
             last_group_commit = Instant::now();
         }
     };
+    shared.flush();
     shared.close_all();
     commit_to_group(&consumer, &shared);
     consumer.unsubscribe();

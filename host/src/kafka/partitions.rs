@@ -21,8 +21,12 @@ use crate::runtime::{Module, Runtime};
 use crate::source::{InputError, Polled, Record, Source};
 use crate::state::{Offsets, StateDb};
 
-/// Records queued per partition before the consumer waits for its worker.
-const QUEUE: usize = 4096;
+/// Chunks of records queued per partition before the consumer waits for
+/// its worker.
+const QUEUE: usize = 16;
+
+/// Records handed to a worker at once: one wake-up per chunk, not per record.
+const CHUNK: usize = 256;
 
 /// How long a newly assigned partition waits for its previous owner (another
 /// process sharing the state directory) to let go of its state DB.
@@ -31,7 +35,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// A partition's run on its own thread.
 struct Worker {
     /// Dropping it ends the run's input: the run commits and returns.
-    queue: SyncSender<Record>,
+    queue: SyncSender<Vec<Record>>,
     thread: JoinHandle<Result<RunSummary, RunError>>,
 }
 
@@ -41,6 +45,8 @@ pub(super) struct Shared {
     runtime: Arc<Runtime>,
     module: Arc<Module>,
     workers: Mutex<BTreeMap<i32, Worker>>,
+    /// Records consumed and not yet handed to their worker, by partition.
+    pending: Mutex<BTreeMap<i32, Vec<Record>>>,
     /// Next offset per (topic, partition): where consumption stands, for
     /// `exit_at_end`.
     positions: Mutex<BTreeMap<(String, i32), i64>>,
@@ -61,6 +67,7 @@ impl Shared {
             runtime: Arc::new(runtime),
             module: Arc::new(module),
             workers: Mutex::default(),
+            pending: Mutex::default(),
             positions: Mutex::default(),
             committed: Arc::default(),
             finished: Mutex::default(),
@@ -88,9 +95,31 @@ impl Shared {
             );
         }
         let partition = position.partition;
+        let mut pending = lock(&self.pending);
+        let chunk = pending.entry(partition).or_default();
+        chunk.push(record);
+        if chunk.len() >= CHUNK {
+            let chunk = std::mem::take(chunk);
+            drop(pending);
+            self.send(partition, chunk);
+        }
+    }
+
+    /// Hands every partition's buffered records to its worker. Called when
+    /// the consumer has nothing more at once, and before partitions close.
+    pub(super) fn flush(&self) {
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        for (partition, chunk) in pending {
+            if !chunk.is_empty() {
+                self.send(partition, chunk);
+            }
+        }
+    }
+
+    fn send(&self, partition: i32, chunk: Vec<Record>) {
         let workers = lock(&self.workers);
         let sent = match workers.get(&partition) {
-            Some(worker) => worker.queue.send(record).is_ok(),
+            Some(worker) => worker.queue.send(chunk).is_ok(),
             None => false,
         };
         drop(workers);
@@ -214,7 +243,10 @@ impl Shared {
             .spawn(move || {
                 // Held until the run has committed and closed its state DB.
                 let _lock = lock_file;
-                let mut source = ChannelSource(received);
+                let mut source = ChannelSource {
+                    chunks: received,
+                    chunk: Vec::new().into_iter(),
+                };
                 run_source(
                     &run,
                     &runtime,
@@ -231,6 +263,10 @@ impl Shared {
     /// Ends partition `partition`'s run: it processes what is queued,
     /// commits and closes its state DB.
     fn close(&self, partition: i32) {
+        let chunk = lock(&self.pending).remove(&partition);
+        if let Some(chunk) = chunk.filter(|c| !c.is_empty()) {
+            self.send(partition, chunk);
+        }
         let Some(worker) = lock(&self.workers).remove(&partition) else {
             return;
         };
@@ -324,19 +360,35 @@ impl Progress for WorkerProgress {
     }
 }
 
-/// A partition's records, as the consumer thread routes them.
-struct ChannelSource(Receiver<Record>);
+/// A partition's records, as the consumer thread routes them (in chunks).
+struct ChannelSource {
+    chunks: Receiver<Vec<Record>>,
+    chunk: std::vec::IntoIter<Record>,
+}
 
 impl Source for ChannelSource {
     fn next_record(&mut self) -> Result<Option<Record>, InputError> {
-        Ok(self.0.recv().ok())
+        loop {
+            if let Some(record) = self.chunk.next() {
+                return Ok(Some(record));
+            }
+            match self.chunks.recv() {
+                Ok(chunk) => self.chunk = chunk.into_iter(),
+                Err(_) => return Ok(None),
+            }
+        }
     }
     fn poll(&mut self, wait: Duration) -> Result<Polled, InputError> {
-        Ok(match self.0.recv_timeout(wait) {
-            Ok(record) => Polled::Record(record),
-            Err(RecvTimeoutError::Timeout) => Polled::Idle,
-            Err(RecvTimeoutError::Disconnected) => Polled::End,
-        })
+        loop {
+            if let Some(record) = self.chunk.next() {
+                return Ok(Polled::Record(record));
+            }
+            match self.chunks.recv_timeout(wait) {
+                Ok(chunk) => self.chunk = chunk.into_iter(),
+                Err(RecvTimeoutError::Timeout) => return Ok(Polled::Idle),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Polled::End),
+            }
+        }
     }
     fn size(&self) -> Option<u64> {
         None
