@@ -342,11 +342,7 @@ pub fn summary_text(report: &Json, color: bool) -> String {
                 row["change"].as_str().unwrap_or(""),
                 row["key"],
                 cols.join(", "),
-                row["caused_by"]
-                    .as_array()
-                    .filter(|c| !c.is_empty())
-                    .map(|c| format!("  caused by seq {}", list(c)))
-                    .unwrap_or_default()
+                caused_by(row)
             );
         }
         let total = ["added", "removed", "changed"]
@@ -371,6 +367,31 @@ pub fn summary_text(report: &Json, color: bool) -> String {
     out
 }
 
+/// "caused by seq 7 (orders/0@6)" for a row of a replay report.
+fn caused_by(row: &Json) -> String {
+    let Some(seqs) = row["caused_by"].as_array().filter(|c| !c.is_empty()) else {
+        return String::new();
+    };
+    let positions: Vec<String> = row["caused_by_positions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            format!(
+                "{}/{}@{}",
+                p["stream"].as_str().unwrap_or(""),
+                p["partition"],
+                p["offset"]
+            )
+        })
+        .collect();
+    if positions.len() == seqs.len() {
+        format!("  caused by seq {} ({})", list(seqs), positions.join(", "))
+    } else {
+        format!("  caused by seq {}", list(seqs))
+    }
+}
+
 fn list(items: &[Json]) -> String {
     items
         .iter()
@@ -380,4 +401,27 @@ fn list(items: &[Json]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_names_its_causes_by_seq_and_position() {
+        let row = json!({
+            "caused_by": [7, 9],
+            "caused_by_positions": [
+                {"stream": "orders", "partition": 0, "offset": 6},
+                {"stream": "orders", "partition": 2, "offset": 40},
+            ],
+        });
+        assert_eq!(
+            caused_by(&row),
+            "  caused by seq 7, 9 (orders/0@6, orders/2@40)"
+        );
+        // A report without positions (older, or rows beyond the kept causes).
+        assert_eq!(caused_by(&json!({"caused_by": [3]})), "  caused by seq 3");
+        assert_eq!(caused_by(&json!({"caused_by": []})), "");
+    }
 }
