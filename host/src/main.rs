@@ -263,14 +263,24 @@ struct RunArgs {
     #[arg(long, value_name = "HOSTS", help_heading = "Kafka", requires_all = ["topic", "group", "state_dir"])]
     brokers: Option<String>,
     /// Input topic (repeat for several; they must be co-partitioned).
-    #[arg(long, value_name = "TOPIC", help_heading = "Kafka")]
+    #[arg(
+        long,
+        value_name = "TOPIC",
+        help_heading = "Kafka",
+        requires = "brokers"
+    )]
     topic: Vec<String>,
     /// Consumer group.
-    #[arg(long, value_name = "GROUP", help_heading = "Kafka")]
+    #[arg(
+        long,
+        value_name = "GROUP",
+        help_heading = "Kafka",
+        requires = "brokers"
+    )]
     group: Option<String>,
     /// One state DB per input partition: DIR/partition-N.db. Processes of
     /// one group may share it on one machine.
-    #[arg(long, value_name = "DIR", help_heading = "Kafka")]
+    #[arg(long, value_name = "DIR", help_heading = "Kafka", requires = "brokers")]
     state_dir: Option<PathBuf>,
     /// Produce every output to this topic [default: the topic named by the
     /// output's stream].

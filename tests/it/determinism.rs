@@ -398,3 +398,36 @@ fn a_failing_event_is_undone_alone_and_logs_show_once() {
         rusqlite::types::Value::Integer(normal.len() as i64)
     );
 }
+
+/// A run that resumes mid-epoch (its input grew after it ended) gives the
+/// guest a fresh instance there; its tape records the break as a run frame,
+/// and a replay of the tape breaks at the same place, so `verify` agrees
+/// even for a guest that keeps state in memory.
+#[test]
+fn a_tape_replays_the_fresh_instance_of_a_run_resumed_mid_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |i: i64| envelope("acts", i, 0, "k", r#"{"do":"remember"}"#) + "\n";
+    let input = dir.path().join("acts.jsonl");
+    let (state, tape) = (dir.path().join("live.db"), dir.path().join("acts.tape"));
+    let mut cfg = config(&processor("hostile"), &input, &state);
+    cfg.tape = Some(tape.clone());
+    std::fs::write(&input, (0..10).map(line).collect::<String>()).unwrap();
+    rewind_host::run(&cfg, &()).unwrap();
+    std::fs::write(&input, (0..20).map(line).collect::<String>()).unwrap();
+    rewind_host::run(&cfg, &()).unwrap();
+
+    // Live: the second run started a fresh instance at offset 10.
+    let calls = rewind_tests::rows(&state, "SELECT value FROM observed WHERE offset = 10");
+    assert_eq!(calls, vec![vec![rusqlite::types::Value::Integer(1)]]);
+    let out = Command::new(rewind_bin())
+        .args(["verify", "--tape"])
+        .arg(&tape)
+        .arg("--processor")
+        .arg(processor("hostile"))
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("identical"), "{said}");
+}

@@ -165,31 +165,10 @@ fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dea
     let model = produce_orders(&broker, dir.path(), 100_000, 0x6b61_666b);
 
     let (state_dir, tapes) = (dir.path().join("state"), dir.path().join("tapes"));
-    let out = Command::new(rewind_bin())
-        .arg("run")
-        .arg("--processor")
-        .arg(processor("payments-v2"))
-        .args([
-            "--brokers",
-            &broker.address(),
-            "--topic",
-            "orders",
-            "--group",
-            "payments",
-        ])
-        .arg("--state-dir")
-        .arg(&state_dir)
+    let out = kafka_run_verbose(&broker, "payments", &state_dir)
         .arg("--tape")
         .arg(&tapes)
-        .args([
-            "--output-topic",
-            "payments",
-            "--dlq-topic",
-            "orders.dlq",
-            "--exit-at-end",
-        ])
-        .arg("--cache-dir")
-        .arg(cache_dir())
+        .args(["--dlq-topic", "orders.dlq", "--exit-at-end"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

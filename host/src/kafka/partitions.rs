@@ -179,26 +179,23 @@ impl Shared {
         let mut positions = lock(&self.positions);
         for (topic, partition) in assigned {
             let key = (topic, partition);
-            let offset = match starts.get(&key) {
-                Some(&next) => Offset::Offset(next),
-                None => Offset::Beginning,
-            };
+            let stored = starts.get(&key).copied();
+            let offset = stored.map_or(Offset::Beginning, Offset::Offset);
             if !self.config.quiet {
                 eprintln!(
                     "{}/{}: assigned; consuming from {}",
                     key.0,
                     key.1,
-                    match offset {
-                        Offset::Offset(next) => format!("offset {next} (stored in the state)"),
-                        _ => "the beginning (no state yet)".to_owned(),
+                    match stored {
+                        Some(next) => format!("offset {next} (stored in the state)"),
+                        None => "the beginning (no state yet)".to_owned(),
                     }
                 );
             }
-            if let Some(&next) = starts.get(&key) {
-                positions.insert(key.clone(), next);
-            } else {
-                positions.remove(&key);
-            }
+            match stored {
+                Some(next) => positions.insert(key.clone(), next),
+                None => positions.remove(&key),
+            };
             let _ = list.set_partition_offset(&key.0, key.1, offset);
         }
     }

@@ -100,14 +100,8 @@ impl Run<'_> {
                     match source.poll(wait)? {
                         Polled::Record(record) => record,
                         Polled::End => break,
+                        Polled::Idle if self.progress.should_stop() => return self.stop(batch),
                         Polled::Idle => {
-                            if self.progress.should_stop() {
-                                if let Some(open) = batch.take() {
-                                    self.commit_batch(open)?;
-                                }
-                                self.summary.interrupted = true;
-                                return Ok(());
-                            }
                             let due = batch
                                 .as_ref()
                                 .is_some_and(|b| b.started.elapsed() >= self.config.batch_time);
@@ -137,11 +131,7 @@ impl Run<'_> {
             }
             let boundary = self.next_seq.is_multiple_of(INSTANCE_EPOCH);
             if boundary && self.progress.should_stop() {
-                if let Some(open) = batch.take() {
-                    self.commit_batch(open)?;
-                }
-                self.summary.interrupted = true;
-                return Ok(());
+                return self.stop(batch);
             }
             let open = match batch.as_mut() {
                 Some(open) => {
@@ -450,6 +440,15 @@ impl Run<'_> {
         if self.config.dead_letter_outputs {
             self.db().insert_outbox(&dead_letter_output(&dead))?;
         }
+        Ok(())
+    }
+
+    /// Stops the run where it stands (asked to by the progress), committed.
+    fn stop(&mut self, batch: Option<Batch>) -> Result<(), RunError> {
+        if let Some(open) = batch {
+            self.commit_batch(open)?;
+        }
+        self.summary.interrupted = true;
         Ok(())
     }
 
