@@ -1,7 +1,7 @@
 //! Bad files: inputs and modules that must produce a clear error or dead
 //! letters, never a panic, a partial result or a stray state DB.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rewind_host::{LoadError, RunError, StateError};
 use rewind_tests::{XorShift, config, dump, processor, rows};
@@ -207,6 +207,27 @@ fn an_output_file_that_is_not_ours_is_left_alone() {
     let error = rewind_host::run(&cfg, &()).unwrap_err();
     assert!(error.to_string().contains("out.jsonl"), "{error}");
     assert_eq!(std::fs::read(&output).unwrap(), b"somebody else's data\n");
+}
+
+/// Exactly-once delivery needs a regular file: `/dev/null` or a directory is
+/// a clear error, not EINVAL from a sync.
+#[test]
+fn an_output_that_is_not_a_regular_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, ORDER).unwrap();
+    for output in [PathBuf::from("/dev/null"), dir.path().to_owned()] {
+        let mut cfg = config(&processor("payments-v2"), &input, &dir.path().join("s.db"));
+        cfg.output = Some(output.clone());
+        let error = rewind_host::run(&cfg, &()).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!(
+                "output {} is not a regular file",
+                output.display()
+            )),
+            "{error}"
+        );
+    }
 }
 
 /// Regression: a state DB that ran without `--output` and is then given an

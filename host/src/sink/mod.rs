@@ -34,6 +34,12 @@ pub enum SinkError {
          pass the --output it was run with, or start a new --state"
     )]
     Foreign { path: PathBuf, reason: String },
+    #[error(
+        "output {path} is not a regular file: delivering exactly once needs a file that \
+         can be synced and cut back after a crash; write to a file (and read it with \
+         `tail -f`), or leave out --output to keep outputs in the state DB's outbox"
+    )]
+    NotAFile { path: PathBuf },
 }
 
 /// An outbox row's place: its input's seq and its index among the outputs.
@@ -119,6 +125,11 @@ impl FileSink {
             reason,
         };
         let exists = path.exists();
+        if exists && !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            return Err(SinkError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
         if !exists && mark.bytes > 0 {
             return Err(foreign(format!(
                 "it is missing, but {} bytes were written to it",
