@@ -147,13 +147,6 @@ fn apply(
             amount_cents,
             currency,
         } => {
-            let seen = conn
-                .prepare_cached("SELECT 1 FROM payments WHERE order_id = ?1")?
-                .query_row([&order_id], |_| Ok(()))
-                .optional()?;
-            if seen.is_some() {
-                return Ok(Ok(()));
-            }
             let gateway_ref = format!("gw_{:016x}", splitmix(seq));
             let p = Payment {
                 order_id: &order_id,
@@ -164,18 +157,24 @@ fn apply(
                 gateway_ref: &gateway_ref,
                 updated_at_ms: 0,
             };
-            conn.prepare_cached(
-                "INSERT OR REPLACE INTO payments VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                p.order_id,
-                p.customer_id,
-                p.amount_cents,
-                p.currency,
-                p.status,
-                p.gateway_ref,
-                p.updated_at_ms
-            ])?;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO payments (order_id, customer_id, amount_cents, currency,
+                        status, gateway_ref, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (order_id) DO NOTHING",
+                )?
+                .execute(params![
+                    p.order_id,
+                    p.customer_id,
+                    p.amount_cents,
+                    p.currency,
+                    p.status,
+                    p.gateway_ref,
+                    p.updated_at_ms
+                ])?;
+            if inserted == 0 {
+                return Ok(Ok(()));
+            }
             conn.prepare_cached(
                 "INSERT INTO customer_totals VALUES (?1, ?2, 0, 1)
                  ON CONFLICT (customer_id) DO UPDATE SET

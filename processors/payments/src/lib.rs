@@ -73,12 +73,6 @@ impl Processor for Payments {
                 amount_cents,
                 currency,
             } => {
-                let seen =
-                    sql::query_row("SELECT 1 FROM payments WHERE order_id = ?1", &[&order_id])?;
-                if seen.is_some() && !cfg!(feature = "v1") {
-                    // A re-delivered order: already charged (or refunded), nothing to do.
-                    return Ok(());
-                }
                 let payment = Payment {
                     order_id,
                     customer_id,
@@ -88,9 +82,18 @@ impl Processor for Payments {
                     gateway_ref: format!("gw_{}", random_hex(8)),
                     updated_at_ms: now_ms(),
                 };
-                sql::execute(
+                // Version 1 overwrites the payment of a re-delivered order and
+                // charges again; version 2 keeps the first and stops.
+                let insert = if cfg!(feature = "v1") {
                     "INSERT OR REPLACE INTO payments (order_id, customer_id, amount_cents, currency,
-                        status, gateway_ref, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        status, gateway_ref, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                } else {
+                    "INSERT INTO payments (order_id, customer_id, amount_cents, currency,
+                        status, gateway_ref, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (order_id) DO NOTHING"
+                };
+                let inserted = sql::execute(
+                    insert,
                     &[
                         &payment.order_id,
                         &payment.customer_id,
@@ -101,6 +104,10 @@ impl Processor for Payments {
                         &payment.updated_at_ms,
                     ],
                 )?;
+                if inserted == 0 {
+                    // A re-delivered order: already charged (or refunded), nothing to do.
+                    return Ok(());
+                }
                 sql::execute(
                     "INSERT INTO customer_totals VALUES (?1, ?2, 0, 1)
                      ON CONFLICT (customer_id) DO UPDATE SET
