@@ -23,8 +23,8 @@ mod wit;
 
 pub use event::{Event, Header, Output, Position, Seed};
 pub use pipeline::{
-    DLQ_STREAM, ErrorPolicy, EventRecord, INSTANCE_EPOCH, Progress, RunConfig, RunError,
-    RunSummary, run,
+    DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DLQ_STREAM, ErrorPolicy, EventRecord, INSTANCE_EPOCH,
+    Progress, RunConfig, RunError, RunSummary, run,
 };
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,

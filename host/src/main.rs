@@ -11,7 +11,7 @@ mod cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use rewind_host::{DEFAULT_FUEL, DEFAULT_MEMORY_MB};
+use rewind_host::{DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DEFAULT_FUEL, DEFAULT_MEMORY_MB};
 
 /// Runs WebAssembly stream processors over their own SQLite state,
 /// deterministically: the same module, input and starting state always give
@@ -323,10 +323,10 @@ struct RunArgs {
     #[arg(long, conflicts_with = "brokers")]
     stream: Option<String>,
     /// Events per committed batch, rounded up to an instance epoch (64 events).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Commit a batch after this many milliseconds even if it is not full.
-    #[arg(long, default_value_t = 500, value_name = "MS")]
+    #[arg(long, default_value_t = DEFAULT_BATCH_MS, value_name = "MS")]
     batch_ms: u64,
     /// What to do when the processor fails on an event (invalid input is always dead-lettered).
     #[arg(long, value_enum, default_value_t = OnError::Dlq)]

@@ -246,6 +246,9 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         c.cache_mib = Some(8);
         // A snapshot was written by one of the versions; both continue it.
         c.allow_module_change = true;
+        // Outputs are compared as they happen; queuing them for a delivery
+        // that never comes would cost a write each.
+        c.queue_outputs = false;
         c
     };
     let (old_cfg, new_cfg) = (

@@ -321,6 +321,14 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
     );
     // Outputs differ exactly on the re-charges and the cancels only v1 accepted.
     assert!(r.outputs.iter().any(|o| o.seq == v1.recharged[0] as u64));
+    // The sides' scratch DBs compared the outputs without queuing them.
+    for db in [&r.old_db, &r.new_db] {
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let queued: i64 = conn
+            .query_row("SELECT count(*) FROM _rewind_outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(queued, 0, "{}", db.display());
+    }
 }
 
 fn cli(args: &[&str]) -> std::process::Output {

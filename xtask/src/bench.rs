@@ -30,17 +30,23 @@ pub fn run(args: &[String]) -> Result<()> {
         release.extend(args.iter().map(String::as_str));
         return cmd(&cargo(), &release);
     }
-    let (mut events, mut batch) = (1_000_000usize, 1000usize);
+    let (mut events, mut batch) = (1_000_000usize, None);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().and_then(|v| v.parse().ok());
         match (flag.as_str(), value) {
             ("--events", Some(n)) => events = n,
-            ("--batch-size", Some(n)) if n > 0 => batch = n,
+            ("--batch-size", Some(n)) if n > 0 => batch = Some(n),
             _ => bail!("usage: cargo xtask bench [--events N] [--batch-size N]"),
         }
     }
     let (wasm, bin) = crate::build_release()?;
+    // Batches as `rewind run` makes them by default; the native baseline is
+    // handed the same size.
+    let batch = match batch {
+        Some(n) => n,
+        None => default_batch_size(&bin)?,
+    };
     cmd(
         &cargo(),
         &[
@@ -160,6 +166,18 @@ pub fn run(args: &[String]) -> Result<()> {
         "floor: >= 150000 events/s and ratio <= 1.5; goal: >= 300000 events/s and ratio <= 1.3"
     );
     Ok(())
+}
+
+/// The `--batch-size` default `rewind run --help` states.
+fn default_batch_size(bin: &Path) -> Result<usize> {
+    let help = Command::new(bin).args(["run", "--help"]).output()?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    help.split("--batch-size")
+        .nth(1)
+        .and_then(|rest| rest.split("[default: ").nth(1))
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|n| n.parse().ok())
+        .context("`rewind run --help` states no --batch-size default")
 }
 
 fn generate(path: &Path, events: usize, customers: u64) -> Result<()> {

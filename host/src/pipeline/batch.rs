@@ -303,7 +303,13 @@ impl Run<'_> {
                     let changes = self.db().take_changes();
                     self.record_on_tape(seq, record, Outcome::Applied, Some((changes, &outputs)));
                 }
-                for (n, output) in outputs.into_iter().enumerate() {
+                self.summary.outputs += outputs.len() as u64;
+                let queued = if self.config.queue_outputs {
+                    outputs
+                } else {
+                    Vec::new()
+                };
+                for (n, output) in queued.into_iter().enumerate() {
                     let row = OutboxRow {
                         seq,
                         n: n as u32,
@@ -312,7 +318,6 @@ impl Run<'_> {
                         timestamp_ms: event.timestamp_ms,
                     };
                     self.db().insert_outbox(&row)?;
-                    self.summary.outputs += 1;
                 }
                 if careful {
                     self.db().release()?;

@@ -25,6 +25,13 @@ use crate::runtime::{
 /// therefore depends on the input alone, never on batch sizes, restarts or
 /// timing. It is part of the host configuration results depend on.
 pub const INSTANCE_EPOCH: u64 = 64;
+/// Events per batch unless configured. Every commit writes each page the
+/// batch dirtied to the WAL once, so larger batches write less per event
+/// (1M payments events: 10,000 per batch is 15% faster than 1,000); the time
+/// bound keeps outputs of a slow stream from waiting.
+pub const DEFAULT_BATCH_SIZE: usize = 10_000;
+/// Milliseconds after which a batch commits even if it is not full.
+pub const DEFAULT_BATCH_MS: u64 = 500;
 
 /// The outbox stream of dead letters queued as outputs (see
 /// [`RunConfig::dead_letter_outputs`]). Processors cannot emit to it: a
@@ -83,6 +90,10 @@ pub struct RunConfig {
     /// headers saying what failed and where (the Kafka runner's
     /// `--dlq-topic`).
     pub dead_letter_outputs: bool,
+    /// Queue outputs in the outbox for delivery (the default). Off, outputs
+    /// are only counted and shown to the [`Progress`] observer: a replay's
+    /// state DBs are scratch copies whose outputs go nowhere.
+    pub queue_outputs: bool,
     /// Skip an event whose value of this header was seen before (re-produced
     /// data); `None` turns deduplication off. Defaults to `rewind-id`, the
     /// idempotency id rewind puts on its own outputs.
@@ -100,12 +111,13 @@ impl RunConfig {
             until_seq: None,
             cache_mib: None,
             stream: None,
-            batch_size: 1000,
-            batch_time: Duration::from_millis(500),
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_time: Duration::from_millis(DEFAULT_BATCH_MS),
             on_error: ErrorPolicy::Dlq,
             runtime: RuntimeConfig::default(),
             allow_module_change: false,
             dead_letter_outputs: false,
+            queue_outputs: true,
             dedup_header: Some(crate::sink::ID_HEADER.to_owned()),
         }
     }
