@@ -1,9 +1,11 @@
-//! `cargo xtask bench [--events N] [--batch-size N]`: `rewind run` with payments-v2 against a
-//! native Rust implementation of the same logic issuing the same SQL through
-//! rusqlite with the same batching (`host/examples/native_payments.rs`), in
-//! the same run, plus peak RSS and cold versus warm start. The machines are
-//! shared and noisy: read the ratio. Then `rewind replay`, `rewind diff`
-//! against sqldiff, and Kafka end to end against a raw consumer.
+//! `cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES]`:
+//! `rewind run` with payments-v2 against a native Rust implementation of the
+//! same logic issuing the same SQL through rusqlite with the same batching
+//! (`host/examples/native_payments.rs`), in the same run, plus peak RSS and
+//! cold versus warm start. The machines are shared and noisy: read the
+//! ratio. Then `rewind replay` (also of a tape TIMES as long, default 5, for
+//! its memory), `rewind diff` against sqldiff, and Kafka end to end against
+//! a raw consumer.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -30,14 +32,17 @@ pub fn run(args: &[String]) -> Result<()> {
         release.extend(args.iter().map(String::as_str));
         return cmd(&cargo(), &release);
     }
-    let (mut events, mut batch) = (1_000_000usize, None);
+    let (mut events, mut batch, mut long_replay) = (1_000_000usize, None, 5usize);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
         let value = rest.next().and_then(|v| v.parse().ok());
         match (flag.as_str(), value) {
             ("--events", Some(n)) => events = n,
             ("--batch-size", Some(n)) if n > 0 => batch = Some(n),
-            _ => bail!("usage: cargo xtask bench [--events N] [--batch-size N]"),
+            ("--long-replay", Some(n)) => long_replay = n,
+            _ => bail!(
+                "usage: cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES]"
+            ),
         }
     }
     let (wasm, bin) = crate::build_release()?;
@@ -122,40 +127,29 @@ pub fn run(args: &[String]) -> Result<()> {
         rate(noop_time),
         noop_time.as_secs_f64()
     );
-    // Side-by-side replay of the same events, v1 against v2, from a tape.
-    let tape = dir.join("orders.tape");
-    cmd(
-        &bin.to_string_lossy(),
-        &[
-            "tape",
-            "import",
-            &input.to_string_lossy(),
-            "--out",
-            &tape.to_string_lossy(),
-        ],
-    )?;
-    let (replay_time, replay_rss) = measure_ok(
-        Command::new(&bin)
-            .args(["replay", "--quiet", "--tape"])
-            .arg(&tape)
-            .arg("--old")
-            .arg(wasm.join("payments-v1.wasm"))
-            .arg("--new")
-            .arg(&processor)
-            .arg("--keep")
-            .arg(dir.join("replay"))
-            .arg("--cache-dir")
-            .arg(&cache),
-        // Exit 1: the versions differ (the bench stream has no
-        // re-deliveries, so they should not), which is not a failure here.
-        &[0, 1],
-    )?;
-    println!(
-        "replay v1 vs v2:   {:>9.0} event pairs/s  ({:.2}s, peak RSS {} MiB)",
-        rate(replay_time),
-        replay_time.as_secs_f64(),
-        replay_rss / 1024
-    );
+    // Side-by-side replay of the same events, v1 against v2, from a tape;
+    // then of a tape `long_replay` times as long: memory must stay flat.
+    let replay = |input: &Path, label: &str| -> Result<()> {
+        let events = std::fs::read(input)?
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        let (time, rss) = replay_bench(&bin, &wasm, input, &dir, &cache)?;
+        println!(
+            "replay v1 vs v2{label}: {:>9.0} event pairs/s  ({events} events, {:.2}s, peak RSS {} MiB)",
+            events as f64 / time.as_secs_f64(),
+            time.as_secs_f64(),
+            rss / 1024
+        );
+        Ok(())
+    };
+    replay(&input, "")?;
+    if long_replay > 1 {
+        let long = dir.join("long.jsonl");
+        generate(&long, events * long_replay, (events / 10) as u64)?;
+        replay(&long, " (long tape)")?;
+        std::fs::remove_file(&long)?;
+    }
     diff_bench(&bin, &dir, events)?;
     crate::bench_kafka::run(&bin, &processor, &input, &dir, events)?;
     println!(
@@ -166,6 +160,47 @@ pub fn run(args: &[String]) -> Result<()> {
         "floor: >= 150000 events/s and ratio <= 1.5; goal: >= 300000 events/s and ratio <= 1.3"
     );
     Ok(())
+}
+
+/// Imports `input` onto a tape and replays it with payments v1 against v2:
+/// the replay's wall time and peak RSS. The tape goes afterwards.
+fn replay_bench(
+    bin: &Path,
+    wasm: &Path,
+    input: &Path,
+    dir: &Path,
+    cache: &Path,
+) -> Result<(Duration, u64)> {
+    let tape = input.with_extension("tape");
+    let _ = std::fs::remove_file(&tape);
+    cmd(
+        &bin.to_string_lossy(),
+        &[
+            "tape",
+            "import",
+            &input.to_string_lossy(),
+            "--out",
+            &tape.to_string_lossy(),
+        ],
+    )?;
+    let measured = measure_ok(
+        Command::new(bin)
+            .args(["replay", "--quiet", "--tape"])
+            .arg(&tape)
+            .arg("--old")
+            .arg(wasm.join("payments-v1.wasm"))
+            .arg("--new")
+            .arg(wasm.join("payments-v2.wasm"))
+            .arg("--keep")
+            .arg(dir.join("replay"))
+            .arg("--cache-dir")
+            .arg(cache),
+        // Exit 1: the versions differ (the bench stream has no
+        // re-deliveries, so they should not), which is not a failure here.
+        &[0, 1],
+    );
+    std::fs::remove_file(&tape)?;
+    measured
 }
 
 /// The `--batch-size` default `rewind run --help` states.
