@@ -243,6 +243,23 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             crate::snapshot::snapshot(from, db).map_err(|e| setup(from, e.to_string()))?;
         }
     }
+    // Compile both versions one after the other before the sides start
+    // (they then load them from the cache): two compiles at once would add
+    // their memory to the replay's.
+    if config.runtime.cache_dir.is_some() {
+        let runtime = crate::runtime::Runtime::new(config.runtime.clone()).map_err(|e| {
+            ReplayError::Side {
+                side: "old",
+                source: Box::new(e.into()),
+            }
+        })?;
+        for (side, module) in [("old", &config.old), ("new", &config.new)] {
+            runtime.load(module).map_err(|e| ReplayError::Side {
+                side,
+                source: Box::new(e.into()),
+            })?;
+        }
+    }
     let side_config = |module: &Path, db: &Path| {
         let mut c = RunConfig::new(module, &config.tape, db);
         c.runtime = config.runtime.clone();
