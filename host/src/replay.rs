@@ -2,9 +2,10 @@
 //! tape on copies of the same starting state, and every event's effects are
 //! compared as they happen.
 //!
-//! Each side is an ordinary run ([`crate::run`]) over the tape, in a thread
-//! of its own, observing every event's result (outcome, row changes,
-//! outputs) at each commit. The comparer pairs the results by seq: an event
+//! Each side is an ordinary run (`pipeline::run_loaded`) over the tape, in a thread
+//! of its own (both share one runtime and the modules compiled up front),
+//! observing every event's result (outcome, row changes, outputs) at each
+//! commit. The comparer pairs the results by seq: an event
 //! diverges when its outcome or its outputs differ, or when it makes a new
 //! difference in a row (one version writes it and the other not, or a
 //! column equal before the event differs after it); such a row records the
@@ -21,8 +22,8 @@ use rusqlite::types::Value;
 
 use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
 use crate::event::{Output, Position};
-use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary};
-use crate::runtime::RuntimeConfig;
+use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_loaded};
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::state::Change;
 use crate::tape::{Outcome, TapeEvent};
 
@@ -59,6 +60,9 @@ pub enum ReplayError {
     },
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
+    /// The WebAssembly engine could not be set up.
+    #[error(transparent)]
+    Runtime(Box<RunError>),
     #[error("{path}: {message}")]
     Setup { path: PathBuf, message: String },
     #[error("the {side} version stopped (a thread failed)")]
@@ -243,23 +247,19 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             crate::snapshot::snapshot(from, db).map_err(|e| setup(from, e.to_string()))?;
         }
     }
-    // Compile both versions one after the other before the sides start
-    // (they then load them from the cache): two compiles at once would add
-    // their memory to the replay's.
-    if config.runtime.cache_dir.is_some() {
-        let runtime = crate::runtime::Runtime::new(config.runtime.clone()).map_err(|e| {
-            ReplayError::Side {
-                side: "old",
-                source: Box::new(e.into()),
-            }
-        })?;
-        for (side, module) in [("old", &config.old), ("new", &config.new)] {
-            runtime.load(module).map_err(|e| ReplayError::Side {
-                side,
-                source: Box::new(e.into()),
-            })?;
-        }
-    }
+    // Both versions are compiled here, one after the other, and shared
+    // with the sides: two compiles at once would add their memory to the
+    // replay's.
+    let runtime = Runtime::new(config.runtime.clone())
+        .map_err(|e| ReplayError::Runtime(Box::new(e.into())))?;
+    let load = |side: &'static str, module: &Path| {
+        runtime.load(module).map_err(|e| ReplayError::Side {
+            side,
+            source: Box::new(e.into()),
+        })
+    };
+    let (old_module, new_module) = (load("old", &config.old)?, load("new", &config.new)?);
+    let runtime = &runtime;
     let side_config = |module: &Path, db: &Path| {
         let mut c = RunConfig::new(module, &config.tape, db);
         c.runtime = config.runtime.clone();
@@ -291,14 +291,14 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
                 tx: old_tx,
                 progress: Some(progress),
             };
-            crate::run(&old_cfg, &side)
+            run_loaded(&old_cfg, runtime, &old_module, &side)
         });
         let new = scope.spawn(move || {
             let side = Side {
                 tx: new_tx,
                 progress: None,
             };
-            crate::run(&new_cfg, &side)
+            run_loaded(&new_cfg, runtime, &new_module, &side)
         });
         let compared = compare(
             &config.tape,

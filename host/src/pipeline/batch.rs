@@ -304,12 +304,8 @@ impl Run<'_> {
                     self.record_on_tape(seq, record, Outcome::Applied, Some((changes, &outputs)));
                 }
                 self.summary.outputs += outputs.len() as u64;
-                let queued = if self.config.queue_outputs {
-                    outputs
-                } else {
-                    Vec::new()
-                };
-                for (n, output) in queued.into_iter().enumerate() {
+                let queued = outputs.into_iter().filter(|_| self.config.queue_outputs);
+                for (n, output) in queued.enumerate() {
                     let row = OutboxRow {
                         seq,
                         n: n as u32,

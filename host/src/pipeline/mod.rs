@@ -213,8 +213,19 @@ pub enum RunError {
 pub fn run(config: &RunConfig, progress: &dyn Progress) -> Result<RunSummary, RunError> {
     let runtime = Runtime::new(config.runtime.clone())?;
     let module = runtime.load(&config.processor)?;
+    run_loaded(config, &runtime, &module, progress)
+}
+
+/// [`run`] with the processor already loaded (`config.processor` is not
+/// read): runs sharing a runtime compile each module once.
+pub fn run_loaded(
+    config: &RunConfig,
+    runtime: &Runtime,
+    module: &Module,
+    progress: &dyn Progress,
+) -> Result<RunSummary, RunError> {
     let mut source = crate::source::open(&config.input, config.stream.as_deref())?;
-    run_source(config, &runtime, &module, source.as_mut(), None, progress)
+    run_source(config, runtime, module, source.as_mut(), None, progress)
 }
 
 /// Runs a loaded processor over `source` into `config.state`. Outputs go to

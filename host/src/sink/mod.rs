@@ -124,12 +124,15 @@ impl FileSink {
             path: path.to_owned(),
             reason,
         };
-        let exists = path.exists();
-        if exists && !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
-            return Err(SinkError::NotAFile {
-                path: path.to_owned(),
-            });
-        }
+        let exists = match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => {
+                return Err(SinkError::NotAFile {
+                    path: path.to_owned(),
+                });
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        };
         if !exists && mark.bytes > 0 {
             return Err(foreign(format!(
                 "it is missing, but {} bytes were written to it",
