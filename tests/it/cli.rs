@@ -36,6 +36,21 @@ fn errors_are_one_line_with_exit_code_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("missing.db"), "{stderr}");
+
+    // A cause the message already names is not repeated.
+    let out = rewind(&[
+        "run",
+        "--processor",
+        processor("payments-v2").to_str().unwrap(),
+        "--input",
+        dir.path().join("missing.jsonl").to_str().unwrap(),
+        "--state",
+        dir.path().join("s.db").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing.jsonl"), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
 }
 
 #[test]
