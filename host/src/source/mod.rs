@@ -5,6 +5,10 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+mod prefetch;
+
+pub use prefetch::Prefetch;
+
 use crate::envelope::decode_line;
 use crate::event::{Event, Position};
 use crate::tape::MALFORMED_HEADER;
@@ -300,13 +304,19 @@ impl Source for TapeSource {
     }
 }
 
-/// Opens `path` as a tape if it is one, else as a JSONL file.
+/// Opens `path` as a tape if it is one, else as a JSONL file, read ahead
+/// on a thread of its own ([`Prefetch`]).
 pub fn open(path: &Path, stream: Option<&str>) -> Result<Box<dyn Source>, InputError> {
-    if crate::tape::is_tape(path) {
-        Ok(Box::new(TapeSource::open(path)?))
+    let source: Box<dyn Source + Send> = if crate::tape::is_tape(path) {
+        Box::new(TapeSource::open(path)?)
     } else {
-        Ok(Box::new(FileSource::open(path, stream)?))
-    }
+        Box::new(FileSource::open(path, stream)?)
+    };
+    let prefetch = Prefetch::start(source).map_err(|source| SourceError {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Box::new(prefetch))
 }
 
 #[cfg(test)]

@@ -1,0 +1,241 @@
+//! Reads a finite source ahead on its own thread, so that reading, splitting
+//! and decoding records overlaps with the processor working on earlier ones.
+
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use super::{InputError, Record, Source};
+
+/// Records handed over at once: one channel operation per chunk, not per record.
+const CHUNK_RECORDS: usize = 512;
+/// A chunk is handed over early once its raw bytes reach this.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks read ahead at most (bounds the memory read ahead).
+const CHUNKS_AHEAD: usize = 4;
+
+enum Chunk {
+    /// Records, each with the source's byte count after it.
+    Records(Vec<(Record, u64)>),
+    Failed(InputError),
+}
+
+/// A finite [`Source`] read on a background thread. Records arrive in the
+/// source's order; an error arrives where the source raised it, after every
+/// record before it; the end arrives as the source's end.
+pub struct Prefetch {
+    rx: Option<Receiver<Chunk>>,
+    current: std::vec::IntoIter<(Record, u64)>,
+    size: Option<u64>,
+    bytes_read: u64,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefetch")
+            .field("bytes_read", &self.bytes_read)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Prefetch {
+    /// Starts reading `source` ahead; fails only if no thread can be started.
+    pub fn start(mut source: Box<dyn Source + Send>) -> std::io::Result<Prefetch> {
+        let size = source.size();
+        let (tx, rx) = sync_channel(CHUNKS_AHEAD);
+        let reader = std::thread::Builder::new()
+            .name("rewind-source".into())
+            .spawn(move || read_ahead(source.as_mut(), &tx))?;
+        Ok(Prefetch {
+            rx: Some(rx),
+            current: Vec::new().into_iter(),
+            size,
+            bytes_read: 0,
+            reader: Some(reader),
+        })
+    }
+}
+
+/// The reading thread: chunks of records until the source ends, fails, or
+/// the consumer hangs up.
+fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>) {
+    loop {
+        let mut records = Vec::with_capacity(CHUNK_RECORDS);
+        let mut bytes = 0;
+        let failure = loop {
+            match source.next_record() {
+                Ok(Some(record)) => {
+                    bytes += record.raw.len();
+                    records.push((record, source.bytes_read()));
+                    if records.len() == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
+                        break None;
+                    }
+                }
+                Ok(None) => break Some(None),
+                Err(error) => break Some(Some(error)),
+            }
+        };
+        if !records.is_empty() && tx.send(Chunk::Records(records)).is_err() {
+            return;
+        }
+        match failure {
+            None => {}
+            // The channel closing is the end.
+            Some(None) => return,
+            Some(Some(error)) => {
+                let _ = tx.send(Chunk::Failed(error));
+                return;
+            }
+        }
+    }
+}
+
+impl Source for Prefetch {
+    fn next_record(&mut self) -> Result<Option<Record>, InputError> {
+        loop {
+            if let Some((record, bytes_read)) = self.current.next() {
+                self.bytes_read = bytes_read;
+                return Ok(Some(record));
+            }
+            let Some(rx) = &self.rx else {
+                return Ok(None);
+            };
+            match rx.recv() {
+                Ok(Chunk::Records(records)) => self.current = records.into_iter(),
+                Ok(Chunk::Failed(error)) => {
+                    self.rx = None;
+                    return Err(error);
+                }
+                // The reader hung up: the source ended.
+                Err(_) => {
+                    self.rx = None;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // Hanging up stops the reader at its next hand-over.
+        self.rx = None;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+    use crate::source::SourceError;
+
+    /// Yields `records` numbered records, then fails (or ends).
+    struct Scripted {
+        records: i64,
+        next: i64,
+        fail: bool,
+    }
+
+    impl Source for Scripted {
+        fn next_record(&mut self) -> Result<Option<Record>, InputError> {
+            if self.next == self.records {
+                if self.fail {
+                    self.fail = false;
+                    return Err(InputError::File(SourceError {
+                        path: "scripted".into(),
+                        source: std::io::Error::other("device gone"),
+                    }));
+                }
+                return Ok(None);
+            }
+            self.next += 1;
+            Ok(Some(Record {
+                position: Position {
+                    stream: "s".into(),
+                    partition: 0,
+                    offset: self.next,
+                },
+                raw: vec![b'x'; 10],
+                decoded: Err("raw".into()),
+                fresh: false,
+            }))
+        }
+        fn size(&self) -> Option<u64> {
+            Some(10 * self.records as u64)
+        }
+        fn bytes_read(&self) -> u64 {
+            10 * self.next as u64
+        }
+    }
+
+    fn drain(source: &mut Prefetch) -> (Vec<i64>, Option<InputError>) {
+        let mut offsets = Vec::new();
+        loop {
+            match source.next_record() {
+                Ok(Some(record)) => {
+                    offsets.push(record.position.offset);
+                    assert_eq!(source.bytes_read(), 10 * record.position.offset as u64);
+                }
+                Ok(None) => return (offsets, None),
+                Err(error) => return (offsets, Some(error)),
+            }
+        }
+    }
+
+    #[test]
+    fn records_arrive_in_order_with_their_byte_counts_across_chunks() {
+        let records = 3 * CHUNK_RECORDS as i64 + 7;
+        let scripted = Scripted {
+            records,
+            next: 0,
+            fail: false,
+        };
+        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        assert_eq!(source.size(), Some(10 * records as u64));
+        let (offsets, error) = drain(&mut source);
+        assert!(error.is_none());
+        assert_eq!(offsets, (1..=records).collect::<Vec<_>>());
+        // The end stays the end.
+        assert!(source.next_record().unwrap().is_none());
+    }
+
+    #[test]
+    fn an_error_arrives_after_every_record_before_it_then_the_source_ends() {
+        let scripted = Scripted {
+            records: CHUNK_RECORDS as i64 + 3,
+            next: 0,
+            fail: true,
+        };
+        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        let (offsets, error) = drain(&mut source);
+        assert_eq!(offsets.len(), CHUNK_RECORDS + 3);
+        let error = error.expect("the source's error is passed on");
+        assert!(error.to_string().contains("device gone"), "{error}");
+        assert!(source.next_record().unwrap().is_none());
+    }
+
+    #[test]
+    fn dropping_it_early_stops_the_reader() {
+        let scripted = Scripted {
+            records: 100 * CHUNK_RECORDS as i64,
+            next: 0,
+            fail: false,
+        };
+        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        assert_eq!(source.next_record().unwrap().unwrap().position.offset, 1);
+        // Joins the reader, which must notice the hang-up rather than read
+        // the whole source into a channel nobody drains.
+        drop(source);
+    }
+}
