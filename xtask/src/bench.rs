@@ -1,11 +1,11 @@
-//! `cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES]`:
+//! `cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES] [--only SECTION]`:
 //! `rewind run` with payments-v2 against a native Rust implementation of the
 //! same logic issuing the same SQL through rusqlite with the same batching
 //! (`host/examples/native_payments.rs`), in the same run, plus peak RSS and
 //! cold versus warm start. The machines are shared and noisy: read the
 //! ratio. Then `rewind replay` (also of a tape TIMES as long, default 5, for
 //! its memory), `rewind diff` against sqldiff, and Kafka end to end against
-//! a raw consumer.
+//! a raw consumer. `--only run|replay|diff|kafka` runs one section.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::demo::XorShift;
 use crate::{cargo, cmd, target_dir};
+
+/// The bench's sections, in the order they run; `--only` picks one.
+const SECTIONS: [&str; 4] = ["run", "replay", "diff", "kafka"];
+const USAGE: &str = "usage: cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES] \
+                     [--only run|replay|diff|kafka]";
 
 pub fn run(args: &[String]) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
@@ -33,18 +38,22 @@ pub fn run(args: &[String]) -> Result<()> {
         return cmd(&cargo(), &release);
     }
     let (mut events, mut batch, mut long_replay) = (1_000_000usize, None, 5usize);
+    let mut only: Option<String> = None;
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
-        let value = rest.next().and_then(|v| v.parse().ok());
-        match (flag.as_str(), value) {
+        let value = rest.next();
+        let number = value.and_then(|v| v.parse().ok());
+        match (flag.as_str(), number) {
             ("--events", Some(n)) => events = n,
             ("--batch-size", Some(n)) if n > 0 => batch = Some(n),
             ("--long-replay", Some(n)) => long_replay = n,
-            _ => bail!(
-                "usage: cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES]"
-            ),
+            ("--only", _) if value.is_some_and(|v| SECTIONS.contains(&v.as_str())) => {
+                only = value.cloned();
+            }
+            _ => bail!("{USAGE}"),
         }
     }
+    let wanted = |section: &str| only.as_deref().is_none_or(|only| only == section);
     let (wasm, bin) = crate::build_release()?;
     // Batches as `rewind run` makes them by default; the native baseline is
     // handed the same size.
@@ -76,25 +85,56 @@ pub fn run(args: &[String]) -> Result<()> {
         events / 10
     );
 
-    // Cold start compiles the component; warm start loads it from the cache.
     let cache = dir.join("cache");
+    // One event: what start times and cache warming run on.
+    std::fs::write(dir.join("tiny.jsonl"), "{}\n")?;
+    if wanted("run") {
+        run_section(
+            &bin,
+            &wasm,
+            &native_bin,
+            &input,
+            &dir,
+            &cache,
+            events,
+            batch,
+        )?;
+    }
+    if wanted("replay") {
+        replay_section(&bin, &wasm, &input, &dir, &cache, events, long_replay)?;
+    }
+    if wanted("diff") {
+        diff_bench(&bin, &dir, events)?;
+    }
+    if wanted("kafka") {
+        crate::bench_kafka::run(&bin, &processor, &input, &dir, events)?;
+    }
+    Ok(())
+}
+
+/// `rewind run` against the native baseline, the host alone, and start times.
+#[allow(clippy::too_many_arguments)]
+fn run_section(
+    bin: &Path,
+    wasm: &Path,
+    native_bin: &Path,
+    input: &Path,
+    dir: &Path,
+    cache: &Path,
+    events: usize,
+    batch: usize,
+) -> Result<()> {
+    let processor = wasm.join("payments-v2.wasm");
+    // Cold start compiles the component; warm start loads it from the cache.
     let tiny = dir.join("tiny.jsonl");
-    std::fs::write(&tiny, "{}\n")?;
-    let cold = start_time(&bin, &processor, &tiny, &dir.join("cold.db"), &cache)?;
-    let warm = start_time(&bin, &processor, &tiny, &dir.join("warm.db"), &cache)?;
+    let cold = start_time(bin, &processor, &tiny, &dir.join("cold.db"), cache)?;
+    let warm = start_time(bin, &processor, &tiny, &dir.join("warm.db"), cache)?;
     println!("start: cold (compile) {cold}, warm (cache) {warm}");
 
-    let (wasm_time, rss) = run_rewind(
-        &bin,
-        &processor,
-        &input,
-        &dir.join("wasm.db"),
-        &cache,
-        batch,
-    )?;
+    let (wasm_time, rss) = run_rewind(bin, &processor, input, &dir.join("wasm.db"), cache, batch)?;
     let (native_time, native_rss) = measure(
-        Command::new(&native_bin)
-            .arg(&input)
+        Command::new(native_bin)
+            .arg(input)
             .arg(dir.join("native.db"))
             .arg(batch.to_string()),
     )?;
@@ -102,11 +142,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let noop_input = dir.join("noop.jsonl");
     std::fs::write(&noop_input, "{\"do\":\"noop\"}\n".repeat(events))?;
     let (noop_time, _) = run_rewind(
-        &bin,
+        bin,
         &wasm.join("hostile.wasm"),
         &noop_input,
         &dir.join("noop.db"),
-        &cache,
+        cache,
         batch,
     )?;
     let rate = |t: Duration| events as f64 / t.as_secs_f64();
@@ -127,14 +167,33 @@ pub fn run(args: &[String]) -> Result<()> {
         rate(noop_time),
         noop_time.as_secs_f64()
     );
-    // Side-by-side replay of the same events, v1 against v2, from a tape;
-    // then of a tape `long_replay` times as long: memory must stay flat.
+    println!(
+        "wasm/native time ratio: {:.2}",
+        wasm_time.as_secs_f64() / native_time.as_secs_f64()
+    );
+    println!(
+        "floor: >= 150000 events/s and ratio <= 1.5; goal: >= 300000 events/s and ratio <= 1.3"
+    );
+    Ok(())
+}
+
+/// Side-by-side replay of the bench's events, v1 against v2, from a tape;
+/// then of a tape `long_replay` times as long: memory must stay flat.
+fn replay_section(
+    bin: &Path,
+    wasm: &Path,
+    input: &Path,
+    dir: &Path,
+    cache: &Path,
+    events: usize,
+    long_replay: usize,
+) -> Result<()> {
     let replay = |input: &Path, label: &str| -> Result<()> {
         let events = std::fs::read(input)?
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
-        let (time, rss) = replay_bench(&bin, &wasm, input, &dir, &cache)?;
+        let (time, rss) = replay_bench(bin, wasm, input, dir, cache)?;
         println!(
             "replay v1 vs v2{label}: {:>9.0} event pairs/s  ({events} events, {:.2}s, peak RSS {} MiB)",
             events as f64 / time.as_secs_f64(),
@@ -143,22 +202,13 @@ pub fn run(args: &[String]) -> Result<()> {
         );
         Ok(())
     };
-    replay(&input, "")?;
+    replay(input, "")?;
     if long_replay > 1 {
         let long = dir.join("long.jsonl");
         generate(&long, events * long_replay, (events / 10) as u64)?;
         replay(&long, " (long tape)")?;
         std::fs::remove_file(&long)?;
     }
-    diff_bench(&bin, &dir, events)?;
-    crate::bench_kafka::run(&bin, &processor, &input, &dir, events)?;
-    println!(
-        "wasm/native time ratio: {:.2}",
-        wasm_time.as_secs_f64() / native_time.as_secs_f64()
-    );
-    println!(
-        "floor: >= 150000 events/s and ratio <= 1.5; goal: >= 300000 events/s and ratio <= 1.3"
-    );
     Ok(())
 }
 

@@ -27,7 +27,7 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "bench",
-        "benchmark `rewind run` against native code, side-by-side replay, and `rewind diff` against sqldiff",
+        "benchmark `rewind run` against native code, side-by-side replay, `rewind diff` against sqldiff, Kafka against a raw consumer (--only run|replay|diff|kafka)",
     ),
     (
         "broker",

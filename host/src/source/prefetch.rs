@@ -2,7 +2,6 @@
 //! and decoding records overlaps with the processor working on earlier ones.
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::JoinHandle;
 
 use super::{InputError, Record, Source};
 
@@ -22,12 +21,14 @@ enum Chunk {
 /// A finite [`Source`] read on a background thread. Records arrive in the
 /// source's order; an error arrives where the source raised it, after every
 /// record before it; the end arrives as the source's end.
+///
+/// Dropping it hangs up: the reader stops at its next hand-over. It is not
+/// waited for, as it may be blocked reading a pipe that never ends.
 pub struct Prefetch {
     rx: Option<Receiver<Chunk>>,
     current: std::vec::IntoIter<(Record, u64)>,
     size: Option<u64>,
     bytes_read: u64,
-    reader: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Prefetch {
@@ -43,7 +44,7 @@ impl Prefetch {
     pub fn start(mut source: Box<dyn Source + Send>) -> std::io::Result<Prefetch> {
         let size = source.size();
         let (tx, rx) = sync_channel(CHUNKS_AHEAD);
-        let reader = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("rewind-source".into())
             .spawn(move || read_ahead(source.as_mut(), &tx))?;
         Ok(Prefetch {
@@ -51,7 +52,6 @@ impl Prefetch {
             current: Vec::new().into_iter(),
             size,
             bytes_read: 0,
-            reader: Some(reader),
         })
     }
 }
@@ -124,27 +124,38 @@ impl Source for Prefetch {
     }
 }
 
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        // Hanging up stops the reader at its next hand-over.
-        self.rx = None;
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::Position;
     use crate::source::SourceError;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Yields `records` numbered records, then fails (or ends).
     struct Scripted {
         records: i64,
         next: i64,
         fail: bool,
+        /// Set when the source is dropped: its reader has finished.
+        dropped: Arc<AtomicBool>,
+    }
+
+    impl Drop for Scripted {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn scripted(records: i64, fail: bool) -> (Box<Scripted>, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let source = Scripted {
+            records,
+            next: 0,
+            fail,
+            dropped: Arc::clone(&dropped),
+        };
+        (Box::new(source), dropped)
     }
 
     impl Source for Scripted {
@@ -196,12 +207,8 @@ mod tests {
     #[test]
     fn records_arrive_in_order_with_their_byte_counts_across_chunks() {
         let records = 3 * CHUNK_RECORDS as i64 + 7;
-        let scripted = Scripted {
-            records,
-            next: 0,
-            fail: false,
-        };
-        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        let (scripted, _) = scripted(records, false);
+        let mut source = Prefetch::start(scripted).unwrap();
         assert_eq!(source.size(), Some(10 * records as u64));
         let (offsets, error) = drain(&mut source);
         assert!(error.is_none());
@@ -212,12 +219,8 @@ mod tests {
 
     #[test]
     fn an_error_arrives_after_every_record_before_it_then_the_source_ends() {
-        let scripted = Scripted {
-            records: CHUNK_RECORDS as i64 + 3,
-            next: 0,
-            fail: true,
-        };
-        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        let (scripted, _) = scripted(CHUNK_RECORDS as i64 + 3, true);
+        let mut source = Prefetch::start(scripted).unwrap();
         let (offsets, error) = drain(&mut source);
         assert_eq!(offsets.len(), CHUNK_RECORDS + 3);
         let error = error.expect("the source's error is passed on");
@@ -227,15 +230,19 @@ mod tests {
 
     #[test]
     fn dropping_it_early_stops_the_reader() {
-        let scripted = Scripted {
-            records: 100 * CHUNK_RECORDS as i64,
-            next: 0,
-            fail: false,
-        };
-        let mut source = Prefetch::start(Box::new(scripted)).unwrap();
+        // Far more than the channel holds: the reader is blocked handing over.
+        let (scripted, dropped) = scripted(100 * CHUNK_RECORDS as i64, false);
+        let mut source = Prefetch::start(scripted).unwrap();
         assert_eq!(source.next_record().unwrap().unwrap().position.offset, 1);
-        // Joins the reader, which must notice the hang-up rather than read
-        // the whole source into a channel nobody drains.
         drop(source);
+        // The reader notices the hang-up and ends, dropping its source.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader kept going"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 }
