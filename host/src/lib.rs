@@ -32,8 +32,8 @@ pub use runtime::{
 };
 pub use source::{FileSource, Record};
 pub use state::{
-    Change, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow, StateDb,
-    StateError, Summary, TableCount,
+    Change, ChangeLog, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow,
+    StateDb, StateError, Summary, TableCount,
 };
 pub use tape::{
     EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,

@@ -40,7 +40,7 @@ pub const DLQ_STREAM: &str = "!dlq";
 use crate::event::Output;
 use crate::sink::{FileSink, Sink, SinkError};
 use crate::source::{InputError, Record, Source};
-use crate::state::{Change, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
+use crate::state::{ChangeLog, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
 use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeWriter};
 
 /// What to do when a processor fails on an event (invalid input is always
@@ -60,7 +60,7 @@ pub struct EventRecord {
     /// The record with its seq and result (outcome, counts, digests).
     pub event: TapeEvent,
     /// The row changes, in order, when kept.
-    pub changes: Vec<Change>,
+    pub changes: ChangeLog,
     pub outputs: Vec<Output>,
 }
 

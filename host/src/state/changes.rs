@@ -18,7 +18,9 @@ struct Acc {
     hasher: Sha256,
     /// Every change in full, when kept (replays need them; tapes need only
     /// the digest).
-    kept: Option<Vec<Change>>,
+    kept: Option<ChangeLog>,
+    /// The row after a change, encoded while the row before is (reused).
+    after: Vec<u8>,
 }
 
 impl Acc {
@@ -28,7 +30,8 @@ impl Acc {
         Acc {
             rows: 0,
             hasher,
-            kept: keep.then(Vec::new),
+            kept: keep.then(ChangeLog::default),
+            after: Vec::new(),
         }
     }
 }
@@ -40,6 +43,134 @@ pub struct Change {
     /// The row before (updates and deletes) and after (inserts and updates).
     pub before: Option<Vec<SqlValue>>,
     pub after: Option<Vec<SqlValue>>,
+}
+
+/// Row changes in full, encoded back to back in one buffer: capturing them
+/// costs no allocation per value, and they are decoded ([`ChangeLog::decode`])
+/// only where a replay finds the versions' writes differ.
+///
+/// Per change: the table (u32 length, bytes), a byte saying which rows
+/// follow (1: before, 2: after), then each row as a u32 column count and
+/// its values (a type tag, then the value: integers and reals' bits as 8
+/// bytes, text and blobs as a u64 length and their bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeLog {
+    bytes: Vec<u8>,
+    count: u32,
+}
+
+const HAS_BEFORE: u8 = 1;
+const HAS_AFTER: u8 = 2;
+
+impl ChangeLog {
+    /// The number of changes.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Every change, in order.
+    pub fn decode(&self) -> Vec<Change> {
+        let mut changes = Vec::with_capacity(self.len());
+        let mut r = Reader(&self.bytes);
+        for _ in 0..self.count {
+            let len = r.u32() as usize;
+            let table = String::from_utf8_lossy(r.take(len)).into_owned();
+            let rows = r.take(1).first().copied().unwrap_or_default();
+            let before = (rows & HAS_BEFORE != 0).then(|| r.row());
+            let after = (rows & HAS_AFTER != 0).then(|| r.row());
+            changes.push(Change {
+                table,
+                before,
+                after,
+            });
+        }
+        changes
+    }
+
+    /// Starts a change: its table and which rows follow (the caller
+    /// appends them).
+    fn begin(&mut self, table: &[u8], rows: u8) {
+        self.count += 1;
+        self.bytes
+            .extend_from_slice(&(table.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(table);
+        self.bytes.push(rows);
+    }
+}
+
+/// Reads what [`ChangeLog`] wrote. The log is only ever written by this
+/// module, so it is well formed; a short read yields empty values rather
+/// than a panic.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.0.len());
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        head
+    }
+
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().unwrap_or_default())
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().unwrap_or_default())
+    }
+
+    fn row(&mut self) -> Vec<SqlValue> {
+        let width = self.u32() as usize;
+        let mut row = Vec::with_capacity(width.min(self.0.len()));
+        for _ in 0..width {
+            if self.0.is_empty() {
+                break;
+            }
+            let tag = self.take(1).first().copied().unwrap_or_default();
+            row.push(match tag {
+                1 => SqlValue::Integer(self.u64() as i64),
+                2 => SqlValue::Real(f64::from_bits(self.u64())),
+                3 => {
+                    let len = self.u64() as usize;
+                    SqlValue::Text(String::from_utf8_lossy(self.take(len)).into_owned())
+                }
+                4 => {
+                    let len = self.u64() as usize;
+                    SqlValue::Blob(self.take(len).to_vec())
+                }
+                _ => SqlValue::Null,
+            });
+        }
+        row
+    }
+}
+
+/// Appends one value in the log's encoding (a null pointer reads as NULL).
+fn encode_value(out: &mut Vec<u8>, value: Option<ValueRef<'_>>) {
+    match value {
+        None | Some(ValueRef::Null) => out.push(0),
+        Some(ValueRef::Integer(i)) => {
+            out.push(1);
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        Some(ValueRef::Real(r)) => {
+            out.push(2);
+            out.extend_from_slice(&r.to_bits().to_le_bytes());
+        }
+        Some(ValueRef::Text(b)) | Some(ValueRef::Blob(b)) => {
+            out.push(if matches!(value, Some(ValueRef::Text(_))) {
+                3
+            } else {
+                4
+            });
+            out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            out.extend_from_slice(b);
+        }
+    }
 }
 
 /// The digest of no changes at all.
@@ -117,7 +248,7 @@ pub struct EventChanges {
     pub rows: u32,
     pub digest: [u8; 32],
     /// In order; empty unless kept.
-    pub changes: Vec<Change>,
+    pub changes: ChangeLog,
 }
 
 impl EventChanges {
@@ -126,7 +257,7 @@ impl EventChanges {
         EventChanges {
             rows: 0,
             digest: empty_digest(),
-            changes: Vec::new(),
+            changes: ChangeLog::default(),
         }
     }
 }
@@ -160,35 +291,57 @@ unsafe extern "C" fn hook(
     h.update((table.len() as u32).to_le_bytes());
     h.update(table);
     h.update(op.to_le_bytes());
-    let keep = acc.kept.is_some();
-    let (mut before, mut after) = (Vec::new(), Vec::new());
+    let (has_before, has_after) = (op != ffi::SQLITE_INSERT, op != ffi::SQLITE_DELETE);
+    // The before row goes straight into the log, the after row into a
+    // scratch buffer appended behind it: one pass over the columns.
+    let after = &mut acc.after;
+    after.clear();
+    let mut kept = acc.kept.as_mut();
+    if let Some(log) = kept.as_mut() {
+        let rows = if has_before { HAS_BEFORE } else { 0 } | if has_after { HAS_AFTER } else { 0 };
+        log.begin(table, rows);
+    }
     // SAFETY: inside the hook the pre-update accessors are valid for `db`.
     unsafe {
-        let columns = ffi::sqlite3_preupdate_count(db);
+        let columns = ffi::sqlite3_preupdate_count(db).max(0);
+        if let Some(log) = kept.as_mut() {
+            let width = (columns as u32).to_le_bytes();
+            if has_before {
+                log.bytes.extend_from_slice(&width);
+            }
+            if has_after {
+                after.extend_from_slice(&width);
+            }
+        }
         for i in 0..columns {
             let mut value = std::ptr::null_mut();
-            if op != ffi::SQLITE_INSERT && ffi::sqlite3_preupdate_old(db, i, &mut value) == 0 {
-                let v = value_ref(value);
-                hash_value(h, v);
-                if keep {
-                    before.push(owned(v));
+            // A value SQLite cannot read is left out of the digest (as it
+            // always was) and reads as NULL in the log, which keeps the
+            // row's width.
+            if has_before {
+                let v =
+                    (ffi::sqlite3_preupdate_old(db, i, &mut value) == 0).then(|| value_ref(value));
+                if let Some(v) = v {
+                    hash_value(h, v);
+                }
+                if let Some(log) = kept.as_mut() {
+                    encode_value(&mut log.bytes, v.flatten());
                 }
             }
-            if op != ffi::SQLITE_DELETE && ffi::sqlite3_preupdate_new(db, i, &mut value) == 0 {
-                let v = value_ref(value);
-                hash_value(h, v);
-                if keep {
-                    after.push(owned(v));
+            if has_after {
+                let v =
+                    (ffi::sqlite3_preupdate_new(db, i, &mut value) == 0).then(|| value_ref(value));
+                if let Some(v) = v {
+                    hash_value(h, v);
+                }
+                if kept.is_some() {
+                    encode_value(after, v.flatten());
                 }
             }
         }
     }
-    if let Some(kept) = acc.kept.as_mut() {
-        kept.push(Change {
-            table: String::from_utf8_lossy(table).into_owned(),
-            before: (op != ffi::SQLITE_INSERT).then_some(before),
-            after: (op != ffi::SQLITE_DELETE).then_some(after),
-        });
+    if let Some(log) = kept {
+        log.bytes.extend_from_slice(after);
     }
 }
 
@@ -221,17 +374,6 @@ unsafe fn value_ref<'a>(value: *mut ffi::sqlite3_value) -> Option<ValueRef<'a>> 
     }
 }
 
-/// An owned copy of a value.
-fn owned(value: Option<ValueRef<'_>>) -> SqlValue {
-    match value {
-        None | Some(ValueRef::Null) => SqlValue::Null,
-        Some(ValueRef::Integer(i)) => SqlValue::Integer(i),
-        Some(ValueRef::Real(r)) => SqlValue::Real(r),
-        Some(ValueRef::Text(t)) => SqlValue::Text(String::from_utf8_lossy(t).into_owned()),
-        Some(ValueRef::Blob(b)) => SqlValue::Blob(b.to_vec()),
-    }
-}
-
 /// Hashes one value: its type, then its bytes.
 fn hash_value(h: &mut Sha256, value: Option<ValueRef<'_>>) {
     match value {
@@ -253,6 +395,78 @@ fn hash_value(h: &mut Sha256, value: Option<ValueRef<'_>>) {
             }]);
             h.update((b.len() as u64).to_le_bytes());
             h.update(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `sql` on a fresh database with the hook registered; returns what it saw.
+    fn captured(keep: bool, sql: &str) -> EventChanges {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE t (k TEXT PRIMARY KEY, i INTEGER, r REAL, b BLOB, n);
+             CREATE TABLE _rewind_meta (key TEXT);",
+        )
+        .unwrap();
+        // SAFETY: `changes` is dropped before `conn`.
+        let changes = unsafe { Changes::register(conn.handle(), keep) };
+        conn.execute_batch(sql).unwrap();
+        let taken = changes.take();
+        drop(changes);
+        taken
+    }
+
+    const WRITES: &str = "INSERT INTO t VALUES ('a', 1, 1.5, x'00ff', NULL);
+         INSERT INTO _rewind_meta VALUES ('host tables are left out');
+         UPDATE t SET i = -7, k = 'é' WHERE k = 'a';
+         DELETE FROM t WHERE k = 'é';";
+
+    #[test]
+    fn kept_changes_decode_to_every_row_in_order_and_the_digest_does_not_depend_on_keeping() {
+        let kept = captured(true, WRITES);
+        let row = |k: &str, i: i64| {
+            vec![
+                SqlValue::Text(k.into()),
+                SqlValue::Integer(i),
+                SqlValue::Real(1.5),
+                SqlValue::Blob(vec![0, 0xff]),
+                SqlValue::Null,
+            ]
+        };
+        let change = |before, after| Change {
+            table: "t".into(),
+            before,
+            after,
+        };
+        assert_eq!(
+            kept.changes.decode(),
+            vec![
+                change(None, Some(row("a", 1))),
+                change(Some(row("a", 1)), Some(row("é", -7))),
+                change(Some(row("é", -7)), None),
+            ]
+        );
+        assert_eq!(kept.rows, 3);
+        assert_eq!(kept.changes.len(), 3);
+        let digest_only = captured(false, WRITES);
+        assert!(digest_only.changes.is_empty());
+        assert_eq!(digest_only.rows, 3);
+        assert_eq!(digest_only.digest, kept.digest);
+        assert_ne!(kept.digest, EventChanges::none().digest);
+    }
+
+    #[test]
+    fn a_truncated_log_decodes_without_panicking() {
+        let kept = captured(true, WRITES);
+        for cut in 0..kept.changes.bytes.len() {
+            let log = ChangeLog {
+                bytes: kept.changes.bytes[..cut].to_vec(),
+                count: kept.changes.count,
+            };
+            assert_eq!(log.decode().len(), 3);
         }
     }
 }

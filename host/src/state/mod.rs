@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
-pub use changes::{Change, EventChanges};
+pub use changes::{Change, ChangeLog, EventChanges};
 
 pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
