@@ -1,11 +1,12 @@
 //! `cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES] [--only SECTION]`:
 //! `rewind run` with payments-v2 against a native Rust implementation of the
 //! same logic issuing the same SQL through rusqlite with the same batching
-//! (`host/examples/native_payments.rs`), in the same run, plus peak RSS and
-//! cold versus warm start. The machines are shared and noisy: read the
-//! ratio. Then `rewind replay` (also of a tape TIMES as long, default 5, for
-//! its memory), `rewind diff` against sqldiff, and Kafka end to end against
-//! a raw consumer. `--only run|replay|diff|kafka` runs one section.
+//! (`host/examples/native_payments.rs`), in the same run, plus peak RSS,
+//! cold versus warm start and the cost of recording a tape. The machines are
+//! shared and noisy: read the ratio. Then `rewind replay` (also of a tape
+//! TIMES as long, default 5, for its memory), `rewind diff` against sqldiff,
+//! and Kafka end to end against a raw consumer. `--only
+//! run|replay|diff|kafka` runs one section.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -167,6 +168,24 @@ fn run_section(
         rate(noop_time),
         noop_time.as_secs_f64()
     );
+    // Recording: every record and its result (row and output digests) onto a tape.
+    let tape = dir.join("recorded.tape");
+    let (taped_time, taped_rss) = measure(
+        rewind_run(bin, &processor, input, &dir.join("taped.db"), cache)
+            .arg("--quiet")
+            .arg("--tape")
+            .arg(&tape)
+            .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]),
+    )?;
+    println!(
+        "rewind run --tape:  {:>9.0} events/s  ({:.2}s, peak RSS {} MiB, {} MiB of tape; {:.2}x the run's time)",
+        rate(taped_time),
+        taped_time.as_secs_f64(),
+        taped_rss / 1024,
+        std::fs::metadata(&tape)?.len() >> 20,
+        taped_time.as_secs_f64() / wasm_time.as_secs_f64()
+    );
+    std::fs::remove_file(&tape)?;
     println!(
         "wasm/native time ratio: {:.2}",
         wasm_time.as_secs_f64() / native_time.as_secs_f64()

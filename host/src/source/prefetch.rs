@@ -2,6 +2,7 @@
 //! and decoding records overlaps with the processor working on earlier ones.
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use super::{InputError, Record, Source};
 
@@ -9,24 +10,79 @@ use super::{InputError, Record, Source};
 const CHUNK_RECORDS: usize = 512;
 /// A chunk is handed over early once its raw bytes reach this.
 const CHUNK_BYTES: usize = 1 << 20;
-/// Chunks read ahead at most (bounds the memory read ahead).
+/// Chunks read ahead at most.
 const CHUNKS_AHEAD: usize = 4;
+/// Raw bytes read ahead at most (handed over and not yet consumed), past
+/// which the reader waits: lines can be up to 64 MiB each.
+const BYTES_AHEAD: usize = 16 << 20;
 
 enum Chunk {
-    /// Records, each with the source's byte count after it.
-    Records(Vec<(Record, u64)>),
+    /// Records, each with the source's byte count after it, and their raw bytes.
+    Records(Vec<(Record, u64)>, usize),
     Failed(InputError),
+}
+
+/// Raw bytes handed over and not yet consumed, shared by both ends.
+#[derive(Default)]
+struct Ahead {
+    state: Mutex<AheadState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AheadState {
+    bytes: usize,
+    /// The consumer is gone: stop waiting.
+    closed: bool,
+}
+
+impl Ahead {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AheadState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until there is room to read ahead; `false` if the consumer is gone.
+    fn wait_for_room(&self) -> bool {
+        let mut state = self.lock();
+        while state.bytes >= BYTES_AHEAD && !state.closed {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        !state.closed
+    }
+
+    fn add(&self, bytes: usize) {
+        self.lock().bytes += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut state = self.lock();
+        state.bytes = state.bytes.saturating_sub(bytes);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
 }
 
 /// A finite [`Source`] read on a background thread. Records arrive in the
 /// source's order; an error arrives where the source raised it, after every
 /// record before it; the end arrives as the source's end.
 ///
-/// Dropping it hangs up: the reader stops at its next hand-over. It is not
-/// waited for, as it may be blocked reading a pipe that never ends.
+/// It reads at most [`CHUNKS_AHEAD`] chunks and about [`BYTES_AHEAD`] raw
+/// bytes ahead. Dropping it hangs up: the reader stops at its next
+/// hand-over. It is not waited for, as it may be blocked reading a pipe
+/// that never ends.
 pub struct Prefetch {
     rx: Option<Receiver<Chunk>>,
     current: std::vec::IntoIter<(Record, u64)>,
+    /// The raw bytes of `current`, released to the reader once consumed.
+    current_bytes: usize,
+    ahead: Arc<Ahead>,
     size: Option<u64>,
     bytes_read: u64,
 }
@@ -44,12 +100,16 @@ impl Prefetch {
     pub fn start(mut source: Box<dyn Source + Send>) -> std::io::Result<Prefetch> {
         let size = source.size();
         let (tx, rx) = sync_channel(CHUNKS_AHEAD);
+        let ahead = Arc::new(Ahead::default());
+        let reader_ahead = Arc::clone(&ahead);
         std::thread::Builder::new()
             .name("rewind-source".into())
-            .spawn(move || read_ahead(source.as_mut(), &tx))?;
+            .spawn(move || read_ahead(source.as_mut(), &tx, &reader_ahead))?;
         Ok(Prefetch {
             rx: Some(rx),
             current: Vec::new().into_iter(),
+            current_bytes: 0,
+            ahead,
             size,
             bytes_read: 0,
         })
@@ -58,8 +118,11 @@ impl Prefetch {
 
 /// The reading thread: chunks of records until the source ends, fails, or
 /// the consumer hangs up.
-fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>) {
+fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
     loop {
+        if !ahead.wait_for_room() {
+            return;
+        }
         let mut records = Vec::with_capacity(CHUNK_RECORDS);
         let mut bytes = 0;
         let failure = loop {
@@ -75,8 +138,11 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>) {
                 Err(error) => break Some(Some(error)),
             }
         };
-        if !records.is_empty() && tx.send(Chunk::Records(records)).is_err() {
-            return;
+        if !records.is_empty() {
+            ahead.add(bytes);
+            if tx.send(Chunk::Records(records, bytes)).is_err() {
+                return;
+            }
         }
         match failure {
             None => {}
@@ -97,11 +163,15 @@ impl Source for Prefetch {
                 self.bytes_read = bytes_read;
                 return Ok(Some(record));
             }
+            self.ahead.release(std::mem::take(&mut self.current_bytes));
             let Some(rx) = &self.rx else {
                 return Ok(None);
             };
             match rx.recv() {
-                Ok(Chunk::Records(records)) => self.current = records.into_iter(),
+                Ok(Chunk::Records(records, bytes)) => {
+                    self.current = records.into_iter();
+                    self.current_bytes = bytes;
+                }
                 Ok(Chunk::Failed(error)) => {
                     self.rx = None;
                     return Err(error);
@@ -124,19 +194,31 @@ impl Source for Prefetch {
     }
 }
 
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // A reader waiting for room stops; one handing over finds the
+        // channel closed once `rx` goes.
+        self.ahead.close();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::Position;
     use crate::source::SourceError;
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
     /// Yields `records` numbered records, then fails (or ends).
     struct Scripted {
         records: i64,
         next: i64,
         fail: bool,
+        /// Each record's raw length.
+        raw_len: usize,
+        /// How many records were read, for the test to watch.
+        read: Arc<AtomicI64>,
         /// Set when the source is dropped: its reader has finished.
         dropped: Arc<AtomicBool>,
     }
@@ -153,6 +235,8 @@ mod tests {
             records,
             next: 0,
             fail,
+            raw_len: 10,
+            read: Arc::default(),
             dropped: Arc::clone(&dropped),
         };
         (Box::new(source), dropped)
@@ -171,13 +255,14 @@ mod tests {
                 return Ok(None);
             }
             self.next += 1;
+            self.read.store(self.next, Ordering::SeqCst);
             Ok(Some(Record {
                 position: Position {
                     stream: "s".into(),
                     partition: 0,
                     offset: self.next,
                 },
-                raw: vec![b'x'; 10],
+                raw: vec![b'x'; self.raw_len],
                 decoded: Err("raw".into()),
                 fresh: false,
             }))
@@ -244,5 +329,31 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn big_records_are_read_ahead_only_up_to_the_byte_bound() {
+        const RAW: usize = 8 << 20;
+        let (mut scripted, _) = scripted(20, false);
+        scripted.raw_len = RAW;
+        let read = Arc::clone(&scripted.read);
+        let mut source = Prefetch::start(scripted).unwrap();
+        assert_eq!(source.next_record().unwrap().unwrap().raw.len(), RAW);
+        // Let the reader run as far ahead as it may.
+        let mut last = -1;
+        while read.load(Ordering::SeqCst) != last {
+            last = read.load(Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // One chunk per 8 MiB record, the first one still being consumed:
+        // the channel alone would let the reader read 6 records; 16 MiB of
+        // read-ahead stops it after the second (a third at most).
+        assert!(
+            (2..=3).contains(&last),
+            "read {last} records of 8 MiB with the first not yet consumed"
+        );
+        let (offsets, error) = drain(&mut source);
+        assert!(error.is_none());
+        assert_eq!(offsets, (2..=20).collect::<Vec<_>>());
     }
 }
