@@ -116,6 +116,14 @@ impl Prefetch {
     }
 }
 
+/// Why the reader stopped filling a chunk.
+enum Filled {
+    /// The chunk is full; there may be more.
+    Full,
+    End,
+    Failed(InputError),
+}
+
 /// The reading thread: chunks of records until the source ends, fails, or
 /// the consumer hangs up.
 fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
@@ -125,17 +133,17 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
         }
         let mut records = Vec::with_capacity(CHUNK_RECORDS);
         let mut bytes = 0;
-        let failure = loop {
+        let filled = loop {
             match source.next_record() {
                 Ok(Some(record)) => {
                     bytes += record.raw.len();
                     records.push((record, source.bytes_read()));
                     if records.len() == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
-                        break None;
+                        break Filled::Full;
                     }
                 }
-                Ok(None) => break Some(None),
-                Err(error) => break Some(Some(error)),
+                Ok(None) => break Filled::End,
+                Err(error) => break Filled::Failed(error),
             }
         };
         if !records.is_empty() {
@@ -144,11 +152,11 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
                 return;
             }
         }
-        match failure {
-            None => {}
+        match filled {
+            Filled::Full => {}
             // The channel closing is the end.
-            Some(None) => return,
-            Some(Some(error)) => {
+            Filled::End => return,
+            Filled::Failed(error) => {
                 let _ = tx.send(Chunk::Failed(error));
                 return;
             }

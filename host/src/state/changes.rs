@@ -68,6 +68,7 @@ impl ChangeLog {
         self.count as usize
     }
 
+    /// Whether no row changed.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
