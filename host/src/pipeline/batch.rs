@@ -364,18 +364,19 @@ impl Run<'_> {
         }
         let (changes, outputs) = applied.unwrap_or((None, &[]));
         let changes = changes.unwrap_or_else(EventChanges::none);
-        let mut event = TapeEvent::from_record(seq, record);
-        event.result = Some(EventResult {
+        let result = EventResult {
             outcome,
             rows: changes.rows,
             outputs: outputs.len() as u32,
             rows_digest: changes.digest,
             outputs_digest: crate::tape::outputs_digest(outputs),
-        });
+        };
         if let Some(tape) = self.tape.as_mut() {
-            tape.event(&event);
+            tape.record(seq, record, Some(&result));
         }
         if let Some(observed) = self.observed.as_mut() {
+            let mut event = TapeEvent::from_record(seq, record);
+            event.result = Some(result);
             observed.push(EventRecord {
                 event,
                 changes: changes.changes,

@@ -133,6 +133,87 @@ pub struct EventResult {
     pub outputs_digest: [u8; 32],
 }
 
+/// An event frame borrowed from what it records: a run writes its records
+/// onto the tape without copying them into a [`TapeEvent`] first.
+pub(crate) struct EventFrame<'a> {
+    seq: u64,
+    position: &'a Position,
+    timestamp_ms: Option<i64>,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    headers: &'a [Header],
+    malformed: Option<&'a str>,
+    result: Option<&'a EventResult>,
+}
+
+impl<'a> EventFrame<'a> {
+    /// The record `seq` as a source delivered it, with its result if any
+    /// (the frame [`TapeEvent::from_record`] would give).
+    pub(crate) fn of_record(
+        seq: u64,
+        record: &'a Record,
+        result: Option<&'a EventResult>,
+    ) -> EventFrame<'a> {
+        match &record.decoded {
+            Ok(event) => EventFrame {
+                seq,
+                position: &event.position,
+                timestamp_ms: event.timestamp_ms,
+                key: event.key.as_deref(),
+                payload: event.payload.as_deref(),
+                headers: &event.headers,
+                malformed: None,
+                result,
+            },
+            Err(reason) => EventFrame {
+                seq,
+                position: &record.position,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(&record.raw),
+                headers: &[],
+                malformed: Some(reason),
+                result,
+            },
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        w.u8(KIND_EVENT);
+        w.u64(self.seq);
+        w.str(&self.position.stream);
+        w.i32(self.position.partition);
+        w.i64(self.position.offset);
+        w.opt_i64(self.timestamp_ms);
+        w.opt_bytes(self.key);
+        w.opt_bytes(self.payload);
+        w.u32(self.headers.len() as u32);
+        for h in self.headers {
+            w.str(&h.name);
+            w.opt_bytes(h.value.as_deref());
+        }
+        w.opt_str(self.malformed);
+        match self.result {
+            None => w.u8(0),
+            Some(r) => {
+                w.u8(1);
+                let (tag, class, message) = match &r.outcome {
+                    Outcome::Applied => (1, "", ""),
+                    Outcome::Duplicate => (2, "", ""),
+                    Outcome::DeadLetter { class, message } => (3, &class[..], &message[..]),
+                };
+                w.u8(tag);
+                w.str(class);
+                w.str(message);
+                w.u32(r.rows);
+                w.u32(r.outputs);
+                w.buf.extend_from_slice(&r.rows_digest);
+                w.buf.extend_from_slice(&r.outputs_digest);
+            }
+        }
+    }
+}
+
 /// One consumed input record on a tape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TapeEvent {
@@ -201,39 +282,22 @@ impl TapeEvent {
         }
     }
 
+    /// The event as a frame, borrowed.
+    fn frame(&self) -> EventFrame<'_> {
+        EventFrame {
+            seq: self.seq,
+            position: &self.position,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.as_deref(),
+            payload: self.payload.as_deref(),
+            headers: &self.headers,
+            malformed: self.malformed.as_deref(),
+            result: self.result.as_ref(),
+        }
+    }
+
     fn encode(&self, w: &mut Writer) {
-        w.u8(KIND_EVENT);
-        w.u64(self.seq);
-        w.str(&self.position.stream);
-        w.i32(self.position.partition);
-        w.i64(self.position.offset);
-        w.opt_i64(self.timestamp_ms);
-        w.opt_bytes(self.key.as_deref());
-        w.opt_bytes(self.payload.as_deref());
-        w.u32(self.headers.len() as u32);
-        for h in &self.headers {
-            w.str(&h.name);
-            w.opt_bytes(h.value.as_deref());
-        }
-        w.opt_str(self.malformed.as_deref());
-        match &self.result {
-            None => w.u8(0),
-            Some(r) => {
-                w.u8(1);
-                let (tag, class, message) = match &r.outcome {
-                    Outcome::Applied => (1, "", ""),
-                    Outcome::Duplicate => (2, "", ""),
-                    Outcome::DeadLetter { class, message } => (3, &class[..], &message[..]),
-                };
-                w.u8(tag);
-                w.str(class);
-                w.str(message);
-                w.u32(r.rows);
-                w.u32(r.outputs);
-                w.buf.extend_from_slice(&r.rows_digest);
-                w.buf.extend_from_slice(&r.outputs_digest);
-            }
-        }
+        self.frame().encode(w);
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<TapeEvent, String> {

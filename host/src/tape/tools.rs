@@ -45,7 +45,7 @@ pub fn import(input: &Path, out: &Path, stream: Option<&str>) -> Result<u64, Too
     let mut seq = 0;
     let result = (|| {
         while let Some(record) = source.next_record().map_err(InputError::from)? {
-            tape.event(&TapeEvent::from_record(seq, &record));
+            tape.record(seq, &record, None);
             seq += 1;
             if seq % 10_000 == 0 {
                 tape.flush()?;
