@@ -268,8 +268,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         // Two runs side by side: a small page cache each (8 MiB) keeps the
         // replay's memory flat and small whatever the tape's length.
         c.cache_mib = Some(8);
-        // Each side holds a batch's results (row changes included) until it
-        // commits: small batches keep that flat too.
+        // Each side holds a batch's results until it commits (see REPLAY_BATCH).
         c.batch_size = REPLAY_BATCH;
         // A snapshot was written by one of the versions; both continue it.
         c.allow_module_change = true;
@@ -489,31 +488,11 @@ fn compare_event(
 /// A row's identity: its table and its key values, encoded.
 pub type RowKey = (String, Vec<u8>);
 
-/// Key values as bytes: a type tag, then the value (reals by their bits).
+/// Key values as bytes, each as the change log encodes it.
 pub fn encode_key(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
     for v in values {
-        match v {
-            Value::Null => out.push(0),
-            Value::Integer(i) => {
-                out.push(1);
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            Value::Real(r) => {
-                out.push(2);
-                out.extend_from_slice(&r.to_bits().to_le_bytes());
-            }
-            Value::Text(t) => {
-                out.push(3);
-                out.extend_from_slice(&(t.len() as u64).to_le_bytes());
-                out.extend_from_slice(t.as_bytes());
-            }
-            Value::Blob(b) => {
-                out.push(4);
-                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-                out.extend_from_slice(b);
-            }
-        }
+        crate::state::put_value(&mut out, v.into());
     }
     out
 }

@@ -151,23 +151,23 @@ fn run_section(setup: &Setup) -> Result<()> {
     let warm = start_time(bin, &processor, &tiny, &dir.join("warm.db"), cache)?;
     println!("start: cold (compile) {cold}, warm (cache) {warm}");
 
-    let (wasm_time, rss) = run_rewind(bin, &processor, input, &dir.join("wasm.db"), cache, batch)?;
+    let (wasm_time, rss) = run_rewind(
+        bin,
+        &processor,
+        input,
+        &dir.join("wasm.db"),
+        cache,
+        batch,
+        None,
+    )?;
     let (native_time, native_rss) = measure(
         Command::new(native_bin)
             .arg(input)
             .arg(dir.join("native.db"))
             .arg(batch.to_string()),
     )?;
-    // The host's own cost per event: a processor that does nothing,
-    // compiled into the cache first so that the compile is not counted.
-    rewind_run(
-        bin,
-        &wasm.join("hostile.wasm"),
-        &tiny,
-        &dir.join("warm-noop.db"),
-        cache,
-    )
-    .output()?;
+    // The host's own cost per event: a processor that does nothing.
+    warm_cache(setup, "hostile")?;
     let noop_input = dir.join("noop.jsonl");
     std::fs::write(&noop_input, "{\"do\":\"noop\"}\n".repeat(events))?;
     let (noop_time, _) = run_rewind(
@@ -177,6 +177,7 @@ fn run_section(setup: &Setup) -> Result<()> {
         &dir.join("noop.db"),
         cache,
         batch,
+        None,
     )?;
     let rate = |t: Duration| events as f64 / t.as_secs_f64();
     println!(
@@ -198,12 +199,14 @@ fn run_section(setup: &Setup) -> Result<()> {
     );
     // Recording: every record and its result (row and output digests) onto a tape.
     let tape = dir.join("recorded.tape");
-    let (taped_time, taped_rss) = measure(
-        rewind_run(bin, &processor, input, &dir.join("taped.db"), cache)
-            .arg("--quiet")
-            .arg("--tape")
-            .arg(&tape)
-            .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]),
+    let (taped_time, taped_rss) = run_rewind(
+        bin,
+        &processor,
+        input,
+        &dir.join("taped.db"),
+        cache,
+        batch,
+        Some(&tape),
     )?;
     println!(
         "rewind run --tape:  {:>9.0} events/s  ({:.2}s, peak RSS {} MiB, {} MiB of tape; {:.2}x the run's time)",
@@ -236,6 +239,9 @@ fn replay_section(setup: &Setup, long_replay: usize) -> Result<()> {
         events,
         ..
     } = setup;
+    // Both versions compiled first: a compile's memory is not the replay's.
+    warm_cache(setup, "payments-v1")?;
+    warm_cache(setup, "payments-v2")?;
     let replay = |input: &Path, label: &str| -> Result<()> {
         let events = std::fs::read(input)?
             .iter()
@@ -269,20 +275,6 @@ fn replay_bench(
     dir: &Path,
     cache: &Path,
 ) -> Result<(Duration, u64)> {
-    // Compile both versions into the cache first: a compile's memory is not
-    // the replay's.
-    let tiny = dir.join("tiny.jsonl");
-    for version in ["payments-v1", "payments-v2"] {
-        let state = dir.join(format!("warm-{version}.db"));
-        rewind_run(
-            bin,
-            &wasm.join(format!("{version}.wasm")),
-            &tiny,
-            &state,
-            cache,
-        )
-        .output()?;
-    }
     let tape = input.with_extension("tape");
     let _ = std::fs::remove_file(&tape);
     cmd(
@@ -384,7 +376,7 @@ fn start_time(
         .to_owned())
 }
 
-/// Runs `rewind run`: its wall time and peak RSS.
+/// Runs `rewind run` (recording onto `tape` if given): its wall time and peak RSS.
 fn run_rewind(
     bin: &Path,
     processor: &Path,
@@ -392,13 +384,31 @@ fn run_rewind(
     state: &Path,
     cache: &Path,
     batch: usize,
+    tape: Option<&Path>,
 ) -> Result<(Duration, u64)> {
-    measure(
-        rewind_run(bin, processor, input, state, cache)
-            .arg("--quiet")
-            // Batches end by size only, as in the native baseline.
-            .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]),
+    let mut command = rewind_run(bin, processor, input, state, cache);
+    command
+        .arg("--quiet")
+        // Batches end by size only, as in the native baseline.
+        .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]);
+    if let Some(tape) = tape {
+        command.arg("--tape").arg(tape);
+    }
+    measure(&mut command)
+}
+
+/// Compiles `module` into the compile cache (a run over one event), so that
+/// what is measured next does not include the compile.
+fn warm_cache(setup: &Setup, module: &str) -> Result<()> {
+    rewind_run(
+        &setup.bin,
+        &setup.wasm.join(format!("{module}.wasm")),
+        &setup.dir.join("tiny.jsonl"),
+        &setup.dir.join(format!("warm-{module}.db")),
+        &setup.cache,
     )
+    .output()?;
+    Ok(())
 }
 
 /// Runs `command` to success: its wall time and peak RSS (VmHWM, KiB).

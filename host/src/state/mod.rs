@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OpenFlags, params};
 
+pub(crate) use changes::put_value;
 pub use changes::{Change, ChangeLog, EventChanges};
 
 pub use checkpoint::Checkpointer;

@@ -401,7 +401,8 @@ mod tests {
     use crate::tape::Outcome;
 
     /// A record's frame written from the record equals the frame of its
-    /// `TapeEvent`, byte for byte, for well-formed and malformed records.
+    /// `TapeEvent`, byte for byte, for well-formed and malformed records,
+    /// and reads back as the record.
     #[test]
     fn a_record_is_written_as_its_tape_event_would_be() {
         let dir = tempfile::tempdir().unwrap();
@@ -461,5 +462,29 @@ mod tests {
         let by_record = written(true);
         assert!(by_record.len() > HEADER_LEN as usize + 100);
         assert_eq!(by_record, written(false));
+
+        // And what was written reads back as the records were.
+        let mut reader = TapeReader::open(&dir.path().join("true.tape")).unwrap();
+        let mut events = Vec::new();
+        while let Some(frame) = reader.next_frame().unwrap() {
+            if let Frame::Event(event) = frame {
+                events.push(event);
+            }
+        }
+        assert_eq!(events.len(), 4);
+        let (ok, bad) = (&events[1], &events[3]);
+        assert_eq!((ok.seq, bad.seq), (0, 1));
+        assert_eq!(ok.result.as_ref(), Some(&result));
+        assert_eq!(events[0].result, None);
+        assert_eq!(ok.position.offset, 41);
+        assert_eq!(ok.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(ok.payload.as_deref(), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(ok.headers.len(), 1);
+        assert_eq!(ok.timestamp_ms, Some(1_700_000_000_000));
+        assert_eq!(ok.malformed, None);
+        assert_eq!(bad.payload.as_deref(), Some(&[0xff, b'{'][..]));
+        assert_eq!(bad.malformed.as_deref(), Some("not JSON"));
+        assert_eq!((bad.key.as_ref(), bad.timestamp_ms), (None, None));
+        assert!(bad.headers.is_empty());
     }
 }

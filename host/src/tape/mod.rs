@@ -147,8 +147,7 @@ pub(crate) struct EventFrame<'a> {
 }
 
 impl<'a> EventFrame<'a> {
-    /// The record `seq` as a source delivered it, with its result if any
-    /// (the frame [`TapeEvent::from_record`] would give).
+    /// The record `seq` as a source delivered it, with its result if any.
     pub(crate) fn of_record(
         seq: u64,
         record: &'a Record,
@@ -175,6 +174,20 @@ impl<'a> EventFrame<'a> {
                 malformed: Some(reason),
                 result,
             },
+        }
+    }
+
+    /// The frame's event, owned.
+    fn to_event(&self) -> TapeEvent {
+        TapeEvent {
+            seq: self.seq,
+            position: self.position.clone(),
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(<[u8]>::to_vec),
+            payload: self.payload.map(<[u8]>::to_vec),
+            headers: self.headers.to_vec(),
+            malformed: self.malformed.map(str::to_owned),
+            result: self.result.cloned(),
         }
     }
 
@@ -232,28 +245,7 @@ pub struct TapeEvent {
 impl TapeEvent {
     /// The record `seq` as a source delivered it.
     pub fn from_record(seq: u64, record: &Record) -> TapeEvent {
-        match &record.decoded {
-            Ok(event) => TapeEvent {
-                seq,
-                position: event.position.clone(),
-                timestamp_ms: event.timestamp_ms,
-                key: event.key.clone(),
-                payload: event.payload.clone(),
-                headers: event.headers.clone(),
-                malformed: None,
-                result: None,
-            },
-            Err(reason) => TapeEvent {
-                seq,
-                position: record.position.clone(),
-                timestamp_ms: None,
-                key: None,
-                payload: Some(record.raw.clone()),
-                headers: Vec::new(),
-                malformed: Some(reason.clone()),
-                result: None,
-            },
-        }
+        EventFrame::of_record(seq, record, None).to_event()
     }
 
     /// The record, as a source delivers it to a run. The raw bytes of a
