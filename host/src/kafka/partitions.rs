@@ -427,6 +427,7 @@ pub(super) fn to_record(message: &BorrowedMessage<'_>) -> Record {
             timestamp_ms: message.timestamp().to_millis(),
         }),
         fresh: false,
+        entropy: None,
     }
 }
 

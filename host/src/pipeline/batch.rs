@@ -212,9 +212,12 @@ impl Run<'_> {
             self.retain(open, record);
             // Batches end only at epoch boundaries, so a crash always resumes
             // where every run starts a fresh instance.
-            let full = open.events >= self.config.batch_size
-                || open.started.elapsed() >= self.config.batch_time;
-            if full && self.next_seq.is_multiple_of(INSTANCE_EPOCH) {
+            // (The clock is read only where a batch may end.)
+            let full = || {
+                open.events >= self.config.batch_size
+                    || open.started.elapsed() >= self.config.batch_time
+            };
+            if self.next_seq.is_multiple_of(INSTANCE_EPOCH) && full() {
                 let done = batch.take().expect("the batch is open");
                 self.commit_batch(done)?;
                 self.progress
@@ -279,7 +282,7 @@ impl Run<'_> {
             .db
             .take()
             .expect("the state DB is lent out only during a call");
-        let (db, outcome) = self.instance.handle(db, event);
+        let (db, outcome) = self.instance.handle(db, event, &record.entropy());
         self.db = Some(db);
         let outcome = match outcome {
             Ok(outcome) => outcome,

@@ -21,7 +21,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 pub use cache::default_dir as default_cache_dir;
 pub use host::{HostFault, MAX_OUTPUTS_PER_EVENT};
 
-use crate::event::{Event, Output, Position};
+use crate::event::{Entropy, Event, Output, Position};
 use crate::state::{EventClock, StateDb};
 use crate::wit::{self, Processor, ProcessorPre};
 use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted};
@@ -320,18 +320,21 @@ impl Instance<'_> {
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
     pub fn init(&mut self, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
         self.recycle();
-        let outcome = self.call(db, &Position::init(), 0, |processor, store| {
+        let entropy = Entropy::of(&Position::init());
+        let outcome = self.call(db, &entropy, 0, |processor, store| {
             processor.call_init(store)
         });
         self.recycle();
         outcome
     }
 
-    /// Runs the module's `handle` for one event (the caller owns the savepoint).
+    /// Runs the module's `handle` for one event (the caller owns the
+    /// savepoint); `entropy` is the event's ([`Entropy::of`] its position).
     pub fn handle(
         &mut self,
         db: StateDb,
         event: &Event,
+        entropy: &Entropy,
     ) -> (StateDb, Result<CallOutcome, HostFault>) {
         let wit_event = wit::Event {
             stream: event.position.stream.clone(),
@@ -351,7 +354,7 @@ impl Instance<'_> {
         };
         self.call(
             db,
-            &event.position,
+            entropy,
             event.timestamp_ms.unwrap_or(0),
             |processor, store| processor.call_handle(store, &wit_event),
         )
@@ -388,13 +391,12 @@ impl Instance<'_> {
     fn call(
         &mut self,
         db: StateDb,
-        position: &Position,
+        entropy: &Entropy,
         timestamp_ms: i64,
         f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
     ) -> (StateDb, Result<CallOutcome, HostFault>) {
         let fuel = self.runtime.config.fuel;
-        let seed = position.seed();
-        db.enter_event(seed, fuel);
+        db.enter_event(entropy.seed, fuel);
         let clock = EventClock::enter(timestamp_ms);
         let mut db = Some(db);
 
@@ -405,7 +407,7 @@ impl Instance<'_> {
         let (result, stderr, logs, live) = match live {
             Err(error) => (Err(error), Vec::new(), Vec::new(), None),
             Ok(mut live) => {
-                live.cells.enter(seed, timestamp_ms);
+                live.cells.enter(entropy, timestamp_ms);
                 // Outputs were taken after the last call; their byte count restarts.
                 let data = live.store.data_mut();
                 data.db = db.take();

@@ -23,7 +23,7 @@ use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::p2::DynPollable;
 
 use super::host::HostState;
-use crate::event::{Position, Seed};
+use crate::event::{Entropy, Position, Seed};
 
 /// Bytes of stdout (and, separately, stderr) kept per event.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
@@ -85,10 +85,10 @@ impl EventCells {
     }
 
     /// Points the clocks and random streams at this event.
-    pub fn enter(&self, seed: Seed, timestamp_ms: i64) {
+    pub fn enter(&self, entropy: &Entropy, timestamp_ms: i64) {
         self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
-        self.secure.reseed(seed);
-        self.insecure.reseed(seed);
+        self.secure.reseed(entropy.seed, Some(&entropy.wasi_prefix));
+        self.insecure.reseed(entropy.seed, None);
     }
 
     /// Builds the WASI context of one instance.
@@ -120,30 +120,80 @@ impl EventCells {
 }
 
 /// A ChaCha20 stream shared between the host (which reseeds it per event)
-/// and the guest's WASI context (which draws from it). It is built on the
-/// first draw, as most events draw nothing.
+/// and the guest's WASI context (which draws from it).
 #[derive(Clone)]
 struct SharedRng {
     stream: u64,
-    rng: Arc<Mutex<(Seed, Option<ChaCha20Rng>)>>,
+    keystream: Arc<Mutex<Keystream>>,
+}
+
+/// One event's ChaCha20 stream, as a position in its keystream. Draws are
+/// served from the bytes prepared ahead while they last; the generator is
+/// built (and moved to the position) only past them. Either way a draw of
+/// `n` bytes takes the next `ceil(n / 4)` words of the keystream, as
+/// `ChaCha20Rng` does, so the values are the generator's.
+struct Keystream {
+    seed: Seed,
+    prefix: Option<[u8; Entropy::PREFIX]>,
+    /// Words drawn so far.
+    words: u64,
+    rng: Option<ChaCha20Rng>,
+}
+
+impl Keystream {
+    fn fill(&mut self, stream: u64, dst: &mut [u8]) {
+        if self.rng.is_none() {
+            let start = self.words as usize * 4;
+            let prepared = self
+                .prefix
+                .as_ref()
+                .and_then(|p| p.get(start..start + dst.len()));
+            if let Some(bytes) = prepared {
+                dst.copy_from_slice(bytes);
+                self.words += dst.len().div_ceil(4) as u64;
+                return;
+            }
+        }
+        let (seed, words) = (self.seed, self.words);
+        self.rng
+            .get_or_insert_with(|| {
+                let mut rng = seed.rng(stream);
+                rng.set_word_pos(u128::from(words));
+                rng
+            })
+            .fill_bytes(dst);
+    }
 }
 
 impl SharedRng {
     fn seeded(seed: Seed, stream: u64) -> Self {
         SharedRng {
             stream,
-            rng: Arc::new(Mutex::new((seed, None))),
+            keystream: Arc::new(Mutex::new(Keystream {
+                seed,
+                prefix: None,
+                words: 0,
+                rng: None,
+            })),
         }
     }
 
-    fn reseed(&self, seed: Seed) {
-        *self.rng.lock().unwrap_or_else(|p| p.into_inner()) = (seed, None);
+    /// Starts the stream of `seed` over; `prefix` is its first bytes, when known.
+    fn reseed(&self, seed: Seed, prefix: Option<&[u8; Entropy::PREFIX]>) {
+        let mut keystream = self.keystream.lock().unwrap_or_else(|p| p.into_inner());
+        *keystream = Keystream {
+            seed,
+            prefix: prefix.copied(),
+            words: 0,
+            rng: None,
+        };
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut ChaCha20Rng) -> T) -> T {
-        let mut guard = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-        let (seed, rng) = &mut *guard;
-        f(rng.get_or_insert_with(|| seed.rng(self.stream)))
+    fn fill(&self, dst: &mut [u8]) {
+        self.keystream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fill(self.stream, dst);
     }
 }
 
@@ -151,15 +201,19 @@ impl TryRng for SharedRng {
     type Error = Infallible;
 
     fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok(self.with(|rng| rng.next_u32()))
+        let mut word = [0; 4];
+        self.fill(&mut word);
+        Ok(u32::from_le_bytes(word))
     }
 
     fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        Ok(self.with(|rng| rng.next_u64()))
+        let mut words = [0; 8];
+        self.fill(&mut words);
+        Ok(u64::from_le_bytes(words))
     }
 
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
-        self.with(|rng| rng.fill_bytes(dst));
+        self.fill(dst);
         Ok(())
     }
 }
@@ -294,5 +348,54 @@ impl tokio::io::AsyncWrite for CappedPipe {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws of every kind and size, across the prepared bytes' end and the
+    /// generator's block ends, give exactly what the generator gives.
+    #[test]
+    fn a_keystream_draws_what_the_generator_draws() {
+        let position = Position {
+            stream: "orders".into(),
+            partition: 3,
+            offset: 17,
+        };
+        let entropy = Entropy::of(&position);
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let mut shared = SharedRng::seeded(Seed([0; 32]), Seed::WASI);
+            shared.reseed(entropy.seed, Some(&entropy.wasi_prefix));
+            let mut rng = entropy.seed.rng(Seed::WASI);
+            for _ in 0..12 {
+                match next() % 3 {
+                    0 => assert_eq!(shared.next_u32(), rng.next_u32()),
+                    1 => assert_eq!(shared.next_u64(), rng.next_u64()),
+                    _ => {
+                        let n = (next() % 71) as usize;
+                        let (mut ours, mut theirs) = (vec![0; n], vec![0; n]);
+                        shared.fill_bytes(&mut ours);
+                        rng.fill_bytes(&mut theirs);
+                        assert_eq!(ours, theirs);
+                    }
+                }
+            }
+        }
+        // Without prepared bytes the stream is the same.
+        let mut shared = SharedRng::seeded(entropy.seed, Seed::WASI);
+        let mut rng = entropy.seed.rng(Seed::WASI);
+        let (mut ours, mut theirs) = ([0; 100], [0; 100]);
+        shared.fill_bytes(&mut ours);
+        rng.fill_bytes(&mut theirs);
+        assert_eq!(ours, theirs);
     }
 }

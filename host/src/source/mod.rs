@@ -10,7 +10,7 @@ mod prefetch;
 pub use prefetch::Prefetch;
 
 use crate::envelope::decode_line;
-use crate::event::{Event, Position};
+use crate::event::{Entropy, Event, Position};
 use crate::tape::MALFORMED_HEADER;
 
 /// One consumed input record: its position, its bytes exactly as read, and
@@ -23,6 +23,27 @@ pub struct Record {
     /// The recorded run gave the processor a fresh instance right before
     /// this record (a tape's run frame): a replay must do the same.
     pub fresh: bool,
+    /// The event's randomness, when a reading thread prepared it ahead
+    /// (see [`Record::prepare`]); otherwise it is worked out when needed.
+    pub entropy: Option<Entropy>,
+}
+
+impl Record {
+    /// Does ahead of time, on the calling thread, the work on this record
+    /// that depends on it alone.
+    pub fn prepare(&mut self) {
+        if self.decoded.is_ok() && self.entropy.is_none() {
+            self.entropy = Some(Entropy::of(&self.position));
+        }
+    }
+
+    /// The event's randomness (prepared, or worked out now).
+    pub fn entropy(&self) -> std::borrow::Cow<'_, Entropy> {
+        match &self.entropy {
+            Some(entropy) => std::borrow::Cow::Borrowed(entropy),
+            None => std::borrow::Cow::Owned(Entropy::of(&self.position)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +186,7 @@ impl FileSource {
                     raw: self.buf.clone(),
                     decoded: Err(reason),
                     fresh: false,
+                    entropy: None,
                 }));
             }
             let mut line = &self.buf[..];
@@ -187,12 +209,14 @@ impl FileSource {
                         raw: event.payload.unwrap_or_default(),
                         decoded: Err(reason),
                         fresh: false,
+                        entropy: None,
                     },
                     None => Record {
                         position: event.position.clone(),
                         raw: line.to_vec(),
                         decoded: Ok(event),
                         fresh: false,
+                        entropy: None,
                     },
                 },
                 Err(reason) => Record {
@@ -200,6 +224,7 @@ impl FileSource {
                     raw: line.to_vec(),
                     decoded: Err(reason),
                     fresh: false,
+                    entropy: None,
                 },
             }));
         }
@@ -220,6 +245,10 @@ fn exported_malformed(event: &Event) -> Option<String> {
 
 /// What a source had when asked.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a value handed straight to the caller; boxing would allocate per record"
+)]
 pub enum Polled {
     Record(Record),
     /// Nothing yet: a live source waited and may have more later.

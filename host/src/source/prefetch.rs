@@ -135,7 +135,8 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
         let mut bytes = 0;
         let filled = loop {
             match source.next_record() {
-                Ok(Some(record)) => {
+                Ok(Some(mut record)) => {
+                    record.prepare();
                     bytes += record.raw.len();
                     records.push((record, source.bytes_read()));
                     if records.len() == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
@@ -273,6 +274,7 @@ mod tests {
                 raw: vec![b'x'; self.raw_len],
                 decoded: Err("raw".into()),
                 fresh: false,
+                entropy: None,
             }))
         }
         fn size(&self) -> Option<u64> {

@@ -17,6 +17,7 @@ macro_rules! host_sql {
 mod changes;
 mod checkpoint;
 mod guard;
+mod statements;
 mod tables;
 mod vfs;
 
@@ -117,7 +118,11 @@ pub struct StateDb {
     /// Row changes of processor tables, when a tape records them. Declared
     /// before `conn`: it unregisters its hook before the connection closes.
     changes: Option<changes::Changes>,
-    conn: Connection,
+    /// The guest's statements and the host's per-event ones. Declared
+    /// before `conn`, which is boxed: they point into it (see `statements`).
+    guest_statements: statements::Statements,
+    host_statements: statements::Statements,
+    conn: Box<Connection>,
     path: PathBuf,
     guard: Arc<Guard>,
     /// SQLite VM instructions (in progress-handler periods) the current guest
@@ -204,7 +209,9 @@ impl StateDb {
         let db = StateDb {
             checkpointer: None,
             changes: None,
-            conn,
+            guest_statements: Default::default(),
+            host_statements: Default::default(),
+            conn: Box::new(conn),
             path: path.to_owned(),
             guard,
             sql_periods,
@@ -225,6 +232,9 @@ impl StateDb {
     /// writer then never waits on `fsync`). See `checkpoint`.
     pub fn checkpoint_in_background(&mut self) -> Result<(), StateError> {
         if self.checkpointer.is_none() {
+            // Nothing may point into the connection while it is borrowed mutably.
+            self.guest_statements.clear();
+            self.host_statements.clear();
             let checkpointer =
                 checkpoint::Checkpointer::start(&mut self.conn, &self.path, Some(vfs::NAME))
                     .map_err(|e| self.err(e))?;
@@ -426,10 +436,13 @@ impl StateDb {
     pub fn guest_execute(&self, sql: &str, params: Vec<SqlValue>) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
-            let mut stmt = self.conn.prepare_cached(guard::guest_statement(sql)?)?;
-            let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-            while rows.next()?.is_some() {}
-            Ok(())
+            let sql = guard::guest_statement(sql)?;
+            let large = holds_large_value(&params);
+            self.guest_statements.with(&self.conn, sql, large, |stmt| {
+                let mut rows = stmt.query(rusqlite::params_from_iter(&params))?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            })
         });
         result.map_err(|e| self.guest_error(e))?;
         Ok(self.conn.total_changes().saturating_sub(before))
@@ -442,37 +455,60 @@ impl StateDb {
         params: Vec<SqlValue>,
     ) -> Result<GuestRows, GuestSqlError> {
         let result = self.guard.as_guest(|| {
-            let mut stmt = self.conn.prepare_cached(guard::guest_statement(sql)?)?;
-            let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-            let width = columns.len();
-            let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-            let mut out = Vec::new();
-            let mut bytes = 0usize;
-            while let Some(row) = rows.next()? {
-                let mut values = Vec::with_capacity(width);
-                for i in 0..width {
-                    let value = row.get::<_, SqlValue>(i)?;
-                    bytes += 16
-                        + match &value {
-                            SqlValue::Text(s) => s.len(),
-                            SqlValue::Blob(b) => b.len(),
-                            _ => 0,
-                        };
-                    values.push(value);
-                }
-                if bytes > MAX_QUERY_BYTES {
-                    return Err(rusqlite::Error::SqliteFailure(
-                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
-                        Some(format!(
-                            "query result is larger than {} MiB; add a LIMIT",
-                            MAX_QUERY_BYTES >> 20
-                        )),
-                    ));
-                }
-                out.push(values);
-            }
-            Ok(GuestRows { columns, rows: out })
+            let sql = guard::guest_statement(sql)?;
+            let large = holds_large_value(&params);
+            self.guest_statements
+                .with(&self.conn, sql, large, |stmt| collect_rows(stmt, &params))
         });
         result.map_err(|e| self.guest_error(e))
     }
+}
+
+/// Whether binding `params` copies enough bytes into a statement that they
+/// should not stay bound to it until its next use.
+fn holds_large_value(params: &[SqlValue]) -> bool {
+    params.iter().any(|value| match value {
+        SqlValue::Text(s) => s.len() > LARGE_BINDING,
+        SqlValue::Blob(b) => b.len() > LARGE_BINDING,
+        _ => false,
+    })
+}
+
+/// Bytes of a bound text or blob past which it is released after the statement runs.
+const LARGE_BINDING: usize = 64 << 10;
+
+/// Runs a guest query and collects its rows, up to [`MAX_QUERY_BYTES`].
+fn collect_rows(
+    stmt: &mut rusqlite::Statement<'_>,
+    params: &[SqlValue],
+) -> rusqlite::Result<GuestRows> {
+    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    let width = columns.len();
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = rows.next()? {
+        let mut values = Vec::with_capacity(width);
+        for i in 0..width {
+            let value = row.get::<_, SqlValue>(i)?;
+            bytes += 16
+                + match &value {
+                    SqlValue::Text(s) => s.len(),
+                    SqlValue::Blob(b) => b.len(),
+                    _ => 0,
+                };
+            values.push(value);
+        }
+        if bytes > MAX_QUERY_BYTES {
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                Some(format!(
+                    "query result is larger than {} MiB; add a LIMIT",
+                    MAX_QUERY_BYTES >> 20
+                )),
+            ));
+        }
+        out.push(values);
+    }
+    Ok(GuestRows { columns, rows: out })
 }

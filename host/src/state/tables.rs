@@ -214,12 +214,16 @@ impl StateDb {
     }
 
     pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
-        self.conn
-            .prepare_cached(host_sql!(
-                "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-            ))
-            .and_then(|mut s| {
+        // Per output: kept out of rusqlite's cache, which hashes on every use.
+        self.host_statements
+            .with(
+                &self.conn,
+                host_sql!(
+                    "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                row.output.payload.as_ref().is_some_and(|p| p.len() > super::LARGE_BINDING),
+                |s| {
                 s.execute(params![
                     outbox_slot(row.seq, row.n),
                     row.id,
@@ -368,20 +372,26 @@ impl StateDb {
 
     /// Whether an event with this id was consumed before.
     pub fn seen_event_id(&self, id: &[u8]) -> Result<bool, StateError> {
-        self.conn
-            .prepare_cached(host_sql!("SELECT 1 FROM _rewind_dedup WHERE id = ?1"))
-            .and_then(|mut s| s.query_row([id], |_| Ok(())).optional())
+        self.host_statements
+            .with(
+                &self.conn,
+                host_sql!("SELECT 1 FROM _rewind_dedup WHERE id = ?1"),
+                false,
+                |s| s.query_row([id], |_| Ok(())).optional(),
+            )
             .map(|r| r.is_some())
             .map_err(|e| self.err(e))
     }
 
     /// Remembers an event id (inside the batch transaction).
     pub fn record_event_id(&self, id: &[u8], seq: u64) -> Result<(), StateError> {
-        self.conn
-            .prepare_cached(host_sql!(
-                "INSERT INTO _rewind_dedup (id, seq) VALUES (?1, ?2)"
-            ))
-            .and_then(|mut s| s.execute(params![id, seq as i64]))
+        self.host_statements
+            .with(
+                &self.conn,
+                host_sql!("INSERT INTO _rewind_dedup (id, seq) VALUES (?1, ?2)"),
+                false,
+                |s| s.execute(params![id, seq as i64]),
+            )
             .map(drop)
             .map_err(|e| self.err(e))
     }

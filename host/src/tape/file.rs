@@ -425,12 +425,14 @@ mod tests {
                 timestamp_ms: Some(1_700_000_000_000),
             }),
             fresh: false,
+            entropy: None,
         };
         let malformed = Record {
             position,
             raw: vec![0xff, b'{'],
             decoded: Err("not JSON".into()),
             fresh: false,
+            entropy: None,
         };
         let result = EventResult {
             outcome: Outcome::DeadLetter {

@@ -258,6 +258,7 @@ impl TapeEvent {
                 raw: self.payload.clone().unwrap_or_default(),
                 decoded: Err(reason.clone()),
                 fresh: false,
+                entropy: None,
             },
             None => Record {
                 position: self.position.clone(),
@@ -270,6 +271,7 @@ impl TapeEvent {
                     timestamp_ms: self.timestamp_ms,
                 }),
                 fresh: false,
+                entropy: None,
             },
         }
     }
