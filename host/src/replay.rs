@@ -286,20 +286,26 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
     let (old_tx, old_rx) = sync_channel(1);
     let (new_tx, new_rx) = sync_channel(1);
     std::thread::scope(|scope| {
-        let old = scope.spawn(move || {
-            let side = Side {
-                tx: old_tx,
-                progress: Some(progress),
-            };
-            run_loaded(&old_cfg, runtime, &old_module, &side)
-        });
-        let new = scope.spawn(move || {
-            let side = Side {
-                tx: new_tx,
-                progress: None,
-            };
-            run_loaded(&new_cfg, runtime, &new_module, &side)
-        });
+        let old = std::thread::Builder::new()
+            .name("rewind-old".into())
+            .spawn_scoped(scope, move || {
+                let side = Side {
+                    tx: old_tx,
+                    progress: Some(progress),
+                };
+                run_loaded(&old_cfg, runtime, &old_module, &side)
+            })
+            .map_err(|_| ReplayError::Crashed { side: "old" })?;
+        let new = std::thread::Builder::new()
+            .name("rewind-new".into())
+            .spawn_scoped(scope, move || {
+                let side = Side {
+                    tx: new_tx,
+                    progress: None,
+                };
+                run_loaded(&new_cfg, runtime, &new_module, &side)
+            })
+            .map_err(|_| ReplayError::Crashed { side: "new" })?;
         let compared = compare(
             &config.tape,
             &old_rx,
