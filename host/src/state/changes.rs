@@ -24,15 +24,34 @@ struct Acc {
 }
 
 impl Acc {
-    fn new(keep: bool) -> Acc {
+    /// `capacity`: bytes to reserve for the change log, when kept.
+    fn new(keep: bool, capacity: usize) -> Acc {
         let mut hasher = Sha256::new();
         hasher.update(b"rewind-rows-v1\0");
         Acc {
             rows: 0,
             hasher,
-            kept: keep.then(ChangeLog::default),
+            kept: keep.then(|| ChangeLog {
+                bytes: Vec::with_capacity(capacity),
+                count: 0,
+            }),
             after: Vec::new(),
         }
+    }
+
+    /// A fresh accumulator like this one. Its log reserves what this one's
+    /// used: events of a stream write alike, so the log rarely grows (each
+    /// growth copies it).
+    fn renew(&self) -> Acc {
+        let used = self.kept.as_ref().map_or(0, |log| log.bytes.len());
+        Acc::new(
+            self.kept.is_some(),
+            if used == 0 {
+                0
+            } else {
+                used.next_power_of_two()
+            },
+        )
     }
 }
 
@@ -151,7 +170,7 @@ impl<'a> Reader<'a> {
 
 /// The digest of no changes at all.
 fn empty_digest() -> [u8; 32] {
-    Acc::new(false).hasher.finalize().into()
+    Acc::new(false, 0).hasher.finalize().into()
 }
 
 /// The registered hook and what it accumulated since the last
@@ -172,7 +191,7 @@ impl Changes {
     /// # Safety
     /// `db` must stay open until the returned value is dropped.
     pub(super) unsafe fn register(db: *mut ffi::sqlite3, keep: bool) -> Changes {
-        let acc = Box::into_raw(Box::new(Mutex::new(Acc::new(keep))));
+        let acc = Box::into_raw(Box::new(Mutex::new(Acc::new(keep, 0))));
         // SAFETY: `acc` lives until `drop`, which unregisters the hook first.
         unsafe {
             ffi::sqlite3_preupdate_hook(db, Some(hook), acc.cast());
@@ -190,8 +209,8 @@ impl Changes {
     /// Rows changed and their digest since the last call; starts afresh.
     pub(super) fn take(&self) -> EventChanges {
         let mut acc = self.acc();
-        let keep = acc.kept.is_some();
-        let done = std::mem::replace(&mut *acc, Acc::new(keep));
+        let fresh = acc.renew();
+        let done = std::mem::replace(&mut *acc, fresh);
         EventChanges {
             rows: done.rows,
             digest: done.hasher.finalize().into(),
@@ -202,8 +221,7 @@ impl Changes {
     /// Forgets the changes since the last [`Changes::take`].
     pub(super) fn reset(&self) {
         let mut acc = self.acc();
-        let keep = acc.kept.is_some();
-        *acc = Acc::new(keep);
+        *acc = acc.renew();
     }
 }
 
