@@ -259,7 +259,13 @@ impl Run<'_> {
                     None,
                     &record.raw,
                 )?;
-                self.record_on_tape(seq, record, dead("malformed", reason), None);
+                self.record_on_tape(
+                    seq,
+                    record,
+                    dead("malformed", reason),
+                    None,
+                    &mut Vec::new(),
+                );
                 return Ok(Processed::Done);
             }
         };
@@ -268,7 +274,7 @@ impl Run<'_> {
             if self.db().seen_event_id(id)? {
                 // Re-produced data: consumed, counted, not applied again.
                 self.summary.duplicates += 1;
-                self.record_on_tape(seq, record, Outcome::Duplicate, None);
+                self.record_on_tape(seq, record, Outcome::Duplicate, None, &mut Vec::new());
                 return Ok(Processed::Done);
             }
             self.db().record_event_id(id, seq)?;
@@ -301,12 +307,12 @@ impl Run<'_> {
                 .map(|line| (event.position.clone(), line)),
         );
         match outcome.result {
-            Ok(outputs) => {
+            Ok(mut outputs) => {
+                self.summary.outputs += outputs.len() as u64;
                 if self.tape.is_some() || self.observed.is_some() {
                     let changes = self.db().take_changes();
-                    self.record_on_tape(seq, record, Outcome::Applied, Some((changes, &outputs)));
+                    self.record_on_tape(seq, record, Outcome::Applied, changes, &mut outputs);
                 }
-                self.summary.outputs += outputs.len() as u64;
                 let queued = outputs.into_iter().filter(|_| self.config.queue_outputs);
                 for (n, output) in queued.enumerate() {
                     let row = OutboxRow {
@@ -337,7 +343,7 @@ impl Run<'_> {
                 self.db().rollback_event()?;
                 self.db().reset_changes();
                 let outcome = dead(rejection.class, &rejection.message);
-                self.record_on_tape(seq, record, outcome, None);
+                self.record_on_tape(seq, record, outcome, None, &mut Vec::new());
                 let position = event.position.clone();
                 self.dead_letter(
                     seq,
@@ -353,26 +359,28 @@ impl Run<'_> {
     }
 
     /// Queues `record` (consumed as `seq`) and its result on the tape, and
-    /// for the observer, if the run has them. `applied` has the changes the
-    /// event made and its outputs; without it the event changed nothing.
+    /// for the observer, if the run has them: the changes the event made
+    /// (`None`: it changed nothing) and its outputs. Outputs that are not
+    /// queued move to the observer (leaving `outputs` empty); queued ones
+    /// are copied.
     fn record_on_tape(
         &mut self,
         seq: u64,
         record: &Record,
         outcome: Outcome,
-        applied: Option<(Option<EventChanges>, &[Output])>,
+        changes: Option<EventChanges>,
+        outputs: &mut Vec<Output>,
     ) {
         if self.tape.is_none() && self.observed.is_none() {
             return;
         }
-        let (changes, outputs) = applied.unwrap_or((None, &[]));
         let changes = changes.unwrap_or_else(EventChanges::none);
         let result = EventResult {
             outcome,
             rows: changes.rows,
             outputs: outputs.len() as u32,
             rows_digest: changes.digest,
-            outputs_digest: crate::tape::outputs_digest(outputs),
+            outputs_digest: crate::tape::outputs_digest(outputs.as_slice()),
         };
         if let Some(tape) = self.tape.as_mut() {
             tape.record(seq, record, Some(&result));
@@ -380,10 +388,14 @@ impl Run<'_> {
         if let Some(observed) = self.observed.as_mut() {
             let mut event = TapeEvent::from_record(seq, record);
             event.result = Some(result);
+            let outputs = match self.config.queue_outputs {
+                true => outputs.clone(),
+                false => std::mem::take(outputs),
+            };
             observed.push(EventRecord {
                 event,
                 changes: changes.changes,
-                outputs: outputs.to_vec(),
+                outputs,
             });
         }
     }
