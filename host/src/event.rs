@@ -42,16 +42,16 @@ impl Position {
     }
 }
 
-/// What a guest's randomness for one event starts from: the seed and the
-/// first bytes of its WASI `random` stream. Worked out by a source's
-/// reading thread ([`crate::source::Record::entropy`]), so that the thread
-/// running the guest only copies it: the hash and the first ChaCha20 blocks
-/// were 2-3% of a run.
+/// What a guest's randomness for one event starts from: the seed and,
+/// when prepared ahead, the first bytes of its WASI `random` stream.
+/// A source's reading thread prepares it ([`crate::source::Record::prepare`]),
+/// so that the thread running the guest only copies it: the hash and the
+/// first ChaCha20 blocks were 2-3% of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entropy {
     pub seed: Seed,
-    /// The first [`Entropy::PREFIX`] bytes of `seed.rng(Seed::WASI)`.
-    pub wasi_prefix: [u8; Entropy::PREFIX],
+    /// The first [`Entropy::PREFIX`] bytes of `seed.rng(Seed::WASI)`, if prepared.
+    pub wasi_prefix: Option<[u8; Entropy::PREFIX]>,
 }
 
 impl Entropy {
@@ -59,12 +59,24 @@ impl Entropy {
     /// few ids per event uses.
     pub const PREFIX: usize = 64;
 
+    /// The seed alone: the generator is built if and when the guest draws.
     pub fn of(position: &Position) -> Self {
+        Entropy {
+            seed: position.seed(),
+            wasi_prefix: None,
+        }
+    }
+
+    /// The seed and the first bytes of the WASI stream, worked out now.
+    pub fn prepared(position: &Position) -> Self {
         use rand_core::Rng;
         let seed = position.seed();
-        let mut wasi_prefix = [0; Self::PREFIX];
-        seed.rng(Seed::WASI).fill_bytes(&mut wasi_prefix);
-        Entropy { seed, wasi_prefix }
+        let mut prefix = [0; Self::PREFIX];
+        seed.rng(Seed::WASI).fill_bytes(&mut prefix);
+        Entropy {
+            seed,
+            wasi_prefix: Some(prefix),
+        }
     }
 }
 

@@ -329,7 +329,7 @@ impl Instance<'_> {
     }
 
     /// Runs the module's `handle` for one event (the caller owns the
-    /// savepoint); `entropy` is the event's ([`Entropy::of`] its position).
+    /// savepoint); `entropy` is the event's (see [`Entropy`]).
     pub fn handle(
         &mut self,
         db: StateDb,

@@ -87,7 +87,8 @@ impl EventCells {
     /// Points the clocks and random streams at this event.
     pub fn enter(&self, entropy: &Entropy, timestamp_ms: i64) {
         self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
-        self.secure.reseed(entropy.seed, Some(&entropy.wasi_prefix));
+        self.secure
+            .reseed(entropy.seed, entropy.wasi_prefix.as_ref());
         self.insecure.reseed(entropy.seed, None);
     }
 
@@ -364,7 +365,7 @@ mod tests {
             partition: 3,
             offset: 17,
         };
-        let entropy = Entropy::of(&position);
+        let entropy = Entropy::prepared(&position);
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move || {
             state ^= state << 13;
@@ -374,7 +375,7 @@ mod tests {
         };
         for _ in 0..200 {
             let mut shared = SharedRng::seeded(Seed([0; 32]), Seed::WASI);
-            shared.reseed(entropy.seed, Some(&entropy.wasi_prefix));
+            shared.reseed(entropy.seed, entropy.wasi_prefix.as_ref());
             let mut rng = entropy.seed.rng(Seed::WASI);
             for _ in 0..12 {
                 match next() % 3 {

@@ -44,14 +44,7 @@ impl Acc {
     /// growth copies it).
     fn renew(&self) -> Acc {
         let used = self.kept.as_ref().map_or(0, |log| log.bytes.len());
-        Acc::new(
-            self.kept.is_some(),
-            if used == 0 {
-                0
-            } else {
-                used.next_power_of_two()
-            },
-        )
+        Acc::new(self.kept.is_some(), used)
     }
 }
 

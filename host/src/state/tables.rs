@@ -215,6 +215,11 @@ impl StateDb {
 
     pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
         // Per output: kept out of rusqlite's cache, which hashes on every use.
+        let large = row
+            .output
+            .payload
+            .as_ref()
+            .is_some_and(|p| p.len() > super::LARGE_BINDING);
         self.host_statements
             .with(
                 &self.conn,
@@ -222,18 +227,19 @@ impl StateDb {
                     "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
                 ),
-                row.output.payload.as_ref().is_some_and(|p| p.len() > super::LARGE_BINDING),
+                large,
                 |s| {
-                s.execute(params![
-                    outbox_slot(row.seq, row.n),
-                    row.id,
-                    row.output.stream,
-                    row.output.key,
-                    row.output.payload,
-                    headers_to_json(&row.output.headers),
-                    row.timestamp_ms,
-                ])
-            })
+                    s.execute(params![
+                        outbox_slot(row.seq, row.n),
+                        row.id,
+                        row.output.stream,
+                        row.output.key,
+                        row.output.payload,
+                        headers_to_json(&row.output.headers),
+                        row.timestamp_ms,
+                    ])
+                },
+            )
             .map(drop)
             .map_err(|e| self.err(e))
     }
