@@ -59,7 +59,8 @@ pub fn config(processor: &Path, input: &Path, state: &Path) -> RunConfig {
 }
 
 /// Every table of a SQLite file, host tables included, in a canonical text
-/// form: tables by name, rows ordered by every column.
+/// form: tables by name, rows ordered by every column; the outbox as the
+/// outputs it holds.
 pub fn dump(db: &Path) -> String {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -73,6 +74,18 @@ pub fn dump(db: &Path) -> String {
         .unwrap();
     let mut out = String::new();
     for table in tables {
+        if table == "_rewind_outbox" {
+            // Pending outputs, not pages: how outputs are split into pages
+            // follows the batches, which may differ between equal runs.
+            let pending = rewind_host::StateDb::open_existing(db)
+                .and_then(|state| state.pending_outbox(None, usize::MAX))
+                .unwrap_or_else(|e| panic!("outbox of {}: {e}", db.display()));
+            writeln!(out, "table {table} (pending outputs)").unwrap();
+            for row in pending {
+                writeln!(out, "  {row:?}").unwrap();
+            }
+            continue;
+        }
         let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
         let width = stmt.column_count();
         let order: Vec<String> = (1..=width).map(|i| i.to_string()).collect();

@@ -5,10 +5,11 @@
 //!
 //! `native_payments INPUT.jsonl STATE.db BATCH_SIZE`
 //!
-//! Like the host it commits state, outbox rows and offsets per batch (rounded
-//! up to the host's 64-event instance epochs), checkpoints the WAL in the
-//! background, and runs events without savepoints (payments rejects an event
-//! before writing anything, so none is needed natively).
+//! Like the host it commits state, outbox pages and offsets per batch
+//! (rounded up to the host's 64-event instance epochs), checkpoints the WAL
+//! in the background, and runs events without savepoints (payments rejects an
+//! event before writing anything, so none is needed natively). Outputs are
+//! encoded into outbox pages of up to 1 MiB as the host does.
 
 use std::path::Path;
 
@@ -62,9 +63,8 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
          CREATE TABLE _rewind_offsets (stream TEXT NOT NULL, partition INTEGER NOT NULL,
              next_offset INTEGER NOT NULL, PRIMARY KEY (stream, partition)) WITHOUT ROWID;
          CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
-             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
-             timestamp_ms INTEGER);
+         CREATE TABLE _rewind_outbox (last_slot INTEGER PRIMARY KEY,
+             first_slot INTEGER NOT NULL, outputs INTEGER NOT NULL, page BLOB NOT NULL);
          CREATE TABLE _rewind_dlq (seq INTEGER PRIMARY KEY, message TEXT NOT NULL, raw BLOB NOT NULL);",
     )?;
     // The payments processor's schema, as its `init` creates it.
@@ -85,6 +85,7 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
     let text = std::fs::read(input)?;
     let commit_every = batch.next_multiple_of(64);
     let mut seq = 0u64;
+    let mut outbox = Outbox::default();
     conn.execute_batch("BEGIN IMMEDIATE")?;
     for (line_no, line) in text
         .split(|&b| b == b'\n')
@@ -93,7 +94,7 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
     {
         let offset = line_no as i64 + 1;
         let applied = match serde_json::from_slice::<Order>(line) {
-            Ok(order) => apply(&conn, order, seq, &stream, offset)?,
+            Ok(order) => apply(&conn, &mut outbox, order, seq, &stream, offset)?,
             Err(e) => Err(e.to_string()),
         };
         if let Err(message) = applied {
@@ -102,12 +103,72 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         }
         seq += 1;
         if (seq as usize).is_multiple_of(commit_every) {
+            outbox.write(&conn)?;
             commit(&conn, &stream, offset + 1, seq)?;
             conn.execute_batch("BEGIN IMMEDIATE")?;
         }
     }
+    outbox.write(&conn)?;
     conn.execute_batch("COMMIT")?;
     Ok(())
+}
+
+/// The open outbox page, encoded as the host encodes it.
+#[derive(Default)]
+struct Outbox {
+    page: Vec<u8>,
+    first_slot: i64,
+    last_slot: i64,
+    outputs: u32,
+}
+
+impl Outbox {
+    fn push(
+        &mut self,
+        conn: &Connection,
+        slot: i64,
+        id: &str,
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<()> {
+        if !self.page.is_empty()
+            && self.page.len() + 64 + id.len() + key.len() + payload.len() > 1 << 20
+        {
+            self.write(conn)?;
+        }
+        if self.outputs == 0 {
+            self.first_slot = slot;
+        }
+        self.last_slot = slot;
+        self.outputs += 1;
+        let page = &mut self.page;
+        page.extend_from_slice(&slot.to_le_bytes());
+        for field in [id.as_bytes(), b"payments"] {
+            page.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            page.extend_from_slice(field);
+        }
+        for field in [key, payload] {
+            page.push(1);
+            page.extend_from_slice(&(field.len() as u32).to_le_bytes());
+            page.extend_from_slice(field);
+        }
+        // No headers, no timestamp.
+        page.extend_from_slice(&0u32.to_le_bytes());
+        page.push(0);
+        Ok(())
+    }
+
+    fn write(&mut self, conn: &Connection) -> Result<()> {
+        if self.outputs > 0 {
+            conn.prepare_cached(
+                "INSERT INTO _rewind_outbox (last_slot, first_slot, outputs, page) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![self.last_slot, self.first_slot, self.outputs, self.page])?;
+            self.page.clear();
+            self.outputs = 0;
+        }
+        Ok(())
+    }
 }
 
 fn commit(conn: &Connection, stream: &str, next_offset: i64, seq: u64) -> Result<()> {
@@ -122,23 +183,20 @@ fn commit(conn: &Connection, stream: &str, next_offset: i64, seq: u64) -> Result
 /// The payments v2 logic; `Err` is invalid input.
 fn apply(
     conn: &Connection,
+    outbox: &mut Outbox,
     order: Order,
     seq: u64,
     stream: &str,
     offset: i64,
 ) -> Result<Result<(), String>> {
-    let emit = |p: &Payment<'_>| -> Result<()> {
-        conn.prepare_cached(
-            "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
-             VALUES (?1, ?2, 'payments', ?3, ?4, '[]', NULL)",
-        )?
-        .execute(params![
+    let mut emit = |p: &Payment<'_>| -> Result<()> {
+        outbox.push(
+            conn,
             (seq << 16) as i64,
-            format!("{stream}/0@{offset}/0"),
+            &format!("{stream}/0@{offset}/0"),
             p.order_id.as_bytes(),
-            serde_json::to_vec(p)?
-        ])?;
-        Ok(())
+            &serde_json::to_vec(p)?,
+        )
     };
     match order {
         Order::OrderCompleted {

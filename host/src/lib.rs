@@ -4,6 +4,7 @@
 //! The data flow is `source` → `pipeline` (which calls the `runtime` for each
 //! event inside a savepoint of the `state` DB) → `sink`. See ARCHITECTURE.md.
 
+mod codec;
 pub mod diff;
 mod envelope;
 mod event;

@@ -392,7 +392,7 @@ fn a_failing_event_is_undone_alone_and_logs_show_once() {
         format!("{dead:?}"),
         r#"[[Integer(40), Text("failed")], [Integer(41), Text("invalid-input")], [Integer(90), Text("panic")]]"#
     );
-    let outputs = rewind_tests::rows(&state, "SELECT count(*) FROM _rewind_outbox");
+    let outputs = rewind_tests::rows(&state, "SELECT sum(outputs) FROM _rewind_outbox");
     assert_eq!(
         outputs[0][0],
         rusqlite::types::Value::Integer(normal.len() as i64)

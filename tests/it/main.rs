@@ -7,6 +7,7 @@ mod determinism;
 mod hostile;
 mod kafka;
 mod kafka_run;
+mod outbox;
 mod payments;
 mod replay;
 mod tape;

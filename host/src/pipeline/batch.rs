@@ -322,7 +322,7 @@ impl Run<'_> {
                         output,
                         timestamp_ms: event.timestamp_ms,
                     };
-                    self.db().insert_outbox(&row)?;
+                    self.db().queue_outbox(&row)?;
                 }
                 if careful {
                     self.db().release()?;
@@ -455,7 +455,7 @@ impl Run<'_> {
         self.db().insert_dead_letter(&dead)?;
         self.summary.dead_lettered += 1;
         if self.config.dead_letter_outputs {
-            self.db().insert_outbox(&dead_letter_output(&dead))?;
+            self.db().queue_outbox(&dead_letter_output(&dead))?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ macro_rules! host_sql {
 mod changes;
 mod checkpoint;
 mod guard;
+mod outbox;
 mod statements;
 mod tables;
 mod vfs;
@@ -40,7 +41,9 @@ use crate::event::Seed;
 use guard::Guard;
 
 /// The state DB format this host writes; a DB with another is refused.
-pub const FORMAT: &str = "rewind-state-2";
+pub const FORMAT: &str = "rewind-state-3";
+/// The previous format (outputs a row each), migrated on open.
+const FORMAT_2: &str = "rewind-state-2";
 
 /// How many bytes (roughly) one guest query may return before it is
 /// refused: the whole result is built in host memory before the guest gets it.
@@ -129,6 +132,8 @@ pub struct StateDb {
     /// event has used, and the budget it may use.
     sql_periods: Arc<AtomicU64>,
     sql_budget_periods: Arc<AtomicU64>,
+    /// Outputs of the open transaction not written yet (see `outbox`).
+    outbox: outbox::Outbox,
 }
 
 impl std::fmt::Debug for StateDb {
@@ -216,6 +221,7 @@ impl StateDb {
             guard,
             sql_periods,
             sql_budget_periods,
+            outbox: Default::default(),
         };
         db.create_host_tables()?;
         Ok(db)
@@ -274,13 +280,38 @@ impl StateDb {
         StateError::from_sqlite(&self.path, source)
     }
 
+    /// The DB holds something the host cannot read back.
+    pub(crate) fn invalid(&self, message: String) -> StateError {
+        StateError::Invalid {
+            path: self.path.clone(),
+            message: format!("{message}; the DB is damaged"),
+        }
+    }
+
     fn create_host_tables(&self) -> Result<(), StateError> {
         self.conn
             .execute_batch(tables::HOST_SCHEMA)
             .map_err(|e| self.err(e))?;
         match self.meta("format")? {
-            None => self.set_meta("format", FORMAT),
+            None => {
+                self.conn
+                    .execute_batch(outbox::OUTBOX_SCHEMA)
+                    .map_err(|e| self.err(e))?;
+                self.set_meta("format", FORMAT)
+            }
             Some(found) if found == FORMAT => Ok(()),
+            Some(found) if found == FORMAT_2 => {
+                // Only the outbox changed: its rows move into pages.
+                self.begin()?;
+                let migrated = self
+                    .migrate_outbox_from_rows()
+                    .and_then(|()| self.set_meta("format", FORMAT))
+                    .and_then(|()| self.commit());
+                if migrated.is_err() {
+                    let _ = self.rollback();
+                }
+                migrated
+            }
             Some(found) => Err(StateError::WrongFormat {
                 path: self.path.clone(),
                 found,
@@ -367,11 +398,13 @@ impl StateDb {
 
     /// Commits the batch transaction.
     pub fn commit(&self) -> Result<(), StateError> {
+        self.write_outbox_page()?;
         self.exec_cached(host_sql!("COMMIT"))
     }
 
     /// Abandons the batch transaction.
     pub fn rollback(&self) -> Result<(), StateError> {
+        self.discard_outbox_page();
         if self.conn.is_autocommit() {
             return Ok(());
         }

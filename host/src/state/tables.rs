@@ -35,22 +35,7 @@ CREATE TABLE IF NOT EXISTS _rewind_dedup (
     id BLOB PRIMARY KEY,
     seq INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS _rewind_outbox (
-    slot INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    key BLOB,
-    payload BLOB,
-    headers TEXT NOT NULL,
-    timestamp_ms INTEGER
-);
 "#;
-
-/// Outputs of one event are at most this many (the host caps them lower),
-/// so `slot = seq * OUTBOX_SLOTS + n` orders outputs and appends to the
-/// outbox's b-tree (rowid tables append cheaply).
-const OUTBOX_SLOTS: u64 = 1 << 16;
-const _: () = assert!((crate::runtime::MAX_OUTPUTS_PER_EVENT as u64) < OUTBOX_SLOTS);
 
 /// An event that could not be processed, with everything needed to redrive it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,72 +198,6 @@ impl StateDb {
         rows.map_err(|e| self.err(e))
     }
 
-    pub fn insert_outbox(&self, row: &OutboxRow) -> Result<(), StateError> {
-        // Per output: kept out of rusqlite's cache, which hashes on every use.
-        let large = row
-            .output
-            .payload
-            .as_ref()
-            .is_some_and(|p| p.len() > super::LARGE_BINDING);
-        self.host_statements
-            .with(
-                &self.conn,
-                host_sql!(
-                    "INSERT INTO _rewind_outbox (slot, id, stream, key, payload, headers, timestamp_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-                ),
-                large,
-                |s| {
-                    s.execute(params![
-                        outbox_slot(row.seq, row.n),
-                        row.id,
-                        row.output.stream,
-                        row.output.key,
-                        row.output.payload,
-                        headers_to_json(&row.output.headers),
-                        row.timestamp_ms,
-                    ])
-                },
-            )
-            .map(drop)
-            .map_err(|e| self.err(e))
-    }
-
-    /// Outputs not yet delivered, in order.
-    pub fn pending_outbox(
-        &self,
-        after: Option<(u64, u32)>,
-        limit: usize,
-    ) -> Result<Vec<OutboxRow>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(host_sql!(
-                "SELECT slot, id, stream, key, payload, headers, timestamp_ms
-                 FROM _rewind_outbox WHERE slot > ?1 ORDER BY slot LIMIT ?2"
-            ))
-            .map_err(|e| self.err(e))?;
-        let after = after.map_or(-1, |(seq, n)| outbox_slot(seq, n));
-        let rows = stmt
-            .query_map([after, limit as i64], |r| {
-                let slot = r.get::<_, i64>(0)? as u64;
-                let headers: String = r.get(5)?;
-                Ok(OutboxRow {
-                    seq: slot / OUTBOX_SLOTS,
-                    n: (slot % OUTBOX_SLOTS) as u32,
-                    id: r.get(1)?,
-                    output: Output {
-                        stream: r.get(2)?,
-                        key: r.get(3)?,
-                        payload: r.get(4)?,
-                        headers: headers_from_json(&headers).unwrap_or_default(),
-                    },
-                    timestamp_ms: r.get(6)?,
-                })
-            })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>());
-        rows.map_err(|e| self.err(e))
-    }
-
     /// How far the tape this state records onto goes, if it records one.
     pub fn tape_mark(&self) -> Result<Option<crate::tape::TapeMark>, StateError> {
         Ok(match self.meta("tape.id")? {
@@ -303,32 +222,6 @@ impl StateDb {
             bytes: self.meta_u64("sink.bytes")?,
             last_line_sha256: self.meta("sink.last_line_sha256")?.unwrap_or_default(),
         })
-    }
-
-    /// Removes delivered outputs (up to and including `through`) and records
-    /// the sink's progress, atomically.
-    pub fn ack_outbox(
-        &self,
-        through: (u64, u32),
-        mark: Option<&SinkMark>,
-    ) -> Result<(), StateError> {
-        self.begin()?;
-        let result = (|| {
-            self.conn
-                .prepare_cached(host_sql!("DELETE FROM _rewind_outbox WHERE slot <= ?1"))
-                .and_then(|mut s| s.execute([outbox_slot(through.0, through.1)]))
-                .map_err(|e| self.err(e))?;
-            if let Some(mark) = mark {
-                self.set_meta("sink.outputs", &mark.outputs.to_string())?;
-                self.set_meta("sink.bytes", &mark.bytes.to_string())?;
-                self.set_meta("sink.last_line_sha256", &mark.last_line_sha256)?;
-            }
-            self.commit()
-        })();
-        if result.is_err() {
-            let _ = self.rollback();
-        }
-        result
     }
 
     /// Module digest, table counts, offsets and host-table counts.
@@ -370,7 +263,7 @@ impl StateDb {
             tables,
             offsets,
             dead_letters: count("SELECT count(*) FROM _rewind_dlq")?,
-            outbox_pending: count("SELECT count(*) FROM _rewind_outbox")?,
+            outbox_pending: self.outbox_pending()?,
             event_ids: count("SELECT count(*) FROM _rewind_dedup")?,
             outputs_delivered: self.meta_u64("sink.outputs")?,
         })
@@ -401,10 +294,6 @@ impl StateDb {
             .map(drop)
             .map_err(|e| self.err(e))
     }
-}
-
-fn outbox_slot(seq: u64, n: u32) -> i64 {
-    (seq * OUTBOX_SLOTS + u64::from(n)) as i64
 }
 
 #[cfg(test)]

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::codec::{Reader, Writer};
 use super::{
     EventFrame, EventResult, Frame, HEADER_LEN, KIND_EVENT, KIND_RUN, MAGIC, MAX_FRAME, RunInfo,
     TAPE_VERSION, TapeError, TapeEvent,
 };
+use crate::codec::{Reader, Writer};
 use crate::source::Record;
 
 /// Whether the file at `path` starts like a tape.

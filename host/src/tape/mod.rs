@@ -35,7 +35,6 @@
 //! never committed). A frame whose length or CRC does not check out is
 //! corruption and is reported with its byte position.
 
-mod codec;
 mod file;
 mod tools;
 
@@ -50,9 +49,9 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
+use crate::codec::{Reader, Writer};
 use crate::event::{Event, Header, Position};
 use crate::source::Record;
-use codec::{Reader, Writer};
 
 const MAGIC: &[u8; 12] = b"REWIND TAPE\n";
 /// The tape format this host reads and writes.
@@ -200,11 +199,7 @@ impl<'a> EventFrame<'a> {
         w.opt_i64(self.timestamp_ms);
         w.opt_bytes(self.key);
         w.opt_bytes(self.payload);
-        w.u32(self.headers.len() as u32);
-        for h in self.headers {
-            w.str(&h.name);
-            w.opt_bytes(h.value.as_deref());
-        }
+        w.headers(self.headers);
         w.opt_str(self.malformed);
         match self.result {
             None => w.u8(0),
@@ -304,14 +299,7 @@ impl TapeEvent {
         let timestamp_ms = r.opt_i64("timestamp")?;
         let key = r.opt_bytes("key")?;
         let payload = r.opt_bytes("payload")?;
-        let count = r.u32("header count")?;
-        let mut headers = Vec::new();
-        for _ in 0..count {
-            headers.push(Header {
-                name: r.str("header name")?,
-                value: r.opt_bytes("header value")?,
-            });
-        }
+        let headers = r.headers()?;
         let malformed = r.opt_str("malformed reason")?;
         let result = match r.u8("result flag")? {
             0 => None,
@@ -385,11 +373,7 @@ pub fn outputs_digest(outputs: &[crate::event::Output]) -> [u8; 32] {
         w.str(&o.stream);
         w.opt_bytes(o.key.as_deref());
         w.opt_bytes(o.payload.as_deref());
-        w.u32(o.headers.len() as u32);
-        for hd in &o.headers {
-            w.str(&hd.name);
-            w.opt_bytes(hd.value.as_deref());
-        }
+        w.headers(&o.headers);
         h.update(&w.buf);
     }
     h.finalize().into()

@@ -1,0 +1,120 @@
+//! The outbox's pages: partial acknowledgements survive a restart, and a
+//! state DB of the previous format keeps its pending outputs.
+
+use rewind_host::{Header, OutboxRow, Output, StateDb};
+
+fn output(seq: u64, n: u32) -> OutboxRow {
+    OutboxRow {
+        seq,
+        n,
+        id: format!("orders/0@{seq}/{n}"),
+        output: Output {
+            stream: "payments".into(),
+            key: Some(format!("k{seq}").into_bytes()),
+            payload: (!seq.is_multiple_of(5)).then(|| format!("{{\"seq\":{seq}}}").into_bytes()),
+            headers: vec![Header {
+                name: "n".into(),
+                value: (n > 0).then(|| vec![0xff, n as u8]),
+            }],
+        },
+        timestamp_ms: Some(seq as i64),
+    }
+}
+
+#[test]
+fn outputs_acknowledged_mid_page_are_not_sent_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let all: Vec<OutboxRow> = (0..40)
+        .flat_map(|seq| [output(seq, 0), output(seq, 1)])
+        .collect();
+    {
+        let db = StateDb::open(&path).unwrap();
+        db.begin().unwrap();
+        for row in &all {
+            db.queue_outbox(row).unwrap();
+        }
+        db.commit().unwrap();
+        // A transaction rolled back takes its queued outputs with it.
+        db.begin().unwrap();
+        db.queue_outbox(&output(99, 0)).unwrap();
+        db.rollback().unwrap();
+        assert_eq!(db.pending_outbox(None, usize::MAX).unwrap(), all);
+        // The sink made the first 31 durable: in the middle of the one page.
+        db.ack_outbox((15, 0), None).unwrap();
+        assert_eq!(db.summary().unwrap().outbox_pending, 49);
+    }
+    let db = StateDb::open(&path).unwrap();
+    assert_eq!(db.pending_outbox(None, usize::MAX).unwrap(), all[31..]);
+    assert_eq!(db.pending_outbox(Some((38, 1)), 1).unwrap(), all[78..]);
+    db.ack_outbox((39, 1), None).unwrap();
+    assert!(db.pending_outbox(None, usize::MAX).unwrap().is_empty());
+    assert_eq!(db.summary().unwrap().outbox_pending, 0);
+    let pages: i64 =
+        rewind_tests::int(&rewind_tests::rows(&path, "SELECT count(*) FROM _rewind_outbox")[0][0]);
+    assert_eq!(pages, 0, "delivered pages are deleted");
+}
+
+#[test]
+fn a_state_db_of_the_previous_format_keeps_its_pending_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    // What `rewind-state-2` wrote: a row per output, headers as JSON.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO _rewind_meta VALUES ('format', 'rewind-state-2');
+         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
+             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
+             timestamp_ms INTEGER);
+         INSERT INTO _rewind_outbox VALUES
+             (65536, 'in/0@1/0', 'out', X'6b31', X'7b7d', '[[\"a\",\"x\"],[\"b\",null],[\"c\",{\"hex\":\"ff00\"}]]', 5),
+             (131073, 'in/0@2/1', 'out', NULL, NULL, '[]', NULL);",
+    )
+    .unwrap();
+    drop(conn);
+
+    let db = StateDb::open(&path).unwrap();
+    let pending = db.pending_outbox(None, usize::MAX).unwrap();
+    let header = |name: &str, value: Option<&[u8]>| Header {
+        name: name.into(),
+        value: value.map(<[u8]>::to_vec),
+    };
+    assert_eq!(
+        pending,
+        [
+            OutboxRow {
+                seq: 1,
+                n: 0,
+                id: "in/0@1/0".into(),
+                output: Output {
+                    stream: "out".into(),
+                    key: Some(b"k1".to_vec()),
+                    payload: Some(b"{}".to_vec()),
+                    headers: vec![
+                        header("a", Some(b"x")),
+                        header("b", None),
+                        header("c", Some(&[0xff, 0])),
+                    ],
+                },
+                timestamp_ms: Some(5),
+            },
+            OutboxRow {
+                seq: 2,
+                n: 1,
+                id: "in/0@2/1".into(),
+                output: Output {
+                    stream: "out".into(),
+                    key: None,
+                    payload: None,
+                    headers: vec![],
+                },
+                timestamp_ms: None,
+            },
+        ]
+    );
+    assert_eq!(db.summary().unwrap().outbox_pending, 2);
+    drop(db);
+    let format = rewind_tests::rows(&path, "SELECT value FROM _rewind_meta WHERE key = 'format'");
+    assert_eq!(rewind_tests::text(&format[0][0]), rewind_host::STATE_FORMAT);
+}
