@@ -27,12 +27,15 @@ pub(super) struct Run<'a> {
     pub(super) observed: Option<Vec<EventRecord>>,
     pub(super) summary: RunSummary,
     /// Moved into the guest's store during a call, hence the `Option`.
-    pub(super) db: Option<StateDb>,
+    pub(super) db: Option<Box<StateDb>>,
     /// Whether events run in their own savepoints (see [`Batch`]).
     pub(super) careful: bool,
     /// Guest log lines of the open batch, shown once the batch is done: a
     /// batch that is redone logs its events again.
     pub(super) logs: Vec<(Position, String)>,
+    /// The last committed batch's record list, emptied: the next batch
+    /// fills it without growing it again.
+    pub(super) spare_records: Vec<Record>,
 }
 
 /// The open batch transaction.
@@ -157,7 +160,7 @@ impl Run<'_> {
                     // epoch start).
                     self.instance.recycle();
                     batch.insert(Batch {
-                        records: Vec::new(),
+                        records: std::mem::take(&mut self.spare_records),
                         retained_bytes: 0,
                         started: Instant::now(),
                         events: 0,
@@ -496,6 +499,9 @@ impl Run<'_> {
             self.progress.committed(std::mem::take(observed));
         }
         self.careful = batch.failed;
+        let mut records = batch.records;
+        records.clear();
+        self.spare_records = records;
         self.show_logs();
         self.deliver(false)
     }

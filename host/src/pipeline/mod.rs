@@ -321,9 +321,10 @@ pub fn run_source(
             elapsed: Duration::ZERO,
             interrupted: false,
         },
-        db: Some(db),
+        db: Some(Box::new(db)),
         careful: false,
         logs: Vec::new(),
+        spare_records: Vec::new(),
     };
     if let Some(path) = &config.output {
         let claimed = run.db().meta("sink.claimed")?.is_some();
@@ -365,7 +366,7 @@ fn prepare(
         });
     }
     db.begin()?;
-    let (db, outcome) = runtime.instance(module).init(db);
+    let (db, outcome) = runtime.instance(module).init(Box::new(db));
     let failure = match outcome {
         Err(HostFault(source)) => Some(RunError::Host {
             state: config.state.clone(),
@@ -383,7 +384,7 @@ fn prepare(
     }
     db.set_meta("module_digest", module.digest())?;
     db.commit()?;
-    Ok(db)
+    Ok(*db)
 }
 
 fn remove_db_files(path: &Path) {

@@ -85,7 +85,7 @@ pub struct HostState {
     pub table: ResourceTable,
     pub limiter: GuestLimiter,
     /// Lent by the caller for the length of one call.
-    pub db: Option<StateDb>,
+    pub db: Option<Box<StateDb>>,
     pub outputs: Vec<Output>,
     pub output_bytes: usize,
     pub logs: Vec<LogLine>,
@@ -142,7 +142,7 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
 impl HostState {
     fn db(&self) -> Result<&StateDb> {
         self.db
-            .as_ref()
+            .as_deref()
             .ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
     }
 }

@@ -318,7 +318,7 @@ impl Instance<'_> {
     }
 
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
-    pub fn init(&mut self, db: StateDb) -> (StateDb, Result<CallOutcome, HostFault>) {
+    pub fn init(&mut self, db: Box<StateDb>) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         self.recycle();
         let entropy = Entropy::of(&Position::init());
         let outcome = self.call(db, &entropy, 0, |processor, store| {
@@ -332,10 +332,10 @@ impl Instance<'_> {
     /// savepoint); `entropy` is the event's (see [`Entropy`]).
     pub fn handle(
         &mut self,
-        db: StateDb,
+        db: Box<StateDb>,
         event: &Event,
         entropy: &Entropy,
-    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+    ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         let wit_event = wit::Event {
             stream: event.position.stream.clone(),
             partition: event.position.partition,
@@ -390,11 +390,11 @@ impl Instance<'_> {
 
     fn call(
         &mut self,
-        db: StateDb,
+        db: Box<StateDb>,
         entropy: &Entropy,
         timestamp_ms: i64,
         f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
-    ) -> (StateDb, Result<CallOutcome, HostFault>) {
+    ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         let fuel = self.runtime.config.fuel;
         db.enter_event(entropy.seed, fuel);
         let clock = EventClock::enter(timestamp_ms);
