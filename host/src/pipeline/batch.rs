@@ -36,6 +36,9 @@ pub(super) struct Run<'a> {
     /// The last committed batch's record list, emptied: the next batch
     /// fills it without growing it again.
     pub(super) spare_records: Vec<Record>,
+    /// Whether results carry digests of their changes and outputs (see
+    /// [`super::Progress::observe`]).
+    pub(super) digests: bool,
 }
 
 /// The open batch transaction.
@@ -378,12 +381,19 @@ impl Run<'_> {
             return;
         }
         let changes = changes.unwrap_or_else(EventChanges::none);
+        let (rows_digest, outputs_digest) = match self.digests {
+            true => (
+                changes.digest,
+                crate::tape::outputs_digest(outputs.as_slice()),
+            ),
+            false => ([0; 32], [0; 32]),
+        };
         let result = EventResult {
             outcome,
             rows: changes.rows,
             outputs: outputs.len() as u32,
-            rows_digest: changes.digest,
-            outputs_digest: crate::tape::outputs_digest(outputs.as_slice()),
+            rows_digest,
+            outputs_digest,
         };
         if let Some(tape) = self.tape.as_mut() {
             tape.record(seq, record, Some(&result));

@@ -130,8 +130,9 @@ pub trait Progress {
     fn guest_log(&self, _position: &Position, _line: &str) {}
     fn finish(&self) {}
     /// Whether this progress wants every event's result at commit
-    /// ([`Progress::committed`]): `Some(true)` with every row change in
-    /// full, `Some(false)` with digests only.
+    /// ([`Progress::committed`]): `Some(true)` with every row change and
+    /// output in full (and the results' digests zero, unless the run also
+    /// records a tape), `Some(false)` with digests only.
     fn observe(&self) -> Option<bool> {
         None
     }
@@ -256,8 +257,11 @@ pub fn run_source(
         db.set_cache_mib(mib)?;
     }
     let observe = progress.observe();
+    // Digests go onto a tape and to `verify`; a replay compares the changes
+    // and outputs themselves, which is cheaper than hashing them.
+    let digests = config.tape.is_some() || observe == Some(false);
     if let Some(keep) = observe {
-        db.capture_changes(keep);
+        db.capture_changes(keep, digests);
     }
     let tape = match &config.tape {
         None => None,
@@ -282,7 +286,7 @@ pub fn run_source(
                 db.commit()?;
             }
             if observe.is_none() {
-                db.capture_changes(false);
+                db.capture_changes(false, true);
             }
             let info = RunInfo {
                 first_seq: db.meta_u64("next_seq")?,
@@ -325,6 +329,7 @@ pub fn run_source(
         careful: false,
         logs: Vec::new(),
         spare_records: Vec::new(),
+        digests,
     };
     if let Some(path) = &config.output {
         let claimed = run.db().meta("sink.claimed")?.is_some();

@@ -1,6 +1,7 @@
 //! Row changes of processor tables, seen by SQLite's pre-update hook: how
-//! many rows an event wrote, and a digest of what it wrote, for the tape's
-//! per-event results. Host tables (`_rewind_*`) are left out.
+//! many rows an event wrote, a digest of what it wrote (for the tape's
+//! per-event results) and, when kept, the changes in full (for replays).
+//! Host tables (`_rewind_*`) are left out.
 //!
 //! The bundled SQLite is compiled with `SQLITE_ENABLE_PREUPDATE_HOOK` (see
 //! `.cargo/config.toml`); rusqlite's own wrapper would need libclang to
@@ -15,7 +16,8 @@ use sha2::{Digest, Sha256};
 
 struct Acc {
     rows: u32,
-    hasher: Sha256,
+    /// When digests are wanted (a replay compares kept changes instead).
+    hasher: Option<Sha256>,
     /// Every change in full, when kept (replays need them; tapes need only
     /// the digest).
     kept: Option<ChangeLog>,
@@ -25,12 +27,10 @@ struct Acc {
 
 impl Acc {
     /// `capacity`: bytes to reserve for the change log, when kept.
-    fn new(keep: bool, capacity: usize) -> Acc {
-        let mut hasher = Sha256::new();
-        hasher.update(b"rewind-rows-v1\0");
+    fn new(keep: bool, digest: bool, capacity: usize) -> Acc {
         Acc {
             rows: 0,
-            hasher,
+            hasher: digest.then(|| Sha256::new_with_prefix(DIGEST_PREFIX)),
             kept: keep.then(|| ChangeLog {
                 bytes: Vec::with_capacity(capacity),
                 count: 0,
@@ -44,7 +44,7 @@ impl Acc {
     /// growth copies it).
     fn renew(&self) -> Acc {
         let used = self.kept.as_ref().map_or(0, |log| log.bytes.len());
-        Acc::new(self.kept.is_some(), used)
+        Acc::new(self.kept.is_some(), self.hasher.is_some(), used)
     }
 }
 
@@ -161,9 +161,12 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// What a row digest's byte stream starts with.
+const DIGEST_PREFIX: &[u8] = b"rewind-rows-v1\0";
+
 /// The digest of no changes at all.
 fn empty_digest() -> [u8; 32] {
-    Acc::new(false, 0).hasher.finalize().into()
+    Sha256::new_with_prefix(DIGEST_PREFIX).finalize().into()
 }
 
 /// The registered hook and what it accumulated since the last
@@ -179,12 +182,13 @@ pub(super) struct Changes {
 unsafe impl Send for Changes {}
 
 impl Changes {
-    /// Registers the hook on `db`.
+    /// Registers the hook on `db`: `keep` the changes in full, and/or
+    /// `digest` them.
     ///
     /// # Safety
     /// `db` must stay open until the returned value is dropped.
-    pub(super) unsafe fn register(db: *mut ffi::sqlite3, keep: bool) -> Changes {
-        let acc = Box::into_raw(Box::new(Mutex::new(Acc::new(keep, 0))));
+    pub(super) unsafe fn register(db: *mut ffi::sqlite3, keep: bool, digest: bool) -> Changes {
+        let acc = Box::into_raw(Box::new(Mutex::new(Acc::new(keep, digest, 0))));
         // SAFETY: `acc` lives until `drop`, which unregisters the hook first.
         unsafe {
             ffi::sqlite3_preupdate_hook(db, Some(hook), acc.cast());
@@ -206,7 +210,7 @@ impl Changes {
         let done = std::mem::replace(&mut *acc, fresh);
         EventChanges {
             rows: done.rows,
-            digest: done.hasher.finalize().into(),
+            digest: done.hasher.map_or([0; 32], |h| h.finalize().into()),
             changes: done.kept.unwrap_or_default(),
         }
     }
@@ -233,6 +237,7 @@ impl Drop for Changes {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventChanges {
     pub rows: u32,
+    /// Zeros when the capture computes no digests.
     pub digest: [u8; 32],
     /// In order; empty unless kept.
     pub changes: ChangeLog,
@@ -274,10 +279,12 @@ unsafe extern "C" fn hook(
     let mut acc = acc.lock().unwrap_or_else(PoisonError::into_inner);
     let acc = &mut *acc;
     acc.rows = acc.rows.saturating_add(1);
-    let h = &mut acc.hasher;
-    h.update((table.len() as u32).to_le_bytes());
-    h.update(table);
-    h.update(op.to_le_bytes());
+    let mut h = acc.hasher.as_mut();
+    if let Some(h) = h.as_mut() {
+        h.update((table.len() as u32).to_le_bytes());
+        h.update(table);
+        h.update(op.to_le_bytes());
+    }
     let (has_before, has_after) = (op != ffi::SQLITE_INSERT, op != ffi::SQLITE_DELETE);
     // The before row goes straight into the log, the after row into a
     // scratch buffer appended behind it: one pass over the columns.
@@ -308,7 +315,7 @@ unsafe extern "C" fn hook(
             if has_before {
                 let v =
                     (ffi::sqlite3_preupdate_old(db, i, &mut value) == 0).then(|| value_ref(value));
-                if let Some(v) = v {
+                if let (Some(h), Some(v)) = (h.as_mut(), v) {
                     hash_value(h, v);
                 }
                 if let Some(log) = kept.as_mut() {
@@ -318,7 +325,7 @@ unsafe extern "C" fn hook(
             if has_after {
                 let v =
                     (ffi::sqlite3_preupdate_new(db, i, &mut value) == 0).then(|| value_ref(value));
-                if let Some(v) = v {
+                if let (Some(h), Some(v)) = (h.as_mut(), v) {
                     hash_value(h, v);
                 }
                 if kept.is_some() {
@@ -419,6 +426,10 @@ mod tests {
 
     /// Runs `sql` on a fresh database with the hook registered; returns what it saw.
     fn captured(keep: bool, sql: &str) -> EventChanges {
+        captured_with(keep, true, sql)
+    }
+
+    fn captured_with(keep: bool, digest: bool, sql: &str) -> EventChanges {
         let conn = rusqlite::Connection::open_in_memory().unwrap();
         conn.execute_batch(
             "CREATE TABLE t (k TEXT PRIMARY KEY, i INTEGER, r REAL, b BLOB, n);
@@ -426,7 +437,7 @@ mod tests {
         )
         .unwrap();
         // SAFETY: `changes` is dropped before `conn`.
-        let changes = unsafe { Changes::register(conn.handle(), keep) };
+        let changes = unsafe { Changes::register(conn.handle(), keep, digest) };
         conn.execute_batch(sql).unwrap();
         let taken = changes.take();
         drop(changes);
@@ -469,6 +480,11 @@ mod tests {
         assert!(digest_only.changes.is_empty());
         assert_eq!(digest_only.rows, 3);
         assert_eq!(digest_only.digest, kept.digest);
+        // A replay keeps the changes without digesting them.
+        let undigested = captured_with(true, false, WRITES);
+        assert_eq!(undigested.changes, kept.changes);
+        assert_eq!(undigested.rows, 3);
+        assert_eq!(undigested.digest, [0; 32]);
         assert_ne!(kept.digest, EventChanges::none().digest);
     }
 

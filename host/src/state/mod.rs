@@ -249,12 +249,14 @@ impl StateDb {
         Ok(())
     }
 
-    /// Starts counting and digesting the row changes of processor tables
-    /// (see [`StateDb::take_changes`]); `keep` keeps every change in full.
-    pub fn capture_changes(&mut self, keep: bool) {
+    /// Starts counting the row changes of processor tables (see
+    /// [`StateDb::take_changes`]); `keep` keeps every change in full,
+    /// `digest` digests them.
+    pub fn capture_changes(&mut self, keep: bool, digest: bool) {
         // SAFETY: `changes` is dropped before `conn` (field order).
         self.changes = None;
-        self.changes = Some(unsafe { changes::Changes::register(self.conn.handle(), keep) });
+        self.changes =
+            Some(unsafe { changes::Changes::register(self.conn.handle(), keep, digest) });
     }
 
     /// Rows of processor tables changed since the last call, a digest of the

@@ -127,8 +127,9 @@ pub struct EventResult {
     pub rows: u32,
     pub outputs: u32,
     /// sha256 over the row changes, in order (see `state::changes`).
+    /// Zero in a replay's results, which compare the changes themselves.
     pub rows_digest: [u8; 32],
-    /// sha256 over the outputs, in order.
+    /// sha256 over the outputs, in order (zero in a replay's results).
     pub outputs_digest: [u8; 32],
 }
 
