@@ -381,12 +381,11 @@ impl Run<'_> {
             return;
         }
         let changes = changes.unwrap_or_else(EventChanges::none);
-        let (rows_digest, outputs_digest) = match self.digests {
-            true => (
-                changes.digest,
-                crate::tape::outputs_digest(outputs.as_slice()),
-            ),
-            false => ([0; 32], [0; 32]),
+        let (rows_digest, outputs_digest) = if self.digests {
+            let outputs = crate::tape::outputs_digest(outputs.as_slice());
+            (changes.digest, outputs)
+        } else {
+            ([0; 32], [0; 32])
         };
         let result = EventResult {
             outcome,
