@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, ComponentExportIndex, Func, Linker, TypedFunc};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub use cache::default_dir as default_cache_dir;
@@ -99,6 +99,8 @@ pub struct Module {
     path: PathBuf,
     digest: String,
     pre: ProcessorPre<HostState>,
+    /// The `handle` export, called with a borrowed event.
+    handle: ComponentExportIndex,
     stats: LoadStats,
 }
 
@@ -261,10 +263,15 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = ProcessorPre::new(instance_pre).map_err(wrong_world)?;
+        // Present: `ProcessorPre::new` checked the world's exports.
+        let (_, handle) = component
+            .get_export(None, "handle")
+            .ok_or_else(|| wrong_world(wasmtime::format_err!("no `handle` export")))?;
         Ok(Module {
             path: path.to_owned(),
             digest: format!("sha256:{digest_hex}"),
             pre,
+            handle,
             stats: LoadStats {
                 compiled,
                 duration: started.elapsed(),
@@ -287,9 +294,15 @@ impl Runtime {
 struct Live {
     store: Store<HostState>,
     processor: Processor,
+    /// `handle`, checked to take [`HandleParams`].
+    handle: Func,
     capture: Capture,
     cells: EventCells,
 }
+
+/// `handle`'s parameters as the host lowers them: the event borrowed.
+type HandleParams<'a> = (wit::EventRef<'a>,);
+type HandleResults = (Result<(), wit::Error>,);
 
 /// Calls one processor version, reusing its instance between events.
 ///
@@ -321,7 +334,7 @@ impl Instance<'_> {
     pub fn init(&mut self, db: Box<StateDb>) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         self.recycle();
         let entropy = Entropy::of(&Position::init());
-        let outcome = self.call(db, &entropy, 0, |processor, store| {
+        let outcome = self.call(db, &entropy, 0, |processor, _, store| {
             processor.call_init(store)
         });
         self.recycle();
@@ -336,27 +349,34 @@ impl Instance<'_> {
         event: &Event,
         entropy: &Entropy,
     ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
-        let wit_event = wit::Event {
-            stream: event.position.stream.clone(),
+        let headers: Vec<wit::HeaderRef<'_>> = event
+            .headers
+            .iter()
+            .map(|h| wit::HeaderRef {
+                name: &h.name,
+                value: h.value.as_deref(),
+            })
+            .collect();
+        let arg = wit::EventRef {
+            stream: &event.position.stream,
             partition: event.position.partition,
             offset: event.position.offset,
-            key: event.key.clone(),
-            payload: event.payload.clone(),
-            headers: event
-                .headers
-                .iter()
-                .map(|h| wit::Header {
-                    name: h.name.clone(),
-                    value: h.value.clone(),
-                })
-                .collect(),
+            key: event.key.as_deref(),
+            payload: event.payload.as_deref(),
+            headers: &headers,
             timestamp_ms: event.timestamp_ms,
         };
         self.call(
             db,
             entropy,
             event.timestamp_ms.unwrap_or(0),
-            |processor, store| processor.call_handle(store, &wit_event),
+            |_, handle, store| {
+                // SAFETY: `instantiate` checked `handle` against these
+                // types; lifetimes are not part of a component type.
+                let handle =
+                    unsafe { TypedFunc::<HandleParams<'_>, HandleResults>::new_unchecked(handle) };
+                handle.call(store, (arg,)).map(|(result,)| result)
+            },
         )
     }
 
@@ -379,10 +399,17 @@ impl Instance<'_> {
         store.limiter(|s| &mut s.limiter);
         // Instantiation runs start functions: it is bounded like a call.
         store.set_fuel(self.runtime.config.fuel)?;
-        let processor = self.module.pre.instantiate(&mut store)?;
+        let instance = self.module.pre.instance_pre().instantiate(&mut store)?;
+        let processor = Processor::new(&mut store, &instance)?;
+        let handle = instance
+            .get_func(&mut store, self.module.handle)
+            .ok_or_else(|| wasmtime::format_err!("the processor has no `handle` function"))?;
+        // `handle` is called with a borrowed event: its type must be the export's.
+        handle.typed::<HandleParams<'static>, HandleResults>(&store)?;
         Ok(Live {
             store,
             processor,
+            handle,
             capture,
             cells,
         })
@@ -393,7 +420,11 @@ impl Instance<'_> {
         db: Box<StateDb>,
         entropy: &Entropy,
         timestamp_ms: i64,
-        f: impl FnOnce(&Processor, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
+        f: impl FnOnce(
+            &Processor,
+            Func,
+            &mut Store<HostState>,
+        ) -> wasmtime::Result<Result<(), wit::Error>>,
     ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         let fuel = self.runtime.config.fuel;
         db.enter_event(entropy.seed, fuel);
@@ -415,7 +446,7 @@ impl Instance<'_> {
                 let result = live
                     .store
                     .set_fuel(fuel)
-                    .and_then(|()| f(&live.processor, &mut live.store));
+                    .and_then(|()| f(&live.processor, live.handle, &mut live.store));
                 db = live.store.data_mut().db.take();
                 let (logs, stderr) = collect_logs(&mut live);
                 let outputs = std::mem::take(&mut live.store.data_mut().outputs);
