@@ -189,10 +189,12 @@ impl StateDb {
 
     /// The slot through which the sink has made outputs durable.
     fn outbox_acked(&self) -> Result<i64, StateError> {
-        Ok(self
-            .meta("outbox.acked")?
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1))
+        match self.meta("outbox.acked")? {
+            None => Ok(-1),
+            Some(value) => value
+                .parse()
+                .map_err(|_| self.invalid(format!("outbox.acked is {value:?}, not a slot"))),
+        }
     }
 
     /// Outputs not yet delivered, in order: after `after` (the last one
