@@ -1,8 +1,9 @@
 //! The live run: source → processor → state, batched, then sink.
 //!
-//! Each event runs in its own savepoint inside a batch transaction. A batch
-//! commits its state writes, input offsets, outbox rows and dead letters
-//! together, so a crash at any point loses nothing and applies nothing twice:
+//! Events run inside a batch transaction (each in a savepoint of its own once
+//! one has failed: see `batch`). A batch commits its state writes, input
+//! offsets, outputs (the outbox) and dead letters together, so a crash at
+//! any point loses nothing and applies nothing twice:
 //! on restart the run resumes after the committed offsets, and the sink
 //! delivers whatever is still in the outbox.
 

@@ -1,10 +1,10 @@
 //! The state DB: a processor's own SQLite database, with the host's tables
 //! (`_rewind_*`) beside the processor's.
 //!
-//! One connection, owned by the run. The host commits in batches: every
-//! event runs in its own savepoint inside the batch transaction, and the
-//! batch's input offsets, outbox rows and dead letters commit with the state
-//! they describe.
+//! One connection, owned by the run. The host commits in batches: events
+//! run inside the batch transaction (in savepoints of their own when the
+//! pipeline asks), and the batch's input offsets, outputs and dead letters
+//! commit with the state they describe.
 
 /// A host statement: every statement the host prepares through the cache
 /// starts with this mark, and guest statements may not (see `guard`).
