@@ -31,7 +31,7 @@ pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,
     Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
-pub use source::{FileSource, Record};
+pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{
     Change, ChangeLog, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow,
     StateDb, StateError, Summary, TableCount,

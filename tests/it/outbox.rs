@@ -118,3 +118,20 @@ fn a_state_db_of_the_previous_format_keeps_its_pending_outputs() {
     let format = rewind_tests::rows(&path, "SELECT value FROM _rewind_meta WHERE key = 'format'");
     assert_eq!(rewind_tests::text(&format[0][0]), rewind_host::STATE_FORMAT);
 }
+
+#[test]
+fn a_dead_letter_output_as_long_as_the_longest_line_fits_in_a_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let db = StateDb::open(&path).unwrap();
+    let mut long = output(7, 0);
+    // A line cut at the limit is dead-lettered with its bytes as the payload.
+    long.output.payload = Some(vec![b'x'; rewind_host::MAX_LINE]);
+    db.begin().unwrap();
+    db.queue_outbox(&output(6, 0)).unwrap();
+    db.queue_outbox(&long).unwrap();
+    db.queue_outbox(&output(8, 0)).unwrap();
+    db.commit().unwrap();
+    let pending = db.pending_outbox(None, usize::MAX).unwrap();
+    assert_eq!(pending, [output(6, 0), long, output(8, 0)]);
+}

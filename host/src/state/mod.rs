@@ -49,6 +49,9 @@ const FORMAT_2: &str = "rewind-state-2";
 /// refused: the whole result is built in host memory before the guest gets it.
 const MAX_QUERY_BYTES: usize = 64 << 20;
 
+/// The largest value SQLite accepts on a state DB's connection.
+const MAX_VALUE: usize = crate::source::MAX_LINE + (1 << 20);
+
 /// SQLite calls the progress handler every this many VM instructions.
 const PROGRESS_PERIOD: i32 = 1000;
 
@@ -187,11 +190,12 @@ impl StateDb {
         .map_err(err)?;
         conn.set_prepared_statement_cache_capacity(256);
         // Bounds on what one statement can make SQLite allocate: a value is at
-        // most 64 MiB (outputs are capped at 16 MiB per event anyway), a
-        // statement's text at most 1 MiB, and nothing can be attached.
+        // most 65 MiB (the longest input line a dead letter keeps, with its
+        // framing in an outbox page; outputs are capped at 16 MiB per event),
+        // a statement's text at most 1 MiB, and nothing can be attached.
         use rusqlite::limits::Limit;
         for (limit, value) in [
-            (Limit::SQLITE_LIMIT_LENGTH, 64 << 20),
+            (Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE as i32),
             (Limit::SQLITE_LIMIT_SQL_LENGTH, 1 << 20),
             (Limit::SQLITE_LIMIT_ATTACHED, 0),
         ] {
