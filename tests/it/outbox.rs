@@ -135,3 +135,39 @@ fn a_dead_letter_output_as_long_as_the_longest_line_fits_in_a_page() {
     let pending = db.pending_outbox(None, usize::MAX).unwrap();
     assert_eq!(pending, [output(6, 0), long, output(8, 0)]);
 }
+
+#[test]
+fn a_large_outbox_of_the_previous_format_migrates_into_several_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         INSERT INTO _rewind_meta VALUES ('format', 'rewind-state-2');
+         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
+             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
+             timestamp_ms INTEGER);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+         INSERT INTO _rewind_outbox
+             SELECT i * 65536, 'in/0@' || i || '/0', 'out', NULL, zeroblob(600), '[]', i FROM n;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let db = StateDb::open(&path).unwrap();
+    let pending = db.pending_outbox(None, usize::MAX).unwrap();
+    assert_eq!(pending.len(), 3000);
+    for (i, row) in pending.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(
+            (row.seq, row.n, row.timestamp_ms),
+            (seq, 0, Some(seq as i64))
+        );
+        assert_eq!(row.id, format!("in/0@{seq}/0"));
+        assert_eq!(row.output.payload.as_deref(), Some(&[0u8; 600][..]));
+    }
+    assert_eq!(db.summary().unwrap().outbox_pending, 3000);
+    let pages =
+        rewind_tests::int(&rewind_tests::rows(&path, "SELECT count(*) FROM _rewind_outbox")[0][0]);
+    assert!(pages >= 2, "{pages} pages");
+}

@@ -301,15 +301,16 @@ impl StateDb {
             .execute_batch("ALTER TABLE _rewind_outbox RENAME TO _rewind_outbox_rows;")
             .and_then(|()| self.conn.execute_batch(OUTBOX_SCHEMA))
             .map_err(|e| self.err(e))?;
-        let rows = {
-            let mut stmt = self
-                .conn
-                .prepare(
-                    "SELECT slot, id, stream, key, payload, headers, timestamp_ms
-                     FROM _rewind_outbox_rows ORDER BY slot",
-                )
-                .map_err(|e| self.err(e))?;
-            stmt.query_map([], |r| {
+        // Row by row into pages: memory stays at a page, whatever is pending.
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT slot, id, stream, key, payload, headers, timestamp_ms
+                 FROM _rewind_outbox_rows ORDER BY slot",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
                 let slot = r.get::<_, i64>(0)? as u64;
                 let headers: String = r.get(5)?;
                 Ok(OutboxRow {
@@ -325,12 +326,11 @@ impl StateDb {
                     timestamp_ms: r.get(6)?,
                 })
             })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-            .map_err(|e| self.err(e))?
-        };
-        for row in &rows {
-            self.queue_outbox(row)?;
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            self.queue_outbox(&row.map_err(|e| self.err(e))?)?;
         }
+        drop(stmt);
         self.write_outbox_page()?;
         self.conn
             .execute_batch("DROP TABLE _rewind_outbox_rows;")
