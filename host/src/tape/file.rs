@@ -118,6 +118,11 @@ impl TapeWriter {
             .write(true)
             .open(path)
             .map_err(io)?;
+        if mark.is_none() && file.metadata().map_err(io)?.len() == 0 {
+            // A crash between creating the file and writing its header
+            // leaves it empty: there is nothing to protect, start it anew.
+            return TapeWriter::start(path, file, new_tape_id(path));
+        }
         let id = read_header(&mut file, path)?;
         let len = file.metadata().map_err(io)?.len();
         let Some(mark) = mark else {
@@ -174,12 +179,21 @@ impl TapeWriter {
             path: path.to_owned(),
             source,
         };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(path)
             .map_err(io)?;
+        TapeWriter::start(path, file, id)
+    }
+
+    /// Writes the header of a new tape into `file`, which is empty.
+    fn start(path: &Path, mut file: File, id: [u8; 16]) -> Result<TapeWriter, TapeError> {
+        let io = |source| TapeError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
@@ -398,7 +412,32 @@ impl TapeReader {
 mod tests {
     use super::*;
     use crate::event::{Event, Header, Position};
-    use crate::tape::Outcome;
+    use crate::tape::{Outcome, TapeMark};
+
+    /// A kill between creating a tape and writing its header leaves an empty
+    /// file: the rerun (whose state DB claims none of it yet) starts it anew;
+    /// a state DB that claims bytes of it refuses it.
+    #[test]
+    fn an_empty_tape_left_by_a_crash_is_started_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.tape");
+        std::fs::write(&path, b"").unwrap();
+        drop(TapeWriter::open(&path, None).unwrap());
+        assert_eq!(TapeReader::open(&path).unwrap().size(), HEADER_LEN);
+
+        std::fs::write(&path, b"").unwrap();
+        let mark = TapeMark {
+            id: "00".repeat(16),
+            bytes: HEADER_LEN,
+        };
+        assert!(TapeWriter::open(&path, Some(&mark)).is_err());
+        // Anything else that is not a tape is still refused.
+        std::fs::write(&path, b"{}\n").unwrap();
+        assert!(matches!(
+            TapeWriter::open(&path, None),
+            Err(TapeError::NotATape { .. })
+        ));
+    }
 
     /// A record's frame written from the record equals the frame of its
     /// `TapeEvent`, byte for byte, for well-formed and malformed records,
