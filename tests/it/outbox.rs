@@ -171,3 +171,26 @@ fn a_large_outbox_of_the_previous_format_migrates_into_several_pages() {
         rewind_tests::int(&rewind_tests::rows(&path, "SELECT count(*) FROM _rewind_outbox")[0][0]);
     assert!(pages >= 2, "{pages} pages");
 }
+
+#[test]
+fn a_previous_format_db_killed_before_its_format_was_written_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    // What `rewind-state-2` had written when killed: its tables, no format.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
+                 stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
+                 timestamp_ms INTEGER);",
+        )
+        .unwrap();
+    let db = StateDb::open(&path).unwrap();
+    db.begin().unwrap();
+    db.queue_outbox(&output(1, 0)).unwrap();
+    db.commit().unwrap();
+    assert_eq!(db.pending_outbox(None, usize::MAX).unwrap(), [output(1, 0)]);
+    let format = rewind_tests::rows(&path, "SELECT value FROM _rewind_meta WHERE key = 'format'");
+    assert_eq!(rewind_tests::text(&format[0][0]), rewind_host::STATE_FORMAT);
+}

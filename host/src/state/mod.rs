@@ -298,31 +298,47 @@ impl StateDb {
         self.conn
             .execute_batch(tables::HOST_SCHEMA)
             .map_err(|e| self.err(e))?;
+        // A format-2 DB killed while being created has its outbox table but
+        // no format yet.
+        let rows_outbox = || -> Result<bool, StateError> {
+            self.conn
+                .query_row(
+                    "SELECT count(*) FROM pragma_table_info('_rewind_outbox') WHERE name = 'slot'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n > 0)
+                .map_err(|e| self.err(e))
+        };
         match self.meta("format")? {
-            None => {
+            None if !rows_outbox()? => {
                 self.conn
                     .execute_batch(outbox::OUTBOX_SCHEMA)
                     .map_err(|e| self.err(e))?;
                 self.set_meta("format", FORMAT)
             }
             Some(found) if found == FORMAT => Ok(()),
-            Some(found) if found == FORMAT_2 => {
-                // Only the outbox changed: its rows move into pages.
-                self.begin()?;
-                let migrated = self
-                    .migrate_outbox_from_rows()
-                    .and_then(|()| self.set_meta("format", FORMAT))
-                    .and_then(|()| self.commit());
-                if migrated.is_err() {
-                    let _ = self.rollback();
-                }
-                migrated
-            }
+            None => self.migrate_from_2(),
+            Some(found) if found == FORMAT_2 => self.migrate_from_2(),
             Some(found) => Err(StateError::WrongFormat {
                 path: self.path.clone(),
                 found,
             }),
         }
+    }
+
+    /// Migrates a `rewind-state-2` DB, in one transaction.
+    fn migrate_from_2(&self) -> Result<(), StateError> {
+        // Only the outbox changed: its rows move into pages.
+        self.begin()?;
+        let migrated = self
+            .migrate_outbox_from_rows()
+            .and_then(|()| self.set_meta("format", FORMAT))
+            .and_then(|()| self.commit());
+        if migrated.is_err() {
+            let _ = self.rollback();
+        }
+        migrated
     }
 
     /// Reads a host metadata value.
