@@ -55,24 +55,39 @@ fn outputs_acknowledged_mid_page_are_not_sent_again_after_a_restart() {
     assert_eq!(pages, 0, "delivered pages are deleted");
 }
 
+/// Makes the tables `rewind-state-2` wrote (an outbox row per output,
+/// headers as JSON), with its format recorded unless `killed` (a crash while
+/// it was being created), then runs `rows` (SQL filling the outbox).
+fn format_2_db(path: &std::path::Path, killed: bool, rows: &str) {
+    let format = if killed {
+        ""
+    } else {
+        "INSERT INTO _rewind_meta VALUES ('format', 'rewind-state-2');"
+    };
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch(&format!(
+            "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+             {format}
+             CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
+                 stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
+                 timestamp_ms INTEGER);
+             {rows}"
+        ))
+        .unwrap();
+}
+
 #[test]
 fn a_state_db_of_the_previous_format_keeps_its_pending_outputs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    // What `rewind-state-2` wrote: a row per output, headers as JSON.
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-         INSERT INTO _rewind_meta VALUES ('format', 'rewind-state-2');
-         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
-             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
-             timestamp_ms INTEGER);
-         INSERT INTO _rewind_outbox VALUES
+    format_2_db(
+        &path,
+        false,
+        "INSERT INTO _rewind_outbox VALUES
              (65536, 'in/0@1/0', 'out', X'6b31', X'7b7d', '[[\"a\",\"x\"],[\"b\",null],[\"c\",{\"hex\":\"ff00\"}]]', 5),
              (131073, 'in/0@2/1', 'out', NULL, NULL, '[]', NULL);",
-    )
-    .unwrap();
-    drop(conn);
+    );
 
     let db = StateDb::open(&path).unwrap();
     let pending = db.pending_outbox(None, usize::MAX).unwrap();
@@ -140,19 +155,13 @@ fn a_dead_letter_output_as_long_as_the_longest_line_fits_in_a_page() {
 fn a_large_outbox_of_the_previous_format_migrates_into_several_pages() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch(
-        "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-         INSERT INTO _rewind_meta VALUES ('format', 'rewind-state-2');
-         CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
-             stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
-             timestamp_ms INTEGER);
-         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+    format_2_db(
+        &path,
+        false,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
          INSERT INTO _rewind_outbox
              SELECT i * 65536, 'in/0@' || i || '/0', 'out', NULL, zeroblob(600), '[]', i FROM n;",
-    )
-    .unwrap();
-    drop(conn);
+    );
 
     let db = StateDb::open(&path).unwrap();
     let pending = db.pending_outbox(None, usize::MAX).unwrap();
@@ -177,15 +186,7 @@ fn a_previous_format_db_killed_before_its_format_was_written_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     // What `rewind-state-2` had written when killed: its tables, no format.
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch(
-            "CREATE TABLE _rewind_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-             CREATE TABLE _rewind_outbox (slot INTEGER PRIMARY KEY, id TEXT NOT NULL,
-                 stream TEXT NOT NULL, key BLOB, payload BLOB, headers TEXT NOT NULL,
-                 timestamp_ms INTEGER);",
-        )
-        .unwrap();
+    format_2_db(&path, true, "");
     let db = StateDb::open(&path).unwrap();
     db.begin().unwrap();
     db.queue_outbox(&output(1, 0)).unwrap();

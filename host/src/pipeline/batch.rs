@@ -400,9 +400,10 @@ impl Run<'_> {
         if let Some(observed) = self.observed.as_mut() {
             let mut event = TapeEvent::from_record(seq, record);
             event.result = Some(result);
-            let outputs = match self.config.queue_outputs {
-                true => outputs.clone(),
-                false => std::mem::take(outputs),
+            let outputs = if self.config.queue_outputs {
+                outputs.clone()
+            } else {
+                std::mem::take(outputs)
             };
             observed.push(EventRecord {
                 event,

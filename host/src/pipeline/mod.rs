@@ -287,7 +287,7 @@ pub fn run_source(
                 db.commit()?;
             }
             if observe.is_none() {
-                db.capture_changes(false, true);
+                db.capture_changes(false, digests);
             }
             let info = RunInfo {
                 first_seq: db.meta_u64("next_seq")?,
