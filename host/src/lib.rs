@@ -22,14 +22,14 @@ mod tape;
 pub mod verify;
 mod wit;
 
-pub use event::{Event, Header, Output, Position, Seed};
+pub use event::{Entropy, Event, Header, Output, Position, Seed};
 pub use pipeline::{
     DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DLQ_STREAM, ErrorPolicy, EventRecord, INSTANCE_EPOCH,
     Progress, RunConfig, RunError, RunSummary, run,
 };
 pub use runtime::{
-    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, Instance, LoadError, LoadStats, Module,
-    Rejection, Runtime, RuntimeConfig, default_cache_dir,
+    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, HostFault, Instance, LoadError, LoadStats,
+    Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{

@@ -314,3 +314,57 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
     let summary = rewind_host::run(&cfg, &()).unwrap();
     assert_eq!((summary.applied, summary.dead_lettered), (1, 1));
 }
+
+/// Instances come from a pool of fixed size. A call that finds every slot
+/// taken has met a limit of the host, not a fault of its event: it is a host
+/// fault that stops the run, never a trap that would dead-letter the event.
+#[test]
+fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
+    use rewind_host::{Entropy, Event, HostFault, Position, Runtime, RuntimeConfig, StateDb};
+
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(rewind_tests::cache_dir()),
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let module = runtime.load(&processor("payments-v2")).unwrap();
+    let db = Box::new(StateDb::open(&dir.path().join("state.db")).unwrap());
+    db.begin().unwrap();
+    let (mut db, outcome) = runtime.instance(&module).init(db);
+    assert!(outcome.unwrap().result.is_ok());
+    let event = Event {
+        position: Position {
+            stream: "orders".into(),
+            partition: 0,
+            offset: 1,
+        },
+        key: None,
+        payload: Some(br#"{"type":"order_cancelled","order_id":"o-1"}"#.to_vec()),
+        headers: Vec::new(),
+        timestamp_ms: Some(TS),
+    };
+    let entropy = Entropy::of(&event.position);
+    // Each instance stays live after its call, holding its slot.
+    let mut held = Vec::new();
+    let message = loop {
+        let mut instance = runtime.instance(&module);
+        let (back, outcome) = instance.handle(db, &event, &entropy);
+        db = back;
+        match outcome {
+            Ok(outcome) => {
+                let rejection = outcome.result.unwrap_err();
+                assert_eq!(rejection.class, "invalid-input", "{}", rejection.message);
+                held.push(instance);
+            }
+            Err(HostFault::Instances(message)) => break message,
+            Err(other) => panic!("expected the pool to run out, got {other}"),
+        }
+        assert!(held.len() < 100, "the instance pool never ran out");
+    };
+    assert!(message.contains("concurrent limit"), "{message}");
+    // Freeing a slot makes the next call work again.
+    held.pop();
+    let (_db, outcome) = runtime.instance(&module).handle(db, &event, &entropy);
+    assert!(outcome.is_ok());
+}

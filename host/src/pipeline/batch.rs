@@ -298,12 +298,8 @@ impl Run<'_> {
         self.db = Some(db);
         let outcome = match outcome {
             Ok(outcome) => outcome,
-            Err(HostFault(source)) => {
-                return Err(RunError::Host {
-                    state: self.config.state.clone(),
-                    position: event.position.clone(),
-                    source: Box::new(source),
-                });
+            Err(fault) => {
+                return Err(RunError::host(&self.config.state, &event.position, fault));
             }
         };
         self.logs.extend(

@@ -209,6 +209,28 @@ pub enum RunError {
         #[source]
         source: Box<rusqlite::Error>,
     },
+    #[error(
+        "could not run {position}: {message}; nothing of the batch in progress was \
+         committed, rerun to continue"
+    )]
+    Instances { position: Position, message: String },
+}
+
+impl RunError {
+    /// The run's error for a host fault while processing `position`.
+    pub(crate) fn host(state: &Path, position: &Position, fault: HostFault) -> RunError {
+        match fault {
+            HostFault::State(source) => RunError::Host {
+                state: state.to_owned(),
+                position: position.clone(),
+                source: Box::new(source),
+            },
+            HostFault::Instances(message) => RunError::Instances {
+                position: position.clone(),
+                message,
+            },
+        }
+    }
 }
 
 /// Runs a processor over a file into a state DB (and optionally an output file).
@@ -374,11 +396,7 @@ fn prepare(
     db.begin()?;
     let (db, outcome) = runtime.instance(module).init(Box::new(db));
     let failure = match outcome {
-        Err(HostFault(source)) => Some(RunError::Host {
-            state: config.state.clone(),
-            position: Position::init(),
-            source: Box::new(source),
-        }),
+        Err(fault) => Some(RunError::host(&config.state, &Position::init(), fault)),
         Ok(outcome) => outcome.result.err().map(|rejection| RunError::Init {
             path: config.processor.clone(),
             rejection,

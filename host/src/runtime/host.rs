@@ -18,11 +18,18 @@ const MAX_LOG_LINES_PER_EVENT: usize = 100;
 /// Bytes of one log line kept.
 const MAX_LOG_LINE: usize = 4096;
 
-/// The state DB failed underneath guest SQL: not the guest's fault, so the
-/// run stops instead of dead-lettering the event.
+/// Something outside the guest failed during a call: not the guest's fault,
+/// so the run stops instead of dead-lettering the event.
 #[derive(Debug, thiserror::Error)]
-#[error("state DB failed during guest SQL: {0}")]
-pub struct HostFault(#[source] pub rusqlite::Error);
+pub enum HostFault {
+    /// The state DB failed underneath guest SQL.
+    #[error("state DB failed during guest SQL: {0}")]
+    State(#[source] rusqlite::Error),
+    /// No instance could be made for the call: every slot of the instance
+    /// pool is in use (a limit of this process, not of the guest).
+    #[error("no WebAssembly instance could be made: {0}")]
+    Instances(String),
+}
 
 /// The event used up its SQL budget.
 #[derive(Debug, thiserror::Error)]
@@ -135,7 +142,7 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
         Err(GuestSqlError::BudgetExhausted { budget }) => {
             Err(wasmtime::Error::new(SqlBudgetExhausted { budget }))
         }
-        Err(GuestSqlError::Host(error)) => Err(wasmtime::Error::new(HostFault(error))),
+        Err(GuestSqlError::Host(error)) => Err(wasmtime::Error::new(HostFault::State(error))),
     }
 }
 

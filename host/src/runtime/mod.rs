@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, ComponentExportIndex, Func, Linker, TypedFunc};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
+    Store, Trap,
+};
 
 pub use cache::default_dir as default_cache_dir;
 pub use host::{HostFault, MAX_OUTPUTS_PER_EVENT};
@@ -475,6 +478,10 @@ impl Instance<'_> {
             // A trapped instance cannot be entered again: `live` is dropped.
             Err(error) => match error.downcast::<HostFault>() {
                 Ok(fault) => return (db, Err(fault)),
+                // The pool is the host's: the event did nothing wrong.
+                Err(error) if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
+                    return (db, Err(HostFault::Instances(format!("{error:#}"))));
+                }
                 Err(error) => Err(classify_trap(&error, &stderr, fuel)),
             },
         };
