@@ -1,6 +1,6 @@
 //! The input event handed to [`Processor::handle`](crate::Processor::handle).
 
-use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use crate::__private::WitEvent;
 use crate::{Error, Result};
@@ -94,7 +94,11 @@ impl Event {
 
     /// Decodes the payload as JSON. A tombstone or a payload that does not
     /// decode is [`Error::InvalidInput`], so `?` dead-letters the event.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+    ///
+    /// `T` may borrow from the payload (`&str`, or `Cow<str>` with
+    /// `#[serde(borrow)]` for strings that may hold escapes), which spares a
+    /// copy of every string field.
+    pub fn json<'a, T: Deserialize<'a>>(&'a self) -> Result<T> {
         let payload = self
             .payload
             .as_deref()

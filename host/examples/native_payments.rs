@@ -11,6 +11,7 @@
 //! event before writing anything, so none is needed natively). Outputs are
 //! encoded into outbox pages of up to 1 MiB as the host does.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -21,8 +22,17 @@ use serde::{Deserialize, Serialize};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The payload as read flat, as the processor reads it.
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+struct Payload<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    order_id: Option<String>,
+    customer_id: Option<String>,
+    amount_cents: Option<i64>,
+    currency: Option<String>,
+}
+
 enum Order {
     OrderCompleted {
         order_id: String,
@@ -33,6 +43,25 @@ enum Order {
     OrderCancelled {
         order_id: String,
     },
+}
+
+impl Order {
+    /// The processor's `Order::parse`; `Err` is invalid input.
+    fn parse(line: &[u8]) -> Result<Order, String> {
+        let p: Payload<'_> = serde_json::from_slice(line).map_err(|e| format!("payload: {e}"))?;
+        let missing = |field: &str| format!("payload: missing field `{field}`");
+        let order_id = p.order_id.ok_or_else(|| missing("order_id"))?;
+        match &*p.kind {
+            "order_completed" => Ok(Order::OrderCompleted {
+                order_id,
+                customer_id: p.customer_id.ok_or_else(|| missing("customer_id"))?,
+                amount_cents: p.amount_cents.ok_or_else(|| missing("amount_cents"))?,
+                currency: p.currency.ok_or_else(|| missing("currency"))?,
+            }),
+            "order_cancelled" => Ok(Order::OrderCancelled { order_id }),
+            other => Err(format!("payload: unknown type {other:?}")),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -93,9 +122,9 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         .enumerate()
     {
         let offset = line_no as i64 + 1;
-        let applied = match serde_json::from_slice::<Order>(line) {
+        let applied = match Order::parse(line) {
             Ok(order) => apply(&conn, &mut outbox, order, seq, &stream, offset)?,
-            Err(e) => Err(e.to_string()),
+            Err(message) => Err(message),
         };
         if let Err(message) = applied {
             conn.prepare_cached("INSERT INTO _rewind_dlq VALUES (?1, ?2, ?3)")?
@@ -190,10 +219,16 @@ fn apply(
     offset: i64,
 ) -> Result<Result<(), String>> {
     let mut emit = |p: &Payment<'_>| -> Result<()> {
+        // The output's id, built as the host's `Position::output_id` does.
+        let mut id = String::with_capacity(stream.len() + 3 + 11 + 20 + 20);
+        id.push_str(stream);
+        id.push_str("/0@");
+        id.push_str(itoa::Buffer::new().format(offset));
+        id.push_str("/0");
         outbox.push(
             conn,
             (seq << 16) as i64,
-            &format!("{stream}/0@{offset}/0"),
+            &id,
             p.order_id.as_bytes(),
             &serde_json::to_vec(p)?,
         )

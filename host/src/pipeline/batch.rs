@@ -320,7 +320,7 @@ impl Run<'_> {
                     let row = OutboxRow {
                         seq,
                         n: n as u32,
-                        id: format!("{}/{n}", event.position),
+                        id: event.position.output_id(n),
                         output,
                         timestamp_ms: event.timestamp_ms,
                     };
