@@ -29,7 +29,7 @@ pub use pipeline::{
 };
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, HostFault, Instance, LoadError, LoadStats,
-    Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
+    MAX_INSTANCES, Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{

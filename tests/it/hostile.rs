@@ -320,7 +320,9 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
 /// fault that stops the run, never a trap that would dead-letter the event.
 #[test]
 fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
-    use rewind_host::{Entropy, Event, HostFault, Position, Runtime, RuntimeConfig, StateDb};
+    use rewind_host::{
+        Entropy, Event, HostFault, MAX_INSTANCES, Position, Runtime, RuntimeConfig, StateDb,
+    };
 
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::new(RuntimeConfig {
@@ -360,9 +362,14 @@ fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
             Err(HostFault::Instances(message)) => break message,
             Err(other) => panic!("expected the pool to run out, got {other}"),
         }
-        assert!(held.len() < 100, "the instance pool never ran out");
+        assert!(
+            held.len() <= MAX_INSTANCES as usize,
+            "the instance pool never ran out"
+        );
     };
     assert!(message.contains("concurrent limit"), "{message}");
+    // Every slot the pool promises was usable.
+    assert_eq!(held.len(), MAX_INSTANCES as usize);
     // Freeing a slot makes the next call work again.
     held.pop();
     let (_db, outcome) = runtime.instance(&module).handle(db, &event, &entropy);

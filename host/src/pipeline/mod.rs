@@ -225,9 +225,9 @@ impl RunError {
                 position: position.clone(),
                 source: Box::new(source),
             },
-            HostFault::Instances(message) => RunError::Instances {
+            fault @ HostFault::Instances(_) => RunError::Instances {
                 position: position.clone(),
-                message,
+                message: fault.to_string(),
             },
         }
     }

@@ -27,7 +27,12 @@ pub enum HostFault {
     State(#[source] rusqlite::Error),
     /// No instance could be made for the call: every slot of the instance
     /// pool is in use (a limit of this process, not of the guest).
-    #[error("no WebAssembly instance could be made: {0}")]
+    #[error(
+        "no WebAssembly instance could be made ({0}): one process runs at most {max} \
+         processor instances at once, one per partition a Kafka run is assigned; \
+         run more processes in the consumer group",
+        max = super::MAX_INSTANCES
+    )]
     Instances(String),
 }
 

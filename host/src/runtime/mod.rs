@@ -40,6 +40,10 @@ pub const DEFAULT_MEMORY_MB: u64 = 64;
 const MAX_WASM_STACK: usize = 512 * 1024;
 /// Bytes of each linear memory slot kept resident between instances.
 const KEEP_RESIDENT: usize = 16 << 20;
+/// Processor instances alive at once in one process: a run holds one, a
+/// replay two, a Kafka run one per partition it is assigned. Each slot
+/// reserves address space only (its memory's 4 GiB), never memory.
+pub const MAX_INSTANCES: u32 = 128;
 
 /// How the runtime is set up: part of the host configuration that results
 /// depend on (a larger fuel budget can turn a dead letter into a success).
@@ -182,10 +186,12 @@ impl Runtime {
             .max_wasm_stack(MAX_WASM_STACK)
             .parallel_compilation(true);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(16)
-            .total_core_instances(64)
-            .total_memories(32)
-            .total_tables(64)
+        // A component is a few core instances (the processor, shims); each
+        // of those may have a memory and a table.
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(4 * MAX_INSTANCES)
+            .total_memories(2 * MAX_INSTANCES)
+            .total_tables(4 * MAX_INSTANCES)
             .max_memory_size(config.memory_bytes)
             // A fresh instance per event must be cheap: keep the pages a
             // guest touched resident and reset only those (PAGEMAP_SCAN finds
