@@ -22,46 +22,15 @@ use serde::{Deserialize, Serialize};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The payload as read flat, as the processor reads it.
+/// The payload, read flat as the processor reads it.
 #[derive(Deserialize)]
-struct Payload<'a> {
+struct Order<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    order_id: Option<String>,
+    order_id: String,
     customer_id: Option<String>,
     amount_cents: Option<i64>,
     currency: Option<String>,
-}
-
-enum Order {
-    OrderCompleted {
-        order_id: String,
-        customer_id: String,
-        amount_cents: i64,
-        currency: String,
-    },
-    OrderCancelled {
-        order_id: String,
-    },
-}
-
-impl Order {
-    /// The processor's `Order::parse`; `Err` is invalid input.
-    fn parse(line: &[u8]) -> Result<Order, String> {
-        let p: Payload<'_> = serde_json::from_slice(line).map_err(|e| format!("payload: {e}"))?;
-        let missing = |field: &str| format!("payload: missing field `{field}`");
-        let order_id = p.order_id.ok_or_else(|| missing("order_id"))?;
-        match &*p.kind {
-            "order_completed" => Ok(Order::OrderCompleted {
-                order_id,
-                customer_id: p.customer_id.ok_or_else(|| missing("customer_id"))?,
-                amount_cents: p.amount_cents.ok_or_else(|| missing("amount_cents"))?,
-                currency: p.currency.ok_or_else(|| missing("currency"))?,
-            }),
-            "order_cancelled" => Ok(Order::OrderCancelled { order_id }),
-            other => Err(format!("payload: unknown type {other:?}")),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -122,9 +91,9 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         .enumerate()
     {
         let offset = line_no as i64 + 1;
-        let applied = match Order::parse(line) {
+        let applied = match serde_json::from_slice::<Order<'_>>(line) {
             Ok(order) => apply(&conn, &mut outbox, order, seq, &stream, offset)?,
-            Err(message) => Err(message),
+            Err(e) => Err(format!("payload: {e}")),
         };
         if let Err(message) = applied {
             conn.prepare_cached("INSERT INTO _rewind_dlq VALUES (?1, ?2, ?3)")?
@@ -213,7 +182,7 @@ fn commit(conn: &Connection, stream: &str, next_offset: i64, seq: u64) -> Result
 fn apply(
     conn: &Connection,
     outbox: &mut Outbox,
-    order: Order,
+    order: Order<'_>,
     seq: u64,
     stream: &str,
     offset: i64,
@@ -233,13 +202,16 @@ fn apply(
             &serde_json::to_vec(p)?,
         )
     };
-    match order {
-        Order::OrderCompleted {
-            order_id,
-            customer_id,
-            amount_cents,
-            currency,
-        } => {
+    match &*order.kind {
+        "order_completed" => {
+            let (Some(customer_id), Some(amount_cents), Some(currency)) =
+                (order.customer_id, order.amount_cents, order.currency)
+            else {
+                return Ok(Err(
+                    "order_completed needs customer_id, amount_cents and currency".into(),
+                ));
+            };
+            let order_id = order.order_id;
             let gateway_ref = format!("gw_{:016x}", splitmix(seq));
             let p = Payment {
                 order_id: &order_id,
@@ -277,7 +249,8 @@ fn apply(
             .execute(params![p.customer_id, p.amount_cents])?;
             emit(&p)?;
         }
-        Order::OrderCancelled { order_id } => {
+        "order_cancelled" => {
+            let order_id = order.order_id;
             let row: Option<(String, i64, String, String, String)> = conn
                 .prepare_cached(
                     "SELECT customer_id, amount_cents, currency, gateway_ref, status
@@ -312,6 +285,7 @@ fn apply(
                 updated_at_ms: 0,
             })?;
         }
+        other => return Ok(Err(format!("unknown order type {other:?}"))),
     }
     Ok(Ok(()))
 }

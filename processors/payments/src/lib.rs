@@ -4,57 +4,25 @@
 //! Built twice: the default build (v2) is idempotent, while the `v1` feature
 //! keeps the classic bug of charging a re-delivered `order_completed` again.
 
-use rewind_guest::{Error, Event, Processor, Result, emit_json, now_ms, random_hex, sql};
 use std::borrow::Cow;
 
+use rewind_guest::{Error, Event, Processor, Result, emit_json, now_ms, random_hex, sql};
 use serde::{Deserialize, Serialize};
 
 struct Payments;
 
-/// An `orders` payload as it arrives: one flat object whose `type` says
-/// which fields it must have (see [`Order::parse`]).
+/// An `orders` payload. Read flat, with `type` a field, rather than as a
+/// `#[serde(tag = "type")]` enum: serde decodes such an enum by copying the
+/// whole object into a buffer first, which for payloads this small costs
+/// about as much as the decoding.
 #[derive(Deserialize)]
-struct Payload<'a> {
+struct Order<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
-    order_id: Option<String>,
+    order_id: String,
     customer_id: Option<String>,
     amount_cents: Option<i64>,
     currency: Option<String>,
-}
-
-enum Order {
-    OrderCompleted {
-        order_id: String,
-        customer_id: String,
-        amount_cents: i64,
-        currency: String,
-    },
-    OrderCancelled {
-        order_id: String,
-    },
-}
-
-impl Order {
-    /// Decodes a payload. Read flat rather than as a `#[serde(tag = "type")]`
-    /// enum, which serde can only decode by first copying the whole object
-    /// into a buffer of its own: for payloads this small that copy costs as
-    /// much as the decoding.
-    fn parse(event: &Event) -> Result<Order> {
-        let p: Payload<'_> = event.json()?;
-        let missing = |field: &str| Error::invalid(format!("payload: missing field `{field}`"));
-        let order_id = p.order_id.ok_or_else(|| missing("order_id"))?;
-        match &*p.kind {
-            "order_completed" => Ok(Order::OrderCompleted {
-                order_id,
-                customer_id: p.customer_id.ok_or_else(|| missing("customer_id"))?,
-                amount_cents: p.amount_cents.ok_or_else(|| missing("amount_cents"))?,
-                currency: p.currency.ok_or_else(|| missing("currency"))?,
-            }),
-            "order_cancelled" => Ok(Order::OrderCancelled { order_id }),
-            other => Err(Error::invalid(format!("payload: unknown type {other:?}"))),
-        }
-    }
 }
 
 /// The `payment_processed` state event: the full payment row.
@@ -100,15 +68,18 @@ impl Processor for Payments {
     }
 
     fn handle(event: Event) -> Result<()> {
-        match Order::parse(&event)? {
-            Order::OrderCompleted {
-                order_id,
-                customer_id,
-                amount_cents,
-                currency,
-            } => {
+        let order: Order = event.json()?;
+        match &*order.kind {
+            "order_completed" => {
+                let (Some(customer_id), Some(amount_cents), Some(currency)) =
+                    (order.customer_id, order.amount_cents, order.currency)
+                else {
+                    return Err(Error::invalid(
+                        "order_completed needs customer_id, amount_cents and currency",
+                    ));
+                };
                 let payment = Payment {
-                    order_id,
+                    order_id: order.order_id,
                     customer_id,
                     amount_cents,
                     currency,
@@ -151,7 +122,8 @@ impl Processor for Payments {
                 )?;
                 emit_json("payments", &payment.order_id, &payment)
             }
-            Order::OrderCancelled { order_id } => {
+            "order_cancelled" => {
+                let order_id = order.order_id;
                 let row = sql::query_row(
                     "SELECT customer_id, amount_cents, currency, gateway_ref, status
                      FROM payments WHERE order_id = ?1",
@@ -183,6 +155,7 @@ impl Processor for Payments {
                 )?;
                 emit_json("payments", &payment.order_id, &payment)
             }
+            other => Err(Error::invalid(format!("unknown order type {other:?}"))),
         }
     }
 }
