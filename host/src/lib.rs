@@ -28,8 +28,8 @@ pub use pipeline::{
     Progress, RunConfig, RunError, RunSummary, run,
 };
 pub use runtime::{
-    CallOutcome, DEFAULT_FUEL, DEFAULT_MEMORY_MB, HostFault, Instance, LoadError, LoadStats,
-    MAX_INSTANCES, Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
+    CallOutcome, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB, HostFault, Instance,
+    LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{

@@ -11,7 +11,9 @@ mod cli;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use rewind_host::{DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DEFAULT_FUEL, DEFAULT_MEMORY_MB};
+use rewind_host::{
+    DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB,
+};
 
 /// Runs WebAssembly stream processors over their own SQLite state,
 /// deterministically: the same module, input and starting state always give
@@ -182,6 +184,9 @@ struct ReplayArgs {
     /// Linear memory cap per processor instance, in MiB (as for `run`).
     #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
     memory_mb: u64,
+    /// Processor instances alive at once (as for `run`); a replay uses two.
+    #[arg(long, default_value_t = DEFAULT_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(2..))]
+    max_instances: u32,
     /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
@@ -337,6 +342,11 @@ struct RunArgs {
     /// Linear memory cap per processor instance, in MiB.
     #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
     memory_mb: u64,
+    /// Processor instances alive at once: a run uses one, a Kafka run one per
+    /// partition it is assigned. Each reserves 8 GiB of address space (not
+    /// memory): lower it where address space is limited (`ulimit -v`).
+    #[arg(long, default_value_t = DEFAULT_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(1..))]
+    max_instances: u32,
     /// Continue a state DB that another module version wrote.
     #[arg(long)]
     allow_module_change: bool,

@@ -320,13 +320,13 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
 /// fault that stops the run, never a trap that would dead-letter the event.
 #[test]
 fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
-    use rewind_host::{
-        Entropy, Event, HostFault, MAX_INSTANCES, Position, Runtime, RuntimeConfig, StateDb,
-    };
+    use rewind_host::{Entropy, Event, HostFault, Position, Runtime, RuntimeConfig, StateDb};
 
     let dir = tempfile::tempdir().unwrap();
+    const MAX: u32 = 5;
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(rewind_tests::cache_dir()),
+        max_instances: MAX,
         ..RuntimeConfig::default()
     })
     .unwrap();
@@ -359,17 +359,21 @@ fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
                 assert_eq!(rejection.class, "invalid-input", "{}", rejection.message);
                 held.push(instance);
             }
-            Err(HostFault::Instances(message)) => break message,
+            Err(fault @ HostFault::Instances { .. }) => break fault.to_string(),
             Err(other) => panic!("expected the pool to run out, got {other}"),
         }
         assert!(
-            held.len() <= MAX_INSTANCES as usize,
+            held.len() <= MAX as usize,
             "the instance pool never ran out"
         );
     };
     assert!(message.contains("concurrent limit"), "{message}");
+    assert!(
+        message.contains("at most 5 processor instances"),
+        "{message}"
+    );
     // Every slot the pool promises was usable.
-    assert_eq!(held.len(), MAX_INSTANCES as usize);
+    assert_eq!(held.len(), MAX as usize);
     // Freeing a slot makes the next call work again.
     held.pop();
     let (_db, outcome) = runtime.instance(&module).handle(db, &event, &entropy);

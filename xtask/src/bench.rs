@@ -6,7 +6,9 @@
 //! shared and noisy: read the ratio. Then `rewind replay` (also of a tape
 //! TIMES as long, default 5, for its memory), `rewind diff` against sqldiff,
 //! and Kafka end to end against a raw consumer. `--only
-//! run|replay|diff|kafka` runs one section.
+//! run|instructions|replay|diff|kafka` runs one section. `instructions`
+//! counts, under valgrind, the instructions per event of the run and of the
+//! native baseline: a ratio the neighbours' load does not move.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,9 +21,9 @@ use crate::demo::XorShift;
 use crate::{cargo, cmd, target_dir};
 
 /// The bench's sections, in the order they run; `--only` picks one.
-const SECTIONS: [&str; 4] = ["run", "replay", "diff", "kafka"];
+const SECTIONS: [&str; 5] = ["run", "instructions", "replay", "diff", "kafka"];
 const USAGE: &str = "usage: cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES] \
-                     [--only run|replay|diff|kafka]";
+                     [--only run|instructions|replay|diff|kafka]";
 
 pub fn run(args: &[String]) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
@@ -101,6 +103,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let (bin, input, dir) = (&setup.bin, &setup.input, &setup.dir);
     if wanted("run") {
         run_section(&setup)?;
+    }
+    if wanted("instructions") {
+        instructions_section(&setup)?;
     }
     if wanted("replay") {
         replay_section(&setup, long_replay)?;
@@ -256,6 +261,98 @@ fn run_section(setup: &Setup) -> Result<()> {
         "floor: >= 150000 events/s and ratio <= 1.5; goal: >= 300000 events/s and ratio <= 1.3"
     );
     Ok(())
+}
+
+/// Events of the bench's input counted under valgrind: past the start-up,
+/// and about a minute for both programs.
+const COUNTED_EVENTS: usize = 20_000;
+
+/// Instructions per event of `rewind run` and of the native baseline over
+/// the first [`COUNTED_EVENTS`] events, all threads, counted by valgrind's
+/// cachegrind; the count of a one-event run is taken off each (start-up).
+/// Wall times on a shared machine move by 1.5-2x with the neighbours' load;
+/// instruction counts do not, which is what a change of a few percent needs.
+fn instructions_section(setup: &Setup) -> Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("instructions: valgrind is not installed (apt install valgrind); not counted");
+        return Ok(());
+    }
+    let text = std::fs::read(&setup.input)?;
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    let counted = COUNTED_EVENTS.min(lines.len());
+    let write = |name: &str, n: usize| -> Result<PathBuf> {
+        let path = setup.dir.join(name);
+        std::fs::write(&path, lines[..n].concat())?;
+        Ok(path)
+    };
+    let (many, one) = (
+        write("counted.jsonl", counted)?,
+        write("counted-1.jsonl", 1)?,
+    );
+    let processor = setup.wasm.join("payments-v2.wasm");
+    let rewind = |input: &Path| -> Result<u64> {
+        let state = setup.dir.join("counted.db");
+        remove_db(&state)?;
+        let mut command = valgrind();
+        command
+            .arg(&setup.bin)
+            .args(rewind_run(&setup.bin, &processor, input, &state, &setup.cache).get_args())
+            .args(["--quiet", "--batch-size", &setup.batch.to_string()])
+            .args(["--batch-ms", "3600000"])
+            // valgrind cannot reserve the address space of the full pool.
+            .args(["--max-instances", "2"]);
+        instructions(&mut command)
+    };
+    let native = |input: &Path| -> Result<u64> {
+        let state = setup.dir.join("counted-native.db");
+        remove_db(&state)?;
+        let mut command = valgrind();
+        command
+            .arg(&setup.native_bin)
+            .arg(input)
+            .arg(&state)
+            .arg(setup.batch.to_string());
+        instructions(&mut command)
+    };
+    let per_event =
+        |total: u64, start: u64| total.saturating_sub(start) / (counted as u64 - 1).max(1);
+    // valgrind's CPU has other features than the real one: the component is
+    // compiled (and cached) for it once, before anything is counted.
+    rewind(&one)?;
+    let wasm = per_event(rewind(&many)?, rewind(&one)?);
+    let native = per_event(native(&many)?, native(&one)?);
+    println!(
+        "instructions per event ({counted} events, all threads, valgrind): rewind {wasm}, \
+         native {native}: ratio {:.2}",
+        wasm as f64 / native.max(1) as f64
+    );
+    Ok(())
+}
+
+/// valgrind counting instructions only.
+fn valgrind() -> Command {
+    let mut command = Command::new("valgrind");
+    command.args([
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+    ]);
+    command
+}
+
+/// Runs `command` under valgrind to success: the instructions it ran.
+fn instructions(command: &mut Command) -> Result<u64> {
+    let out = command.stdout(Stdio::null()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("{command:?} failed: {stderr}");
+    }
+    // "==123== I   refs:      1,283,348,915"
+    stderr
+        .lines()
+        .find_map(|line| line.split_once("I   refs:"))
+        .and_then(|(_, count)| count.trim().replace(',', "").parse().ok())
+        .with_context(|| format!("valgrind printed no instruction count: {stderr}"))
 }
 
 /// Side-by-side replay of the bench's events, v1 against v2, from a tape;

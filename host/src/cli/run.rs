@@ -68,6 +68,7 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
     config.runtime = RuntimeConfig {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,
+        max_instances: args.max_instances,
         cache_dir: if args.no_cache {
             None
         } else {

@@ -225,7 +225,7 @@ impl RunError {
                 position: position.clone(),
                 source: Box::new(source),
             },
-            fault @ HostFault::Instances(_) => RunError::Instances {
+            fault @ HostFault::Instances { .. } => RunError::Instances {
                 position: position.clone(),
                 message: fault.to_string(),
             },

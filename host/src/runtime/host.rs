@@ -28,12 +28,11 @@ pub enum HostFault {
     /// No instance could be made for the call: every slot of the instance
     /// pool is in use (a limit of this process, not of the guest).
     #[error(
-        "no WebAssembly instance could be made ({0}): one process runs at most {max} \
-         processor instances at once, one per partition a Kafka run is assigned; \
-         run more processes in the consumer group",
-        max = super::MAX_INSTANCES
+        "no WebAssembly instance could be made ({error}): this process runs at most {max} \
+         processor instances at once, one per partition a Kafka run is assigned; raise \
+         --max-instances or run more processes in the consumer group"
     )]
-    Instances(String),
+    Instances { max: u32, error: String },
 }
 
 /// The event used up its SQL budget.

@@ -40,10 +40,11 @@ pub const DEFAULT_MEMORY_MB: u64 = 64;
 const MAX_WASM_STACK: usize = 512 * 1024;
 /// Bytes of each linear memory slot kept resident between instances.
 const KEEP_RESIDENT: usize = 16 << 20;
-/// Processor instances alive at once in one process: a run holds one, a
-/// replay two, a Kafka run one per partition it is assigned. Each slot
-/// reserves address space only (its memory's 4 GiB), never memory.
-pub const MAX_INSTANCES: u32 = 128;
+/// Processor instances alive at once in one process unless configured: a run
+/// holds one, a replay two, a Kafka run one per partition it is assigned.
+/// Each slot reserves address space only (8 GiB: room for two memories of up
+/// to 4 GiB each), never memory.
+pub const DEFAULT_MAX_INSTANCES: u32 = 128;
 
 /// How the runtime is set up: part of the host configuration that results
 /// depend on (a larger fuel budget can turn a dead letter into a success).
@@ -56,6 +57,8 @@ pub struct RuntimeConfig {
     pub memory_bytes: usize,
     /// Where compiled components are cached; `None` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// Instances alive at once (the size of the instance pool).
+    pub max_instances: u32,
 }
 
 impl Default for RuntimeConfig {
@@ -64,6 +67,7 @@ impl Default for RuntimeConfig {
             fuel: DEFAULT_FUEL,
             memory_bytes: (DEFAULT_MEMORY_MB << 20) as usize,
             cache_dir: Some(default_cache_dir()),
+            max_instances: DEFAULT_MAX_INSTANCES,
         }
     }
 }
@@ -188,10 +192,11 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::default();
         // A component is a few core instances (the processor, shims); each
         // of those may have a memory and a table.
-        pool.total_component_instances(MAX_INSTANCES)
-            .total_core_instances(4 * MAX_INSTANCES)
-            .total_memories(2 * MAX_INSTANCES)
-            .total_tables(4 * MAX_INSTANCES)
+        let max = config.max_instances.max(1);
+        pool.total_component_instances(max)
+            .total_core_instances(4 * max)
+            .total_memories(2 * max)
+            .total_tables(4 * max)
             .max_memory_size(config.memory_bytes)
             // A fresh instance per event must be cheap: keep the pages a
             // guest touched resident and reset only those (PAGEMAP_SCAN finds
@@ -486,7 +491,14 @@ impl Instance<'_> {
                 Ok(fault) => return (db, Err(fault)),
                 // The pool is the host's: the event did nothing wrong.
                 Err(error) if error.downcast_ref::<PoolConcurrencyLimitError>().is_some() => {
-                    return (db, Err(HostFault::Instances(format!("{error:#}"))));
+                    let max = self.runtime.config.max_instances;
+                    return (
+                        db,
+                        Err(HostFault::Instances {
+                            max,
+                            error: format!("{error:#}"),
+                        }),
+                    );
                 }
                 Err(error) => Err(classify_trap(&error, &stderr, fuel)),
             },
