@@ -88,7 +88,26 @@ pub fn emit_json<T: Serialize + ?Sized>(
     key: impl AsRef<[u8]>,
     value: &T,
 ) -> Result<()> {
-    let payload =
-        serde_json::to_vec(value).map_err(|e| Error::failed(format!("encode output: {e}")))?;
-    emit(stream, key, payload)
+    // One buffer serves every output of the instance: the host copies the
+    // payload out during `emit`, so it is free again right after.
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|buffer| {
+        // A nested emit_json (from a `Serialize` impl) gets a buffer of its own.
+        let Ok(mut buffer) = buffer.try_borrow_mut() else {
+            let payload = serde_json::to_vec(value)
+                .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+            return emit(stream, key, payload);
+        };
+        buffer.clear();
+        serde_json::to_writer(&mut *buffer, value)
+            .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+        let sent = emit(stream, key, &*buffer);
+        // A rare huge output does not stay allocated for the instance's life.
+        if buffer.capacity() > 64 << 10 {
+            *buffer = Vec::new();
+        }
+        sent
+    })
 }

@@ -228,17 +228,32 @@ impl<T: FromSql> FromSql for Option<T> {
     }
 }
 
-fn to_wit<'a>(params: &'a [&'a dyn ToSql]) -> Vec<wit::ValueParam<'a>> {
-    params
-        .iter()
-        .map(|p| match p.to_sql() {
-            ValueRef::Null => wit::ValueParam::Null,
-            ValueRef::Integer(i) => wit::ValueParam::Integer(i),
-            ValueRef::Real(r) => wit::ValueParam::Real(r),
-            ValueRef::Text(s) => wit::ValueParam::Text(s),
-            ValueRef::Blob(b) => wit::ValueParam::Blob(b),
-        })
-        .collect()
+fn to_wit<'a>(param: &'a dyn ToSql) -> wit::ValueParam<'a> {
+    match param.to_sql() {
+        ValueRef::Null => wit::ValueParam::Null,
+        ValueRef::Integer(i) => wit::ValueParam::Integer(i),
+        ValueRef::Real(r) => wit::ValueParam::Real(r),
+        ValueRef::Text(s) => wit::ValueParam::Text(s),
+        ValueRef::Blob(b) => wit::ValueParam::Blob(b),
+    }
+}
+
+/// Parameter lists up to this long are converted on the stack.
+const INLINE_PARAMS: usize = 16;
+
+/// Calls `f` with `params` in the world's form: on the stack when there are
+/// few (every statement of a typical processor), saving an allocation per call.
+fn with_wit<R>(params: &[&dyn ToSql], f: impl FnOnce(&[wit::ValueParam<'_>]) -> R) -> R {
+    if params.len() <= INLINE_PARAMS {
+        let mut inline: [wit::ValueParam<'_>; INLINE_PARAMS] =
+            std::array::from_fn(|_| wit::ValueParam::Null);
+        for (slot, param) in inline.iter_mut().zip(params) {
+            *slot = to_wit(*param);
+        }
+        f(&inline[..params.len()])
+    } else {
+        f(&params.iter().map(|p| to_wit(*p)).collect::<Vec<_>>())
+    }
 }
 
 fn from_wit(value: wit::ValueResult) -> Value {
@@ -253,12 +268,12 @@ fn from_wit(value: wit::ValueResult) -> Value {
 
 /// Runs one statement and returns how many rows it changed.
 pub fn execute(statement: &str, params: &[&dyn ToSql]) -> Result<u64, SqlError> {
-    wit::execute(statement, &to_wit(params)).map_err(SqlError)
+    with_wit(params, |params| wit::execute(statement, params)).map_err(SqlError)
 }
 
 /// Runs one statement and returns all of its rows.
 pub fn query(statement: &str, params: &[&dyn ToSql]) -> Result<Rows, SqlError> {
-    let result = wit::query(statement, &to_wit(params)).map_err(SqlError)?;
+    let result = with_wit(params, |params| wit::query(statement, params)).map_err(SqlError)?;
     let columns: Rc<[String]> = result.columns.into();
     let rows = result
         .rows
@@ -363,6 +378,30 @@ mod tests {
         let columns: Rc<[String]> =
             vec!["id".to_owned(), "name".to_owned(), "score".to_owned()].into();
         Row { columns, values }
+    }
+
+    #[test]
+    fn parameters_reach_the_world_in_order_on_the_stack_or_not() {
+        for n in [0, 1, INLINE_PARAMS, INLINE_PARAMS + 1, 3 * INLINE_PARAMS] {
+            let numbers: Vec<i64> = (0..n as i64).collect();
+            let texts: Vec<String> = numbers.iter().map(|i| format!("t{i}")).collect();
+            let params: Vec<&dyn ToSql> = numbers
+                .iter()
+                .zip(&texts)
+                .map(|(i, t)| if i % 2 == 0 { i as &dyn ToSql } else { t })
+                .collect();
+            with_wit(&params, |lowered| {
+                assert_eq!(lowered.len(), n);
+                for (i, value) in lowered.iter().enumerate() {
+                    match value {
+                        wit::ValueParam::Integer(v) => assert_eq!(*v, i as i64),
+                        wit::ValueParam::Text(t) => assert_eq!(*t, format!("t{i}")),
+                        _ => panic!("parameter {i} changed kind"),
+                    }
+                    assert_eq!(i % 2 == 0, matches!(value, wit::ValueParam::Integer(_)));
+                }
+            });
+        }
     }
 
     #[test]
