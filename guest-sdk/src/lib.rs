@@ -55,8 +55,17 @@
 //! Build it with `cargo build --release --target wasm32-wasip2` (or, inside
 //! the rewind repository, `cargo xtask build-processors`) and run it with
 //! `rewind run --processor counter.wasm --input events.jsonl --state counter.db`.
+//!
+//! # Features
+//!
+//! - `allocator` (on by default): a processor's small allocations come from
+//!   size classes with free lists instead of the system allocator (dlmalloc),
+//!   a few instructions each; turn it off to keep dlmalloc, or to install a
+//!   global allocator of your own.
 #![deny(missing_docs)]
 
+#[cfg(any(test, all(target_arch = "wasm32", feature = "allocator")))]
+mod alloc;
 mod determinism;
 mod error;
 mod event;
@@ -65,6 +74,10 @@ mod output;
 pub mod sql;
 
 pub use determinism::{now_ms, random_bytes, random_hex, random_u64};
+
+#[cfg(all(target_arch = "wasm32", feature = "allocator"))]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator::new();
 pub use error::{Error, Result};
 pub use event::{Event, Header};
 pub use output::{Output, emit, emit_json};
