@@ -39,12 +39,15 @@ impl Acc {
         }
     }
 
-    /// A fresh accumulator like this one. Its log reserves what this one's
-    /// used: events of a stream write alike, so the log rarely grows (each
-    /// growth copies it).
-    fn renew(&self) -> Acc {
+    /// A fresh accumulator like this one, which it leaves without its
+    /// scratch buffer. Its log reserves half again what this one's used:
+    /// events of a stream write alike, so the log rarely grows (each growth
+    /// copies it), and one large event is not reserved for ever after.
+    fn renew(&mut self) -> Acc {
         let used = self.kept.as_ref().map_or(0, |log| log.bytes.len());
-        Acc::new(self.kept.is_some(), self.hasher.is_some(), used)
+        let mut fresh = Acc::new(self.kept.is_some(), self.hasher.is_some(), used + used / 2);
+        fresh.after = std::mem::take(&mut self.after);
+        fresh
     }
 }
 
