@@ -502,7 +502,10 @@ impl Run<'_> {
         db.commit()?;
         self.progress.batch_committed(&self.offsets);
         if let Some(observed) = self.observed.as_mut() {
-            self.progress.committed(std::mem::take(observed));
+            // The next batch is about as long: growing its list from empty
+            // would copy it a dozen times.
+            let next = Vec::with_capacity(observed.len());
+            self.progress.committed(std::mem::replace(observed, next));
         }
         self.careful = batch.failed;
         let mut records = batch.records;
