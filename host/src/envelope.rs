@@ -252,8 +252,8 @@ impl<'de> Visitor<'de> for ShapeVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
         let mut fields: Box<[Option<Value>; 9]> = Box::default();
         let mut foreign = false;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match KCAT_FIELDS.iter().position(|f| *f == key) {
+        while let Some(FieldIndex(key)) = map.next_key()? {
+            match key {
                 Some(i) if !foreign => fields[i] = Some(map.next_value()?),
                 _ => {
                     foreign = true;
@@ -267,6 +267,29 @@ impl<'de> Visitor<'de> for ShapeVisitor {
         } else {
             Shape::Bare
         })
+    }
+}
+
+/// A map key as the index of the kcat field it names (`None`: another
+/// key), read without copying it: a bare line's keys are never kept, and
+/// `Cow<str>` would own a copy of each (serde borrows only in derives).
+struct FieldIndex(Option<usize>);
+
+impl<'de> serde::Deserialize<'de> for FieldIndex {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = FieldIndex;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<FieldIndex, E> {
+                Ok(FieldIndex(KCAT_FIELDS.iter().position(|f| *f == key)))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 
@@ -385,6 +408,15 @@ mod tests {
                 value: None
             }
         );
+    }
+
+    #[test]
+    fn escaped_keys_name_the_same_fields() {
+        let line = br#"{"\u0074opic":"t","partition":0,"off\u0073et":5,"payload":"x"}"#;
+        let event = decode_line(line, &at(1)).unwrap();
+        assert_eq!(event.position.stream, "t");
+        assert_eq!(event.position.offset, 5);
+        assert_eq!(event.payload.as_deref(), Some(&b"x"[..]));
     }
 
     #[test]
