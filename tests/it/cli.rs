@@ -51,6 +51,22 @@ fn errors_are_one_line_with_exit_code_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("missing.jsonl"), "{stderr}");
     assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+
+    // A replay runs two versions at once.
+    let out = rewind(&[
+        "replay",
+        "--tape",
+        "t.tape",
+        "--old",
+        "a.wasm",
+        "--new",
+        "b.wasm",
+        "--max-instances",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--max-instances"), "{stderr}");
 }
 
 #[test]
@@ -75,6 +91,9 @@ fn run_inspect_and_dlq_list() {
         state.to_str().unwrap(),
         "--cache-dir",
         cache_dir().to_str().unwrap(),
+        // A run needs one instance at a time: `init`'s is gone before the first event's.
+        "--max-instances",
+        "1",
     ]);
     assert!(
         out.status.success(),
