@@ -293,12 +293,18 @@ fn instructions_section(setup: &Setup) -> Result<()> {
     let rewind = |input: &Path| -> Result<u64> {
         let state = setup.dir.join("counted.db");
         remove_db(&state)?;
+        let run = batched_run(
+            &setup.bin,
+            &processor,
+            input,
+            &state,
+            &setup.cache,
+            setup.batch,
+        );
         let mut command = valgrind();
         command
             .arg(&setup.bin)
-            .args(rewind_run(&setup.bin, &processor, input, &state, &setup.cache).get_args())
-            .args(["--quiet", "--batch-size", &setup.batch.to_string()])
-            .args(["--batch-ms", "3600000"])
+            .args(run.get_args())
             // valgrind cannot reserve the address space of the full pool.
             .args(["--max-instances", "2"]);
         instructions(&mut command)
@@ -527,15 +533,28 @@ fn run_rewind(
     batch: usize,
     tape: Option<&Path>,
 ) -> Result<(Duration, u64)> {
-    let mut command = rewind_run(bin, processor, input, state, cache);
-    command
-        .arg("--quiet")
-        // Batches end by size only, as in the native baseline.
-        .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]);
+    let mut command = batched_run(bin, processor, input, state, cache, batch);
     if let Some(tape) = tape {
         command.arg("--tape").arg(tape);
     }
     measure(&mut command)
+}
+
+/// A quiet `rewind run` whose batches end by size only, as in the native
+/// baseline.
+fn batched_run(
+    bin: &Path,
+    processor: &Path,
+    input: &Path,
+    state: &Path,
+    cache: &Path,
+    batch: usize,
+) -> Command {
+    let mut command = rewind_run(bin, processor, input, state, cache);
+    command
+        .arg("--quiet")
+        .args(["--batch-size", &batch.to_string(), "--batch-ms", "3600000"]);
+    command
 }
 
 /// Compiles `module` into the compile cache (a run over one event), so that

@@ -131,13 +131,6 @@ fn decode(page: &[u8], after: i64, into: &mut Vec<OutboxRow>) -> Result<(), Stri
     Ok(())
 }
 
-/// The slots of a page's outputs (for counting those past a mark).
-fn slots(page: &[u8]) -> Result<Vec<i64>, String> {
-    let mut rows = Vec::new();
-    decode(page, i64::MIN, &mut rows)?;
-    Ok(rows.iter().map(|r| outbox_slot(r.seq, r.n)).collect())
-}
-
 pub(super) type Outbox = RefCell<OpenPage>;
 
 impl StateDb {
@@ -243,25 +236,26 @@ impl StateDb {
             )
             .map_err(|e| self.err(e))?;
         // Only the first pending page can hold outputs already delivered.
-        let first: Option<Vec<u8>> = self
+        let first: Option<(i64, Vec<u8>)> = self
             .conn
             .query_row(
-                "SELECT page FROM _rewind_outbox WHERE last_slot > ?1 AND first_slot <= ?1
+                "SELECT outputs, page FROM _rewind_outbox WHERE last_slot > ?1 AND first_slot <= ?1
                  ORDER BY last_slot LIMIT 1",
                 [acked],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(|e| self.err(e))?;
         let delivered = match first {
-            Some(page) => slots(&page)
-                .map_err(|e| self.invalid(format!("an outbox page: {e}")))?
-                .into_iter()
-                .filter(|&slot| slot <= acked)
-                .count(),
+            Some((outputs, page)) => {
+                let mut pending = Vec::new();
+                decode(&page, acked, &mut pending)
+                    .map_err(|e| self.invalid(format!("an outbox page: {e}")))?;
+                outputs - pending.len() as i64
+            }
             None => 0,
         };
-        Ok((total as u64).saturating_sub(delivered as u64))
+        Ok(total.saturating_sub(delivered).max(0) as u64)
     }
 
     /// Removes delivered outputs (up to and including `through`) and records
