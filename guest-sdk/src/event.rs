@@ -103,7 +103,14 @@ impl Event {
             .payload
             .as_deref()
             .ok_or_else(|| Error::invalid("payload is empty (tombstone)"))?;
-        serde_json::from_slice(payload).map_err(|e| Error::invalid(format!("payload: {e}")))
+        // Checked as UTF-8 once, whole (word at a time while it is ASCII),
+        // the payload's strings need no check of their own each; invalid
+        // UTF-8 is parsed as bytes for serde_json's error with its position.
+        match std::str::from_utf8(payload) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(payload),
+        }
+        .map_err(|e| Error::invalid(format!("payload: {e}")))
     }
 
     /// Every header, in record order.

@@ -69,6 +69,7 @@ mod alloc;
 mod determinism;
 mod error;
 mod event;
+mod json;
 pub mod log;
 mod output;
 pub mod sql;

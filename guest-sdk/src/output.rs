@@ -101,8 +101,12 @@ pub fn emit_json<T: Serialize + ?Sized>(
             return emit(stream, key, payload);
         };
         buffer.clear();
-        serde_json::to_writer(&mut *buffer, value)
-            .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+        if !crate::json::write(&mut buffer, value) {
+            // What the fast path leaves to serde_json (see `json.rs`).
+            buffer.clear();
+            serde_json::to_writer(&mut *buffer, value)
+                .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+        }
         let sent = emit(stream, key, &*buffer);
         // A rare huge output does not stay allocated for the instance's life.
         if buffer.capacity() > 64 << 10 {
