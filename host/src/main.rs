@@ -327,7 +327,7 @@ struct RunArgs {
     /// Stream name for bare lines [default: the input file's name].
     #[arg(long, conflicts_with = "brokers")]
     stream: Option<String>,
-    /// Events per committed batch, rounded up to an instance epoch (64 events).
+    /// Events per committed batch, rounded up to an instance epoch (256 events).
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
     /// Commit a batch after this many milliseconds even if it is not full.

@@ -180,16 +180,18 @@ fn appended_input_continues_where_it_stopped() {
 fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
     let dir = tempfile::tempdir().unwrap();
     let epoch = rewind_host::INSTANCE_EPOCH as i64;
-    let acts: Vec<String> = (0..200i64)
+    // Three epochs and a bit, with a panic half-way through the second.
+    let panic_at = epoch + epoch / 2;
+    let acts: Vec<String> = (0..3 * epoch + 8)
         .map(|i| {
-            let act = if i == 100 { "panic" } else { "remember" };
+            let act = if i == panic_at { "panic" } else { "remember" };
             rewind_tests::envelope("acts", i, 0, "k", &format!(r#"{{"do":"{act}"}}"#))
         })
         .collect();
     let input = dir.path().join("acts.jsonl");
     std::fs::write(&input, acts.join("\n")).unwrap();
     let mut dumps = Vec::new();
-    for (name, batch) in [("a", 1), ("b", 7), ("c", 1000)] {
+    for (name, batch) in [("a", 1), ("b", 7), ("c", 10 * epoch as usize)] {
         let state = dir.path().join(format!("{name}.db"));
         let mut cfg = config(&processor("hostile"), &input, &state);
         cfg.batch_size = batch;
@@ -205,9 +207,10 @@ fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
                 })
                 .collect();
         for (offset, calls) in calls {
-            // The panic at 100 discards the instance; 101 starts a fresh one.
-            let fresh_at = if offset > 100 && offset < 128 {
-                101
+            // The panic discards the instance; the next event starts a
+            // fresh one, which lives until the next epoch.
+            let fresh_at = if offset > panic_at && offset < 2 * epoch {
+                panic_at + 1
             } else {
                 offset / epoch * epoch
             };

@@ -263,17 +263,18 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
 #[test]
 fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
     let dir = tempfile::tempdir().unwrap();
-    // 70 normal events, a panic at offset 70, then one more normal event.
+    // An epoch and six normal events, a panic, then one more normal event.
     let epoch = rewind_host::INSTANCE_EPOCH as i64;
-    let mut lines: Vec<String> = (0..70).map(|i| act_line(i, "normal", None)).collect();
-    lines.push(act_line(70, "panic", None));
-    lines.push(act_line(71, "normal", None));
+    let panic_at = epoch + 6;
+    let mut lines: Vec<String> = (0..panic_at).map(|i| act_line(i, "normal", None)).collect();
+    lines.push(act_line(panic_at, "panic", None));
+    lines.push(act_line(panic_at + 1, "normal", None));
     let input = dir.path().join("acts.jsonl");
     std::fs::write(&input, lines.join("\n")).unwrap();
     let state = dir.path().join("h.db");
     let mut cfg = config(&processor("hostile"), &input, &state);
     cfg.on_error = ErrorPolicy::Halt;
-    // Batches of one event end at every epoch boundary (64 events).
+    // Batches of one event end at every epoch boundary.
     cfg.batch_size = 1;
     for _ in 0..2 {
         // A rerun halts at the same event, from the same epoch start.
@@ -282,7 +283,7 @@ fn halt_policy_stops_at_the_failing_event_and_keeps_the_epochs_before_it() {
                 position,
                 rejection,
             }) => {
-                assert_eq!(position.offset, 70);
+                assert_eq!(position.offset, panic_at);
                 assert_eq!(rejection.class, "panic");
             }
             other => panic!("expected a halt, got {other:?}"),
