@@ -212,7 +212,8 @@ fn apply(
                 ));
             };
             let order_id = order.order_id;
-            let gateway_ref = format!("gw_{:016x}", splitmix(seq));
+            // Built as the processor builds it: a prefix and hex digits, no `format!`.
+            let gateway_ref = ["gw_", &hex(splitmix(seq))].concat();
             let p = Payment {
                 order_id: &order_id,
                 customer_id: &customer_id,
@@ -291,6 +292,17 @@ fn apply(
 }
 
 /// A cheap stand-in for the host's seeded randomness.
+/// `n` as 16 lowercase hex digits, as the guest SDK's `random_hex` writes bytes.
+fn hex(n: u64) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(16);
+    for b in n.to_be_bytes() {
+        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    hex
+}
+
 fn splitmix(seed: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
