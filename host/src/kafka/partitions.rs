@@ -18,7 +18,7 @@ use super::{KafkaConfig, KafkaRunError, KafkaSink, state_path, tape_path};
 use crate::event::{Event, Header, Position};
 use crate::pipeline::{Progress, RunError, RunSummary, run_source};
 use crate::runtime::{Module, Runtime};
-use crate::source::{InputError, Polled, Record, Source};
+use crate::source::{InputError, Polled, Record, Source, Wait};
 use crate::state::{Offsets, StateDb};
 
 /// Chunks of records queued per partition before the consumer waits for
@@ -375,12 +375,12 @@ impl Source for ChannelSource {
             }
         }
     }
-    fn poll(&mut self, wait: Duration) -> Result<Polled, InputError> {
+    fn poll(&mut self, wait: Wait) -> Result<Polled, InputError> {
         loop {
             if let Some(record) = self.chunk.next() {
                 return Ok(Polled::Record(record));
             }
-            match self.chunks.recv_timeout(wait) {
+            match self.chunks.recv_timeout(wait.remaining()) {
                 Ok(chunk) => self.chunk = chunk.into_iter(),
                 Err(RecvTimeoutError::Timeout) => return Ok(Polled::Idle),
                 Err(RecvTimeoutError::Disconnected) => return Ok(Polled::End),

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::event::Header;
-use crate::source::Polled;
+use crate::source::{Polled, Wait};
 
 /// A run in progress: the instance, the state DB, and where consumption stands.
 pub(super) struct Run<'a> {
@@ -97,12 +97,13 @@ impl Run<'_> {
                 Some(record) => record,
                 None => {
                     // A live source waits no longer than the open batch may.
-                    let wait = batch.as_ref().map_or(IDLE_WAIT, |open| {
-                        self.config
-                            .batch_time
-                            .saturating_sub(open.started.elapsed())
-                            .min(IDLE_WAIT)
-                    });
+                    let wait = Wait {
+                        // (A bound too far to represent is no bound.)
+                        due: batch
+                            .as_ref()
+                            .and_then(|open| open.started.checked_add(self.config.batch_time)),
+                        most: IDLE_WAIT,
+                    };
                     match source.poll(wait)? {
                         Polled::Record(record) => record,
                         Polled::End => break,

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 mod prefetch;
 
@@ -258,13 +259,31 @@ pub enum Polled {
     End,
 }
 
+/// How long a source may wait for a record: never past `due` (when the open
+/// batch must commit), and never longer than `most` at a time. The clock is
+/// read only by a source that has to wait, not once per record.
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    pub due: Option<Instant>,
+    pub most: Duration,
+}
+
+impl Wait {
+    /// How long, from now, the wait may last.
+    pub fn remaining(self) -> Duration {
+        self.due.map_or(self.most, |due| {
+            due.saturating_duration_since(Instant::now()).min(self.most)
+        })
+    }
+}
+
 /// Where a run's records come from.
 pub trait Source {
     /// The next record, `None` at the end.
     fn next_record(&mut self) -> Result<Option<Record>, InputError>;
     /// The next record, waiting at most `wait` for one. Finite sources never
     /// idle; live ones (Kafka) do, and the run commits an open batch then.
-    fn poll(&mut self, wait: std::time::Duration) -> Result<Polled, InputError> {
+    fn poll(&mut self, wait: Wait) -> Result<Polled, InputError> {
         let _ = wait;
         Ok(match self.next_record()? {
             Some(record) => Polled::Record(record),
