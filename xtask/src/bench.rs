@@ -135,8 +135,10 @@ struct Setup {
     batch: usize,
 }
 
-/// Rounds of `rewind run` and the native baseline, alternating.
-const RUN_ROUNDS: usize = 3;
+/// Rounds of `rewind run` and the native baseline, alternating. The machine
+/// is shared: within minutes the same binary's time swings by half, and with
+/// three rounds the best of each was often not from a calm moment.
+const RUN_ROUNDS: usize = 5;
 
 /// `rewind run` against the native baseline, the host alone, start times,
 /// and recording a tape.
