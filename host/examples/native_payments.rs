@@ -6,7 +6,7 @@
 //! `native_payments INPUT.jsonl STATE.db BATCH_SIZE`
 //!
 //! Like the host it commits state, outbox pages and offsets per batch
-//! (rounded up to the host's 64-event instance epochs), checkpoints the WAL
+//! (rounded up to the host's instance epochs), checkpoints the WAL
 //! in the background, and runs events without savepoints (payments rejects an
 //! event before writing anything, so none is needed natively). Outputs are
 //! encoded into outbox pages of up to 1 MiB as the host does.
@@ -81,7 +81,7 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let text = std::fs::read(input)?;
-    let commit_every = batch.next_multiple_of(64);
+    let commit_every = batch.next_multiple_of(rewind_host::INSTANCE_EPOCH as usize);
     let mut seq = 0u64;
     let mut outbox = Outbox::default();
     conn.execute_batch("BEGIN IMMEDIATE")?;
