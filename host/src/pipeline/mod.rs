@@ -28,10 +28,11 @@ use crate::runtime::{
 /// processor that keeps state in memory between events; one that keeps it
 /// in its database, as it should, gets the same results with any epoch).
 ///
-/// 256: a fresh instance costs ~170,000 instructions and starts in memory
-/// cold in the cache; with 64-event epochs that was 6-7% of a payments run,
-/// with 256 under 2% (1024 measured no faster). Batches commit only at epoch
-/// boundaries, so this is also the smallest batch but for idle commits.
+/// 256: a fresh payments instance costs ~95,000 instructions to make and
+/// drop, and starts in memory cold in the cache. 256-event epochs ran a
+/// payments run 6-7% faster than 64-event ones; 1024 was no faster than 256.
+/// Batches commit only at epoch boundaries, so this is also the smallest
+/// batch but for idle commits.
 pub const INSTANCE_EPOCH: u64 = 256;
 /// Events per batch unless configured. Every commit writes each page the
 /// batch dirtied to the WAL once, so larger batches write less per event
