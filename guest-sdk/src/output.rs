@@ -82,7 +82,9 @@ pub fn emit(stream: &str, key: impl AsRef<[u8]>, payload: impl AsRef<[u8]>) -> R
     send(stream, Some(key.as_ref()), Some(payload.as_ref()), &[])
 }
 
-/// Emits `value` serialised as JSON on `stream` under `key`.
+/// Emits `value` serialised as JSON on `stream` under `key`: byte for byte
+/// what `serde_json::to_vec(value)` gives (compact, fields in declaration
+/// order), written by a serialiser built for the sandbox.
 pub fn emit_json<T: Serialize + ?Sized>(
     stream: &str,
     key: impl AsRef<[u8]>,
