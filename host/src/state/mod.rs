@@ -127,6 +127,8 @@ pub struct StateDb {
     /// The guest's statements and the host's per-event ones. Declared
     /// before `conn`, which is boxed: they point into it (see `statements`).
     guest_statements: statements::Statements,
+    /// The guest's statements run by `execute`, bound in place.
+    guest_direct: statements::Statements<statements::Direct>,
     host_statements: statements::Statements,
     conn: Box<Connection>,
     path: PathBuf,
@@ -219,6 +221,7 @@ impl StateDb {
             checkpointer: None,
             changes: None,
             guest_statements: Default::default(),
+            guest_direct: Default::default(),
             host_statements: Default::default(),
             conn: Box::new(conn),
             path: path.to_owned(),
@@ -244,6 +247,7 @@ impl StateDb {
         if self.checkpointer.is_none() {
             // Nothing may point into the connection while it is borrowed mutably.
             self.guest_statements.clear();
+            self.guest_direct.clear();
             self.host_statements.clear();
             let checkpointer =
                 checkpoint::Checkpointer::start(&mut self.conn, &self.path, Some(vfs::NAME))
@@ -492,12 +496,8 @@ impl StateDb {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
             let sql = guard::guest_statement(sql)?;
-            let large = holds_large_value(&params);
-            self.guest_statements.with(&self.conn, sql, large, |stmt| {
-                let mut rows = stmt.query(rusqlite::params_from_iter(&params))?;
-                while rows.next()?.is_some() {}
-                Ok(())
-            })
+            self.guest_direct
+                .with(&self.conn, sql, false, |stmt| stmt.run(&params))
         });
         result.map_err(|e| self.guest_error(e))?;
         Ok(self.conn.total_changes().saturating_sub(before))

@@ -9,50 +9,85 @@
 //! list comparing lengths first, and binding every parameter again
 //! replaces the old bindings.
 //!
+//! The guest's `execute` statements are [`Direct`]: run through SQLite's C
+//! API so that their text and blob parameters are bound in place instead of
+//! copied (1.6% of a payments run's instructions).
+//!
 //! The statements borrow the connection for as long as they live, which
 //! Rust cannot express between two fields of one struct, so they are kept
-//! as `Statement<'static>` under the rules written at [`Statements`].
+//! as `Statement<'static>` or raw handles under the rules written at
+//! [`Statements`].
 
 use std::cell::RefCell;
+use std::ffi::c_int;
+use std::ptr::{self, NonNull};
 
-use rusqlite::{Connection, Statement};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, Statement, ffi};
 
 /// Statements kept at most: more than any real processor uses, few enough
 /// that a scan is cheap. A guest that builds its SQL text per event evicts
 /// the oldest.
 const CAPACITY: usize = 64;
 
-/// Prepared statements of one connection. A connection has two sets: the
-/// guest's, prepared under its authorizer, and the host's, so that neither
-/// can run a statement the other prepared.
+/// A statement prepared on a connection, as [`Statements`] keeps it.
+pub(super) trait Kept: Sized {
+    fn prepare(conn: &Connection, sql: &str) -> rusqlite::Result<Self>;
+    /// Lets go of the values bound to it (they may be large).
+    fn release(&mut self);
+}
+
+impl Kept for Statement<'static> {
+    fn prepare(conn: &Connection, sql: &str) -> rusqlite::Result<Self> {
+        let statement = conn.prepare(sql)?;
+        // SAFETY: see the rules at `Statements`: the connection outlives
+        // the statement and stays where it is while the statement lives.
+        Ok(unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) })
+    }
+
+    fn release(&mut self) {
+        self.clear_bindings();
+    }
+}
+
+/// Prepared statements of one connection. A connection has several sets:
+/// the guest's, prepared under its authorizer, and the host's, so that
+/// neither can run a statement the other prepared.
 ///
 /// # Safety rules (upheld by `StateDb`)
 /// - The connection is boxed, so it does not move while statements point at it.
 /// - This is dropped before the connection (it is declared before it), and
 ///   cleared before anything takes the connection mutably.
-#[derive(Default)]
-pub(super) struct Statements {
+pub(super) struct Statements<S = Statement<'static>> {
     /// Oldest first.
-    entries: RefCell<Vec<(Box<str>, Statement<'static>)>>,
+    entries: RefCell<Vec<(Box<str>, S)>>,
+}
+
+impl<S> Default for Statements<S> {
+    fn default() -> Self {
+        Statements {
+            entries: RefCell::new(Vec::new()),
+        }
+    }
 }
 
 // SAFETY: the statements belong to one connection and live only inside the
 // `StateDb` that owns it, so they cross threads together with it, and a
 // connection (opened in SQLite's multi-thread mode) may be used from any one
 // thread at a time. Not `Sync`: the `RefCell` keeps them to one thread.
-unsafe impl Send for Statements {}
+unsafe impl<S> Send for Statements<S> {}
 
-impl Statements {
+impl<S: Kept> Statements<S> {
     /// Runs `f` with the prepared statement for `sql`, preparing it on `conn`
     /// first if it is not kept yet. A statement whose preparation fails is
-    /// not kept. `release`: clear the statement's bindings afterwards (they
-    /// hold large values).
+    /// not kept. `release`: let go of the statement's bound values
+    /// afterwards (they are large).
     pub(super) fn with<T>(
         &self,
         conn: &Connection,
         sql: &str,
         release: bool,
-        f: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<T>,
+        f: impl FnOnce(&mut S) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
         let mut entries = self.entries.borrow_mut();
         let found = entries
@@ -61,11 +96,7 @@ impl Statements {
         let index = match found {
             Some(index) => index,
             None => {
-                let statement = conn.prepare(sql)?;
-                // SAFETY: see the type's rules: `conn` outlives the entry
-                // and stays where it is while the entry lives.
-                let statement =
-                    unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) };
+                let statement = S::prepare(conn, sql)?;
                 if entries.len() == CAPACITY {
                     entries.remove(0);
                 }
@@ -76,7 +107,7 @@ impl Statements {
         let statement = &mut entries[index].1;
         let result = f(statement);
         if release {
-            statement.clear_bindings();
+            statement.release();
         }
         result
     }
@@ -87,6 +118,149 @@ impl Statements {
     }
 }
 
+/// A statement run to its end through SQLite's C API, its text and blob
+/// parameters bound where they are (`SQLITE_STATIC`) rather than copied:
+/// rusqlite binds every one `SQLITE_TRANSIENT`, and SQLite copied each into
+/// memory of its own and freed it on the next bind (~250 instructions a
+/// text parameter). The bindings are cleared before [`Direct::run`]
+/// returns, so the statement never points at parameters that are gone.
+pub(super) struct Direct {
+    raw: NonNull<ffi::sqlite3_stmt>,
+    db: NonNull<ffi::sqlite3>,
+}
+
+impl Kept for Direct {
+    fn prepare(conn: &Connection, sql: &str) -> rusqlite::Result<Self> {
+        // rusqlite's preparation first, for its checks and its words for
+        // what is wrong (syntax errors with their offset, a second statement).
+        drop(conn.prepare(sql)?);
+        // SAFETY: the handle is the connection's own, used on its thread.
+        let db = NonNull::new(unsafe { conn.handle() }).ok_or_else(|| misuse("no connection"))?;
+        let len = c_int::try_from(sql.len()).map_err(|_| misuse("statement too long"))?;
+        let mut raw = ptr::null_mut();
+        // SAFETY: `sql` is valid for `len` bytes; SQLite writes `raw`.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                db.as_ptr(),
+                sql.as_ptr().cast(),
+                len,
+                0,
+                &mut raw,
+                ptr::null_mut(),
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            return Err(error(db, rc));
+        }
+        let raw = NonNull::new(raw).ok_or_else(|| misuse("the statement is empty"))?;
+        Ok(Direct { raw, db })
+    }
+
+    fn release(&mut self) {
+        // Nothing stays bound after a run.
+    }
+}
+
+impl Direct {
+    /// Binds `params` (`?1`, `?2`, …), steps the statement to its end and
+    /// resets it with its bindings cleared.
+    pub(super) fn run(&mut self, params: &[SqlValue]) -> rusqlite::Result<()> {
+        let raw = self.raw.as_ptr();
+        // SAFETY: `raw` is a live statement of this connection.
+        let expected = unsafe { ffi::sqlite3_bind_parameter_count(raw) };
+        let expected = usize::try_from(expected).unwrap_or(0);
+        if params.len() != expected {
+            return Err(rusqlite::Error::InvalidParameterCount(
+                params.len(),
+                expected,
+            ));
+        }
+        let result = self.bind_and_step(params);
+        // SAFETY: as above. Resetting reports the step's error again, which
+        // `result` holds already; clearing drops every pointer into `params`.
+        unsafe {
+            ffi::sqlite3_reset(raw);
+            ffi::sqlite3_clear_bindings(raw);
+        }
+        result
+    }
+
+    fn bind_and_step(&mut self, params: &[SqlValue]) -> rusqlite::Result<()> {
+        let raw = self.raw.as_ptr();
+        for (index, value) in (1..).zip(params) {
+            // SAFETY: `raw` is live; a text or blob bound `SQLITE_STATIC`
+            // points into `params`, which outlives the steps below, and
+            // `run` clears the bindings before returning.
+            let rc = unsafe {
+                match value {
+                    SqlValue::Null => ffi::sqlite3_bind_null(raw, index),
+                    SqlValue::Integer(i) => ffi::sqlite3_bind_int64(raw, index, *i),
+                    SqlValue::Real(r) => ffi::sqlite3_bind_double(raw, index, *r),
+                    SqlValue::Text(text) => ffi::sqlite3_bind_text64(
+                        raw,
+                        index,
+                        text.as_ptr().cast(),
+                        text.len() as u64,
+                        ffi::SQLITE_STATIC(),
+                        ffi::SQLITE_UTF8 as u8,
+                    ),
+                    // As rusqlite binds it: an empty blob, not NULL.
+                    SqlValue::Blob(blob) if blob.is_empty() => {
+                        ffi::sqlite3_bind_zeroblob(raw, index, 0)
+                    }
+                    SqlValue::Blob(blob) => ffi::sqlite3_bind_blob64(
+                        raw,
+                        index,
+                        blob.as_ptr().cast(),
+                        blob.len() as u64,
+                        ffi::SQLITE_STATIC(),
+                    ),
+                }
+            };
+            if rc != ffi::SQLITE_OK {
+                return Err(error(self.db, rc));
+            }
+        }
+        loop {
+            // SAFETY: `raw` is live and fully bound.
+            match unsafe { ffi::sqlite3_step(raw) } {
+                ffi::SQLITE_ROW => {}
+                ffi::SQLITE_DONE => return Ok(()),
+                rc => return Err(error(self.db, rc)),
+            }
+        }
+    }
+}
+
+impl Drop for Direct {
+    fn drop(&mut self) {
+        // SAFETY: the statement is live and finalized once; its connection
+        // outlives it (the rules at `Statements`).
+        unsafe {
+            ffi::sqlite3_finalize(self.raw.as_ptr());
+        }
+    }
+}
+
+/// An error of `db` as rusqlite words it: the code and the connection's message.
+fn error(db: NonNull<ffi::sqlite3>, rc: c_int) -> rusqlite::Error {
+    // SAFETY: `db` is live; SQLite's message is a NUL-terminated string
+    // valid until the next call on the connection, copied at once.
+    let message = unsafe {
+        let message = ffi::sqlite3_errmsg(db.as_ptr());
+        (!message.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(message)
+                .to_string_lossy()
+                .into_owned()
+        })
+    };
+    rusqlite::Error::SqliteFailure(ffi::Error::new(rc), message)
+}
+
+fn misuse(message: &str) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_MISUSE), Some(message.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,7 +268,7 @@ mod tests {
     #[test]
     fn statements_are_kept_by_text_and_the_oldest_leaves_first() {
         let conn = Box::new(Connection::open_in_memory().unwrap());
-        let statements = Statements::default();
+        let statements: Statements = Statements::default();
         conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
         let insert = "INSERT INTO t VALUES (?1)";
         for i in 0..3 {
@@ -133,6 +307,122 @@ mod tests {
             })
             .unwrap();
         assert_eq!(count, 3);
+        statements.clear();
+    }
+
+    /// What `Direct` leaves bound after a run, as SQLite would expand it.
+    fn expanded(statement: &Direct) -> String {
+        // SAFETY: a live statement; SQLite's string is freed with sqlite3_free.
+        unsafe {
+            let text = ffi::sqlite3_expanded_sql(statement.raw.as_ptr());
+            let copy = std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned();
+            ffi::sqlite3_free(text.cast());
+            copy
+        }
+    }
+
+    #[test]
+    fn direct_statements_bind_every_kind_in_place_and_keep_nothing_bound() {
+        let conn = Box::new(Connection::open_in_memory().unwrap());
+        conn.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY, i INTEGER, r REAL, b BLOB, n)")
+            .unwrap();
+        let statements = Statements::<Direct>::default();
+        let insert = "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)";
+        let rows = [("é\0x", 7, 0.5, vec![0u8, 255]), ("", -1, -0.0, vec![])];
+        for (k, i, r, b) in &rows {
+            let params = vec![
+                SqlValue::Text((*k).to_owned()),
+                SqlValue::Integer(*i),
+                SqlValue::Real(*r),
+                SqlValue::Blob(b.clone()),
+                SqlValue::Null,
+            ];
+            statements
+                .with(&conn, insert, false, |s| {
+                    s.run(&params)?;
+                    // Nothing points into `params` once the run is over.
+                    assert_eq!(
+                        expanded(s),
+                        "INSERT INTO t VALUES (NULL, NULL, NULL, NULL, NULL)"
+                    );
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let mut got = conn
+            .prepare("SELECT k, i, r, b, n IS NULL, typeof(b) FROM t ORDER BY i DESC")
+            .unwrap();
+        let got: Vec<(String, i64, f64, Vec<u8>, bool, String)> = got
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(got[0].0, "é\0x");
+        assert_eq!(
+            (got[0].1, got[0].2, &got[0].3[..]),
+            (7, 0.5, &[0u8, 255][..])
+        );
+        // An empty blob is an empty blob, not NULL, as rusqlite binds it.
+        assert_eq!(
+            (&got[1].0[..], &got[1].3[..], &got[1].5[..]),
+            ("", &[][..], "blob")
+        );
+        assert!(got.iter().all(|row| row.4));
+
+        // Errors are rusqlite's: a wrong parameter count, SQLite's message,
+        // and a statement that fails to prepare is not kept.
+        let two = [SqlValue::Integer(1), SqlValue::Integer(2)];
+        let error = statements
+            .with(&conn, insert, false, |s| s.run(&two))
+            .unwrap_err();
+        assert!(
+            matches!(error, rusqlite::Error::InvalidParameterCount(2, 5)),
+            "{error:?}"
+        );
+        let duplicate: Vec<SqlValue> = [SqlValue::Text(String::new())]
+            .into_iter()
+            .chain([
+                SqlValue::Integer(0),
+                SqlValue::Real(0.0),
+                SqlValue::Null,
+                SqlValue::Null,
+            ])
+            .collect();
+        let error = statements
+            .with(&conn, insert, false, |s| s.run(&duplicate))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("UNIQUE constraint failed: t.k"),
+            "{error}"
+        );
+        let error = statements
+            .with(&conn, "INSERT INTO nowhere VALUES (1)", false, |s| {
+                s.run(&[])
+            })
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("no such table: nowhere"),
+            "{error}"
+        );
+        let error = statements
+            .with(&conn, "SELECT 1; SELECT 2", false, |s| s.run(&[]))
+            .unwrap_err();
+        assert!(
+            matches!(error, rusqlite::Error::MultipleStatement),
+            "{error:?}"
+        );
+        assert_eq!(statements.entries.borrow().len(), 1);
         statements.clear();
     }
 }
