@@ -71,11 +71,12 @@ impl<S> Default for Statements<S> {
     }
 }
 
-// SAFETY: the statements belong to one connection and live only inside the
-// `StateDb` that owns it, so they cross threads together with it, and a
-// connection (opened in SQLite's multi-thread mode) may be used from any one
-// thread at a time. Not `Sync`: the `RefCell` keeps them to one thread.
-unsafe impl<S> Send for Statements<S> {}
+// SAFETY: the statements (rusqlite's or raw handles, the two `Kept` kinds)
+// belong to one connection and live only inside the `StateDb` that owns it,
+// so they cross threads together with it, and a connection (opened in
+// SQLite's multi-thread mode) may be used from any one thread at a time.
+// Not `Sync`: the `RefCell` keeps them to one thread.
+unsafe impl<S: Kept> Send for Statements<S> {}
 
 impl<S: Kept> Statements<S> {
     /// Runs `f` with the prepared statement for `sql`, preparing it on `conn`
