@@ -330,7 +330,8 @@ struct RunArgs {
     /// Events per committed batch, rounded up to an instance epoch (256 events).
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE as u64, value_parser = clap::value_parser!(u64).range(1..))]
     batch_size: u64,
-    /// Commit a batch after this many milliseconds even if it is not full.
+    /// Commit a batch after this many milliseconds even if it is not full (a Kafka
+    /// run's batch may then end mid-epoch; the tape records where).
     #[arg(long, default_value_t = DEFAULT_BATCH_MS, value_name = "MS")]
     batch_ms: u64,
     /// What to do when the processor fails on an event (invalid input is always dead-lettered).

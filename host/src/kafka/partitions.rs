@@ -380,6 +380,13 @@ impl Source for ChannelSource {
             if let Some(record) = self.chunk.next() {
                 return Ok(Polled::Record(record));
             }
+            // Between chunks, an open batch that is due commits first, even
+            // if more records wait: a stream that is never idle (a steady
+            // trickle) would otherwise commit only at epoch boundaries, far
+            // later than `--batch-ms`. The run treats it as an idle commit.
+            if wait.due.is_some_and(|due| Instant::now() >= due) {
+                return Ok(Polled::Idle);
+            }
             match self.chunks.recv_timeout(wait.remaining()) {
                 Ok(chunk) => self.chunk = chunk.into_iter(),
                 Err(RecvTimeoutError::Timeout) => return Ok(Polled::Idle),
@@ -485,5 +492,57 @@ impl ConsumerContext for Context {
                 message: format!("rebalance: {error}"),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Position;
+
+    fn record(offset: i64) -> Record {
+        Record {
+            position: Position {
+                stream: "t".into(),
+                partition: 0,
+                offset,
+            },
+            raw: Vec::new(),
+            decoded: Err("raw".into()),
+            fresh: false,
+            entropy: None,
+        }
+    }
+
+    #[test]
+    fn a_due_batch_commits_between_chunks_even_with_records_waiting() {
+        let (tx, chunks) = sync_channel(4);
+        let mut source = ChannelSource {
+            chunks,
+            chunk: Vec::new().into_iter(),
+        };
+        tx.send(vec![record(0), record(1)]).unwrap();
+        tx.send(vec![record(2)]).unwrap();
+        let open = |due| Wait {
+            due,
+            most: Duration::from_millis(10),
+        };
+        let offset = |polled| match polled {
+            Polled::Record(record) => record.position.offset,
+            other => panic!("expected a record, got {other:?}"),
+        };
+        // Not due: records as they come.
+        assert_eq!(offset(source.poll(open(None)).unwrap()), 0);
+        // Due in the middle of a chunk: the chunk is finished first.
+        let past = Some(Instant::now());
+        assert_eq!(offset(source.poll(open(past)).unwrap()), 1);
+        // Due at a chunk boundary: commit before the next chunk, although
+        // it is waiting.
+        assert!(matches!(source.poll(open(past)).unwrap(), Polled::Idle));
+        // Once committed (no batch open), the waiting chunk comes.
+        assert_eq!(offset(source.poll(open(None)).unwrap()), 2);
+        assert!(matches!(source.poll(open(None)).unwrap(), Polled::Idle));
+        drop(tx);
+        assert!(matches!(source.poll(open(None)).unwrap(), Polled::End));
     }
 }
