@@ -98,17 +98,12 @@ pub fn emit_json<T: Serialize + ?Sized>(
     BUFFER.with(|buffer| {
         // A nested emit_json (from a `Serialize` impl) gets a buffer of its own.
         let Ok(mut buffer) = buffer.try_borrow_mut() else {
-            let payload = serde_json::to_vec(value)
-                .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+            let mut payload = Vec::new();
+            encode(&mut payload, value)?;
             return emit(stream, key, payload);
         };
         buffer.clear();
-        if !crate::json::write(&mut buffer, value) {
-            // What the fast path leaves to serde_json (see `json.rs`).
-            buffer.clear();
-            serde_json::to_writer(&mut *buffer, value)
-                .map_err(|e| Error::failed(format!("encode output: {e}")))?;
-        }
+        encode(&mut buffer, value)?;
         let sent = emit(stream, key, &*buffer);
         // A rare huge output does not stay allocated for the instance's life.
         if buffer.capacity() > 64 << 10 {
@@ -116,4 +111,15 @@ pub fn emit_json<T: Serialize + ?Sized>(
         }
         sent
     })
+}
+
+/// Writes `value` into the empty `out` as JSON: the sandbox's writer, or
+/// serde_json for what that leaves to it (see `json.rs`).
+fn encode<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<()> {
+    if !crate::json::write(out, value) {
+        out.clear();
+        serde_json::to_writer(&mut *out, value)
+            .map_err(|e| Error::failed(format!("encode output: {e}")))?;
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use rewind_host::Position;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,12 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
     let commit_every = batch.next_multiple_of(rewind_host::INSTANCE_EPOCH as usize);
     let mut seq = 0u64;
     let mut outbox = Outbox::default();
+    // The input's position, its offset moved along per line.
+    let mut position = Position {
+        stream: stream.clone(),
+        partition: 0,
+        offset: 0,
+    };
     conn.execute_batch("BEGIN IMMEDIATE")?;
     for (line_no, line) in text
         .split(|&b| b == b'\n')
@@ -91,8 +98,9 @@ fn run(input: &Path, db: &Path, batch: usize) -> Result<()> {
         .enumerate()
     {
         let offset = line_no as i64 + 1;
+        position.offset = offset;
         let applied = match serde_json::from_slice::<Order<'_>>(line) {
-            Ok(order) => apply(&conn, &mut outbox, order, seq, &stream, offset)?,
+            Ok(order) => apply(&conn, &mut outbox, order, seq, &position)?,
             Err(e) => Err(format!("payload: {e}")),
         };
         if let Err(message) = applied {
@@ -184,20 +192,13 @@ fn apply(
     outbox: &mut Outbox,
     order: Order<'_>,
     seq: u64,
-    stream: &str,
-    offset: i64,
+    position: &Position,
 ) -> Result<Result<(), String>> {
     let mut emit = |p: &Payment<'_>| -> Result<()> {
-        // The output's id, built as the host's `Position::output_id` does.
-        let mut id = String::with_capacity(stream.len() + 3 + 11 + 20 + 20);
-        id.push_str(stream);
-        id.push_str("/0@");
-        id.push_str(itoa::Buffer::new().format(offset));
-        id.push_str("/0");
         outbox.push(
             conn,
             (seq << 16) as i64,
-            &id,
+            &position.output_id(0),
             p.order_id.as_bytes(),
             &serde_json::to_vec(p)?,
         )
@@ -291,7 +292,6 @@ fn apply(
     Ok(Ok(()))
 }
 
-/// A cheap stand-in for the host's seeded randomness.
 /// `n` as 16 lowercase hex digits, as the guest SDK's `random_hex` writes bytes.
 fn hex(n: u64) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -303,6 +303,7 @@ fn hex(n: u64) -> String {
     hex
 }
 
+/// A cheap stand-in for the host's seeded randomness.
 fn splitmix(seed: u64) -> u64 {
     let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -69,6 +69,48 @@ fn errors_are_one_line_with_exit_code_2() {
     assert!(stderr.contains("--max-instances"), "{stderr}");
 }
 
+/// `--max-instances` sizes the instance pool, whose address space is
+/// reserved up front: under an address-space limit (`ulimit -v`) the
+/// default pool cannot be reserved and a small one can.
+#[test]
+fn max_instances_sizes_the_pool_an_address_space_limit_must_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(
+        &input,
+        "{\"type\":\"order_cancelled\",\"order_id\":\"o-404\"}\n",
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let state = dir.path().join(name);
+        Command::new("sh")
+            // 64 GiB of address space: the default pool reserves far more.
+            .args(["-c", "ulimit -v 67108864 && exec \"$0\" \"$@\""])
+            .arg(rewind_bin())
+            .args(["run", "--quiet", "--processor"])
+            .arg(processor("payments-v2"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--state")
+            .arg(&state)
+            .arg("--cache-dir")
+            .arg(cache_dir())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run("default.db", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("memory pool"), "{stderr}");
+    let out = run("small.db", &["--max-instances", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn run_inspect_and_dlq_list() {
     let dir = tempfile::tempdir().unwrap();

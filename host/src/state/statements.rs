@@ -127,7 +127,6 @@ impl<S: Kept> Statements<S> {
 /// returns, so the statement never points at parameters that are gone.
 pub(super) struct Direct {
     raw: NonNull<ffi::sqlite3_stmt>,
-    db: NonNull<ffi::sqlite3>,
 }
 
 impl Kept for Direct {
@@ -154,7 +153,7 @@ impl Kept for Direct {
             return Err(error(db, rc));
         }
         let raw = NonNull::new(raw).ok_or_else(|| misuse("the statement is empty"))?;
-        Ok(Direct { raw, db })
+        Ok(Direct { raw })
     }
 
     fn release(&mut self) {
@@ -219,7 +218,7 @@ impl Direct {
                 }
             };
             if rc != ffi::SQLITE_OK {
-                return Err(error(self.db, rc));
+                return Err(self.error(rc));
             }
         }
         loop {
@@ -227,9 +226,18 @@ impl Direct {
             match unsafe { ffi::sqlite3_step(raw) } {
                 ffi::SQLITE_ROW => {}
                 ffi::SQLITE_DONE => return Ok(()),
-                rc => return Err(error(self.db, rc)),
+                rc => return Err(self.error(rc)),
             }
         }
+    }
+}
+
+impl Direct {
+    /// This statement's error `rc`, with its connection's message.
+    fn error(&self, rc: c_int) -> rusqlite::Error {
+        // SAFETY: `raw` is live; its connection outlives it.
+        let db = unsafe { ffi::sqlite3_db_handle(self.raw.as_ptr()) };
+        NonNull::new(db).map_or_else(|| misuse("no connection"), |db| error(db, rc))
     }
 }
 
