@@ -95,15 +95,16 @@ pub fn emit_json<T: Serialize + ?Sized>(
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    BUFFER.with(|buffer| {
+    BUFFER.with(|shared| {
         // A nested emit_json (from a `Serialize` impl) gets a buffer of its own.
-        let Ok(mut buffer) = buffer.try_borrow_mut() else {
-            let mut payload = Vec::new();
-            encode(&mut payload, value)?;
-            return emit(stream, key, payload);
+        let mut own = Vec::new();
+        let mut borrowed = shared.try_borrow_mut();
+        let buffer = match borrowed.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut own,
         };
         buffer.clear();
-        encode(&mut buffer, value)?;
+        encode(buffer, value)?;
         let sent = emit(stream, key, &*buffer);
         // A rare huge output does not stay allocated for the instance's life.
         if buffer.capacity() > 64 << 10 {

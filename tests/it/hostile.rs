@@ -380,3 +380,34 @@ fn an_exhausted_instance_pool_is_a_host_fault_not_a_dead_letter() {
     let (_db, outcome) = runtime.instance(&module).handle(db, &event, &entropy);
     assert!(outcome.is_ok());
 }
+
+/// `emit_json` called while `emit_json` serialises (from a `Serialize`
+/// impl) writes into a buffer of its own: both outputs arrive whole, the
+/// inner one first.
+#[test]
+fn an_output_emitted_while_another_is_serialised_arrives_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, act_line(0, "emit-nested", None)).unwrap();
+    let state = dir.path().join("nested.db");
+    let summary = rewind_host::run(&config(&processor("hostile"), &input, &state), &()).unwrap();
+    assert_eq!((summary.applied, summary.dead_lettered), (1, 0));
+    let queued = rewind_host::StateDb::open_existing(&state)
+        .unwrap()
+        .pending_outbox(None, usize::MAX)
+        .unwrap();
+    let outputs: Vec<(&str, &[u8])> = queued
+        .iter()
+        .map(|row| {
+            let output = &row.output;
+            (output.stream.as_str(), output.payload.as_deref().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            ("inner", &br#"{"inner":true}"#[..]),
+            ("outer", &br#""outer""#[..])
+        ]
+    );
+}

@@ -220,9 +220,22 @@ impl Processor for Hostile {
                 // Fails the event, so nothing it emitted is published.
                 return Err(Error::failed(format!("flooded: {outcome:?}")));
             }
+            // An output whose serialisation emits another output first.
+            "emit-nested" => rewind_guest::emit_json("outer", "k", &EmitsWhileSerialised)?,
             other => return Err(Error::invalid(format!("unknown act {other:?}"))),
         }
         Ok(())
+    }
+}
+
+/// Serialises as `"outer"`, emitting `{"inner":true}` on `inner` while it does.
+struct EmitsWhileSerialised;
+
+impl serde::Serialize for EmitsWhileSerialised {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        rewind_guest::emit_json("inner", "k", &serde_json::json!({ "inner": true }))
+            .map_err(serde::ser::Error::custom)?;
+        s.serialize_str("outer")
     }
 }
 
