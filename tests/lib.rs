@@ -142,6 +142,47 @@ pub fn int(v: &rusqlite::types::Value) -> i64 {
     }
 }
 
+/// Lets `child` run until `reached()` says it has made the progress wanted
+/// (polled every 200 µs), then `after` longer, and kills it with SIGKILL: no
+/// destructor, no flush, no commit. Returns whether the kill landed, i.e. the
+/// child had not already finished.
+///
+/// Kill points measured in progress rather than in time land mid-run however
+/// fast the machine is: a kill after a fixed delay misses a run that got
+/// faster.
+pub fn kill_when(
+    child: &mut std::process::Child,
+    mut reached: impl FnMut() -> bool,
+    after: std::time::Duration,
+) -> bool {
+    while !reached() {
+        if child
+            .try_wait()
+            .expect("the child can be waited on")
+            .is_some()
+        {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    std::thread::sleep(after);
+    let _ = child.kill();
+    // A child that finished before the kill exits successfully.
+    !child.wait().expect("the child can be waited on").success()
+}
+
+/// [`kill_when`] the file `watched` (a run's tape or output file: they grow
+/// as batches commit) has grown to `bytes`.
+pub fn kill_when_grown(
+    child: &mut std::process::Child,
+    watched: &Path,
+    bytes: u64,
+    after: std::time::Duration,
+) -> bool {
+    let grown = || std::fs::metadata(watched).map_or(0, |m| m.len()) >= bytes;
+    kill_when(child, grown, after)
+}
+
 /// A small deterministic generator for test streams.
 pub struct XorShift(pub u64);
 

@@ -7,7 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use proptest::prelude::*;
-use rewind_tests::{XorShift, cache_dir, config, dump, dump_hash, envelope, processor, rewind_bin};
+use rewind_tests::{
+    XorShift, cache_dir, config, dump, dump_hash, envelope, kill_when, kill_when_grown, processor,
+    rewind_bin,
+};
 
 /// A random payments stream with duplicates, cancels and malformed lines.
 fn stream(events: usize, seed: u64) -> Vec<u8> {
@@ -94,11 +97,14 @@ proptest! {
 
     /// kill -9 at random points, then rerunning the same command to the end,
     /// gives the same state and the same output file as one uninterrupted run.
+    /// The kill points are fractions of the run's output (per mille), each a
+    /// few milliseconds later: mid-run on any machine, also before the first
+    /// output is written.
     #[test]
     fn kill_9_and_restart_changes_nothing(
         seed in any::<u64>(),
         batch in 1usize..40,
-        kills in proptest::collection::vec(0u64..400, 1..4),
+        mut kills in proptest::collection::vec((0u64..800, 0u64..5), 1..4),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("orders.jsonl");
@@ -106,15 +112,18 @@ proptest! {
         let (clean, killed) = (dir.path().join("clean.db"), dir.path().join("killed.db"));
         let (out_clean, out_killed) = (dir.path().join("clean.jsonl"), dir.path().join("killed.jsonl"));
         run_lib("payments-v1", &input, &clean, &out_clean, 1000);
+        let whole = std::fs::metadata(&out_clean).unwrap().len();
 
+        kills.sort_unstable();
         let mut interrupted = false;
-        for delay_ms in kills {
+        for (per_mille, after_ms) in kills {
             let mut child = run_cli("payments-v1", &input, &killed, &out_killed, batch);
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            // SIGKILL: no destructor, no flush, no commit.
-            let _ = child.kill();
-            // A child that finished before the kill exits successfully.
-            interrupted |= !child.wait().unwrap().success();
+            interrupted |= kill_when_grown(
+                &mut child,
+                &out_killed,
+                whole * per_mille / 1000,
+                Duration::from_millis(after_ms),
+            );
         }
         prop_assert!(interrupted, "no kill landed before the run finished");
         let finished = run_cli("payments-v1", &input, &killed, &out_killed, batch).wait_with_output().unwrap();
@@ -291,35 +300,42 @@ fn kill_9_with_a_memory_stateful_guest_changes_nothing() {
         dir.path().join("killed.jsonl"),
     );
     run_lib("hostile", &input, &clean, &out_clean, 1);
-    let mut interrupted = false;
-    for delay_ms in [300, 500, 400] {
-        let mut child = run_cli("hostile", &input, &killed, &out_killed, 1);
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-        if !killed.exists() {
-            continue;
-        }
-        let consumed = rewind_tests::rows(
+    // Kill points in events committed, a few milliseconds later: mid-run
+    // however fast the machine is. The state's count is read as a live
+    // run's reader would (WAL): not there yet reads as nothing committed.
+    let committed = || -> i64 {
+        let db = rusqlite::Connection::open_with_flags(
             &killed,
-            "SELECT value FROM _rewind_meta WHERE key = 'next_seq'",
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         );
-        if let Some(rusqlite::types::Value::Text(n)) = consumed.first().map(|r| r[0].clone()) {
-            let n: i64 = n.parse().unwrap();
-            if n < total {
-                assert_eq!(
-                    n % rewind_host::INSTANCE_EPOCH as i64,
-                    0,
-                    "a crash resumed mid-epoch"
-                );
-                interrupted = true;
-            }
+        db.and_then(|db| {
+            db.query_row(
+                "SELECT CAST(value AS INTEGER) FROM _rewind_meta WHERE key = 'next_seq'",
+                [],
+                |row| row.get(0),
+            )
+        })
+        .unwrap_or(0)
+    };
+    let mut interrupted = false;
+    for (percent, after_ms) in [(15, 3), (40, 0), (65, 1)] {
+        let mut child = run_cli("hostile", &input, &killed, &out_killed, 1);
+        let landed = kill_when(
+            &mut child,
+            || committed() >= total * percent / 100,
+            Duration::from_millis(after_ms),
+        );
+        let n = committed();
+        if landed && n < total {
+            assert_eq!(
+                n % rewind_host::INSTANCE_EPOCH as i64,
+                0,
+                "a crash resumed mid-epoch"
+            );
+            interrupted = true;
         }
     }
-    assert!(
-        interrupted,
-        "no kill landed mid-run; the input is too small for this machine"
-    );
+    assert!(interrupted, "no kill landed mid-run");
     let finished = run_cli("hostile", &input, &killed, &out_killed, 1)
         .wait_with_output()
         .unwrap();

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use rewind_host::{Frame, Header, Position, TapeEvent, TapeReader, tapes};
-use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin, rows};
+use rewind_tests::{
+    XorShift, cache_dir, config, envelope, kill_when_grown, processor, rewind_bin, rows,
+};
 
 /// Every frame of a tape, in order.
 fn frames(tape: &Path) -> Vec<Frame> {
@@ -159,7 +161,7 @@ proptest! {
     fn kill_9_leaves_tape_and_state_in_agreement(
         seed in any::<u64>(),
         batch in 1usize..40,
-        kills in proptest::collection::vec(0u64..300, 1..4),
+        mut kills in proptest::collection::vec((0u64..800, 0u64..5), 1..4),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("orders.jsonl");
@@ -169,13 +171,20 @@ proptest! {
         let mut cfg = config(&processor("payments-v1"), &input, &clean);
         cfg.tape = Some(clean_tape.clone());
         rewind_host::run(&cfg, &()).unwrap();
+        let whole = std::fs::metadata(&clean_tape).unwrap().len();
 
+        // Kill points are fractions of the tape (per mille), a few
+        // milliseconds later: mid-run however fast the machine is.
+        kills.sort_unstable();
         let mut interrupted = false;
-        for delay_ms in kills {
+        for (per_mille, after_ms) in kills {
             let mut child = run_cli(&input, &killed, &killed_tape, batch);
-            std::thread::sleep(Duration::from_millis(delay_ms));
-            let _ = child.kill();
-            interrupted |= !child.wait().unwrap().success();
+            interrupted |= kill_when_grown(
+                &mut child,
+                &killed_tape,
+                whole * per_mille / 1000,
+                Duration::from_millis(after_ms),
+            );
         }
         prop_assert!(interrupted, "no kill landed before the run finished");
         let finished = run_cli(&input, &killed, &killed_tape, batch).wait_with_output().unwrap();
