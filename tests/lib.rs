@@ -143,18 +143,8 @@ pub fn int(v: &rusqlite::types::Value) -> i64 {
 }
 
 /// Lets `child` run until `reached()` says it has made the progress wanted
-/// (polled every 200 µs), then `after` longer, and kills it with SIGKILL: no
-/// destructor, no flush, no commit. Returns whether the kill landed, i.e. the
-/// child had not already finished.
-///
-/// Kill points measured in progress rather than in time land mid-run however
-/// fast the machine is: a kill after a fixed delay misses a run that got
-/// faster.
-pub fn kill_when(
-    child: &mut std::process::Child,
-    mut reached: impl FnMut() -> bool,
-    after: std::time::Duration,
-) -> bool {
+/// (polled every 200 µs). Returns false if the child finished first.
+pub fn run_until(child: &mut std::process::Child, mut reached: impl FnMut() -> bool) -> bool {
     while !reached() {
         if child
             .try_wait()
@@ -165,10 +155,33 @@ pub fn kill_when(
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
+    true
+}
+
+/// Lets `child` [`run_until`] `reached()`, then `after` longer, and kills it
+/// with SIGKILL: no destructor, no flush, no commit. Returns whether the kill
+/// landed, i.e. the child had not already finished.
+///
+/// Kill points measured in progress rather than in time land mid-run however
+/// fast the machine is: a kill after a fixed delay misses a run that got
+/// faster.
+pub fn kill_when(
+    child: &mut std::process::Child,
+    reached: impl FnMut() -> bool,
+    after: std::time::Duration,
+) -> bool {
+    if !run_until(child, reached) {
+        return false;
+    }
     std::thread::sleep(after);
     let _ = child.kill();
     // A child that finished before the kill exits successfully.
     !child.wait().expect("the child can be waited on").success()
+}
+
+/// The length of `path`, 0 while it does not exist.
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// [`kill_when`] the file `watched` (a run's tape or output file: they grow
@@ -179,8 +192,7 @@ pub fn kill_when_grown(
     bytes: u64,
     after: std::time::Duration,
 ) -> bool {
-    let grown = || std::fs::metadata(watched).map_or(0, |m| m.len()) >= bytes;
-    kill_when(child, grown, after)
+    kill_when(child, || file_len(watched) >= bytes, after)
 }
 
 /// A small deterministic generator for test streams.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use rewind_tests::{
-    XorShift, cache_dir, config, dump, dump_hash, envelope, kill_when, kill_when_grown, processor,
-    rewind_bin,
+    XorShift, cache_dir, config, dump, dump_hash, envelope, file_len, kill_when, kill_when_grown,
+    processor, rewind_bin, run_until,
 };
 
 /// A random payments stream with duplicates, cancels and malformed lines.
@@ -249,8 +249,14 @@ fn ctrl_c_commits_and_the_same_command_continues() {
     );
     run_lib("payments-v2", &input, &clean, &out_clean, 1000);
 
-    let child = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000);
-    std::thread::sleep(Duration::from_millis(400));
+    // Interrupted once a fifth of the outputs are out: mid-run on any machine.
+    let mut child = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000);
+    let fifth = file_len(&out_clean) / 5;
+    assert!(
+        run_until(&mut child, || file_len(&out_stopped) >= fifth),
+        "the run finished before it could be interrupted: {:?}",
+        child.wait_with_output()
+    );
     let sent = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
