@@ -268,6 +268,8 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         // Two runs side by side: a small page cache each (8 MiB) keeps the
         // replay's memory flat and small whatever the tape's length.
         c.cache_mib = Some(8);
+        // The sides are scratch copies: made afresh by every replay.
+        c.scratch = true;
         // Each side holds a batch's results until it commits (see REPLAY_BATCH).
         c.batch_size = REPLAY_BATCH;
         // A snapshot was written by one of the versions; both continue it.

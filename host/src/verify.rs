@@ -214,6 +214,8 @@ pub fn verify(
     config.runtime = runtime.clone();
     // The outputs are checked against their digests, never delivered.
     config.queue_outputs = false;
+    // The state is made afresh by every verify.
+    config.scratch = true;
     let checker = Checker {
         reader: Mutex::new(TapeReader::open(tape)?),
         state: Mutex::new(Checked::default()),

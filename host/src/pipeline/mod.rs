@@ -86,6 +86,9 @@ pub struct RunConfig {
     pub until_seq: Option<u64>,
     /// The state DB's page cache, in MiB (default 64).
     pub cache_mib: Option<u32>,
+    /// The state DB is scratch, made afresh for this run and not continued
+    /// after a crash (a replay's side): see [`StateDb::make_scratch`].
+    pub scratch: bool,
     /// Stream name for bare lines (default: the input file's stem).
     pub stream: Option<String>,
     pub batch_size: usize,
@@ -119,6 +122,7 @@ impl RunConfig {
             tape: None,
             until_seq: None,
             cache_mib: None,
+            scratch: false,
             stream: None,
             batch_size: DEFAULT_BATCH_SIZE,
             batch_time: Duration::from_millis(DEFAULT_BATCH_MS),
@@ -274,6 +278,9 @@ pub fn run_source(
     let started = Instant::now();
     let state_existed = config.state.exists();
     let db = StateDb::open(&config.state)?;
+    if config.scratch {
+        db.make_scratch()?;
+    }
     let mut db = match prepare(runtime, module, db, config) {
         Ok(db) => db,
         Err(error) => {
@@ -283,7 +290,9 @@ pub fn run_source(
             return Err(error);
         }
     };
-    db.checkpoint_in_background()?;
+    if !config.scratch {
+        db.checkpoint_in_background()?;
+    }
     if let Some(mib) = config.cache_mib {
         db.set_cache_mib(mib)?;
     }

@@ -234,6 +234,18 @@ impl StateDb {
         Ok(db)
     }
 
+    /// Makes this a scratch state DB, one that is made afresh for each use
+    /// and never continued after a crash (a replay's side): its rollback
+    /// journal lives in memory and nothing is synced. Each page a batch
+    /// writes is then written once, into the database file, instead of into
+    /// the WAL and again by a checkpoint. A crash may leave the file
+    /// unusable, which for a scratch copy costs nothing.
+    pub fn make_scratch(&self) -> Result<(), StateError> {
+        self.conn
+            .execute_batch("PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;")
+            .map_err(|e| self.err(e))
+    }
+
     /// Sets the page cache size (the default is 64 MiB).
     pub fn set_cache_mib(&self, mib: u32) -> Result<(), StateError> {
         self.conn
