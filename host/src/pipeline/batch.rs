@@ -36,6 +36,9 @@ pub(super) struct Run<'a> {
     /// The last committed batch's record list, emptied: the next batch
     /// fills it without growing it again.
     pub(super) spare_records: Vec<Record>,
+    /// The current record's (stream, partition), written over for each
+    /// record: looking its offset up needs no new `String` per event.
+    pub(super) key: (String, i32),
     /// Whether results carry digests of their changes and outputs (see
     /// [`super::Progress::observe`]).
     pub(super) digests: bool,
@@ -120,8 +123,10 @@ impl Run<'_> {
                     }
                 }
             };
-            let key = (record.position.stream.clone(), record.position.partition);
-            let next = self.offsets.get(&key).copied();
+            self.key.0.clear();
+            self.key.0.push_str(&record.position.stream);
+            self.key.1 = record.position.partition;
+            let next = self.offsets.get(&self.key).copied();
             if next.is_some_and(|next| record.position.offset < next) {
                 self.summary.skipped += 1;
                 if let Some(open) = batch.as_mut() {
@@ -212,8 +217,13 @@ impl Run<'_> {
             }
             self.next_seq += 1;
             self.summary.consumed += 1;
-            self.offsets
-                .insert(key, next.unwrap_or(i64::MIN).max(offset.saturating_add(1)));
+            let after = next.unwrap_or(i64::MIN).max(offset.saturating_add(1));
+            match self.offsets.get_mut(&self.key) {
+                Some(stored) => *stored = after,
+                None => {
+                    self.offsets.insert(self.key.clone(), after);
+                }
+            }
             let open = batch.as_mut().expect("the batch is open");
             open.events += 1;
             self.retain(open, record);

@@ -369,6 +369,7 @@ pub fn run_source(
         careful: false,
         logs: Vec::new(),
         spare_records: Vec::new(),
+        key: (String::new(), 0),
         digests,
     };
     if let Some(path) = &config.output {
