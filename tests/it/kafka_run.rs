@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Command;
 
 use rewind_tests::{
-    Broker, XorShift, cache_dir, dump_hash, int, kafka_client, processor, rewind_bin, rows, text,
+    Broker, XorShift, cache_dir, dump_hash, int, kafka_client, kill_when, processor, rewind_bin,
+    rows, text,
 };
 use rusqlite::types::Value;
 use serde_json::{Value as Json, json};
@@ -323,6 +324,27 @@ fn kafka_run_verbose(broker: &Broker, group: &str, state_dir: &Path) -> Command 
     command
 }
 
+/// Events the partition DBs under `state_dir` have committed, as a reader
+/// beside the live run sees them; a DB not there yet counts none.
+fn committed_events(state_dir: &Path) -> i64 {
+    (0..PARTITIONS)
+        .map(|p| {
+            rusqlite::Connection::open_with_flags(
+                state_dir.join(format!("partition-{p}.db")),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|db| {
+                db.query_row(
+                    "SELECT CAST(value AS INTEGER) FROM _rewind_meta WHERE key = 'next_seq'",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )
+            })
+            .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// Runs `command` to success, killing it (and failing) after `limit`.
 fn run_within(command: &mut Command, limit: std::time::Duration) {
     let mut child = command.spawn().unwrap();
@@ -344,7 +366,8 @@ fn run_within(command: &mut Command, limit: std::time::Duration) {
 fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let model = produce_orders(&broker, dir.path(), 40_000, 0x6b69_6c6c);
+    let total = 40_000;
+    let model = produce_orders(&broker, dir.path(), total as usize, 0x6b69_6c6c);
 
     let whole = dir.path().join("whole");
     let limit = std::time::Duration::from_secs(180);
@@ -354,24 +377,36 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
     );
 
     let killed = dir.path().join("killed");
+    // Each kill lands once the killed state has committed a further part of
+    // the stream (15-30%, 40-55%, 65-80%), a few milliseconds later: mid-stream
+    // however fast the machine.
     let mut rng = XorShift(0x4b11);
-    let mut kills = 0;
-    for _ in 0..3 {
+    for (i, start) in [15, 40, 65].into_iter().enumerate() {
+        if i > 0 {
+            // The killed member holds its partitions until its session
+            // times out; only then is the next one given all of them.
+            std::thread::sleep(std::time::Duration::from_secs(7));
+        }
+        let percent = start + rng.below(16) as i64;
         let mut child = kafka_run(&broker, "killed", &killed)
             .arg("--exit-at-end")
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(600 + rng.below(1500)));
-        if child.try_wait().unwrap().is_none() {
-            kills += 1;
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        let landed = kill_when(
+            &mut child,
+            || {
+                committed_events(&killed) >= total * percent / 100
+                    || std::time::Instant::now() > deadline
+            },
+            std::time::Duration::from_millis(rng.below(20)),
+        );
+        let committed = committed_events(&killed);
+        assert!(
+            landed && committed < total,
+            "kill {i} missed the stream: {committed} of {total} events committed"
+        );
     }
-    assert!(
-        kills > 0,
-        "the run always finished before it could be killed"
-    );
     // The killed members leave the group when their sessions time out;
     // until then they hold partitions, and --exit-at-end covers only what
     // this member was assigned.
