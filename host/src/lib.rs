@@ -10,6 +10,7 @@ mod envelope;
 mod event;
 pub mod kafka;
 mod pipeline;
+mod printable;
 pub mod produce;
 pub mod replay;
 pub mod report;
@@ -27,6 +28,7 @@ pub use pipeline::{
     DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DLQ_STREAM, ErrorPolicy, EventRecord, INSTANCE_EPOCH,
     Progress, RunConfig, RunError, RunSummary, run,
 };
+pub use printable::{printable, printable_str};
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB, HostFault, Instance,
     LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,

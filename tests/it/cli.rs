@@ -1,12 +1,31 @@
 //! The `rewind` command line: help everywhere, one-line errors with exit 2,
 //! and the inspect and dlq views.
 
+use std::path::Path;
 use std::process::Command;
 
 use rewind_tests::{cache_dir, processor, rewind_bin};
 
 fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
+}
+
+/// `rewind run` of a built processor over `input` into `state`, with the
+/// tests' compile cache.
+fn run(module: &str, input: &Path, state: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(rewind_bin())
+        .arg("run")
+        .arg("--processor")
+        .arg(processor(module))
+        .arg("--input")
+        .arg(input)
+        .arg("--state")
+        .arg(state)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -123,20 +142,8 @@ fn run_inspect_and_dlq_list() {
     )
     .unwrap();
     let state = dir.path().join("p.db");
-    let out = rewind(&[
-        "run",
-        "--processor",
-        processor("payments-v2").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--state",
-        state.to_str().unwrap(),
-        "--cache-dir",
-        cache_dir().to_str().unwrap(),
-        // A run needs one instance at a time: `init`'s is gone before the first event's.
-        "--max-instances",
-        "1",
-    ]);
+    // A run needs one instance at a time: `init`'s is gone before the first event's.
+    let out = run("payments-v2", &input, &state, &["--max-instances", "1"]);
     assert!(
         out.status.success(),
         "{}",
@@ -170,4 +177,30 @@ fn run_inspect_and_dlq_list() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
     assert_eq!(first["error_class"], "invalid-input");
     assert_eq!(first["offset"], 2);
+}
+
+/// What a guest logs or fails with, and what an input line holds, reaches
+/// the terminal escaped: no escape sequence of theirs clears the screen or
+/// retitles the window.
+#[test]
+fn guest_text_and_input_bytes_reach_the_terminal_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    std::fs::write(&input, b"{\"do\":\"escape\"}\n\x1b[2J{oops \xff\n").unwrap();
+    let state = dir.path().join("h.db");
+    let out = run("hostile", &input, &state, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!out.stderr.contains(&0x1b), "{stderr:?}");
+    assert!(
+        stderr.contains(r"info: \u{1b}[2J\u{1b}]0;owned\u{7} log"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(r"stderr: \u{1b}[31m stderr"), "{stderr}");
+
+    let out = rewind(&["dlq", "list", "--state", state.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.stdout.contains(&0x1b), "{stdout:?}");
+    assert!(stdout.contains(r"\u{1b}[2J message"), "{stdout}");
+    assert!(stdout.contains(r"raw: \u{1b}[2J{oops \xff"), "{stdout}");
 }

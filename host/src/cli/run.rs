@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rewind_host::kafka::{self, KafkaConfig};
-use rewind_host::{ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, default_cache_dir};
+use rewind_host::{
+    ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, default_cache_dir, printable_str,
+};
 
 use crate::{OnError, RunArgs};
 
@@ -37,7 +39,16 @@ impl Progress for Bar {
 
     fn guest_log(&self, position: &Position, line: &str) {
         if !self.quiet {
-            self.bar.println(format!("[guest {position}] {line}"));
+            let position = position.to_string();
+            // Not `println`: a bar that is hidden (stderr is not a terminal,
+            // as in CI or `2> log`) prints nothing with it.
+            self.bar.suspend(|| {
+                eprintln!(
+                    "[guest {}] {}",
+                    printable_str(&position),
+                    printable_str(line)
+                );
+            });
         }
     }
 

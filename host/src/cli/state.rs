@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use rewind_host::StateDb;
+use rewind_host::{StateDb, printable, printable_str};
 
 pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
     if state.is_dir() {
@@ -84,6 +84,10 @@ fn inspect_db(state: PathBuf, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Characters of a dead letter's raw bytes `dlq list` shows (`--json` has
+/// them all).
+const RAW_SHOWN: usize = 60;
+
 pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
     let letters = db
@@ -116,16 +120,21 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     }
     println!("{:>6}  {:<24} {:<15} message", "seq", "position", "class");
     for dl in &letters {
-        let raw = String::from_utf8_lossy(&dl.raw);
-        let raw: String = raw.chars().take(60).collect();
+        // What the input and the guest wrote, escaped: a dead letter's
+        // bytes are whatever arrived.
+        let raw = printable(&dl.raw);
+        let mut shown: String = raw.chars().take(RAW_SHOWN).collect();
+        if shown.len() < raw.len() {
+            shown.push('…');
+        }
         println!(
             "{:>6}  {:<24} {:<15} {}",
             dl.seq,
-            dl.position.to_string(),
+            printable_str(&dl.position.to_string()),
             dl.error_class,
-            dl.message
+            printable_str(&dl.message)
         );
-        println!("{:>6}  {:<24} {:<15} raw: {raw}", "", "", "");
+        println!("{:>6}  {:<24} {:<15} raw: {shown}", "", "", "");
     }
     println!("{} dead letters", letters.len());
     Ok(())

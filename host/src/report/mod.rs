@@ -17,6 +17,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::diff::{RowChange, StateDiff, TableDiff};
 use crate::event::Output;
+use crate::printable::printable_str;
 use crate::replay::{DeadDiff, Divergence, Replay, SideEvent};
 use crate::state::Change;
 use crate::tape::Outcome;
@@ -265,7 +266,7 @@ pub fn summary_text(report: &Json, color: bool) -> String {
                 out,
                 "first divergence: seq {} ({}/{}@{}) payload {}",
                 first["seq"],
-                first["stream"].as_str().unwrap_or(""),
+                printable_str(first["stream"].as_str().unwrap_or("")),
                 first["partition"],
                 first["offset"],
                 first["payload"]
@@ -305,7 +306,7 @@ pub fn summary_text(report: &Json, color: bool) -> String {
             out,
             "{} {}: columns only in old [{}], only in new [{}]",
             paint("33", "schema:"),
-            c["table"].as_str().unwrap_or(""),
+            printable_str(c["table"].as_str().unwrap_or("")),
             list(c["only_old"].as_array().map_or(&[][..], Vec::as_slice)),
             list(c["only_new"].as_array().map_or(&[][..], Vec::as_slice)),
         );
@@ -318,7 +319,7 @@ pub fn summary_text(report: &Json, color: bool) -> String {
         let _ = writeln!(
             out,
             "table {}: {} added, {} removed, {} changed{}",
-            paint("1", t["name"].as_str().unwrap_or("")),
+            paint("1", &printable_str(t["name"].as_str().unwrap_or(""))),
             paint("32", &t["added"].to_string()),
             paint("31", &t["removed"].to_string()),
             paint("33", &t["changed"].to_string()),
@@ -334,7 +335,7 @@ pub fn summary_text(report: &Json, color: bool) -> String {
                 .as_object()
                 .into_iter()
                 .flatten()
-                .map(|(c, v)| format!("{c}: {} → {}", v["old"], v["new"]))
+                .map(|(c, v)| format!("{}: {} → {}", printable_str(c), v["old"], v["new"]))
                 .collect();
             let _ = writeln!(
                 out,
@@ -379,7 +380,7 @@ fn caused_by(row: &Json) -> String {
         .map(|p| {
             format!(
                 "{}/{}@{}",
-                p["stream"].as_str().unwrap_or(""),
+                printable_str(p["stream"].as_str().unwrap_or("")),
                 p["partition"],
                 p["offset"]
             )
@@ -396,7 +397,7 @@ fn list(items: &[Json]) -> String {
     items
         .iter()
         .map(|i| match i.as_str() {
-            Some(s) => s.to_owned(),
+            Some(s) => printable_str(s).into_owned(),
             None => i.to_string(),
         })
         .collect::<Vec<_>>()

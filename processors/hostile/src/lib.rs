@@ -206,6 +206,13 @@ impl Processor for Hostile {
                 log::info("done flooding");
                 sql::execute("INSERT INTO seen (offset) VALUES (?1)", &[&event.offset()])?;
             }
+            // Terminal escapes in a log line, on stderr and in an error
+            // message: clear the screen, retitle the window.
+            "escape" => {
+                log::info("\x1b[2J\x1b]0;owned\x07 log");
+                eprintln!("\x1b[31m stderr");
+                return Err(Error::invalid("\x1b[2J message"));
+            }
             "emit-flood" => {
                 let mut emitted = 0u64;
                 let outcome = loop {
