@@ -59,13 +59,18 @@ fn inspect_db(state: PathBuf, json: bool) -> anyhow::Result<()> {
         .unwrap_or(0);
     for (i, table) in summary.tables.iter().enumerate() {
         let label = if i == 0 { "tables" } else { "" };
-        println!("{label:<13} {:<width$}  {} rows", table.name, table.rows);
+        println!(
+            "{label:<13} {:<width$}  {} rows",
+            printable_str(&table.name),
+            table.rows
+        );
     }
     if summary.tables.is_empty() {
         println!("tables        (none)");
     }
     for (i, (stream, partition, next)) in summary.offsets.iter().enumerate() {
         let label = if i == 0 { "offsets" } else { "" };
+        let stream = printable_str(stream);
         println!("{label:<13} {stream}/{partition}  next offset {next}");
     }
     println!("dead letters  {}", summary.dead_letters);

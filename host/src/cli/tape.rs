@@ -1,6 +1,7 @@
 //! `rewind tape info|import|export`.
 
 use anyhow::Context as _;
+use rewind_host::printable_str;
 
 use crate::TapeCommand;
 
@@ -31,7 +32,7 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     } else {
                         "              "
                     },
-                    p.stream,
+                    printable_str(&p.stream),
                     p.partition,
                     p.events,
                     p.first_offset,
