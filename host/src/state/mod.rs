@@ -273,10 +273,15 @@ impl StateDb {
     /// [`StateDb::take_changes`]); `keep` keeps every change in full,
     /// `digest` digests them.
     pub fn capture_changes(&mut self, keep: bool, digest: bool) {
+        // Unknown reads as not UTF-8: texts are then read the slower way.
+        let utf8 = self
+            .conn
+            .pragma_query_value(None, "encoding", |row| row.get::<_, String>(0))
+            .is_ok_and(|encoding| encoding == "UTF-8");
         // SAFETY: `changes` is dropped before `conn` (field order).
         self.changes = None;
         self.changes =
-            Some(unsafe { changes::Changes::register(self.conn.handle(), keep, digest) });
+            Some(unsafe { changes::Changes::register(self.conn.handle(), keep, digest, utf8) });
     }
 
     /// Rows of processor tables changed since the last call, a digest of the
