@@ -577,7 +577,11 @@ fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
     let model = produce_orders(&broker, dir.path(), 10_000, 0x6272_6b72);
 
     let state_dir = dir.path().join("state");
+    // Small batches: the first commit comes long before the stream's end
+    // however fast the machine (a default batch commits after 500 ms, by
+    // when a fast run has consumed the whole stream).
     let mut run = kafka_run(&broker, "outage", &state_dir)
+        .args(["--batch-size", "512"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -593,7 +597,7 @@ fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
             std::time::Instant::now() < deadline,
             "the run never started"
         );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     broker.stop();
     let during = progress();
