@@ -23,7 +23,7 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "test",
-        "run everything CI runs: formatting, clippy, unit, integration and doc tests",
+        "run everything CI runs: formatting, clippy, docs, unit, integration and doc tests",
     ),
     (
         "bench",

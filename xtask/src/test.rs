@@ -47,6 +47,24 @@ pub fn run() -> Result<()> {
             "warnings",
         ],
     )?;
+    // The guest SDK's docs are how processors get written: broken links or
+    // undocumented items fail here, not on a reader.
+    let status = Command::new(&cargo)
+        .args([
+            "doc",
+            "--no-deps",
+            "--package",
+            "rewind-guest",
+            "--package",
+            "rewind-host",
+        ])
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .current_dir(root())
+        .status()
+        .context("cannot start cargo doc")?;
+    if !status.success() {
+        bail!("`cargo doc` found broken documentation ({status})");
+    }
     // The integration tests drive the `rewind` binary as a child process.
     cmd(
         &cargo,

@@ -4,7 +4,7 @@
 //!
 //! One thread polls the consumer and routes every record to the worker of
 //! its partition number; a worker is an ordinary pipeline run
-//! ([`crate::pipeline::run_source`]) over `STATE_DIR/partition-N.db`, fed
+//! (`pipeline::run_source`) over `STATE_DIR/partition-N.db`, fed
 //! through a bounded channel. Input topics must be co-partitioned (as in
 //! Kafka Streams): partition N of every topic lands in the same state DB.
 //!

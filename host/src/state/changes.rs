@@ -66,7 +66,7 @@ pub struct Change {
 ///
 /// Per change: the table (u32 length, bytes), a byte saying which rows
 /// follow (1: before, 2: after), then each row as a u32 column count and
-/// its values ([`put_value`]).
+/// its values (`put_value`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeLog {
     bytes: Vec<u8>,

@@ -471,7 +471,7 @@ impl StateDb {
     }
 
     /// Prepares guest SQL for the event at `position`: SQL randomness is
-    /// reseeded and the SQL budget reset. Pair with an [`EventClock`].
+    /// reseeded and the SQL budget reset. Pair with an `EventClock`.
     pub fn enter_event(&self, seed: Seed, sql_budget: u64) {
         self.guard.reseed(seed);
         self.sql_periods.store(0, Ordering::Relaxed);
