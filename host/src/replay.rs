@@ -17,6 +17,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
 
 use rusqlite::types::Value;
 
@@ -514,6 +515,10 @@ fn push_cause(causes: &mut HashMap<RowKey, Vec<u64>>, key: RowKey, seq: u64) {
     }
 }
 
+/// How long reading a side's table shapes waits for the side's write lock:
+/// far longer than a batch of [`REPLAY_BATCH`] events holds it.
+const SHAPE_WAIT: Duration = Duration::from_secs(60);
+
 /// The shapes of one side's tables, read through a connection of our own.
 struct Shapes {
     path: PathBuf,
@@ -595,6 +600,12 @@ impl Shapes {
                     rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
                 )
                 .map_err(err)?;
+                // The side writes on meanwhile, with its rollback journal in
+                // memory (`StateDb::make_scratch`): while it commits, or has
+                // spilled pages of an open batch into the file, it holds the
+                // file exclusively and a read waits for it (rusqlite's
+                // default wait is 5 s; said here, and longer).
+                conn.busy_timeout(SHAPE_WAIT).map_err(err)?;
                 self.conn = Some(conn);
             }
             let conn = self.conn.as_ref().expect("opened above");
@@ -667,5 +678,35 @@ impl Shapes {
             }
         }
         Ok(images)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateDb;
+
+    /// A side holding its scratch DB exclusively (committing, or with pages
+    /// of an open batch spilled) makes reading its shapes wait, not fail.
+    #[test]
+    fn reading_shapes_waits_for_a_side_holding_its_db() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("side.db");
+        let side = StateDb::open(&path).unwrap();
+        side.make_scratch().unwrap();
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY, v); BEGIN EXCLUSIVE;")
+            .unwrap();
+        let held = std::time::Instant::now();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            writer.execute_batch("COMMIT").unwrap();
+        });
+        let mut shapes = Shapes::new(&path);
+        let shape = shapes.shape("t", 2).unwrap();
+        assert_eq!(shape.key, ["k"]);
+        assert!(held.elapsed() >= Duration::from_millis(300));
+        release.join().unwrap();
     }
 }
