@@ -176,6 +176,9 @@ struct ReplayArgs {
     #[arg(long, requires = "expect")]
     accept: bool,
     /// Keep both versions' final state DBs in this directory (old.db, new.db).
+    /// They are complete once the replay finishes: the sides write them
+    /// without a journal on disk, so an interrupted replay may leave them
+    /// unreadable (the next replay into DIR makes them afresh).
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
     /// Fuel per event (as for `run`).
