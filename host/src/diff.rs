@@ -434,7 +434,7 @@ fn diff_table(
                     }
                     if !columns.is_empty() {
                         let kv = (0..k)
-                            .map(|i| rx.get::<_, Value>(i))
+                            .map(|i| rx.get_ref(i).map(to_value))
                             .collect::<rusqlite::Result<Vec<_>>>()
                             .map_err(|e| (false, e))?;
                         out.changed += 1;
@@ -463,7 +463,7 @@ fn advance<'r, 's>(
 }
 
 fn owned(row: &rusqlite::Row<'_>, width: usize) -> rusqlite::Result<Vec<Value>> {
-    (0..width).map(|i| row.get::<_, Value>(i)).collect()
+    (0..width).map(|i| row.get_ref(i).map(to_value)).collect()
 }
 
 fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
@@ -489,6 +489,9 @@ fn cmp_refs(a: &rusqlite::Row<'_>, b: &rusqlite::Row<'_>, n: usize) -> rusqlite:
     Ok(Ordering::Equal)
 }
 
+/// A value copied out of a row. A text that is not UTF-8 (SQL can store
+/// one: `CAST(x'ff' AS TEXT)`) is kept with U+FFFD for its bad bytes
+/// rather than failing the whole diff.
 fn to_value(v: ValueRef<'_>) -> Value {
     match v {
         ValueRef::Null => Value::Null,
@@ -568,5 +571,64 @@ fn cmp_int_real(i: i64, r: f64) -> Ordering {
         (i as i128).cmp(&(r as i128))
     } else {
         (i as f64).total_cmp(&r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Texts that are not UTF-8, in keys and values, in rows that differ
+    /// and rows only one side has: reported (lossily), not an error.
+    #[test]
+    fn texts_that_are_not_utf8_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.db"), dir.path().join("b.db"));
+        for (path, rows) in [
+            (
+                &a,
+                "('a', CAST(x'ff41' AS TEXT)), (CAST(x'fe' AS TEXT), 'gone')",
+            ),
+            (&b, "('a', 'b'), ('c', CAST(x'c3' AS TEXT))"),
+        ] {
+            Connection::open(path)
+                .unwrap()
+                .execute_batch(&format!(
+                    "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT); INSERT INTO t VALUES {rows};"
+                ))
+                .unwrap();
+        }
+        let diff = diff_states(&a, &b, &[]).unwrap();
+        let t = &diff.tables[0];
+        assert_eq!((t.added, t.removed, t.changed), (1, 1, 1));
+        let text = |s: &str| Some(Value::Text(s.into()));
+        let changed = t
+            .rows
+            .iter()
+            .find(|r| r.change == RowChange::Changed)
+            .unwrap();
+        assert_eq!(
+            changed.columns,
+            [("v".to_owned(), text("\u{fffd}A"), text("b"))]
+        );
+        let removed = t
+            .rows
+            .iter()
+            .find(|r| r.change == RowChange::Removed)
+            .unwrap();
+        assert_eq!(
+            removed.key,
+            [("k".to_owned(), Value::Text("\u{fffd}".into()))]
+        );
+        let added = t
+            .rows
+            .iter()
+            .find(|r| r.change == RowChange::Added)
+            .unwrap();
+        assert!(
+            added
+                .columns
+                .contains(&("v".to_owned(), None, text("\u{fffd}")))
+        );
     }
 }
