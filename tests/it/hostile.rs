@@ -68,6 +68,9 @@ const SQL_PROBES: &[(&str, bool)] = &[
         "/* rewind:host */ SELECT stream, partition, next_offset FROM _rewind_offsets",
         false,
     ),
+    // A text SQL can store but the world's `text` (a string) cannot carry.
+    ("SELECT CAST(x'ff' AS TEXT) AS bad", false),
+    ("SELECT CAST(CAST(x'ff' AS TEXT) AS BLOB) AS bytes", true),
     // What a processor legitimately does still works.
     (
         "CREATE TABLE IF NOT EXISTS mine (id INTEGER PRIMARY KEY, v TEXT)",
@@ -227,6 +230,11 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     }
     assert!(probes["SELECT * FROM _rewind_offsets"].contains("host table _rewind_offsets"));
     assert!(probes["BEGIN"].contains("transactions"));
+    assert!(
+        probes["SELECT CAST(x'ff' AS TEXT) AS bad"]
+            .contains(r#"column "bad" of result row 1 holds text that is not valid UTF-8"#),
+        "{probes:?}"
+    );
     let big = probes
         .iter()
         .find(|(k, _)| k.contains("zeroblob(1000000)"))

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags, params};
 
 pub(crate) use changes::put_value;
@@ -550,6 +550,18 @@ fn holds_large_value(params: &[SqlValue]) -> bool {
 const LARGE_BINDING: usize = 64 << 10;
 
 /// Runs a guest query and collects its rows, up to [`MAX_QUERY_BYTES`].
+/// The error for a text in a query's result that is not UTF-8.
+fn not_utf8(column: &str, row: usize) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISMATCH),
+        Some(format!(
+            "column {column:?} of result row {} holds text that is not valid UTF-8; \
+             select it as a blob (CAST({column} AS BLOB)) to read its bytes",
+            row + 1
+        )),
+    )
+}
+
 fn collect_rows(
     stmt: &mut rusqlite::Statement<'_>,
     params: &[SqlValue],
@@ -561,8 +573,18 @@ fn collect_rows(
     let mut bytes = 0usize;
     while let Some(row) = rows.next()? {
         let mut values = Vec::with_capacity(width);
-        for i in 0..width {
-            let value = row.get::<_, SqlValue>(i)?;
+        for (i, column) in columns.iter().enumerate() {
+            let value = match row.get_ref(i)? {
+                // SQL can store a text that is not UTF-8 (`CAST(x'ff' AS
+                // TEXT)`); the world's `text` is a string, so say which.
+                ValueRef::Text(t) => SqlValue::Text(
+                    String::from_utf8(t.to_vec()).map_err(|_| not_utf8(column, out.len()))?,
+                ),
+                ValueRef::Null => SqlValue::Null,
+                ValueRef::Integer(i) => SqlValue::Integer(i),
+                ValueRef::Real(r) => SqlValue::Real(r),
+                ValueRef::Blob(b) => SqlValue::Blob(b.to_vec()),
+            };
             bytes += 16
                 + match &value {
                     SqlValue::Text(s) => s.len(),
