@@ -1,6 +1,7 @@
 //! The `rewind` command line: help everywhere, one-line errors with exit 2,
 //! and the inspect and dlq views.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 
@@ -10,19 +11,25 @@ fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
 }
 
-/// `rewind run` of a built processor over `input` into `state`, with the
-/// tests' compile cache.
+/// The arguments of `rewind run` of a built processor over `input` into
+/// `state`, with the tests' compile cache.
+fn run_args(module: &str, input: &Path, state: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--processor".into()];
+    args.push(processor(module).into());
+    args.extend([
+        "--input".into(),
+        input.into(),
+        "--state".into(),
+        state.into(),
+    ]);
+    args.extend(["--cache-dir".into(), cache_dir().into()]);
+    args
+}
+
+/// `rewind run` (see [`run_args`]) with `extra` arguments.
 fn run(module: &str, input: &Path, state: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(rewind_bin())
-        .arg("run")
-        .arg("--processor")
-        .arg(processor(module))
-        .arg("--input")
-        .arg(input)
-        .arg("--state")
-        .arg(state)
-        .arg("--cache-dir")
-        .arg(cache_dir())
+        .args(run_args(module, input, state))
         .args(extra)
         .output()
         .unwrap()
@@ -101,19 +108,12 @@ fn max_instances_sizes_the_pool_an_address_space_limit_must_hold() {
     )
     .unwrap();
     let run = |name: &str, extra: &[&str]| {
-        let state = dir.path().join(name);
         Command::new("sh")
             // 64 GiB of address space: the default pool reserves far more.
             .args(["-c", "ulimit -v 67108864 && exec \"$0\" \"$@\""])
             .arg(rewind_bin())
-            .args(["run", "--quiet", "--processor"])
-            .arg(processor("payments-v2"))
-            .arg("--input")
-            .arg(&input)
-            .arg("--state")
-            .arg(&state)
-            .arg("--cache-dir")
-            .arg(cache_dir())
+            .args(run_args("payments-v2", &input, &dir.path().join(name)))
+            .arg("--quiet")
             .args(extra)
             .output()
             .unwrap()

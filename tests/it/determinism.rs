@@ -112,7 +112,7 @@ proptest! {
         let (clean, killed) = (dir.path().join("clean.db"), dir.path().join("killed.db"));
         let (out_clean, out_killed) = (dir.path().join("clean.jsonl"), dir.path().join("killed.jsonl"));
         run_lib("payments-v1", &input, &clean, &out_clean, 1000);
-        let whole = std::fs::metadata(&out_clean).unwrap().len();
+        let whole = file_len(&out_clean);
 
         kills.sort_unstable();
         let mut interrupted = false;

@@ -324,27 +324,6 @@ fn kafka_run_verbose(broker: &Broker, group: &str, state_dir: &Path) -> Command 
     command
 }
 
-/// Events the partition DBs under `state_dir` have committed, as a reader
-/// beside the live run sees them; a DB not there yet counts none.
-fn committed_events(state_dir: &Path) -> i64 {
-    (0..PARTITIONS)
-        .map(|p| {
-            rusqlite::Connection::open_with_flags(
-                state_dir.join(format!("partition-{p}.db")),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .and_then(|db| {
-                db.query_row(
-                    "SELECT CAST(value AS INTEGER) FROM _rewind_meta WHERE key = 'next_seq'",
-                    [],
-                    |row| row.get::<_, i64>(0),
-                )
-            })
-            .unwrap_or(0)
-        })
-        .sum()
-}
-
 /// Runs `command` to success, killing it (and failing) after `limit`.
 fn run_within(command: &mut Command, limit: std::time::Duration) {
     let mut child = command.spawn().unwrap();
@@ -366,8 +345,8 @@ fn run_within(command: &mut Command, limit: std::time::Duration) {
 fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let total = 40_000;
-    let model = produce_orders(&broker, dir.path(), total as usize, 0x6b69_6c6c);
+    let model = produce_orders(&broker, dir.path(), 40_000, 0x6b69_6c6c);
+    let total: i64 = model.ends.iter().sum();
 
     let whole = dir.path().join("whole");
     let limit = std::time::Duration::from_secs(180);
@@ -396,12 +375,12 @@ fn killed_three_times_mid_stream_the_state_equals_an_uninterrupted_run() {
         let landed = kill_when(
             &mut child,
             || {
-                committed_events(&killed) >= total * percent / 100
+                stored_offsets(&killed) >= total * percent / 100
                     || std::time::Instant::now() > deadline
             },
             std::time::Duration::from_millis(rng.below(20)),
         );
-        let committed = committed_events(&killed);
+        let committed = stored_offsets(&killed);
         assert!(
             landed && committed < total,
             "kill {i} missed the stream: {committed} of {total} events committed"
@@ -477,6 +456,14 @@ fn stored_offset(db: &Path) -> i64 {
             .unwrap();
     conn.query_row("SELECT next_offset FROM _rewind_offsets", [], |r| r.get(0))
         .unwrap_or(0)
+}
+
+/// The next offsets the partition DBs under `state_dir` have committed,
+/// summed: events consumed, as a reader beside the live run sees them.
+fn stored_offsets(state_dir: &Path) -> i64 {
+    (0..PARTITIONS)
+        .map(|p| stored_offset(&state_dir.join(format!("partition-{p}.db"))))
+        .sum()
 }
 
 /// Ctrl-C: the run commits and leaves the group.
@@ -585,11 +572,7 @@ fn the_broker_restarts_mid_stream_and_the_run_waits_and_loses_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let progress = || -> i64 {
-        (0..PARTITIONS)
-            .map(|p| stored_offset(&state_dir.join(format!("partition-{p}.db"))))
-            .sum()
-    };
+    let progress = || stored_offsets(&state_dir);
     // Stop the broker once the run is under way, for longer than a batch.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while progress() == 0 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rewind_host::{Frame, Header, Position, TapeEvent, TapeReader, tapes};
 use rewind_tests::{
-    XorShift, cache_dir, config, envelope, kill_when_grown, processor, rewind_bin, rows,
+    XorShift, cache_dir, config, envelope, file_len, kill_when_grown, processor, rewind_bin, rows,
 };
 
 /// Every frame of a tape, in order.
@@ -171,7 +171,7 @@ proptest! {
         let mut cfg = config(&processor("payments-v1"), &input, &clean);
         cfg.tape = Some(clean_tape.clone());
         rewind_host::run(&cfg, &()).unwrap();
-        let whole = std::fs::metadata(&clean_tape).unwrap().len();
+        let whole = file_len(&clean_tape);
 
         // Kill points are fractions of the tape (per mille), a few
         // milliseconds later: mid-run however fast the machine is.
