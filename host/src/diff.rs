@@ -602,31 +602,17 @@ mod tests {
         let t = &diff.tables[0];
         assert_eq!((t.added, t.removed, t.changed), (1, 1, 1));
         let text = |s: &str| Some(Value::Text(s.into()));
-        let changed = t
-            .rows
-            .iter()
-            .find(|r| r.change == RowChange::Changed)
-            .unwrap();
+        let row = |change| t.rows.iter().find(|r| r.change == change).unwrap();
         assert_eq!(
-            changed.columns,
+            row(RowChange::Changed).columns,
             [("v".to_owned(), text("\u{fffd}A"), text("b"))]
         );
-        let removed = t
-            .rows
-            .iter()
-            .find(|r| r.change == RowChange::Removed)
-            .unwrap();
         assert_eq!(
-            removed.key,
+            row(RowChange::Removed).key,
             [("k".to_owned(), Value::Text("\u{fffd}".into()))]
         );
-        let added = t
-            .rows
-            .iter()
-            .find(|r| r.change == RowChange::Added)
-            .unwrap();
         assert!(
-            added
+            row(RowChange::Added)
                 .columns
                 .contains(&("v".to_owned(), None, text("\u{fffd}")))
         );

@@ -425,4 +425,34 @@ mod tests {
         assert_eq!(caused_by(&json!({"caused_by": [3]})), "  caused by seq 3");
         assert_eq!(caused_by(&json!({"caused_by": []})), "");
     }
+
+    /// Names a processor chose (tables, columns, streams) are shown escaped.
+    #[test]
+    fn the_summary_escapes_names_a_guest_chose() {
+        let report = json!({
+            "summary": {"events": 1, "diverged_events": 1, "first_divergence": {
+                "seq": 0, "stream": "s\u{1b}[2J", "partition": 0, "offset": 1,
+                "payload": "{}", "old": {}, "new": {}}},
+            "schema": {"columns": [{"table": "t\u{7}", "only_old": ["c\u{1b}"], "only_new": []}]},
+            "tables": [{"name": "t\u{1b}]0;x\u{7}", "added": 0, "removed": 0, "changed": 1,
+                "rows": [{"key": {"k": 1}, "change": "changed",
+                          "columns": {"v\u{1b}": {"old": 1, "new": 2}},
+                          "caused_by": [0],
+                          "caused_by_positions": [{"stream": "s\u{1b}", "partition": 0, "offset": 1}]}]}],
+        });
+        let text = summary_text(&report, false);
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+        for shown in [
+            r"s\u{1b}[2J/0@1",
+            r"t\u{7}: columns only in old [c\u{1b}]",
+            r"table t\u{1b}]0;x\u{7}:",
+            r"v\u{1b}: 1 → 2",
+            r"(s\u{1b}/0@1)",
+        ] {
+            assert!(text.contains(shown), "{shown} in {text}");
+        }
+    }
 }

@@ -230,9 +230,7 @@ impl Direct {
             }
         }
     }
-}
 
-impl Direct {
     /// This statement's error `rc`, with its connection's message.
     fn error(&self, rc: c_int) -> rusqlite::Error {
         // SAFETY: `raw` is live; its connection outlives it.
