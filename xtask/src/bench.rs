@@ -11,6 +11,7 @@
 //! native baseline: a ratio the neighbours' load does not move.
 
 use std::io::Write as _;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,47 +22,59 @@ use crate::demo::XorShift;
 use crate::{cargo, cmd, target_dir};
 
 /// The bench's sections, in the order they run; `--only` picks one.
-const SECTIONS: [&str; 5] = ["run", "instructions", "replay", "diff", "kafka"];
-const USAGE: &str = "usage: cargo xtask bench [--events N] [--batch-size N] [--long-replay TIMES] \
-                     [--only run|instructions|replay|diff|kafka]";
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    /// `rewind run` against the native baseline, cold and warm start, `run --tape`
+    Run,
+    /// Instructions per event of the run and of the native baseline, under valgrind
+    Instructions,
+    /// Side-by-side replay of v1 against v2, and of a longer tape for its memory
+    Replay,
+    /// `rewind diff` against sqldiff on the same two state DBs
+    Diff,
+    /// Kafka end to end against a raw consumer (starts its own broker)
+    Kafka,
+}
 
-pub fn run(args: &[String]) -> Result<()> {
+/// What `cargo xtask bench` measures and on how much.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Events in the generated payments stream (a tenth as many customers)
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Events per batch, for rewind and the native baseline alike [default: rewind run's]
+    #[arg(long)]
+    batch_size: Option<NonZeroUsize>,
+    /// How many times as long the replay memory check's tape is
+    #[arg(long, value_name = "TIMES", default_value_t = 5)]
+    long_replay: usize,
+    /// Run one section only
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
     if cfg!(debug_assertions) {
         let mut release = vec![
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "xtask",
-            "--",
-            "bench",
+            "run".to_owned(),
+            "--quiet".to_owned(),
+            "--release".to_owned(),
+            "--package".to_owned(),
+            "xtask".to_owned(),
+            "--".to_owned(),
         ];
-        release.extend(args.iter().map(String::as_str));
+        release.extend(std::env::args().skip(1));
+        let release: Vec<&str> = release.iter().map(String::as_str).collect();
         return cmd(&cargo(), &release);
     }
-    let (mut events, mut batch, mut long_replay) = (1_000_000usize, None, 5usize);
-    let mut only: Option<String> = None;
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next();
-        let number = value.and_then(|v| v.parse().ok());
-        match (flag.as_str(), number) {
-            ("--events", Some(n)) => events = n,
-            ("--batch-size", Some(n)) if n > 0 => batch = Some(n),
-            ("--long-replay", Some(n)) => long_replay = n,
-            ("--only", _) if value.is_some_and(|v| SECTIONS.contains(&v.as_str())) => {
-                only = value.cloned();
-            }
-            _ => bail!("{USAGE}"),
-        }
-    }
-    let wanted = |section: &str| only.as_deref().is_none_or(|only| only == section);
+    let (events, long_replay) = (args.events, args.long_replay);
+    let wanted = |section: Section| args.only.is_none_or(|only| only == section);
     let (wasm, bin) = crate::build_release()?;
     // Batches as `rewind run` makes them by default; the native baseline is
     // handed the same size.
-    let batch = match batch {
-        Some(n) => n,
+    let batch = match args.batch_size {
+        Some(n) => n.get(),
         None => default_batch_size(&bin)?,
     };
     cmd(
@@ -101,19 +114,19 @@ pub fn run(args: &[String]) -> Result<()> {
         batch,
     };
     let (bin, input, dir) = (&setup.bin, &setup.input, &setup.dir);
-    if wanted("run") {
+    if wanted(Section::Run) {
         run_section(&setup)?;
     }
-    if wanted("instructions") {
+    if wanted(Section::Instructions) {
         instructions_section(&setup)?;
     }
-    if wanted("replay") {
+    if wanted(Section::Replay) {
         replay_section(&setup, long_replay)?;
     }
-    if wanted("diff") {
+    if wanted(Section::Diff) {
         diff_bench(bin, dir, events)?;
     }
-    if wanted("kafka") {
+    if wanted(Section::Kafka) {
         crate::bench_kafka::run(bin, &processor, input, dir, events)?;
     }
     Ok(())

@@ -137,28 +137,32 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask broker start [--port N] | stop | status";
-    match args.first().map(String::as_str) {
-        Some("start") => {
-            let port = match args.get(1..) {
-                Some([flag, value]) if flag == "--port" => {
-                    value.parse().with_context(|| format!("--port {value:?}"))?
-                }
-                Some([]) | None => DEFAULT_PORT,
-                _ => bail!(usage),
-            };
-            start(port)
-        }
-        Some("stop") => stop(),
-        Some("status") => {
+/// What `cargo xtask broker` does.
+#[derive(clap::Subcommand)]
+pub enum Action {
+    /// Start the broker in the background (in memory; nothing is kept across restarts)
+    Start {
+        /// The loopback port to listen on
+        #[arg(long, default_value_t = DEFAULT_PORT)]
+        port: u16,
+    },
+    /// Stop the broker `start` started
+    Stop,
+    /// Say whether a broker is running, and where
+    Status,
+}
+
+pub fn run(action: Action) -> Result<()> {
+    match action {
+        Action::Start { port } => start(port),
+        Action::Stop => stop(),
+        Action::Status => {
             match running() {
                 Some((pid, port)) => println!("broker running: pid {pid}, 127.0.0.1:{port}"),
                 None => println!("no broker running (cargo xtask broker start)"),
             }
             Ok(())
         }
-        _ => bail!(usage),
     }
 }
 

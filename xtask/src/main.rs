@@ -11,53 +11,44 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-const TASKS: &[(&str, &str)] = &[
-    (
-        "build-processors",
-        "build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)",
-    ),
-    (
-        "demo",
-        "build everything, run buggy payments v1 live onto a tape, replay it against the fix (v2), write the reports",
-    ),
-    (
-        "test",
-        "run everything CI runs: formatting, clippy, docs, unit, integration and doc tests",
-    ),
-    (
-        "bench",
-        "benchmark `rewind run` against native code, side-by-side replay, `rewind diff` against sqldiff, Kafka against a raw consumer (--only run|replay|diff|kafka)",
-    ),
-    (
-        "broker",
-        "start|stop|status a local Kafka-API broker (tansu, built once per machine)",
-    ),
-];
-
-fn main() {
-    if let Err(error) = run() {
-        eprintln!("xtask: error: {error:#}");
-        std::process::exit(1);
-    }
+/// Project tasks for rewind. Run without a task to list them.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Option<Task>,
 }
 
-fn run() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("build-processors") => processors::build().map(drop),
-        Some("demo") => demo::run(),
-        Some("test") => test::run(),
-        Some("bench") => bench::run(&args[1..]),
-        Some("broker") => broker::run(&args[1..]),
-        None | Some("help" | "--help" | "-h") => {
-            println!("usage: cargo xtask <task>\n\ntasks:");
-            for (name, about) in TASKS {
-                println!("  {name:<18} {about}");
-            }
-            Ok(())
-        }
-        Some(other) => bail!("unknown task {other:?}; run `cargo xtask` to list the tasks"),
+#[derive(Subcommand)]
+enum Task {
+    /// Build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)
+    BuildProcessors,
+    /// Build everything, run buggy payments v1 live onto a tape, replay it against the fix (v2), write the reports
+    Demo,
+    /// Run everything CI runs: formatting, clippy, docs, unit, integration and doc tests
+    Test,
+    /// Benchmark `rewind run` against native code, side-by-side replay, `rewind diff` against sqldiff, Kafka against a raw consumer
+    Bench(bench::Args),
+    /// Start, stop or ask after a local Kafka-API broker (tansu, built once per machine)
+    #[command(subcommand)]
+    Broker(broker::Action),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Some(Task::BuildProcessors) => processors::build().map(drop),
+        Some(Task::Demo) => demo::run(),
+        Some(Task::Test) => test::run(),
+        Some(Task::Bench(args)) => bench::run(&args),
+        Some(Task::Broker(action)) => broker::run(action),
+        None => Cli::command().print_help().map_err(Into::into),
+    };
+    if let Err(error) = result {
+        eprintln!("xtask: error: {error:#}");
+        std::process::exit(1);
     }
 }
 
