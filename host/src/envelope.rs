@@ -298,18 +298,38 @@ impl<'de> serde::Deserialize<'de> for FieldIndex {
 /// so nothing is lost (such a line is not strict JSON, and says so by
 /// failing strict parsers rather than by silently changing).
 pub fn write_json_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
-    for &b in bytes {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x00..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
-            _ => out.push(b),
-        }
+    // Runs of bytes that need no escape are copied whole: payloads are
+    // mostly such runs between the quotes they hold.
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let control;
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x00..=0x1f => {
+                control = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 15)],
+                ];
+                &control
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        out.extend_from_slice(escape);
+        run = i + 1;
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -318,6 +338,56 @@ fn write_opt_bytes(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
         Some(b) => write_json_bytes(out, b),
         None => out.extend_from_slice(b"null"),
     }
+}
+
+/// One record as [`append_line`] writes it, borrowed.
+pub struct Line<'a, H> {
+    pub stream: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    /// Header names and values, in order.
+    pub headers: H,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+/// Appends one record as a kcat `-J` line (with its newline) to `out`.
+pub fn append_line<'a, H>(out: &mut Vec<u8>, line: Line<'a, H>)
+where
+    H: IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+{
+    use std::io::Write as _;
+    out.extend_from_slice(b"{\"topic\":");
+    write_json_bytes(out, line.stream.as_bytes());
+    // Writing numbers into a `Vec` cannot fail.
+    let _ = write!(
+        out,
+        ",\"partition\":{},\"offset\":{}",
+        line.partition, line.offset
+    );
+    if let Some(ts) = line.timestamp_ms {
+        let _ = write!(out, ",\"tstype\":\"create\",\"ts\":{ts}");
+    }
+    out.extend_from_slice(b",\"broker\":-1");
+    let mut headers = line.headers.into_iter().peekable();
+    if headers.peek().is_some() {
+        out.extend_from_slice(b",\"headers\":[");
+        for (i, (name, value)) in headers.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_bytes(out, name.as_bytes());
+            out.push(b',');
+            write_opt_bytes(out, value);
+        }
+        out.push(b']');
+    }
+    out.extend_from_slice(b",\"key\":");
+    write_opt_bytes(out, line.key);
+    out.extend_from_slice(b",\"payload\":");
+    write_opt_bytes(out, line.payload);
+    out.extend_from_slice(b"}\n");
 }
 
 /// One record as a kcat `-J` line (with its newline).
@@ -329,36 +399,20 @@ pub fn encode_line(
     payload: Option<&[u8]>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + payload.map_or(0, <[u8]>::len));
-    out.extend_from_slice(b"{\"topic\":");
-    write_json_bytes(&mut out, position.stream.as_bytes());
-    out.extend_from_slice(
-        format!(
-            ",\"partition\":{},\"offset\":{}",
-            position.partition, position.offset
-        )
-        .as_bytes(),
+    append_line(
+        &mut out,
+        Line {
+            stream: &position.stream,
+            partition: position.partition,
+            offset: position.offset,
+            timestamp_ms,
+            headers: headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_deref())),
+            key,
+            payload,
+        },
     );
-    if let Some(ts) = timestamp_ms {
-        out.extend_from_slice(format!(",\"tstype\":\"create\",\"ts\":{ts}").as_bytes());
-    }
-    out.extend_from_slice(b",\"broker\":-1");
-    if !headers.is_empty() {
-        out.extend_from_slice(b",\"headers\":[");
-        for (i, h) in headers.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_json_bytes(&mut out, h.name.as_bytes());
-            out.push(b',');
-            write_opt_bytes(&mut out, h.value.as_deref());
-        }
-        out.push(b']');
-    }
-    out.extend_from_slice(b",\"key\":");
-    write_opt_bytes(&mut out, key);
-    out.extend_from_slice(b",\"payload\":");
-    write_opt_bytes(&mut out, payload);
-    out.extend_from_slice(b"}\n");
     out
 }
 
@@ -371,6 +425,63 @@ mod tests {
             stream: "orders".into(),
             partition: 0,
             offset: line,
+        }
+    }
+
+    /// What [`write_json_bytes`] must write: a byte at a time.
+    fn escaped_slowly(bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![b'"'];
+        for &b in bytes {
+            match b {
+                b'"' => out.extend_from_slice(b"\\\""),
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                0x00..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+                _ => out.push(b),
+            }
+        }
+        out.push(b'"');
+        out
+    }
+
+    #[test]
+    fn strings_are_escaped_as_a_byte_at_a_time_would() {
+        let mut cases: Vec<Vec<u8>> = vec![Vec::new()];
+        for b in 0..=255u8 {
+            cases.extend([
+                vec![b],
+                vec![b, b'a'],
+                vec![b'a', b],
+                b"ab".iter().chain(&[b, b]).copied().collect(),
+            ]);
+        }
+        // Longer strings, mostly plain with a few bytes to escape.
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        for len in 0..300 {
+            let bytes = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x.is_multiple_of(8) {
+                        (x >> 8) as u8
+                    } else {
+                        b'a' + (x >> 8) as u8 % 26
+                    }
+                })
+                .collect();
+            cases.push(bytes);
+        }
+        for bytes in cases {
+            let mut out = b"prefix".to_vec();
+            write_json_bytes(&mut out, &bytes);
+            assert_eq!(out[6..], escaped_slowly(&bytes), "{bytes:?}");
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let back: String = serde_json::from_slice(&out[6..]).unwrap();
+                assert_eq!(back, text);
+            }
         }
     }
 

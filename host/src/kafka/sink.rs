@@ -135,8 +135,8 @@ impl KafkaSink {
 }
 
 impl Sink for KafkaSink {
-    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError> {
-        for row in rows {
+    fn send(&mut self, rows: Vec<OutboxRow>) -> Result<(), SinkError> {
+        for row in &rows {
             let slot = pack((row.seq, row.n));
             self.in_flight.push_back(slot);
             // Dead letters queued by a run with --dlq-topic, now continued

@@ -539,11 +539,11 @@ impl Run<'_> {
             .expect("the state DB is lent out only during a call");
         loop {
             let rows = db.pending_outbox(self.sent_through, 10_000)?;
-            let Some(last) = rows.last() else {
+            let Some(last) = rows.last().map(|r| (r.seq, r.n)) else {
                 break;
             };
-            sink.send(&rows)?;
-            self.sent_through = Some((last.seq, last.n));
+            sink.send(rows)?;
+            self.sent_through = Some(last);
         }
         if let Some((through, mark)) = sink.durable(wait)? {
             db.ack_outbox(through, mark.as_ref())?;

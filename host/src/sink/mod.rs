@@ -7,15 +7,20 @@
 //! rows from the outbox. On restart, bytes past the recorded length were
 //! written for outputs whose removal never committed, so they are cut off and
 //! written again from the outbox.
+//!
+//! Encoding, writing and syncing happen on a thread of the sink's own
+//! (`rewind-output`), so the run goes on with the next batch meanwhile; the
+//! rows become durable, like a Kafka producer's, when that thread says so.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-use crate::envelope::encode_line;
-use crate::event::{Header, Position};
+use crate::envelope::{Line, append_line};
 use crate::state::{OutboxRow, SinkMark};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +55,7 @@ pub type Slot = (u64, u32);
 /// (a Kafka producer's acknowledgements arrive while the run goes on).
 pub trait Sink: Send {
     /// Starts delivering `rows`, which follow every row sent before.
-    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError>;
+    fn send(&mut self, rows: Vec<OutboxRow>) -> Result<(), SinkError>;
     /// The last row up to which everything sent is durable (written and
     /// synced, or acknowledged), with the mark to commit with their removal
     /// from the outbox; `None` if nothing new. `wait`: until everything
@@ -59,37 +64,75 @@ pub trait Sink: Send {
 }
 
 impl Sink for FileSink {
-    fn send(&mut self, rows: &[OutboxRow]) -> Result<(), SinkError> {
-        self.mark = FileSink::write(self, rows)?;
-        self.written = rows.last().map(|r| (r.seq, r.n)).or(self.written);
+    fn send(&mut self, rows: Vec<OutboxRow>) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let sent = self.rows.as_ref().is_some_and(|to| to.send(rows).is_ok());
+        if !sent {
+            return Err(self.writer_failure());
+        }
+        self.in_flight += 1;
         Ok(())
     }
-    fn durable(&mut self, _wait: bool) -> Result<Option<(Slot, Option<SinkMark>)>, SinkError> {
-        Ok(self
-            .written
-            .take()
-            .map(|slot| (slot, Some(self.mark.clone()))))
+
+    fn durable(&mut self, wait: bool) -> Result<Option<(Slot, Option<SinkMark>)>, SinkError> {
+        let mut latest = None;
+        while self.in_flight > 0 {
+            let report = if wait {
+                self.written.recv().ok()
+            } else {
+                match self.written.try_recv() {
+                    Ok(report) => Some(report),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(report) = report else {
+                return Err(self.writer_failure());
+            };
+            self.in_flight -= 1;
+            latest = Some(report?);
+        }
+        Ok(latest.map(|(slot, mark)| (slot, Some(mark))))
     }
 }
 
 /// The header carrying an output's deterministic idempotency id.
 pub const ID_HEADER: &str = "rewind-id";
 
-/// Appends outputs to a JSONL file.
+/// Batches of rows the output thread may hold before `send` waits for it.
+const QUEUED_BATCHES: usize = 2;
+
+/// Appends outputs to a JSONL file, on a thread of its own.
 pub struct FileSink {
     path: PathBuf,
-    file: File,
-    mark: SinkMark,
-    /// The last row written since [`Sink::durable`] last said so.
-    written: Option<Slot>,
+    /// Rows for the output thread (`None` once it is told to finish).
+    rows: Option<SyncSender<Vec<OutboxRow>>>,
+    /// Per batch sent, in order: its last row and the mark that makes it
+    /// durable, or why it could not be written.
+    written: Receiver<Result<(Slot, SinkMark), SinkError>>,
+    /// Batches sent and not yet reported on.
+    in_flight: usize,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for FileSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileSink")
             .field("path", &self.path)
-            .field("mark", &self.mark)
+            .field("in_flight", &self.in_flight)
             .finish()
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        // Whatever was sent is written before the sink is gone.
+        drop(self.rows.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -168,52 +211,185 @@ impl FileSink {
             file.set_len(mark.bytes).map_err(io)?;
         }
         file.seek(SeekFrom::Start(mark.bytes)).map_err(io)?;
-        Ok(FileSink {
+        let mut writer = Writer {
             path: path.to_owned(),
             file,
             mark: mark.clone(),
-            written: None,
+            buf: Vec::new(),
+        };
+        let (to_writer, rows) = std::sync::mpsc::sync_channel::<Vec<OutboxRow>>(QUEUED_BATCHES);
+        let (report, written) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rewind-output".to_owned())
+            .spawn(move || {
+                for batch in rows {
+                    let Some(last) = batch.last().map(|r| (r.seq, r.n)) else {
+                        continue;
+                    };
+                    let result = writer.write(&batch).map(|mark| (last, mark));
+                    let failed = result.is_err();
+                    if report.send(result).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(io)?;
+        Ok(FileSink {
+            path: path.to_owned(),
+            rows: Some(to_writer),
+            written,
+            in_flight: 0,
+            thread: Some(thread),
         })
     }
 
+    /// Why the output thread stopped: the error it reported, if any is
+    /// left to read.
+    fn writer_failure(&mut self) -> SinkError {
+        while let Ok(report) = self.written.recv() {
+            if let Err(error) = report {
+                return error;
+            }
+        }
+        SinkError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::other("the thread writing the outputs stopped"),
+        }
+    }
+}
+
+/// The output thread's side: the file and how far it got.
+struct Writer {
+    path: PathBuf,
+    file: File,
+    mark: SinkMark,
+    /// The lines of a batch, encoded; kept for the next one.
+    buf: Vec<u8>,
+}
+
+impl Writer {
     /// Writes and syncs `rows`; returns the mark to commit with their removal.
-    pub fn write(&mut self, rows: &[OutboxRow]) -> Result<SinkMark, SinkError> {
+    fn write(&mut self, rows: &[OutboxRow]) -> Result<SinkMark, SinkError> {
         let io = |source| SinkError::Io {
             path: self.path.clone(),
             source,
         };
-        let mut buf = Vec::new();
+        let buf = &mut self.buf;
+        buf.clear();
         let mut mark = self.mark.clone();
-        let mut last = Vec::new();
+        let mut last_line = 0..0;
         for row in rows {
-            let mut headers = Vec::with_capacity(row.output.headers.len() + 1);
-            headers.push(Header {
-                name: ID_HEADER.into(),
-                value: Some(row.id.clone().into_bytes()),
-            });
-            headers.extend(row.output.headers.iter().cloned());
-            let position = Position {
-                stream: row.output.stream.clone(),
-                partition: 0,
-                offset: mark.outputs as i64,
-            };
-            last = encode_line(
-                &position,
-                row.timestamp_ms,
-                &headers,
-                row.output.key.as_deref(),
-                row.output.payload.as_deref(),
+            let start = buf.len();
+            let id = (ID_HEADER, Some(row.id.as_bytes()));
+            let headers = row
+                .output
+                .headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_deref()));
+            append_line(
+                buf,
+                Line {
+                    stream: &row.output.stream,
+                    partition: 0,
+                    offset: mark.outputs as i64,
+                    timestamp_ms: row.timestamp_ms,
+                    headers: std::iter::once(id).chain(headers),
+                    key: row.output.key.as_deref(),
+                    payload: row.output.payload.as_deref(),
+                },
             );
-            buf.extend_from_slice(&last);
+            last_line = start..buf.len();
             mark.outputs += 1;
         }
-        self.file.write_all(&buf).map_err(io)?;
+        self.file.write_all(buf).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         mark.bytes += buf.len() as u64;
-        if !last.is_empty() {
-            mark.last_line_sha256 = hex::encode(Sha256::digest(&last));
+        if !last_line.is_empty() {
+            mark.last_line_sha256 = hex::encode(Sha256::digest(&buf[last_line]));
         }
         self.mark = mark.clone();
         Ok(mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Header, Output};
+
+    fn row(seq: u64, n: u32, payload: &str) -> OutboxRow {
+        OutboxRow {
+            seq,
+            n,
+            id: format!("in/0@{seq}/{n}"),
+            output: Output {
+                stream: "payments".to_owned(),
+                key: Some(b"k\"ey".to_vec()),
+                payload: Some(payload.as_bytes().to_vec()),
+                headers: vec![Header {
+                    name: "h".to_owned(),
+                    value: None,
+                }],
+            },
+            timestamp_ms: Some(seq as i64),
+        }
+    }
+
+    fn batch(seqs: std::ops::Range<u64>) -> Vec<OutboxRow> {
+        seqs.map(|seq| row(seq, 0, &format!("{{\"n\":{seq}}}")))
+            .collect()
+    }
+
+    #[test]
+    fn batches_become_durable_in_order_with_a_mark_that_matches_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut sink = FileSink::open(&path, &SinkMark::default(), false).unwrap();
+        sink.send(batch(1..4)).unwrap();
+        sink.send(Vec::new()).unwrap();
+        sink.send(batch(4..6)).unwrap();
+        let (slot, mark) = sink.durable(true).unwrap().unwrap();
+        let mark = mark.unwrap();
+        assert_eq!(slot, (5, 0));
+        assert_eq!(sink.durable(true).unwrap(), None, "nothing new");
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert_eq!(mark.outputs, 5);
+        assert_eq!(mark.bytes, text.len() as u64);
+        let last = format!("{}\n", lines[4]);
+        assert_eq!(mark.last_line_sha256, hex::encode(Sha256::digest(&last)));
+        assert_eq!(
+            lines[0],
+            r#"{"topic":"payments","partition":0,"offset":0,"tstype":"create","ts":1,"broker":-1,"headers":["rewind-id","in/0@1/0","h",null],"key":"k\"ey","payload":"{\"n\":1}"}"#
+        );
+        assert!(lines[4].contains(r#""offset":4,"#), "{}", lines[4]);
+    }
+
+    #[test]
+    fn reopening_cuts_off_what_no_commit_recorded_and_goes_on_from_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut sink = FileSink::open(&path, &SinkMark::default(), false).unwrap();
+        sink.send(batch(1..3)).unwrap();
+        let (_, mark) = sink.durable(true).unwrap().unwrap();
+        let mark = mark.unwrap();
+        // Written, but the commit recording it never happened.
+        sink.send(batch(3..9)).unwrap();
+        drop(sink);
+        let written = std::fs::metadata(&path).unwrap().len();
+        assert!(written > mark.bytes);
+
+        let mut sink = FileSink::open(&path, &mark, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), mark.bytes);
+        sink.send(batch(3..9)).unwrap();
+        let (slot, again) = sink.durable(true).unwrap().unwrap();
+        assert_eq!(slot, (8, 0));
+        assert_eq!(again.unwrap().bytes, written, "the same lines again");
+
+        // A state DB that never wrote here does not get to cut the file.
+        let refused = FileSink::open(&path, &SinkMark::default(), false).unwrap_err();
+        assert!(matches!(refused, SinkError::Foreign { .. }), "{refused}");
     }
 }
