@@ -39,11 +39,28 @@ impl std::str::FromStr for Ignore {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("state DB {path}: {source}")]
+#[error("{}", describe(path, error))]
 pub struct DiffError {
     pub path: PathBuf,
-    #[source]
-    pub source: rusqlite::Error,
+    /// Described in the message (not a `source`: it would be said twice).
+    pub error: rusqlite::Error,
+}
+
+/// What is wrong with a DB given to compare, in the words `run` uses.
+fn describe(path: &Path, source: &rusqlite::Error) -> String {
+    if let rusqlite::Error::InvalidPath(_) = source {
+        return format!("state DB {} does not exist", path.display());
+    }
+    match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => crate::StateError::NotADatabase {
+            path: path.to_owned(),
+        }
+        .to_string(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
+            format!("state DB {} is damaged ({source})", path.display())
+        }
+        _ => format!("state DB {}: {source}", path.display()),
+    }
 }
 
 /// How a row differs.
@@ -196,7 +213,7 @@ pub fn shape(conn: &Connection, table: &str) -> rusqlite::Result<TableShape> {
 fn open(path: &Path) -> Result<Connection, DiffError> {
     let err = |source| DiffError {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     if !path.exists() {
         return Err(err(rusqlite::Error::InvalidPath(path.to_owned())));
@@ -220,11 +237,11 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
     let (a, b) = (open(old)?, open(new)?);
     let err_a = |source| DiffError {
         path: old.to_owned(),
-        source,
+        error: source,
     };
     let err_b = |source| DiffError {
         path: new.to_owned(),
-        source,
+        error: source,
     };
     let ignored_table = |t: &str| {
         ignore
@@ -282,7 +299,7 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
         }
         let table = diff_table(name, (&a, so), (&b, sn)).map_err(|(side, source)| DiffError {
             path: if side { new } else { old }.to_owned(),
-            source,
+            error: source,
         })?;
         if table.added + table.removed + table.changed > 0 {
             diff.tables.push(table);

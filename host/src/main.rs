@@ -433,7 +433,12 @@ fn one_line(error: &anyhow::Error) -> String {
     let mut line = error.to_string();
     for cause in error.chain().skip(1) {
         let cause = cause.to_string();
-        if !line.contains(&cause) {
+        // SQLite's own errors repeat rusqlite's message behind a code.
+        let said = cause
+            .strip_prefix("Error code ")
+            .and_then(|rest| rest.split_once(": "))
+            .map_or(cause.as_str(), |(_, message)| message);
+        if !line.contains(said) {
             line.push_str(": ");
             line.push_str(&cause);
         }

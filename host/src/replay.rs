@@ -586,7 +586,7 @@ impl Shapes {
         let err = |e: rusqlite::Error| {
             ReplayError::Diff(crate::diff::DiffError {
                 path: self.path.clone(),
-                source: e,
+                error: e,
             })
         };
         let stale = self

@@ -189,10 +189,15 @@ fn a_corrupt_state_db_is_a_clear_error() {
     let error =
         rewind_host::run(&config(&processor("payments-v2"), &input, &state), &()).unwrap_err();
     assert!(
-        matches!(error, RunError::State(StateError::Sqlite { .. })),
+        matches!(error, RunError::State(StateError::NotADatabase { .. })),
         "{error:?}"
     );
     assert!(error.to_string().contains("state.db"), "{error}");
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        vec![0x5a; 8192],
+        "left alone"
+    );
 }
 
 #[test]

@@ -95,6 +95,74 @@ fn errors_are_one_line_with_exit_code_2() {
     assert!(stderr.contains("--max-instances"), "{stderr}");
 }
 
+/// A file that is not a state DB, or one damaged past its header, gets the
+/// same one-line error from every command that reads it, with what to do,
+/// and SQLite's code is not repeated.
+#[test]
+fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, b"hello\n").unwrap();
+    let junk_arg = junk.to_str().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    let mut lines = String::new();
+    for i in 0..3000 {
+        lines.push_str(&format!(
+            "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":5,\"currency\":\"EUR\"}}\n",
+            i % 700
+        ));
+    }
+    std::fs::write(&input, &lines).unwrap();
+
+    let one_line_error = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!stderr.contains("Error code"), "{stderr}");
+        stderr
+    };
+    for out in [
+        run("payments-v2", &input, &junk, &[]),
+        rewind(&["inspect", "--state", junk_arg]),
+        rewind(&["dlq", "list", "--state", junk_arg]),
+        rewind(&["diff", junk_arg, junk_arg]),
+    ] {
+        let stderr = one_line_error(out);
+        assert!(
+            stderr.contains("junk.db is not a SQLite database")
+                && stderr.contains("pass a state DB that `rewind run` made"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(std::fs::read(&junk).unwrap(), b"hello\n", "left as it was");
+
+    // A real state DB whose table pages were overwritten.
+    let state = dir.path().join("state.db");
+    assert!(
+        run("payments-v2", &input, &state, &["--quiet"])
+            .status
+            .success()
+    );
+    let mut bytes = std::fs::read(&state).unwrap();
+    assert!(bytes.len() > 4 * 16384, "{} bytes", bytes.len());
+    bytes[16384..].fill(0x5a);
+    std::fs::write(&state, &bytes).unwrap();
+    let more = dir.path().join("more.jsonl");
+    std::fs::write(&more, lines.replace("o-", "p-")).unwrap();
+    let stderr = one_line_error(run("payments-v2", &more, &state, &[]));
+    assert!(
+        stderr.contains("state.db is damaged")
+            && stderr.contains("restore it from a `rewind snapshot`"),
+        "{stderr}"
+    );
+    let state_arg = state.to_str().unwrap();
+    let stderr = one_line_error(rewind(&["diff", state_arg, state_arg]));
+    assert!(stderr.contains("state.db is damaged"), "{stderr}");
+    let missing = dir.path().join("missing.db");
+    let stderr = one_line_error(rewind(&["diff", missing.to_str().unwrap(), junk_arg]));
+    assert!(stderr.contains("missing.db does not exist"), "{stderr}");
+}
+
 /// `--max-instances` sizes the instance pool, whose address space is
 /// reserved up front: under an address-space limit (`ulimit -v`) the
 /// default pool cannot be reserved and a small one can.

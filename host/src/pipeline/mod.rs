@@ -214,12 +214,11 @@ pub enum RunError {
         position: Position,
         rejection: Rejection,
     },
-    #[error("state DB {state} failed while processing {position}: {source}")]
+    #[error("while processing {position}: {source}")]
     Host {
-        state: PathBuf,
         position: Position,
         #[source]
-        source: Box<rusqlite::Error>,
+        source: Box<StateError>,
     },
     #[error(
         "could not run {position}: {message}; nothing of the batch in progress was \
@@ -233,9 +232,8 @@ impl RunError {
     pub(crate) fn host(state: &Path, position: &Position, fault: HostFault) -> RunError {
         match fault {
             HostFault::State(source) => RunError::Host {
-                state: state.to_owned(),
                 position: position.clone(),
-                source: Box::new(source),
+                source: Box::new(StateError::from_sqlite(state, source)),
             },
             fault @ HostFault::Instances { .. } => RunError::Instances {
                 position: position.clone(),

@@ -78,16 +78,39 @@ pub enum StateError {
          wait for it to finish, or use another --state"
     )]
     Busy { path: PathBuf },
+    #[error(
+        "{path} is not a SQLite database (or its header is damaged); \
+         pass a state DB that `rewind run` made, or a new path"
+    )]
+    NotADatabase { path: PathBuf },
+    #[error(
+        "state DB {path} is damaged ({source}); restore it from a `rewind snapshot`, \
+         or rebuild it by running its tape into a new --state"
+    )]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 impl StateError {
-    fn from_sqlite(path: &Path, source: rusqlite::Error) -> StateError {
+    /// What went wrong with the state DB at `path`, with what to do where
+    /// there is something to do.
+    pub(crate) fn from_sqlite(path: &Path, source: rusqlite::Error) -> StateError {
         match source.sqlite_error_code() {
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
                 StateError::Busy {
                     path: path.to_owned(),
                 }
             }
+            Some(rusqlite::ErrorCode::NotADatabase) => StateError::NotADatabase {
+                path: path.to_owned(),
+            },
+            Some(rusqlite::ErrorCode::DatabaseCorrupt) => StateError::Damaged {
+                path: path.to_owned(),
+                source,
+            },
             _ => StateError::Sqlite {
                 path: path.to_owned(),
                 source,
