@@ -340,6 +340,31 @@ fn cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `rewind replay --tape TAPE --old OLD --new NEW` and `extra`.
+fn replay_cli(tape: &Path, old: &Path, new: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "replay",
+        "--tape",
+        tape.to_str().unwrap(),
+        "--old",
+        old.to_str().unwrap(),
+        "--new",
+        new.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    cli(&args)
+}
+
+/// Checks a command's exit code, showing its stderr if it is not `code`.
+fn assert_exit(out: &std::process::Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A version against itself changes nothing (exit 0), and the same holds
 /// from the CLI; v1 against v2 exits 1.
 #[test]
@@ -353,40 +378,15 @@ fn a_version_against_itself_has_no_differences() {
         assert_eq!(r.diverged_events, 0);
         let json = dir.path().join(format!("{v}.json"));
         let p = processor(v);
-        let out = cli(&[
-            "replay",
-            "--tape",
-            tape.to_str().unwrap(),
-            "--old",
-            p.to_str().unwrap(),
-            "--new",
-            p.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = replay_cli(&tape, &p, &p, &["--json", json.to_str().unwrap()]);
+        assert_exit(&out, 0);
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         assert_eq!(report["summary"]["diverged_events"], 0);
         assert_eq!(report["tables"], serde_json::json!([]));
     }
     let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
-    let out = cli(&[
-        "replay",
-        "--tape",
-        tape.to_str().unwrap(),
-        "--old",
-        v1.to_str().unwrap(),
-        "--new",
-        v2.to_str().unwrap(),
-        "--quiet",
-    ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_exit(&replay_cli(&tape, &v1, &v2, &["--quiet"]), 1);
 }
 
 /// Ignore rules drop exactly what they name; the approved-baseline gate
@@ -440,28 +440,17 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
     let approved = dir.path().join("approved.json");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "replay",
-            "--quiet",
-            "--tape",
-            tape.to_str().unwrap(),
-            "--old",
-            v1.to_str().unwrap(),
-            "--new",
-            v2.to_str().unwrap(),
-            "--expect",
-            approved.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut a = vec![
+            "--quiet".to_owned(),
+            "--expect".to_owned(),
+            approved.to_str().unwrap().to_owned(),
+        ];
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
     let run = |a: Vec<String>| {
-        cli(&a.iter().map(String::as_str).collect::<Vec<_>>())
-            .status
-            .code()
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        replay_cli(&tape, &v1, &v2, &a).status.code()
     };
     // No baseline yet: an error (2) that says how to make one.
     assert_eq!(run(args(&[])), Some(2));
@@ -577,28 +566,21 @@ fn the_html_report_renders_the_differing_keys_in_chromium() {
         dir.path().join("r.md"),
     );
     let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
-    let out = cli(&[
-        "replay",
-        "--quiet",
-        "--tape",
-        tape.to_str().unwrap(),
-        "--old",
-        v1.to_str().unwrap(),
-        "--new",
-        v2.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-        "--html",
-        html.to_str().unwrap(),
-        "--markdown",
-        md.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = replay_cli(
+        &tape,
+        &v1,
+        &v2,
+        &[
+            "--quiet",
+            "--json",
+            json.to_str().unwrap(),
+            "--html",
+            html.to_str().unwrap(),
+            "--markdown",
+            md.to_str().unwrap(),
+        ],
     );
+    assert_exit(&out, 1);
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(
