@@ -48,6 +48,29 @@ pub fn cache_dir() -> PathBuf {
     target_dir().join("test-cache")
 }
 
+/// The arguments of `rewind run` of the built processor `module` over
+/// `input` into `state`, with the tests' compile cache.
+pub fn run_args(module: &str, input: &Path, state: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--processor".into()];
+    args.push(processor(module).into());
+    args.extend([
+        "--input".into(),
+        input.into(),
+        "--state".into(),
+        state.into(),
+        "--cache-dir".into(),
+        cache_dir().into(),
+    ]);
+    args
+}
+
+/// `rewind run` (see [`run_args`]), for more arguments and to be run.
+pub fn rewind_run(module: &str, input: &Path, state: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(rewind_bin());
+    command.args(run_args(module, input, state));
+    command
+}
+
 /// A run configuration with the tests' cache.
 pub fn config(processor: &Path, input: &Path, state: &Path) -> RunConfig {
     let mut config = RunConfig::new(processor, input, state);

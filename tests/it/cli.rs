@@ -1,35 +1,18 @@
 //! The `rewind` command line: help everywhere, one-line errors with exit 2,
 //! and the inspect and dlq views.
 
-use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 
-use rewind_tests::{cache_dir, processor, rewind_bin};
+use rewind_tests::{processor, rewind_bin, rewind_run, run_args};
 
 fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
 }
 
-/// The arguments of `rewind run` of a built processor over `input` into
-/// `state`, with the tests' compile cache.
-fn run_args(module: &str, input: &Path, state: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--processor".into()];
-    args.push(processor(module).into());
-    args.extend([
-        "--input".into(),
-        input.into(),
-        "--state".into(),
-        state.into(),
-    ]);
-    args.extend(["--cache-dir".into(), cache_dir().into()]);
-    args
-}
-
 /// `rewind run` (see [`run_args`]) with `extra` arguments.
 fn run(module: &str, input: &Path, state: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(rewind_bin())
-        .args(run_args(module, input, state))
+    rewind_run(module, input, state)
         .args(extra)
         .output()
         .unwrap()

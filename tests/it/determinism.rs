@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rewind_tests::{
     XorShift, cache_dir, config, dump, dump_hash, envelope, file_len, kill_when, kill_when_grown,
-    processor, rewind_bin, run_until,
+    processor, rewind_bin, rewind_run, run_until,
 };
 
 /// A random payments stream with duplicates, cancels and malformed lines.
@@ -59,18 +59,11 @@ fn run_cli(
     output: &Path,
     batch_size: usize,
 ) -> std::process::Child {
-    Command::new(rewind_bin())
-        .args(["run", "--quiet", "--processor"])
-        .arg(processor(module))
-        .arg("--input")
-        .arg(input)
-        .arg("--state")
-        .arg(state)
+    rewind_run(module, input, state)
+        .arg("--quiet")
         .arg("--output")
         .arg(output)
         .args(["--batch-size", &batch_size.to_string()])
-        .arg("--cache-dir")
-        .arg(cache_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -8,7 +8,9 @@ use std::process::Command;
 use proptest::prelude::*;
 use rewind_host::diff::{Ignore, RowChange, diff_states};
 use rewind_host::replay::{ReplayConfig, replay};
-use rewind_tests::{XorShift, cache_dir, config, envelope, processor, rewind_bin, text};
+use rewind_tests::{
+    XorShift, cache_dir, config, envelope, processor, rewind_bin, rewind_run, text,
+};
 use rusqlite::types::Value;
 
 const TS: i64 = 1_700_000_000_000;
@@ -698,15 +700,8 @@ fn a_snapshot_of_a_live_run_is_consistent() {
     let input = dir.path().join("orders.jsonl");
     std::fs::write(&input, &bytes).unwrap();
     let live = dir.path().join("live.db");
-    let mut child = Command::new(rewind_bin())
-        .args(["run", "--quiet", "--batch-size", "64", "--processor"])
-        .arg(processor("payments-v1"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--state")
-        .arg(&live)
-        .arg("--cache-dir")
-        .arg(cache_dir())
+    let mut child = rewind_run("payments-v1", &input, &live)
+        .args(["--quiet", "--batch-size", "64"])
         .spawn()
         .unwrap();
     // Wait until the run has committed something, then copy it mid-run.

@@ -9,7 +9,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rewind_host::{Frame, Header, Position, TapeEvent, TapeReader, tapes};
 use rewind_tests::{
-    XorShift, cache_dir, config, envelope, file_len, kill_when_grown, processor, rewind_bin, rows,
+    XorShift, cache_dir, config, envelope, file_len, kill_when_grown, processor, rewind_bin,
+    rewind_run, rows,
 };
 
 /// Every frame of a tape, in order.
@@ -133,18 +134,11 @@ fn a_run_records_everything_and_its_tape_replays_to_the_same_state() {
 }
 
 fn run_cli(input: &Path, state: &Path, tape: &Path, batch: usize) -> std::process::Child {
-    Command::new(rewind_bin())
-        .args(["run", "--quiet", "--processor"])
-        .arg(processor("payments-v1"))
-        .arg("--input")
-        .arg(input)
-        .arg("--state")
-        .arg(state)
+    rewind_run("payments-v1", input, state)
+        .arg("--quiet")
         .arg("--tape")
         .arg(tape)
         .args(["--batch-size", &batch.to_string()])
-        .arg("--cache-dir")
-        .arg(cache_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
