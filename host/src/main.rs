@@ -146,7 +146,8 @@ struct ProduceArgs {
 struct ReplayArgs {
     /// The tape to replay, or a Kafka run's tape directory (each
     /// partition-N.tape in turn, one combined report; its seqs are numbered
-    /// tape after tape, positions stay exact).
+    /// tape after tape, positions stay exact). A JSONL input file is
+    /// replayed too, read as `run` reads it.
     #[arg(long, value_name = "TAPE|DIR")]
     tape: PathBuf,
     /// The old processor version.

@@ -169,6 +169,24 @@ fn replay_config(dir: &Path, tape: &Path, old: &str, new: &str) -> ReplayConfig 
     }
 }
 
+/// A JSONL input file replays exactly as the tape recorded from it does:
+/// the same events at the same positions, the same report.
+#[test]
+fn a_jsonl_file_replays_as_its_tape_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = stream(500, 41);
+    let tape = record_tape(dir.path(), &bytes);
+    let jsonl = dir.path().join("orders.jsonl");
+    let report = |recording: &Path, work: &str| {
+        let mut cfg = replay_config(dir.path(), recording, "payments-v1", "payments-v2");
+        cfg.work_dir = dir.path().join(work);
+        let r = replay(&cfg, &()).unwrap();
+        assert!(r.differs(), "v1 charges re-deliveries again");
+        rewind_host::report::replay_json(&r, "old", "new", rewind_host::report::Rows::All)
+    };
+    assert_eq!(report(&jsonl, "from-jsonl"), report(&tape, "from-tape"));
+}
+
 /// v1 against v2 on a stream with re-deliveries: the differing rows and
 /// their old and new values are exactly the model's, and every differing
 /// row's causes include the re-deliveries that charged it again.

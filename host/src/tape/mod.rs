@@ -72,7 +72,10 @@ pub enum TapeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a rewind tape (it does not start with the tape header)")]
+    #[error(
+        "{path} is not a rewind tape (it does not start with the tape header); \
+         `rewind run --tape` records one, `rewind tape import` makes one of a JSONL file"
+    )]
     NotATape { path: PathBuf },
     #[error(
         "tape {path} has format version {found}; this rewind reads version {TAPE_VERSION}: \
