@@ -146,6 +146,82 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
     assert!(stderr.contains("missing.db does not exist"), "{stderr}");
 }
 
+/// Files that cannot grow (a full disk, here a file size limit, with the
+/// signal it raises ignored) stop the run with a one-line error naming the
+/// cause, never a panic; rerunning once there is room delivers every output
+/// exactly once, as an uninterrupted run does.
+#[test]
+fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    let mut lines = String::new();
+    for i in 0..20_000 {
+        lines.push_str(&format!(
+            "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
+            i % 500,
+            i % 997
+        ));
+    }
+    std::fs::write(&input, &lines).unwrap();
+    let reference = dir.path().join("reference.jsonl");
+    let out = run(
+        "payments-v2",
+        &input,
+        &dir.path().join("reference.db"),
+        &["--quiet", "--output", reference.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = std::fs::read(&reference).unwrap();
+    assert!(
+        expected.len() > 4 << 20,
+        "{} bytes of outputs",
+        expected.len()
+    );
+
+    let (state, output) = (dir.path().join("state.db"), dir.path().join("out.jsonl"));
+    let args = |quiet: bool| {
+        let mut args = run_args("payments-v2", &input, &state);
+        args.extend(["--batch-size".into(), "1024".into()]);
+        args.extend(["--output".into(), output.clone().into_os_string()]);
+        if quiet {
+            args.push("--quiet".into());
+        }
+        args
+    };
+    let limited = Command::new("bash")
+        // No file of the run may grow past 2 MiB.
+        .args(["-c", "trap '' XFSZ; ulimit -f 2048 && exec \"$0\" \"$@\""])
+        .arg(rewind_bin())
+        .args(args(true))
+        .output()
+        .unwrap();
+    assert_eq!(limited.status.code(), Some(2), "{limited:?}");
+    let stderr = String::from_utf8_lossy(&limited.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let written = std::fs::metadata(&output).map_or(0, |m| m.len());
+    assert!(written < expected.len() as u64, "stopped part way");
+
+    let rerun = Command::new(rewind_bin())
+        .args(args(true))
+        .output()
+        .unwrap();
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    assert!(
+        std::fs::read(&output).unwrap() == expected,
+        "exactly once, in order"
+    );
+}
+
 /// `--max-instances` sizes the instance pool, whose address space is
 /// reserved up front: under an address-space limit (`ulimit -v`) the
 /// default pool cannot be reserved and a small one can.

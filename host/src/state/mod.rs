@@ -84,6 +84,15 @@ pub enum StateError {
     )]
     NotADatabase { path: PathBuf },
     #[error(
+        "state DB {path} could not be written ({source}); make room and rerun: \
+         the run continues from its last committed batch"
+    )]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
         "state DB {path} is damaged ({source}); restore it from a `rewind snapshot`, \
          or rebuild it by running its tape into a new --state"
     )]
@@ -107,6 +116,12 @@ impl StateError {
             Some(rusqlite::ErrorCode::NotADatabase) => StateError::NotADatabase {
                 path: path.to_owned(),
             },
+            Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
+                StateError::Storage {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
             Some(rusqlite::ErrorCode::DatabaseCorrupt) => StateError::Damaged {
                 path: path.to_owned(),
                 source,
@@ -327,7 +342,31 @@ impl StateDb {
     }
 
     pub(crate) fn err(&self, source: rusqlite::Error) -> StateError {
-        StateError::from_sqlite(&self.path, source)
+        StateError::from_sqlite(&self.path, self.with_os_error(source))
+    }
+
+    /// `error` with the operating system's reason appended when SQLite
+    /// failed on a system call ("disk I/O error" alone does not say that
+    /// the disk is full or a file size limit was reached).
+    fn with_os_error(&self, error: rusqlite::Error) -> rusqlite::Error {
+        use rusqlite::ErrorCode as C;
+        let rusqlite::Error::SqliteFailure(code, message) = error else {
+            return error;
+        };
+        if !matches!(
+            code.code,
+            C::SystemIoFailure | C::DiskFull | C::CannotOpen | C::FileLockingProtocolFailed
+        ) {
+            return rusqlite::Error::SqliteFailure(code, message);
+        }
+        // SAFETY: the handle is this connection's, open while `self` is.
+        let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(self.conn.handle()) };
+        if errno == 0 {
+            return rusqlite::Error::SqliteFailure(code, message);
+        }
+        let said = message.unwrap_or_else(|| code.to_string());
+        let os = std::io::Error::from_raw_os_error(errno);
+        rusqlite::Error::SqliteFailure(code, Some(format!("{said}: {os}")))
     }
 
     /// The DB holds something the host cannot read back.
@@ -524,7 +563,7 @@ impl StateDb {
                 | C::NotADatabase
                 | C::OutOfMemory
                 | C::ReadOnly
-                | C::FileLockingProtocolFailed => GuestSqlError::Host(error),
+                | C::FileLockingProtocolFailed => GuestSqlError::Host(self.with_os_error(error)),
                 _ => GuestSqlError::Statement(error.to_string()),
             },
             _ => GuestSqlError::Statement(error.to_string()),
