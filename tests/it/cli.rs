@@ -147,27 +147,32 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
 }
 
 /// Files that cannot grow (a full disk, here a file size limit, with the
-/// signal it raises ignored) stop the run with a one-line error naming the
-/// cause, never a panic; rerunning once there is room delivers every output
-/// exactly once, as an uninterrupted run does.
+/// signal it raises ignored: the kernel's own write failures) stop the run
+/// with a one-line error naming the file, the cause and what to do, never a
+/// panic; rerunning once there is room delivers every output exactly once,
+/// as an uninterrupted run does. First the state DB's log fills up, then
+/// (with the log fresh and the output file near the limit) the output file.
 #[test]
 fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("orders.jsonl");
-    let mut lines = String::new();
-    for i in 0..20_000 {
-        lines.push_str(&format!(
+    let mut lines = Vec::new();
+    for i in 0..25_000 {
+        lines.push(format!(
             "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
             i % 500,
             i % 997
         ));
     }
-    std::fs::write(&input, &lines).unwrap();
-    let reference = dir.path().join("reference.jsonl");
+    // The outputs name their input's stream, the file's name: the same for both.
+    std::fs::create_dir_all(dir.path().join("reference")).unwrap();
+    std::fs::create_dir_all(dir.path().join("live")).unwrap();
+    let reference_input = dir.path().join("reference/orders.jsonl");
+    std::fs::write(&reference_input, lines.concat()).unwrap();
+    let reference = dir.path().join("reference/out.jsonl");
     let out = run(
         "payments-v2",
-        &input,
-        &dir.path().join("reference.db"),
+        &reference_input,
+        &dir.path().join("reference/state.db"),
         &["--quiet", "--output", reference.to_str().unwrap()],
     );
     assert!(
@@ -176,46 +181,60 @@ fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let expected = std::fs::read(&reference).unwrap();
-    assert!(
-        expected.len() > 4 << 20,
-        "{} bytes of outputs",
-        expected.len()
-    );
 
-    let (state, output) = (dir.path().join("state.db"), dir.path().join("out.jsonl"));
-    let args = |quiet: bool| {
+    let input = dir.path().join("live/orders.jsonl");
+    let (state, output) = (
+        dir.path().join("live/state.db"),
+        dir.path().join("live/out.jsonl"),
+    );
+    let args = || {
         let mut args = run_args("payments-v2", &input, &state);
-        args.extend(["--batch-size".into(), "1024".into()]);
+        args.extend(["--batch-size".into(), "1024".into(), "--quiet".into()]);
         args.extend(["--output".into(), output.clone().into_os_string()]);
-        if quiet {
-            args.push("--quiet".into());
-        }
         args
     };
-    let limited = Command::new("bash")
-        // No file of the run may grow past 2 MiB.
-        .args(["-c", "trap '' XFSZ; ulimit -f 2048 && exec \"$0\" \"$@\""])
-        .arg(rewind_bin())
-        .args(args(true))
-        .output()
-        .unwrap();
-    assert_eq!(limited.status.code(), Some(2), "{limited:?}");
-    let stderr = String::from_utf8_lossy(&limited.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("File too large"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let written = std::fs::metadata(&output).map_or(0, |m| m.len());
-    assert!(written < expected.len() as u64, "stopped part way");
+    let limited = |kib: u64| {
+        let out = Command::new("bash")
+            .args([
+                "-c",
+                "trap '' XFSZ; ulimit -f \"$0\" && shift && exec \"$@\"",
+            ])
+            .arg(kib.to_string())
+            .arg("--")
+            .arg(rewind_bin())
+            .args(args())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("File too large") && stderr.contains("make room and rerun"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        stderr
+    };
+    let rerun = || {
+        let out = Command::new(rewind_bin()).args(args()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
 
-    let rerun = Command::new(rewind_bin())
-        .args(args(true))
-        .output()
-        .unwrap();
-    assert!(
-        rerun.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rerun.stderr)
-    );
+    std::fs::write(&input, lines[..20_000].concat()).unwrap();
+    let stderr = limited(2048);
+    assert!(stderr.contains("state DB"), "{stderr}");
+    rerun();
+
+    std::fs::write(&input, lines.concat()).unwrap();
+    let written = std::fs::metadata(&output).unwrap().len();
+    let stderr = limited(written / 1024 + 100);
+    assert!(stderr.contains("could not write outputs to"), "{stderr}");
+    assert!(std::fs::metadata(&output).unwrap().len() < expected.len() as u64);
+    rerun();
     assert!(
         std::fs::read(&output).unwrap() == expected,
         "exactly once, in order"

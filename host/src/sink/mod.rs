@@ -32,6 +32,15 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "could not write outputs to {path} ({source}); make room and rerun: outputs not \
+         written yet stay in the state DB's outbox and are written then"
+    )]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("kafka ({brokers}): {message}")]
     Kafka { brokers: String, message: String },
     #[error(
@@ -270,7 +279,7 @@ struct Writer {
 impl Writer {
     /// Writes and syncs `rows`; returns the mark to commit with their removal.
     fn write(&mut self, rows: &[OutboxRow]) -> Result<SinkMark, SinkError> {
-        let io = |source| SinkError::Io {
+        let io = |source| SinkError::Write {
             path: self.path.clone(),
             source,
         };
