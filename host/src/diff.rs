@@ -9,10 +9,12 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
+
+use crate::state::StateError;
 
 /// What to leave out of a comparison: a table, or one column of a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,28 +40,16 @@ impl std::str::FromStr for Ignore {
     }
 }
 
+/// A DB given to compare could not be read: what any command says of a
+/// state DB it cannot read, with what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", describe(path, error))]
-pub struct DiffError {
-    pub path: PathBuf,
-    /// Described in the message (not a `source`: it would be said twice).
-    pub error: rusqlite::Error,
-}
+#[error(transparent)]
+pub struct DiffError(pub StateError);
 
-/// What is wrong with a DB given to compare, in the words `run` uses.
-fn describe(path: &Path, source: &rusqlite::Error) -> String {
-    if let rusqlite::Error::InvalidPath(_) = source {
-        return format!("state DB {} does not exist", path.display());
-    }
-    match source.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::NotADatabase) => crate::StateError::NotADatabase {
-            path: path.to_owned(),
-        }
-        .to_string(),
-        Some(rusqlite::ErrorCode::DatabaseCorrupt) => {
-            format!("state DB {} is damaged ({source})", path.display())
-        }
-        _ => format!("state DB {}: {source}", path.display()),
+impl DiffError {
+    /// The error for `error`, met reading the DB at `path`.
+    pub(crate) fn reading(path: &Path, error: rusqlite::Error) -> DiffError {
+        DiffError(StateError::from_sqlite(path, error))
     }
 }
 
@@ -211,12 +201,11 @@ pub fn shape(conn: &Connection, table: &str) -> rusqlite::Result<TableShape> {
 }
 
 fn open(path: &Path) -> Result<Connection, DiffError> {
-    let err = |source| DiffError {
-        path: path.to_owned(),
-        error: source,
-    };
+    let err = |error| DiffError::reading(path, error);
     if !path.exists() {
-        return Err(err(rusqlite::Error::InvalidPath(path.to_owned())));
+        return Err(DiffError(StateError::Missing {
+            path: path.to_owned(),
+        }));
     }
     let conn = Connection::open_with_flags(
         path,
@@ -235,14 +224,8 @@ fn quote(name: &str) -> String {
 /// Compares two state DBs (old, new).
 pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDiff, DiffError> {
     let (a, b) = (open(old)?, open(new)?);
-    let err_a = |source| DiffError {
-        path: old.to_owned(),
-        error: source,
-    };
-    let err_b = |source| DiffError {
-        path: new.to_owned(),
-        error: source,
-    };
+    let err_a = |error| DiffError::reading(old, error);
+    let err_b = |error| DiffError::reading(new, error);
     let ignored_table = |t: &str| {
         ignore
             .iter()
@@ -297,10 +280,8 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
                 });
             }
         }
-        let table = diff_table(name, (&a, so), (&b, sn)).map_err(|(side, source)| DiffError {
-            path: if side { new } else { old }.to_owned(),
-            error: source,
-        })?;
+        let table = diff_table(name, (&a, so), (&b, sn))
+            .map_err(|(side, error)| DiffError::reading(if side { new } else { old }, error))?;
         if table.added + table.removed + table.changed > 0 {
             diff.tables.push(table);
         }

@@ -583,12 +583,7 @@ impl Shapes {
     }
 
     fn shape(&mut self, table: &str, width: usize) -> Result<&TableShape, ReplayError> {
-        let err = |e: rusqlite::Error| {
-            ReplayError::Diff(crate::diff::DiffError {
-                path: self.path.clone(),
-                error: e,
-            })
-        };
+        let err = |e| ReplayError::Diff(crate::diff::DiffError::reading(&self.path, e));
         let stale = self
             .tables
             .get(table)

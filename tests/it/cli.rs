@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use rewind_tests::{processor, rewind_bin, rewind_run, run_args};
+use rewind_tests::{file_len, processor, rewind_bin, rewind_run, run_args};
 
 fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
@@ -78,6 +78,19 @@ fn errors_are_one_line_with_exit_code_2() {
     assert!(stderr.contains("--max-instances"), "{stderr}");
 }
 
+/// `n` completed orders (JSONL lines) of `customers` customers, none repeated.
+fn completed_orders(n: usize, customers: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
+                i % customers,
+                i % 997
+            )
+        })
+        .collect()
+}
+
 /// A file that is not a state DB, or one damaged past its header, gets the
 /// same one-line error from every command that reads it, with what to do,
 /// and SQLite's code is not repeated.
@@ -88,13 +101,7 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
     std::fs::write(&junk, b"hello\n").unwrap();
     let junk_arg = junk.to_str().unwrap();
     let input = dir.path().join("orders.jsonl");
-    let mut lines = String::new();
-    for i in 0..3000 {
-        lines.push_str(&format!(
-            "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":5,\"currency\":\"EUR\"}}\n",
-            i % 700
-        ));
-    }
+    let lines = completed_orders(3000, 700).concat();
     std::fs::write(&input, &lines).unwrap();
 
     let one_line_error = |out: std::process::Output| {
@@ -155,14 +162,7 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
 #[test]
 fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lines = Vec::new();
-    for i in 0..25_000 {
-        lines.push(format!(
-            "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
-            i % 500,
-            i % 997
-        ));
-    }
+    let lines = completed_orders(25_000, 500);
     // The outputs name their input's stream, the file's name: the same for both.
     std::fs::create_dir_all(dir.path().join("reference")).unwrap();
     std::fs::create_dir_all(dir.path().join("live")).unwrap();
@@ -230,10 +230,9 @@ fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
     rerun();
 
     std::fs::write(&input, lines.concat()).unwrap();
-    let written = std::fs::metadata(&output).unwrap().len();
-    let stderr = limited(written / 1024 + 100);
+    let stderr = limited(file_len(&output) / 1024 + 100);
     assert!(stderr.contains("could not write outputs to"), "{stderr}");
-    assert!(std::fs::metadata(&output).unwrap().len() < expected.len() as u64);
+    assert!(file_len(&output) < expected.len() as u64);
     rerun();
     assert!(
         std::fs::read(&output).unwrap() == expected,

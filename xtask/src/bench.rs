@@ -56,16 +56,10 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     // The native baseline is code in this crate: measure it optimised.
     if cfg!(debug_assertions) {
-        let mut release = vec![
-            "run".to_owned(),
-            "--quiet".to_owned(),
-            "--release".to_owned(),
-            "--package".to_owned(),
-            "xtask".to_owned(),
-            "--".to_owned(),
-        ];
-        release.extend(std::env::args().skip(1));
-        let release: Vec<&str> = release.iter().map(String::as_str).collect();
+        // The same task and arguments, as given.
+        let given: Vec<String> = std::env::args().skip(1).collect();
+        let mut release = vec!["run", "--quiet", "--release", "--package", "xtask", "--"];
+        release.extend(given.iter().map(String::as_str));
         return cmd(&cargo(), &release);
     }
     let (events, long_replay) = (args.events, args.long_replay);

@@ -611,7 +611,6 @@ fn holds_large_value(params: &[SqlValue]) -> bool {
 /// Bytes of a bound text or blob past which it is released after the statement runs.
 const LARGE_BINDING: usize = 64 << 10;
 
-/// Runs a guest query and collects its rows, up to [`MAX_QUERY_BYTES`].
 /// The error for a text in a query's result that is not UTF-8.
 fn not_utf8(column: &str, row: usize) -> rusqlite::Error {
     rusqlite::Error::SqliteFailure(
@@ -624,6 +623,7 @@ fn not_utf8(column: &str, row: usize) -> rusqlite::Error {
     )
 }
 
+/// Runs a guest query and collects its rows, up to [`MAX_QUERY_BYTES`].
 fn collect_rows(
     stmt: &mut rusqlite::Statement<'_>,
     params: &[SqlValue],
