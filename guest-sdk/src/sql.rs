@@ -19,6 +19,16 @@
 //! Every statement runs inside the current event's savepoint. Host tables
 //! (`_rewind_*`), the schema table, ATTACH, PRAGMA, transactions and
 //! extensions are refused with an error.
+//!
+//! SQL is as deterministic as the rest: `random()`, `randomblob()` and
+//! `'now'` follow the event; `changes()`, `total_changes()` and
+//! `last_insert_rowid()` start at 0 with each event and count its own
+//! statements. Two things would let SQLite decide by chance, so they fail
+//! the event (a dead letter of class `nondeterministic-sql`): storing a row
+//! with the largest rowid (`i64::MAX`; SQLite then picks later rowids at
+//! random), and a subquery, view or `CREATE TABLE … AS SELECT` with six or
+//! more columns of the same name (SQLite numbers the sixth at random; a
+//! query's result with such names is refused with an error instead).
 
 use std::fmt;
 use std::rc::Rc;

@@ -54,6 +54,11 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("SAVEPOINT mine", false),
     ("CREATE TEMP TABLE scratch (x)", false),
     ("SELECT 1; DROP TABLE seen", false),
+    // Storage statistics: pages of the host tables among them.
+    ("SELECT name, pageno FROM dbstat", false),
+    // SQLite names a subquery's sixth alike column at random.
+    ("SELECT * FROM (SELECT 1 a, 2 a, 3 a, 4 a, 5 a, 6 a)", false),
+    ("SELECT * FROM (SELECT 1 a, 2 a, 3 a, 4 a, 5 a)", true),
     // Values are bounded, so SQL cannot make the host allocate gigabytes.
     ("SELECT zeroblob(500000000)", false),
     ("SELECT length(printf('%.*c', 300000000, 'x'))", false),
@@ -266,6 +271,162 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     cfg2.state = again.clone();
     rewind_host::run(&cfg2, &()).unwrap();
     assert_eq!(dump(&state), dump(&again));
+}
+
+/// What SQL tells a guest of its connection, and what SQLite would decide
+/// with its process-wide random generator, cannot depend on batches,
+/// restarts, outputs or the process: `changes()`, `total_changes()` and
+/// `last_insert_rowid()` count the event's own statements, and a statement
+/// that would let SQLite pick rowids or column names at random fails its
+/// event. Regression: `total_changes()` counted the host's statements,
+/// `last_insert_rowid()` carried the host's last insert over a restart, and
+/// rowids after the largest one differed on every run.
+#[test]
+fn what_sql_tells_a_guest_does_not_depend_on_batches_restarts_or_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    const READ: &str = "SELECT changes() || ',' || total_changes() || ',' || last_insert_rowid()";
+    const AFTER_MAX: &str = "INSERT INTO auto (v) VALUES ('after') RETURNING rowid";
+    let acts: Vec<(&str, Option<&str>)> = vec![
+        (
+            "sql-counters",
+            Some("CREATE TABLE IF NOT EXISTS auto (v TEXT)"),
+        ),
+        ("normal", None),
+        ("sql-value", Some(READ)),
+        ("invalid", None),
+        ("sql-value", Some(READ)),
+        (
+            "sql-counters",
+            Some("INSERT INTO auto (v) VALUES ('a'), ('b')"),
+        ),
+        ("sql-counters", Some("UPDATE auto SET v = v || '!'")),
+        ("sql-counters", Some("UPDATE auto SET v = v WHERE 0")),
+        ("sql-value", Some(READ)),
+        (
+            "sql-value",
+            Some("INSERT INTO auto (rowid, v) VALUES (9223372036854775807, 'max') RETURNING rowid"),
+        ),
+        ("sql-value", Some(AFTER_MAX)),
+        ("sql-value", Some(AFTER_MAX)),
+        (
+            "sql-value",
+            Some("SELECT * FROM (SELECT 1 a, 2 a, 3 a, 4 a, 5 a, 6 a)"),
+        ),
+        (
+            "sql-value",
+            Some("CREATE TABLE copied AS SELECT 1 a, 2 a, 3 a, 4 a, 5 a, 6 a"),
+        ),
+        (
+            "sql-value",
+            Some("CREATE TABLE five AS SELECT 1 a, 2 a, 3 a, 4 a, 5 a"),
+        ),
+        ("sql-value", Some("SELECT count(*) FROM five")),
+        ("sql-value", Some(READ)),
+    ];
+    let lines: Vec<String> = acts
+        .iter()
+        .enumerate()
+        .map(|(offset, (act, statement))| act_line(offset as i64, act, *statement))
+        .collect();
+    let write_input = |path: &Path, n: usize| {
+        std::fs::write(path, lines[..n].join("\n") + "\n").unwrap();
+    };
+
+    // Uninterrupted, in one batch, outputs queued in the outbox.
+    let whole = dir.path().join("whole.jsonl");
+    write_input(&whole, lines.len());
+    let one_go = dir.path().join("one-go.db");
+    let mut cfg = config(&processor("hostile"), &whole, &one_go);
+    cfg.batch_size = 1000;
+    rewind_host::run(&cfg, &()).unwrap();
+
+    // A batch per event, and a new process (connection) after every third
+    // event: the input grows between the runs, each continuing the last.
+    let growing = dir.path().join("growing.jsonl");
+    let stepped = dir.path().join("stepped.db");
+    let mut cfg = config(&processor("hostile"), &growing, &stepped);
+    cfg.batch_size = 1;
+    for n in (3..lines.len()).step_by(3).chain([lines.len()]) {
+        write_input(&growing, n);
+        rewind_host::run(&cfg, &()).unwrap();
+    }
+    let observed = |db: &Path| -> Vec<(i64, String)> {
+        rows(db, "SELECT offset, value FROM observed ORDER BY rowid")
+            .iter()
+            .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
+            .collect()
+    };
+    assert_eq!(observed(&one_go), observed(&stepped));
+    let dead = |db: &Path| {
+        rows(
+            db,
+            r#"SELECT "offset", error_class, message FROM _rewind_dlq ORDER BY seq"#,
+        )
+    };
+    assert_eq!(dead(&one_go), dead(&stepped));
+
+    let at = |offset: i64| -> String {
+        observed(&one_go)
+            .into_iter()
+            .find(|(o, _)| *o == offset)
+            .map(|(_, value)| value)
+            .unwrap_or_else(|| panic!("nothing observed at offset {offset}"))
+    };
+    // An event starts at 0, whatever ran before it: the host's statements,
+    // another event's, a dead letter's.
+    for offset in [0, 2, 4, 8, 16] {
+        assert_eq!(at(offset), "0,0,0", "offset {offset}");
+    }
+    // Within an event they count its statements as SQLite does.
+    assert_eq!(at(5), "2,2,2");
+    assert_eq!(at(6), "2,2,0");
+    assert_eq!(at(7), "0,0,0");
+    // The row with the largest rowid fails its event; rowids go on from the
+    // largest one left.
+    assert_eq!(at(10), "Integer(3)");
+    assert_eq!(at(11), "Integer(4)");
+    assert!(
+        at(12).contains(r#"the result has 6 columns named "a""#),
+        "{}",
+        at(12)
+    );
+    assert_eq!(at(15), "Integer(1)");
+    let dead: Vec<(i64, String, String)> = dead(&one_go)
+        .iter()
+        .map(|r| (rewind_tests::int(&r[0]), text(&r[1]), text(&r[2])))
+        .collect();
+    assert_eq!(
+        dead.iter()
+            .map(|(o, c, _)| (*o, c.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            (3, "invalid-input"),
+            (9, "nondeterministic-sql"),
+            (13, "nondeterministic-sql")
+        ]
+    );
+    assert!(
+        dead[1]
+            .2
+            .contains("table auto got rowid 9223372036854775807"),
+        "{}",
+        dead[1].2
+    );
+    assert!(
+        dead[2]
+            .2
+            .contains(r#"table copied would have 6 columns named "a""#),
+        "{}",
+        dead[2].2
+    );
+    let tables: Vec<String> = rows(
+        &one_go,
+        "SELECT name FROM sqlite_schema WHERE type = 'table'",
+    )
+    .iter()
+    .map(|r| text(&r[0]))
+    .collect();
+    assert!(tables.contains(&"five".to_owned()) && !tables.contains(&"copied".to_owned()));
 }
 
 #[test]

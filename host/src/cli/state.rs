@@ -123,8 +123,24 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
         println!("no dead letters in {}", state.display());
         return Ok(());
     }
-    println!("{:>6}  {:<24} {:<15} message", "seq", "position", "class");
-    for dl in &letters {
+    // Columns as wide as their widest entry (classes run to 20 characters).
+    let positions: Vec<String> = letters
+        .iter()
+        .map(|dl| printable_str(&dl.position.to_string()).into_owned())
+        .collect();
+    let pw = positions
+        .iter()
+        .map(|p| p.chars().count())
+        .fold(8, usize::max);
+    let cw = letters
+        .iter()
+        .map(|dl| dl.error_class.chars().count())
+        .fold(5, usize::max);
+    println!(
+        "{:>6}  {:<pw$}  {:<cw$}  message",
+        "seq", "position", "class"
+    );
+    for (dl, position) in letters.iter().zip(&positions) {
         // What the input and the guest wrote, escaped: a dead letter's
         // bytes are whatever arrived.
         let raw = printable(&dl.raw);
@@ -133,13 +149,12 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
             shown.push('…');
         }
         println!(
-            "{:>6}  {:<24} {:<15} {}",
+            "{:>6}  {position:<pw$}  {:<cw$}  {}",
             dl.seq,
-            printable_str(&dl.position.to_string()),
             dl.error_class,
             printable_str(&dl.message)
         );
-        println!("{:>6}  {:<24} {:<15} raw: {shown}", "", "", "");
+        println!("{:>6}  {:<pw$}  {:<cw$}  raw: {shown}", "", "", "");
     }
     println!("{} dead letters", letters.len());
     Ok(())

@@ -42,6 +42,12 @@ pub struct SqlBudgetExhausted {
     pub budget: u64,
 }
 
+/// A guest statement stored what SQLite would follow up with values of its
+/// process-wide random generator (see `StateDb::check_stored`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SqlUnreplayable(pub String);
+
 /// The guest tried to grow memory past its cap.
 #[derive(Debug, thiserror::Error)]
 #[error("memory limit exceeded: the guest asked for {desired} bytes, the cap is {cap} bytes")]
@@ -147,6 +153,9 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
             Err(wasmtime::Error::new(SqlBudgetExhausted { budget }))
         }
         Err(GuestSqlError::Host(error)) => Err(wasmtime::Error::new(HostFault::State(error))),
+        Err(GuestSqlError::Unreplayable(message)) => {
+            Err(wasmtime::Error::new(SqlUnreplayable(message)))
+        }
     }
 }
 

@@ -27,7 +27,7 @@ pub use host::{HostFault, MAX_OUTPUTS_PER_EVENT};
 use crate::event::{Entropy, Event, Output, Position};
 use crate::state::{EventClock, StateDb};
 use crate::wit::{self, Processor, ProcessorPre};
-use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted};
+use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted, SqlUnreplayable};
 use sandbox::{Capture, EventCells};
 
 /// Fuel per call unless configured: far more than any real event needs, and
@@ -560,6 +560,12 @@ fn classify_trap(error: &wasmtime::Error, stderr: &[u8], fuel: u64) -> Rejection
         return Rejection {
             class: "sql-budget",
             message: format!("{budget}; raise --fuel if the processor legitimately needs more"),
+        };
+    }
+    if let Some(SqlUnreplayable(message)) = error.downcast_ref::<SqlUnreplayable>() {
+        return Rejection {
+            class: "nondeterministic-sql",
+            message: message.clone(),
         };
     }
     match error.downcast_ref::<Trap>() {

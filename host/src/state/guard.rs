@@ -8,13 +8,13 @@
 //! change, which happens inside the step), so host statements are kept in the
 //! statement cache under a key no guest statement may have.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::Rng;
 use rusqlite::functions::FunctionFlags;
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::hooks::{Action, AuthAction, AuthContext, Authorization};
 use rusqlite::{Connection, Error as SqlError};
 
 use crate::event::{Position, Seed};
@@ -40,8 +40,26 @@ pub struct Guard {
     guest: AtomicBool,
     /// What the statement being prepared has shown itself to be so far.
     statement: Mutex<StatementKind>,
-    denial: Mutex<Option<String>>,
+    /// What the authorizer noted of the guest statement being prepared.
+    noted: Mutex<Noted>,
     rng: Mutex<LazyRng>,
+    /// The connection's `total_changes` when the current event began: SQL's
+    /// `changes()` and `total_changes()` count from there (see `enter_event`).
+    changes_base: AtomicU64,
+    /// A processor table that got a row with the largest rowid (see
+    /// `install`), flagged first for a cheap check.
+    largest: AtomicBool,
+    largest_in: Mutex<Option<String>>,
+}
+
+/// What the authorizer noted while a guest statement was prepared.
+#[derive(Default)]
+struct Noted {
+    /// Why it refused an action.
+    denial: Option<String>,
+    /// A table the statement creates (`CREATE TABLE`, `… AS SELECT` among
+    /// them): its column names are checked once the statement ran.
+    created: Option<String>,
 }
 
 /// A generator built on first use: most events never call SQL `random()`.
@@ -67,8 +85,11 @@ impl Guard {
         let guard = Arc::new(Guard {
             guest: AtomicBool::new(false),
             statement: Mutex::new(StatementKind::default()),
-            denial: Mutex::new(None),
+            noted: Mutex::new(Noted::default()),
             rng: Mutex::new(LazyRng::new(Position::init().seed())),
+            changes_base: AtomicU64::new(0),
+            largest: AtomicBool::new(false),
+            largest_in: Mutex::new(None),
         });
 
         let auth = Arc::clone(&guard);
@@ -88,9 +109,15 @@ impl Guard {
                 *kind
             };
             match refusal(&ctx.action, kind) {
-                None => Authorization::Allow,
+                None => {
+                    if let AuthAction::CreateTable { table_name } = ctx.action {
+                        auth.noted.lock().unwrap_or_else(|p| p.into_inner()).created =
+                            Some(table_name.to_owned());
+                    }
+                    Authorization::Allow
+                }
                 Some(reason) => {
-                    *auth.denial.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    auth.noted.lock().unwrap_or_else(|p| p.into_inner()).denial = Some(reason);
                     Authorization::Deny
                 }
             }
@@ -120,7 +147,72 @@ impl Guard {
                 .fill_bytes(&mut bytes);
             Ok(bytes)
         })?;
+
+        // `changes()` and `total_changes()` read the connection, which the
+        // host's own statements (offsets, outbox, dead letters) share and a
+        // restart renews: they would tell a guest where batches end. Theirs
+        // count the current event's statements only. (`last_insert_rowid()`
+        // is reset per event instead: `enter_event`.)
+        let base = Arc::clone(&guard);
+        conn.create_scalar_function("total_changes", 0, flags, move |ctx| {
+            // SAFETY: the connection is used on this thread only, for this call.
+            let total = unsafe { ctx.get_connection() }?.total_changes();
+            Ok(total.saturating_sub(base.changes_base.load(Ordering::Relaxed)) as i64)
+        })?;
+        let base = Arc::clone(&guard);
+        conn.create_scalar_function("changes", 0, flags, move |ctx| {
+            // SAFETY: as above.
+            let conn = unsafe { ctx.get_connection() }?;
+            // Until a statement of this event changed a row, the last
+            // statement that did may be the host's or another event's; once
+            // one did, it is this event's (no host statement runs within one).
+            // A statement of the event that changed nothing leaves 0 either way.
+            let changed = conn.total_changes() != base.changes_base.load(Ordering::Relaxed);
+            Ok(if changed { conn.changes() as i64 } else { 0 })
+        })?;
+
+        // A row stored with the largest rowid (i64::MAX) makes SQLite pick
+        // the table's next rowids at random, from its process-wide generator
+        // that the host cannot seed per event. The update hook sees the
+        // rowid of every insert and update of a rowid table (tables WITHOUT
+        // ROWID, which cannot get there, do not call it); the statement that
+        // stored it fails its event (`StateDb::check_stored`).
+        let watch = Arc::clone(&guard);
+        conn.update_hook(Some(
+            move |action: Action, db: &str, table: &str, rowid: i64| {
+                if rowid == i64::MAX
+                    && action != Action::SQLITE_DELETE
+                    && db == "main"
+                    && !is_host_table(table)
+                {
+                    *watch.largest_in.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(table.to_owned());
+                    watch.largest.store(true, Ordering::Relaxed);
+                }
+            },
+        ))?;
         Ok(guard)
+    }
+
+    /// The processor table that got a row with the largest rowid since the
+    /// last call, if one did.
+    pub fn take_largest_rowid(&self) -> Option<String> {
+        if !self.largest.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        self.largest_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Starts an event's view of the connection: SQL `changes()`,
+    /// `total_changes()` and `last_insert_rowid()` begin at 0.
+    pub fn enter_event(&self, conn: &Connection) {
+        self.changes_base
+            .store(conn.total_changes(), Ordering::Relaxed);
+        // SAFETY: a plain setter on the open connection this guard serves.
+        unsafe { rusqlite::ffi::sqlite3_set_last_insert_rowid(conn.handle(), 0) };
     }
 
     /// Reseeds SQL randomness for an event.
@@ -129,22 +221,63 @@ impl Guard {
     }
 
     /// Runs `f` with guest restrictions on; a denial's reason replaces
-    /// SQLite's terse "not authorized" in the error.
-    pub fn as_guest<T>(&self, f: impl FnOnce() -> rusqlite::Result<T>) -> Result<T, SqlError> {
+    /// SQLite's terse "not authorized" in the error. Also returns the table
+    /// the statement was prepared to create, if any (prepared now: a
+    /// statement from the cache was checked when it was prepared).
+    pub fn as_guest<T>(
+        &self,
+        f: impl FnOnce() -> rusqlite::Result<T>,
+    ) -> Result<(T, Option<String>), SqlError> {
         *self.statement.lock().unwrap_or_else(|p| p.into_inner()) = StatementKind::default();
         self.guest.store(true, Ordering::Relaxed);
         let result = f();
         self.guest.store(false, Ordering::Relaxed);
-        let denial = self.denial.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match (result, denial) {
+        let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(|p| p.into_inner()));
+        match (result, noted.denial) {
             (Err(SqlError::SqliteFailure(code, _)), Some(reason))
                 if code.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
             {
                 Err(SqlError::SqliteFailure(code, Some(reason)))
             }
-            (result, _) => result,
+            (result, _) => result.map(|value| (value, noted.created)),
         }
     }
+}
+
+/// A column name SQLite made up at random, among the names of one result or
+/// table: its stem and how many names share that stem.
+///
+/// SQLite names the columns of a subquery, view or `CREATE TABLE … AS
+/// SELECT` apart by appending `:1` … `:4` to a repeated name; from the sixth
+/// alike it appends a number from its process-wide random generator, which
+/// the host cannot seed per event. Such a name is `STEM:N` with N outside
+/// 1..=4, and five more names share its stem (names are compared without
+/// case, after dropping a `:digits` suffix, as SQLite does).
+pub fn made_up_column<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Option<(String, usize)> {
+    fn stem(name: &str) -> (&str, Option<&str>) {
+        let head = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        match head.strip_suffix(':') {
+            Some(stem) if head.len() < name.len() => (stem, Some(&name[head.len()..])),
+            _ => (name, None),
+        }
+    }
+    // Nearly every result has no name with a colon in it.
+    for name in names.clone().filter(|n| n.contains(':')) {
+        let (stem_of, Some(number)) = stem(name) else {
+            continue;
+        };
+        if matches!(number, "1" | "2" | "3" | "4") {
+            continue;
+        }
+        let alike = names
+            .clone()
+            .filter(|other| stem(other).0.eq_ignore_ascii_case(stem_of))
+            .count();
+        if alike >= 6 {
+            return Some((stem_of.to_owned(), alike));
+        }
+    }
+    None
 }
 
 fn is_host_table(name: &str) -> bool {
@@ -271,5 +404,61 @@ fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
         // The enum is non-exhaustive: refuse whatever a future SQLite adds.
         #[allow(unreachable_patterns)]
         _ => Some("guest SQL may not perform this action".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::made_up_column;
+
+    /// The names SQLite gives the columns of `SELECT * FROM (subquery)`.
+    fn subquery_names(columns: &[&str]) -> Vec<String> {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let select: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!("{i} AS \"{name}\""))
+            .collect();
+        let sql = format!("SELECT * FROM (SELECT {})", select.join(", "));
+        let stmt = conn.prepare(&sql).unwrap();
+        stmt.column_names().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn names_sqlite_made_up_are_found_and_names_a_person_chose_are_not() {
+        for alike in 1..=12 {
+            let names = subquery_names(&vec!["Amount"; alike]);
+            let found = made_up_column(names.iter().map(String::as_str));
+            if alike < 6 {
+                assert_eq!(found, None, "{names:?}");
+            } else {
+                assert_eq!(found, Some(("Amount".to_owned(), alike)), "{names:?}");
+            }
+        }
+        // A repeated name that already carries a number, in any case.
+        let names = subquery_names(&["x:1", "X:1", "x:1", "x:1", "x:1", "x:1"]);
+        assert_eq!(
+            made_up_column(names.iter().map(String::as_str)),
+            Some(("x".to_owned(), 6))
+        );
+        let names = subquery_names(&[":5"; 6]);
+        assert_eq!(
+            made_up_column(names.iter().map(String::as_str)),
+            Some((String::new(), 6)),
+            "{names:?}"
+        );
+        for chosen in [
+            &["ratio:10", "ratio", "a"][..],
+            &["a", "a:1", "a:2", "a:3", "a:4", "b:9"],
+            &["t:", "t:", "t", "t", "t:0"],
+            &["10:30", "11:30", "12:30"],
+        ] {
+            let names: Vec<String> = chosen.iter().map(|n| n.to_string()).collect();
+            assert_eq!(
+                made_up_column(names.iter().map(String::as_str)),
+                None,
+                "{chosen:?}"
+            );
+        }
     }
 }

@@ -146,6 +146,10 @@ pub enum GuestSqlError {
     BudgetExhausted { budget: u64 },
     /// The database itself failed (I/O, disk full, corruption): the run stops.
     Host(rusqlite::Error),
+    /// The statement stored something SQLite would follow up with values of
+    /// its process-wide random generator, which no replay could repeat: the
+    /// event fails (whatever the guest does with the error).
+    Unreplayable(String),
 }
 
 /// Rows a guest query returned.
@@ -536,6 +540,7 @@ impl StateDb {
     /// reseeded and the SQL budget reset. Pair with an `EventClock`.
     pub fn enter_event(&self, seed: Seed, sql_budget: u64) {
         self.guard.reseed(seed);
+        self.guard.enter_event(&self.conn);
         self.sql_periods.store(0, Ordering::Relaxed);
         self.sql_budget_periods.store(
             sql_budget.div_ceil(PROGRESS_PERIOD as u64),
@@ -578,7 +583,8 @@ impl StateDb {
             self.guest_direct
                 .with(&self.conn, sql, false, |stmt| stmt.run(&params))
         });
-        result.map_err(|e| self.guest_error(e))?;
+        let ((), created) = result.map_err(|e| self.guest_error(e))?;
+        self.check_stored(created)?;
         Ok(self.conn.total_changes().saturating_sub(before))
     }
 
@@ -594,7 +600,48 @@ impl StateDb {
             self.guest_statements
                 .with(&self.conn, sql, large, |stmt| collect_rows(stmt, &params))
         });
-        result.map_err(|e| self.guest_error(e))
+        let (rows, created) = result.map_err(|e| self.guest_error(e))?;
+        self.check_stored(created)?;
+        Ok(rows)
+    }
+
+    /// Fails the event if the guest statement that just ran stored what
+    /// would make SQLite draw on its process-wide random generator later:
+    /// a row with the largest rowid (the table's next rowids are then
+    /// picked at random), or a table (`created`) with a column name SQLite
+    /// made up at random.
+    fn check_stored(&self, created: Option<String>) -> Result<(), GuestSqlError> {
+        if let Some(table) = self.guard.take_largest_rowid() {
+            return Err(GuestSqlError::Unreplayable(format!(
+                "a row of table {table} got rowid {max}, the largest there is: SQLite then \
+                 picks the table's next rowids at random, which no replay could repeat; keep \
+                 rowids below it (or declare the key AUTOINCREMENT, which fails instead)",
+                max = i64::MAX
+            )));
+        }
+        let Some(table) = created else {
+            return Ok(());
+        };
+        let names = self
+            .host_statements
+            .with(
+                &self.conn,
+                host_sql!("SELECT name FROM pragma_table_info(?1, 'main')"),
+                false,
+                |s| {
+                    s.query_map([&table], |row| row.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                },
+            )
+            .map_err(|e| GuestSqlError::Host(self.with_os_error(e)))?;
+        match guard::made_up_column(names.iter().map(String::as_str)) {
+            None => Ok(()),
+            Some((stem, alike)) => Err(GuestSqlError::Unreplayable(format!(
+                "table {table} would have {alike} columns named {stem:?}: SQLite names the \
+                 sixth and later ones with numbers from its random generator, which no replay \
+                 could repeat; name the columns of its SELECT apart (… AS name)"
+            ))),
+        }
     }
 }
 
@@ -629,6 +676,16 @@ fn collect_rows(
     params: &[SqlValue],
 ) -> rusqlite::Result<GuestRows> {
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    if let Some((stem, alike)) = guard::made_up_column(columns.iter().map(String::as_str)) {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!(
+                "the result has {alike} columns named {stem:?}: SQLite names the sixth and \
+                 later ones of a subquery or view with numbers from its random generator, \
+                 which no replay could repeat; name them apart (… AS name)"
+            )),
+        ));
+    }
     let width = columns.len();
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();

@@ -35,6 +35,15 @@ fn probe(event: &Event, act: &str, outcome: std::result::Result<String, String>)
     Ok(())
 }
 
+/// Records what the guest saw in `observed`.
+fn observe(event: &Event, what: &str, value: &dyn sql::ToSql) -> Result<()> {
+    sql::execute(
+        "INSERT INTO observed (offset, what, value) VALUES (?1, ?2, ?3)",
+        &[&event.offset(), &what, value],
+    )?;
+    Ok(())
+}
+
 /// Recursion that lives in wasm locals (the native stack), not in the
 /// shadow stack in linear memory, so it reaches the host's stack limit.
 #[inline(never)]
@@ -177,10 +186,7 @@ impl Processor for Hostile {
                     }),
                 ];
                 for (what, value) in observations {
-                    sql::execute(
-                        "INSERT INTO observed (offset, what, value) VALUES (?1, ?2, ?3)",
-                        &[&event.offset(), &what, &value],
-                    )?;
+                    observe(&event, what, &value)?;
                 }
                 sql::execute(
                     "INSERT INTO observed (offset, what, value)
@@ -190,6 +196,34 @@ impl Processor for Hostile {
                             (?1, 'sql-julianday', julianday('now'))",
                     &[&event.offset()],
                 )?;
+            }
+            // Records the first value the statement returns (or its error)
+            // in `observed`: what a guest can learn from SQL must not depend
+            // on batches, restarts or the host's own tables.
+            "sql-value" => {
+                let statement = act.statement.unwrap_or_default();
+                let value = match sql::query(&statement, &[]) {
+                    Ok(rows) => rows
+                        .iter()
+                        .next()
+                        .and_then(|row| row.values().first().cloned())
+                        .unwrap_or(sql::Value::Null),
+                    Err(e) => sql::Value::Text(format!("err: {}", e.message())),
+                };
+                observe(&event, &statement, &value)?;
+            }
+            // Runs the statement, then records what SQL says of the
+            // connection: `changes(),total_changes(),last_insert_rowid()`.
+            "sql-counters" => {
+                let statement = act.statement.unwrap_or_default();
+                sql::execute(&statement, &[])?;
+                let counters = sql::query_row(
+                    "SELECT changes() || ',' || total_changes() || ',' || last_insert_rowid()",
+                    &[],
+                )?
+                .map(|row| row.get::<String>(0))
+                .transpose()?;
+                observe(&event, &statement, &counters)?;
             }
             "sql" => {
                 let statement = act.statement.unwrap_or_default();
