@@ -30,13 +30,14 @@ pub use pipeline::{
 };
 pub use printable::{printable, printable_str};
 pub use runtime::{
-    CallOutcome, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB, HostFault, Instance,
-    LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig, default_cache_dir,
+    CallOutcome, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB, DEFAULT_SQL_STALL_SECS,
+    HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig,
+    default_cache_dir,
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{
     Change, ChangeLog, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow,
-    StateDb, StateError, Summary, TableCount,
+    StateDb, StateError, Summary, TableCount, exit_when_stuck,
 };
 pub use tape::{
     EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,

@@ -13,6 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use rewind_host::{
     DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB,
+    DEFAULT_SQL_STALL_SECS,
 };
 
 /// Runs WebAssembly stream processors over their own SQLite state,
@@ -188,6 +189,11 @@ struct ReplayArgs {
     /// Linear memory cap per processor instance, in MiB (as for `run`).
     #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
     memory_mb: u64,
+    /// Stop when one step of the processor's SQL runs this many seconds
+    /// (LIKE, GLOB, instr, replace and trim over large values run in a
+    /// single step, which --fuel cannot meter); 0: never.
+    #[arg(long, default_value_t = DEFAULT_SQL_STALL_SECS, value_name = "SECS")]
+    sql_stall_secs: u64,
     /// Processor instances alive at once (as for `run`); a replay uses two.
     #[arg(long, default_value_t = DEFAULT_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(2..))]
     max_instances: u32,
@@ -347,6 +353,11 @@ struct RunArgs {
     /// Linear memory cap per processor instance, in MiB.
     #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
     memory_mb: u64,
+    /// Stop when one step of the processor's SQL runs this many seconds
+    /// (LIKE, GLOB, instr, replace and trim over large values run in a
+    /// single step, which --fuel cannot meter); 0: never.
+    #[arg(long, default_value_t = DEFAULT_SQL_STALL_SECS, value_name = "SECS")]
+    sql_stall_secs: u64,
     /// Processor instances alive at once: a run uses one, a Kafka run one per
     /// partition it is assigned. Each reserves 8 GiB of address space (not
     /// memory): lower it where address space is limited (`ulimit -v`).
@@ -388,6 +399,9 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Guest SQL stuck in one step beyond --sql-stall-secs ends the process
+    // when an interrupt cannot stop it (see `state/stall.rs`).
+    rewind_host::exit_when_stuck();
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
         Command::Run(args) => ok(cli::run::run(args)),

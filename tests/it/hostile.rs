@@ -580,3 +580,95 @@ fn an_output_emitted_while_another_is_serialised_arrives_whole() {
         ]
     );
 }
+
+/// A LIKE that runs long in a single SQLite step: `LENGTH` bytes of `a`
+/// against `%`, 5,000 `a`s and a `b` (`LENGTH` × 5,000 comparisons).
+fn slow_like(length: u32) -> String {
+    format!("SELECT printf('%.*c', {length}, 'a') LIKE ('%' || printf('%.*c', 5000, 'a') || 'b')")
+}
+
+/// Guest SQL that keeps making progress runs as long as its budget allows;
+/// a step that runs past `--sql-stall-secs` stops the run with an error
+/// naming the event, nothing of its batch committed. (Fuel meters SQLite
+/// by steps, and some functions do quadratic work in one.)
+#[test]
+fn sql_stuck_in_one_step_stops_the_run_and_long_progressing_sql_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    let counted = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 3000000) \
+                   SELECT count(*) FROM n";
+    // The stuck step returns by itself after some seconds: a library caller
+    // waits for it, then the interrupt fails the statement.
+    // Batches end with instance epochs: the stuck event begins the second.
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
+    let mut lines = vec![act_line(0, "sql-value", Some(counted))];
+    lines.extend((1..epoch).map(|offset| act_line(offset, "normal", None)));
+    lines.push(act_line(epoch, "sql-value", Some(&slow_like(600_000))));
+    lines.push(act_line(epoch + 1, "normal", None));
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let state = dir.path().join("stuck.db");
+    let mut cfg = config(&processor("hostile"), &input, &state);
+    cfg.batch_size = 1;
+    cfg.runtime.fuel = 1_000_000_000;
+    cfg.runtime.sql_stall = Some(std::time::Duration::from_millis(200));
+    let error = rewind_host::run(&cfg, &()).expect_err("the stuck step stops the run");
+    assert!(
+        matches!(&error, RunError::SqlStalled { position, .. } if position.offset == epoch),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("stopped making progress at acts/0@{epoch}")),
+        "{message}"
+    );
+    assert!(message.contains("--sql-stall-secs"), "{message}");
+    // The long query before it, which progressed all along, ran to its end.
+    assert_eq!(
+        rows(&state, "SELECT offset, value FROM observed"),
+        [vec![Value::Integer(0), Value::Integer(3_000_000)]]
+    );
+    assert_eq!(
+        rows(&state, "SELECT count(*), max(offset) FROM seen"),
+        [vec![Value::Integer(epoch - 1), Value::Integer(epoch - 1)]]
+    );
+    assert_eq!(
+        rows(&state, "SELECT next_offset FROM _rewind_offsets"),
+        [vec![Value::Integer(epoch)]]
+    );
+}
+
+/// The binary does not wait for a step an interrupt cannot stop: it says
+/// why and exits (2) a moment after the limit, as a kill would stop it, and
+/// the state keeps every batch committed before.
+#[test]
+fn the_binary_exits_when_a_stuck_step_cannot_be_interrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    // A committed epoch, then minutes of work in one step (16M × 5,000
+    // character comparisons).
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
+    let mut lines: Vec<String> = (0..epoch).map(|o| act_line(o, "normal", None)).collect();
+    lines.push(act_line(epoch, "sql-value", Some(&slow_like(16_000_000))));
+    lines.push(act_line(epoch + 1, "normal", None));
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let state = dir.path().join("stuck.db");
+    let started = std::time::Instant::now();
+    let out = rewind_tests::rewind_run("hostile", &input, &state)
+        .args(["--batch-size", "1", "--sql-stall-secs", "1", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopped making progress at acts/0@{epoch}"))
+            && stderr.contains("cannot be interrupted")
+            && stderr.contains("--sql-stall-secs"),
+        "{stderr}"
+    );
+    // Not a benchmark: the step alone runs for minutes.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_eq!(
+        rows(&state, "SELECT count(*), max(offset) FROM seen"),
+        [vec![Value::Integer(epoch), Value::Integer(epoch - 1)]]
+    );
+}

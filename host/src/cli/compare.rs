@@ -75,6 +75,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             memory_bytes: (args.memory_mb << 20) as usize,
             cache_dir: Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir)),
             max_instances: args.max_instances,
+            sql_stall: super::stall_limit(args.sql_stall_secs),
         },
         work_dir: work_dir.clone(),
     };

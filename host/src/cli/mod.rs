@@ -6,3 +6,8 @@ pub mod kafka;
 pub mod run;
 pub mod state;
 pub mod tape;
+
+/// `--sql-stall-secs`: 0 means never.
+fn stall_limit(secs: u64) -> Option<std::time::Duration> {
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}

@@ -80,6 +80,7 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,
         max_instances: args.max_instances,
+        sql_stall: super::stall_limit(args.sql_stall_secs),
         cache_dir: if args.no_cache {
             None
         } else {

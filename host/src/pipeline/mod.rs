@@ -225,6 +225,11 @@ pub enum RunError {
          committed, rerun to continue"
     )]
     Instances { position: Position, message: String },
+    #[error(
+        "processor SQL stopped making progress at {position}: {message}; nothing of the batch \
+         in progress was committed: fix the statement, or rerun with a larger --sql-stall-secs"
+    )]
+    SqlStalled { position: Position, message: String },
 }
 
 impl RunError {
@@ -236,6 +241,10 @@ impl RunError {
                 source: Box::new(StateError::from_sqlite(state, source)),
             },
             fault @ HostFault::Instances { .. } => RunError::Instances {
+                position: position.clone(),
+                message: fault.to_string(),
+            },
+            fault @ HostFault::SqlStalled { .. } => RunError::SqlStalled {
                 position: position.clone(),
                 message: fault.to_string(),
             },
@@ -275,9 +284,12 @@ pub fn run_source(
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let state_existed = config.state.exists();
-    let db = StateDb::open(&config.state)?;
+    let mut db = StateDb::open(&config.state)?;
     if config.scratch {
         db.make_scratch()?;
+    }
+    if let Some(limit) = config.runtime.sql_stall {
+        db.watch_stalls(limit)?;
     }
     let mut db = match prepare(runtime, module, db, config) {
         Ok(db) => db,

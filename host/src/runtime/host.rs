@@ -33,6 +33,12 @@ pub enum HostFault {
          --max-instances or run more processes in the consumer group"
     )]
     Instances { max: u32, error: String },
+    /// One step of the guest's SQL ran for `seconds` (see `state/stall.rs`).
+    #[error(
+        "one step of the processor's SQL ran for {seconds} s ({})",
+        crate::state::STALL_REASON
+    )]
+    SqlStalled { seconds: u64 },
 }
 
 /// The event used up its SQL budget.
@@ -153,6 +159,9 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
             Err(wasmtime::Error::new(SqlBudgetExhausted { budget }))
         }
         Err(GuestSqlError::Host(error)) => Err(wasmtime::Error::new(HostFault::State(error))),
+        Err(GuestSqlError::Stalled { limit }) => Err(wasmtime::Error::new(HostFault::SqlStalled {
+            seconds: limit.as_secs(),
+        })),
         Err(GuestSqlError::Unreplayable(message)) => {
             Err(wasmtime::Error::new(SqlUnreplayable(message)))
         }

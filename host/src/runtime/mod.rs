@@ -33,6 +33,11 @@ use sandbox::{Capture, EventCells};
 /// Fuel per call unless configured: far more than any real event needs, and
 /// still a fraction of a second for a runaway loop.
 pub const DEFAULT_FUEL: u64 = 100_000_000;
+
+/// Seconds one step of guest SQL may run unless configured: far longer than
+/// any step of a real event (microseconds), long enough for the sort of a
+/// large `CREATE INDEX` in a migration.
+pub const DEFAULT_SQL_STALL_SECS: u64 = 60;
 /// Memory cap per instance unless configured, in MiB.
 pub const DEFAULT_MEMORY_MB: u64 = 64;
 /// The native stack wasm may use: pinned so stack overflow happens at the
@@ -59,6 +64,9 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Instances alive at once (the size of the instance pool).
     pub max_instances: u32,
+    /// How long one step of the guest's SQL may run before the run stops
+    /// (`state/stall.rs`); `None`: as long as it takes.
+    pub sql_stall: Option<Duration>,
 }
 
 impl Default for RuntimeConfig {
@@ -68,6 +76,7 @@ impl Default for RuntimeConfig {
             memory_bytes: (DEFAULT_MEMORY_MB << 20) as usize,
             cache_dir: Some(default_cache_dir()),
             max_instances: DEFAULT_MAX_INSTANCES,
+            sql_stall: Some(Duration::from_secs(DEFAULT_SQL_STALL_SECS)),
         }
     }
 }
@@ -347,8 +356,9 @@ impl Instance<'_> {
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
     pub fn init(&mut self, db: Box<StateDb>) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         self.recycle();
-        let entropy = Entropy::of(&Position::init());
-        let outcome = self.call(db, &entropy, 0, |processor, _, store| {
+        let position = Position::init();
+        let entropy = Entropy::of(&position);
+        let outcome = self.call(db, &position, &entropy, 0, |processor, _, store| {
             processor.call_init(store)
         });
         self.recycle();
@@ -382,6 +392,7 @@ impl Instance<'_> {
         };
         self.call(
             db,
+            &event.position,
             entropy,
             event.timestamp_ms.unwrap_or(0),
             |_, handle, store| {
@@ -432,6 +443,7 @@ impl Instance<'_> {
     fn call(
         &mut self,
         db: Box<StateDb>,
+        position: &Position,
         entropy: &Entropy,
         timestamp_ms: i64,
         f: impl FnOnce(
@@ -441,7 +453,7 @@ impl Instance<'_> {
         ) -> wasmtime::Result<Result<(), wit::Error>>,
     ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         let fuel = self.runtime.config.fuel;
-        db.enter_event(entropy.seed, fuel);
+        db.enter_event(position, entropy.seed, fuel);
         let clock = EventClock::enter(timestamp_ms);
         let mut db = Some(db);
 

@@ -38,6 +38,9 @@ pub fn guest_statement(sql: &str) -> rusqlite::Result<&str> {
 /// State shared between the connection's callbacks and the host.
 pub struct Guard {
     guest: AtomicBool,
+    /// Counts guest statements begun and progress-handler calls: the
+    /// stall watch (`stall.rs`) sees a guest statement move by it.
+    progress: AtomicU64,
     /// What the statement being prepared has shown itself to be so far.
     statement: Mutex<StatementKind>,
     /// What the authorizer noted of the guest statement being prepared.
@@ -84,6 +87,7 @@ impl Guard {
     pub fn install(conn: &mut Connection) -> rusqlite::Result<Arc<Guard>> {
         let guard = Arc::new(Guard {
             guest: AtomicBool::new(false),
+            progress: AtomicU64::new(0),
             statement: Mutex::new(StatementKind::default()),
             noted: Mutex::new(Noted::default()),
             rng: Mutex::new(LazyRng::new(Position::init().seed())),
@@ -194,6 +198,18 @@ impl Guard {
         Ok(guard)
     }
 
+    /// Notes that SQL made progress (the progress handler calls this).
+    pub fn tick(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How far the running guest statement got, or `None` when none runs.
+    pub fn guest_progress(&self) -> Option<u64> {
+        self.guest
+            .load(Ordering::Relaxed)
+            .then(|| self.progress.load(Ordering::Relaxed))
+    }
+
     /// The processor table that got a row with the largest rowid since the
     /// last call, if one did.
     pub fn take_largest_rowid(&self) -> Option<String> {
@@ -229,6 +245,7 @@ impl Guard {
         f: impl FnOnce() -> rusqlite::Result<T>,
     ) -> Result<(T, Option<String>), SqlError> {
         *self.statement.lock().unwrap_or_else(|p| p.into_inner()) = StatementKind::default();
+        self.tick();
         self.guest.store(true, Ordering::Relaxed);
         let result = f();
         self.guest.store(false, Ordering::Relaxed);

@@ -17,6 +17,8 @@ macro_rules! host_sql {
 mod changes;
 mod checkpoint;
 mod guard;
+mod stall;
+pub use stall::{STALL_REASON, exit_when_stuck};
 mod outbox;
 mod statements;
 mod tables;
@@ -26,6 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags, params};
@@ -37,7 +40,7 @@ pub use checkpoint::Checkpointer;
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
 
-use crate::event::Seed;
+use crate::event::{Position, Seed};
 use guard::Guard;
 
 /// The state DB format this host writes; a DB with another is refused.
@@ -144,6 +147,8 @@ pub enum GuestSqlError {
     Statement(String),
     /// The event used up its SQL budget: the guest is stopped.
     BudgetExhausted { budget: u64 },
+    /// One step of the statement ran for `limit` (see `stall`): the run stops.
+    Stalled { limit: Duration },
     /// The database itself failed (I/O, disk full, corruption): the run stops.
     Host(rusqlite::Error),
     /// The statement stored something SQLite would follow up with values of
@@ -163,6 +168,8 @@ pub struct StateDb {
     /// Declared (so dropped) before `conn`: the writer closes last, and its
     /// close checkpoints what is left.
     checkpointer: Option<checkpoint::Checkpointer>,
+    /// Stops guest SQL stuck in one step, when started (`watch_stalls`).
+    stall: Option<stall::StallWatch>,
     /// Row changes of processor tables, when a tape records them. Declared
     /// before `conn`: it unregisters its hook before the connection closes.
     changes: Option<changes::Changes>,
@@ -250,9 +257,11 @@ impl StateDb {
         let sql_periods = Arc::new(AtomicU64::new(0));
         let sql_budget_periods = Arc::new(AtomicU64::new(u64::MAX));
         let (used, budget) = (Arc::clone(&sql_periods), Arc::clone(&sql_budget_periods));
+        let progress = Arc::clone(&guard);
         conn.progress_handler(
             PROGRESS_PERIOD,
             Some(move || {
+                progress.tick();
                 // Returning true interrupts the statement.
                 used.fetch_add(1, Ordering::Relaxed) + 1 > budget.load(Ordering::Relaxed)
             }),
@@ -260,6 +269,7 @@ impl StateDb {
         .map_err(err)?;
 
         let db = StateDb {
+            stall: None,
             checkpointer: None,
             changes: None,
             guest_statements: Default::default(),
@@ -286,6 +296,22 @@ impl StateDb {
         self.conn
             .execute_batch("PRAGMA journal_mode = MEMORY; PRAGMA synchronous = OFF;")
             .map_err(|e| self.err(e))
+    }
+
+    /// Stops guest SQL that spends `limit` in one SQLite step (see `stall`):
+    /// the guest statement fails with `GuestSqlError::Stalled`.
+    pub fn watch_stalls(&mut self, limit: Duration) -> Result<(), StateError> {
+        let watch = stall::StallWatch::start(
+            Arc::clone(&self.guard),
+            self.conn.get_interrupt_handle(),
+            limit,
+        )
+        .map_err(|e| StateError::Invalid {
+            path: self.path.clone(),
+            message: format!("cannot start the SQL watch thread: {e}"),
+        })?;
+        self.stall = Some(watch);
+        Ok(())
     }
 
     /// Sets the page cache size (the default is 64 MiB).
@@ -538,9 +564,12 @@ impl StateDb {
 
     /// Prepares guest SQL for the event at `position`: SQL randomness is
     /// reseeded and the SQL budget reset. Pair with an `EventClock`.
-    pub fn enter_event(&self, seed: Seed, sql_budget: u64) {
+    pub fn enter_event(&self, position: &Position, seed: Seed, sql_budget: u64) {
         self.guard.reseed(seed);
         self.guard.enter_event(&self.conn);
+        if let Some(stall) = &self.stall {
+            stall.enter_event(position);
+        }
         self.sql_periods.store(0, Ordering::Relaxed);
         self.sql_budget_periods.store(
             sql_budget.div_ceil(PROGRESS_PERIOD as u64),
@@ -557,6 +586,16 @@ impl StateDb {
         use rusqlite::ErrorCode as C;
         match &error {
             rusqlite::Error::SqliteFailure(code, _) => match code.code {
+                C::OperationInterrupted
+                    if self
+                        .stall
+                        .as_ref()
+                        .is_some_and(stall::StallWatch::take_stalled) =>
+                {
+                    GuestSqlError::Stalled {
+                        limit: self.stall.as_ref().map_or(Duration::ZERO, |s| s.limit()),
+                    }
+                }
                 C::OperationInterrupted => GuestSqlError::BudgetExhausted {
                     budget: self.sql_budget_periods.load(Ordering::Relaxed)
                         * PROGRESS_PERIOD as u64,
