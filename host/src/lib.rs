@@ -36,8 +36,9 @@ pub use runtime::{
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{
-    Change, ChangeLog, Checkpointer, DeadLetter, EventChanges, FORMAT as STATE_FORMAT, OutboxRow,
-    StateDb, StateError, Summary, TableCount, exit_when_stuck,
+    Change, ChangeLog, Checkpointer, DEFAULT_SQL_MEMORY_MB, DeadLetter, EventChanges,
+    FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount, exit_when_stuck,
+    limit_sql_memory,
 };
 pub use tape::{
     EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,

@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use rewind_host::{
     DEFAULT_BATCH_MS, DEFAULT_BATCH_SIZE, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB,
-    DEFAULT_SQL_STALL_SECS,
+    DEFAULT_SQL_MEMORY_MB, DEFAULT_SQL_STALL_SECS,
 };
 
 /// Runs WebAssembly stream processors over their own SQLite state,
@@ -194,6 +194,11 @@ struct ReplayArgs {
     /// single step, which --fuel cannot meter); 0: never.
     #[arg(long, default_value_t = DEFAULT_SQL_STALL_SECS, value_name = "SECS")]
     sql_stall_secs: u64,
+    /// The memory SQLite may hold in this process, in MiB: a statement of the
+    /// processor's that needs more (a sort, or a row, keeping many large
+    /// values at once) stops the run.
+    #[arg(long, default_value_t = DEFAULT_SQL_MEMORY_MB, value_name = "MIB", value_parser = clap::value_parser!(u64).range(64..))]
+    sql_memory_mb: u64,
     /// Processor instances alive at once (as for `run`); a replay uses two.
     #[arg(long, default_value_t = DEFAULT_MAX_INSTANCES, value_parser = clap::value_parser!(u32).range(2..))]
     max_instances: u32,
@@ -358,6 +363,11 @@ struct RunArgs {
     /// single step, which --fuel cannot meter); 0: never.
     #[arg(long, default_value_t = DEFAULT_SQL_STALL_SECS, value_name = "SECS")]
     sql_stall_secs: u64,
+    /// The memory SQLite may hold in this process, in MiB: a statement of the
+    /// processor's that needs more (a sort, or a row, keeping many large
+    /// values at once) stops the run.
+    #[arg(long, default_value_t = DEFAULT_SQL_MEMORY_MB, value_name = "MIB", value_parser = clap::value_parser!(u64).range(64..))]
+    sql_memory_mb: u64,
     /// Processor instances alive at once: a run uses one, a Kafka run one per
     /// partition it is assigned. Each reserves 8 GiB of address space (not
     /// memory): lower it where address space is limited (`ulimit -v`).

@@ -613,12 +613,12 @@ fn sql_stuck_in_one_step_stops_the_run_and_long_progressing_sql_does_not() {
     cfg.runtime.sql_stall = Some(std::time::Duration::from_millis(200));
     let error = rewind_host::run(&cfg, &()).expect_err("the stuck step stops the run");
     assert!(
-        matches!(&error, RunError::SqlStalled { position, .. } if position.offset == epoch),
+        matches!(&error, RunError::SqlStopped { position, .. } if position.offset == epoch),
         "{error:?}"
     );
     let message = error.to_string();
     assert!(
-        message.contains(&format!("stopped making progress at acts/0@{epoch}")),
+        message.contains(&format!("stopped at acts/0@{epoch}")),
         "{message}"
     );
     assert!(message.contains("--sql-stall-secs"), "{message}");
@@ -646,11 +646,7 @@ fn the_binary_exits_when_a_stuck_step_cannot_be_interrupted() {
     let input = dir.path().join("acts.jsonl");
     // A committed epoch, then minutes of work in one step (16M × 5,000
     // character comparisons).
-    let epoch = rewind_host::INSTANCE_EPOCH as i64;
-    let mut lines: Vec<String> = (0..epoch).map(|o| act_line(o, "normal", None)).collect();
-    lines.push(act_line(epoch, "sql-value", Some(&slow_like(16_000_000))));
-    lines.push(act_line(epoch + 1, "normal", None));
-    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let epoch = after_an_epoch(&input, &slow_like(16_000_000));
     let state = dir.path().join("stuck.db");
     let started = std::time::Instant::now();
     let out = rewind_tests::rewind_run("hostile", &input, &state)
@@ -660,15 +656,65 @@ fn the_binary_exits_when_a_stuck_step_cannot_be_interrupted() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains(&format!("stopped making progress at acts/0@{epoch}"))
+        stderr.contains(&format!("stopped at acts/0@{epoch}"))
             && stderr.contains("cannot be interrupted")
             && stderr.contains("--sql-stall-secs"),
         "{stderr}"
     );
     // Not a benchmark: the step alone runs for minutes.
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert_committed_epoch(&state);
+}
+
+/// Writes to `input` an epoch of normal events (a batch that commits), then
+/// `statement`, then one more normal event; returns the statement's offset.
+fn after_an_epoch(input: &Path, statement: &str) -> i64 {
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
+    let mut lines: Vec<String> = (0..epoch).map(|o| act_line(o, "normal", None)).collect();
+    lines.push(act_line(epoch, "sql-value", Some(statement)));
+    lines.push(act_line(epoch + 1, "normal", None));
+    std::fs::write(input, lines.join("\n") + "\n").unwrap();
+    epoch
+}
+
+/// The state holds the first epoch of `after_an_epoch`, and nothing after.
+fn assert_committed_epoch(state: &Path) {
+    let epoch = rewind_host::INSTANCE_EPOCH as i64;
     assert_eq!(
-        rows(&state, "SELECT count(*), max(offset) FROM seen"),
+        rows(state, "SELECT count(*), max(offset) FROM seen"),
         [vec![Value::Integer(epoch), Value::Integer(epoch - 1)]]
     );
+    assert_eq!(
+        rows(state, "SELECT next_offset FROM _rewind_offsets"),
+        [vec![Value::Integer(epoch)]]
+    );
+}
+
+/// Guest SQL cannot make SQLite exhaust the machine's memory: a statement
+/// that needs more than `--sql-memory-mb` (a sort of twenty 50 MB strings)
+/// stops the run, named, with the batches before it committed.
+#[test]
+fn sql_needing_more_memory_than_allowed_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    let epoch = after_an_epoch(
+        &input,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 20) \
+         SELECT length(x) FROM (SELECT printf('%.*c', 50000000, 'x') || i AS x FROM n \
+         ORDER BY x DESC) LIMIT 1",
+    );
+    let state = dir.path().join("hungry.db");
+    let out = rewind_tests::rewind_run("hostile", &input, &state)
+        .args(["--batch-size", "1", "--sql-memory-mb", "256", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("processor SQL stopped at acts/0@{epoch}"))
+            && stderr.contains("needed more than the 256 MiB SQLite may hold")
+            && stderr.contains("--sql-memory-mb"),
+        "{stderr}"
+    );
+    assert_committed_epoch(&state);
 }

@@ -63,6 +63,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
     };
+    rewind_host::limit_sql_memory(args.sql_memory_mb << 20);
     let config = ReplayConfig {
         tape: args.tape.clone(),
         old: args.old.clone(),

@@ -76,6 +76,7 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
     };
     config.allow_module_change = args.allow_module_change;
     config.dedup_header = (!args.no_dedup).then(|| std::mem::take(&mut args.dedup_header));
+    rewind_host::limit_sql_memory(args.sql_memory_mb << 20);
     config.runtime = RuntimeConfig {
         fuel: args.fuel,
         memory_bytes: (args.memory_mb << 20) as usize,

@@ -226,10 +226,10 @@ pub enum RunError {
     )]
     Instances { position: Position, message: String },
     #[error(
-        "processor SQL stopped making progress at {position}: {message}; nothing of the batch \
-         in progress was committed: fix the statement, or rerun with a larger --sql-stall-secs"
+        "processor SQL stopped at {position}, nothing of the batch in progress committed: \
+         {message}"
     )]
-    SqlStalled { position: Position, message: String },
+    SqlStopped { position: Position, message: String },
 }
 
 impl RunError {
@@ -244,10 +244,12 @@ impl RunError {
                 position: position.clone(),
                 message: fault.to_string(),
             },
-            fault @ HostFault::SqlStalled { .. } => RunError::SqlStalled {
-                position: position.clone(),
-                message: fault.to_string(),
-            },
+            fault @ (HostFault::SqlStalled { .. } | HostFault::SqlMemory { .. }) => {
+                RunError::SqlStopped {
+                    position: position.clone(),
+                    message: fault.to_string(),
+                }
+            }
         }
     }
 }

@@ -35,10 +35,18 @@ pub enum HostFault {
     Instances { max: u32, error: String },
     /// One step of the guest's SQL ran for `seconds` (see `state/stall.rs`).
     #[error(
-        "one step of the processor's SQL ran for {seconds} s ({})",
+        "it made no progress for {seconds} s: one step ran that long ({}); fix the \
+         statement, or rerun with a larger --sql-stall-secs",
         crate::state::STALL_REASON
     )]
     SqlStalled { seconds: u64 },
+    /// The guest's SQL needed more memory than SQLite may hold (see
+    /// `state/memory.rs`).
+    #[error(
+        "it needed more than the {mib} MiB SQLite may hold (a sort, or a row, keeping many \
+         large values at once); fix the statement, or rerun with a larger --sql-memory-mb"
+    )]
+    SqlMemory { mib: u64 },
 }
 
 /// The event used up its SQL budget.
@@ -162,6 +170,11 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
         Err(GuestSqlError::Stalled { limit }) => Err(wasmtime::Error::new(HostFault::SqlStalled {
             seconds: limit.as_secs(),
         })),
+        Err(GuestSqlError::OutOfMemory { limit_mib }) => {
+            Err(wasmtime::Error::new(HostFault::SqlMemory {
+                mib: limit_mib,
+            }))
+        }
         Err(GuestSqlError::Unreplayable(message)) => {
             Err(wasmtime::Error::new(SqlUnreplayable(message)))
         }

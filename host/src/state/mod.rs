@@ -17,7 +17,9 @@ macro_rules! host_sql {
 mod changes;
 mod checkpoint;
 mod guard;
+mod memory;
 mod stall;
+pub use memory::{DEFAULT_SQL_MEMORY_MB, limit_sql_memory};
 pub use stall::{STALL_REASON, exit_when_stuck};
 mod outbox;
 mod statements;
@@ -149,6 +151,9 @@ pub enum GuestSqlError {
     BudgetExhausted { budget: u64 },
     /// One step of the statement ran for `limit` (see `stall`): the run stops.
     Stalled { limit: Duration },
+    /// The statement needed more memory than SQLite may hold in this process
+    /// (`limit_mib`, see `memory`): the run stops.
+    OutOfMemory { limit_mib: u64 },
     /// The database itself failed (I/O, disk full, corruption): the run stops.
     Host(rusqlite::Error),
     /// The statement stored something SQLite would follow up with values of
@@ -217,6 +222,7 @@ impl StateDb {
 
     fn open_with(path: &Path, flags: OpenFlags) -> Result<StateDb, StateError> {
         let err = |source| StateError::from_sqlite(path, source);
+        memory::ensure_limit();
         vfs::register().map_err(|message| StateError::Invalid {
             path: path.to_owned(),
             message,
@@ -596,6 +602,9 @@ impl StateDb {
                         limit: self.stall.as_ref().map_or(Duration::ZERO, |s| s.limit()),
                     }
                 }
+                C::OutOfMemory => GuestSqlError::OutOfMemory {
+                    limit_mib: memory::limit_mib(),
+                },
                 C::OperationInterrupted => GuestSqlError::BudgetExhausted {
                     budget: self.sql_budget_periods.load(Ordering::Relaxed)
                         * PROGRESS_PERIOD as u64,
@@ -605,7 +614,6 @@ impl StateDb {
                 | C::DatabaseCorrupt
                 | C::CannotOpen
                 | C::NotADatabase
-                | C::OutOfMemory
                 | C::ReadOnly
                 | C::FileLockingProtocolFailed => GuestSqlError::Host(self.with_os_error(error)),
                 _ => GuestSqlError::Statement(error.to_string()),

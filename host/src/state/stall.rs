@@ -91,11 +91,11 @@ impl StallWatch {
                         if when.elapsed() >= grace && EXIT_WHEN_STUCK.load(Ordering::Relaxed) {
                             let position = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
                             eprintln!(
-                                "rewind: error: processor SQL stopped making progress at \
-                                 {position}: one step of the processor's SQL ran for {} s \
-                                 ({STALL_REASON}) and cannot be interrupted; the process \
-                                 exits with nothing of the batch in progress committed: fix \
-                                 the statement, or rerun with a larger --sql-stall-secs",
+                                "rewind: error: processor SQL stopped at {position}, nothing \
+                                 of the batch in progress committed: it made no progress for \
+                                 {} s: one step ran that long ({STALL_REASON}) and cannot be \
+                                 interrupted, so the process exits; fix the statement, or \
+                                 rerun with a larger --sql-stall-secs",
                                 since.elapsed().as_secs()
                             );
                             std::process::exit(2);
