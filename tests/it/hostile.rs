@@ -646,35 +646,51 @@ fn the_binary_exits_when_a_stuck_step_cannot_be_interrupted() {
     let input = dir.path().join("acts.jsonl");
     // A committed epoch, then minutes of work in one step (16M × 5,000
     // character comparisons).
-    let epoch = after_an_epoch(&input, &slow_like(16_000_000));
-    let state = dir.path().join("stuck.db");
+    after_an_epoch(&input, &slow_like(16_000_000));
     let started = std::time::Instant::now();
-    let out = rewind_tests::rewind_run("hostile", &input, &state)
-        .args(["--batch-size", "1", "--sql-stall-secs", "1", "--quiet"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains(&format!("stopped at acts/0@{epoch}"))
-            && stderr.contains("cannot be interrupted")
-            && stderr.contains("--sql-stall-secs"),
-        "{stderr}"
+    let stderr = stopped_after_an_epoch(
+        &input,
+        &["--sql-stall-secs", "1"],
+        &["cannot be interrupted", "--sql-stall-secs"],
     );
     // Not a benchmark: the step alone runs for minutes.
-    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{stderr}"
+    );
+}
+
+/// Runs the binary over `input` (see `after_an_epoch`) with `args`; checks
+/// it stopped (2) at the statement, saying `said`, with the first epoch
+/// committed. Returns what it printed.
+fn stopped_after_an_epoch(input: &Path, args: &[&str], said: &[&str]) -> String {
+    let state = input.with_extension("db");
+    let out = rewind_tests::rewind_run("hostile", input, &state)
+        .args(["--batch-size", "1", "--quiet"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let at = format!(
+        "processor SQL stopped at acts/0@{}",
+        rewind_host::INSTANCE_EPOCH
+    );
+    for said in std::iter::once(at.as_str()).chain(said.iter().copied()) {
+        assert!(stderr.contains(said), "{said:?} in {stderr}");
+    }
     assert_committed_epoch(&state);
+    stderr
 }
 
 /// Writes to `input` an epoch of normal events (a batch that commits), then
-/// `statement`, then one more normal event; returns the statement's offset.
-fn after_an_epoch(input: &Path, statement: &str) -> i64 {
+/// `statement`, then one more normal event.
+fn after_an_epoch(input: &Path, statement: &str) {
     let epoch = rewind_host::INSTANCE_EPOCH as i64;
     let mut lines: Vec<String> = (0..epoch).map(|o| act_line(o, "normal", None)).collect();
     lines.push(act_line(epoch, "sql-value", Some(statement)));
     lines.push(act_line(epoch + 1, "normal", None));
     std::fs::write(input, lines.join("\n") + "\n").unwrap();
-    epoch
 }
 
 /// The state holds the first epoch of `after_an_epoch`, and nothing after.
@@ -697,24 +713,18 @@ fn assert_committed_epoch(state: &Path) {
 fn sql_needing_more_memory_than_allowed_stops_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("acts.jsonl");
-    let epoch = after_an_epoch(
+    after_an_epoch(
         &input,
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 20) \
          SELECT length(x) FROM (SELECT printf('%.*c', 50000000, 'x') || i AS x FROM n \
          ORDER BY x DESC) LIMIT 1",
     );
-    let state = dir.path().join("hungry.db");
-    let out = rewind_tests::rewind_run("hostile", &input, &state)
-        .args(["--batch-size", "1", "--sql-memory-mb", "256", "--quiet"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains(&format!("processor SQL stopped at acts/0@{epoch}"))
-            && stderr.contains("needed more than the 256 MiB SQLite may hold")
-            && stderr.contains("--sql-memory-mb"),
-        "{stderr}"
+    stopped_after_an_epoch(
+        &input,
+        &["--sql-memory-mb", "256"],
+        &[
+            "needed more than the 256 MiB SQLite may hold",
+            "--sql-memory-mb",
+        ],
     );
-    assert_committed_epoch(&state);
 }
