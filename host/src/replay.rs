@@ -291,6 +291,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
     std::thread::scope(|scope| {
         let old = std::thread::Builder::new()
             .name("rewind-old".into())
+            .stack_size(crate::runtime::GUEST_THREAD_STACK)
             .spawn_scoped(scope, move || {
                 let side = Side {
                     tx: old_tx,
@@ -301,6 +302,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             .map_err(|_| ReplayError::Crashed { side: "old" })?;
         let new = std::thread::Builder::new()
             .name("rewind-new".into())
+            .stack_size(crate::runtime::GUEST_THREAD_STACK)
             .spawn_scoped(scope, move || {
                 let side = Side {
                     tx: new_tx,

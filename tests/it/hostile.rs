@@ -728,3 +728,61 @@ fn sql_needing_more_memory_than_allowed_stops_the_run() {
         ],
     );
 }
+
+/// A guest's frames and the host's SQL share the thread's stack: the
+/// deepest guest (its stack is capped) running the deepest expression
+/// SQLite accepts still fits in 1 MiB, half the stack of the threads the
+/// host spawns (a replay's sides, a Kafka run's partitions): deeper guests
+/// are dead letters, never a crash.
+#[test]
+fn the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("deep.jsonl");
+    // 490 nested pairs of calls: SQLite refuses expressions deeper than 1,000.
+    let deep = format!("SELECT {}1{}", "abs(-(".repeat(490), "))".repeat(490));
+    let depths: Vec<u32> = (0..8000).step_by(250).collect();
+    let lines: Vec<String> = depths
+        .iter()
+        .enumerate()
+        .map(|(offset, depth)| {
+            let payload =
+                serde_json::json!({ "do": "deep-sql", "statement": deep, "depth": depth });
+            rewind_tests::envelope("acts", offset as i64, TS, "k", &payload.to_string())
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let state = dir.path().join("deep.db");
+    let cfg = config(&processor("hostile"), &input, &state);
+    std::thread::Builder::new()
+        .stack_size(1 << 20)
+        .spawn(move || rewind_host::run(&cfg, &()).map(|_| ()))
+        .unwrap()
+        .join()
+        .expect("the run's thread survives")
+        .unwrap();
+    let ran: Vec<(i64, String)> = rows(&state, "SELECT offset, value FROM observed")
+        .iter()
+        .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
+        .collect();
+    let overflowed: Vec<(i64, String)> =
+        rows(&state, r#"SELECT "offset", error_class FROM _rewind_dlq"#)
+            .iter()
+            .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
+            .collect();
+    // Shallow guests ran the statement; from some depth on, guests overflow
+    // their own stack before they get there.
+    assert!(
+        ran.len() > 4 && !overflowed.is_empty(),
+        "{ran:?} {overflowed:?}"
+    );
+    assert_eq!(ran.len() + overflowed.len(), depths.len());
+    assert!(ran.iter().all(|(_, value)| value == "1 rows"), "{ran:?}");
+    let deepest_ran = ran.iter().map(|(o, _)| *o).max().unwrap();
+    assert!(
+        overflowed
+            .iter()
+            .all(|(o, class)| *o > deepest_ran && class == "stack-overflow"),
+        "{overflowed:?} {:?}",
+        rows(&state, "SELECT message FROM _rewind_dlq LIMIT 1")
+    );
+}

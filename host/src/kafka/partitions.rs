@@ -237,6 +237,7 @@ impl Shared {
         };
         let thread = std::thread::Builder::new()
             .name(format!("partition-{partition}"))
+            .stack_size(crate::runtime::GUEST_THREAD_STACK)
             .spawn(move || {
                 // Held until the run has committed and closed its state DB.
                 let _lock = lock_file;

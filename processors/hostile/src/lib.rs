@@ -21,6 +21,8 @@ struct Act {
     #[serde(rename = "do")]
     act: String,
     statement: Option<String>,
+    /// How deep `deep-sql` recurses before its statement.
+    depth: Option<u32>,
 }
 
 fn probe(event: &Event, act: &str, outcome: std::result::Result<String, String>) -> Result<()> {
@@ -33,6 +35,33 @@ fn probe(event: &Event, act: &str, outcome: std::result::Result<String, String>)
         &[&event.offset(), &act, &outcome],
     )?;
     Ok(())
+}
+
+/// Runs `statement` after `depth` nested calls and records the outcome in
+/// `observed`. Like `recurse`, the calls keep their state in wasm locals (the
+/// native stack the host's SQL runs on too), not in linear memory.
+#[inline(never)]
+fn descend(depth: u32, statement: &str, offset: i64, a: u64, b: u64, c: u64) -> Result<u64> {
+    if depth == 0 {
+        let outcome = match sql::query(statement, &[]) {
+            Ok(rows) => format!("{} rows", rows.len()),
+            Err(e) => format!("err: {}", e.message()),
+        };
+        sql::execute(
+            "INSERT INTO observed (offset, what, value) VALUES (?1, 'deep-sql', ?2)",
+            &[&offset, &outcome],
+        )?;
+        return Ok(a);
+    }
+    let r = descend(
+        black_box(depth - 1),
+        statement,
+        offset,
+        a.wrapping_add(1),
+        b ^ a,
+        c.wrapping_mul(3),
+    )?;
+    Ok(r ^ a ^ b ^ c)
 }
 
 /// Records what the guest saw in `observed`.
@@ -224,6 +253,20 @@ impl Processor for Hostile {
                 .map(|row| row.get::<String>(0))
                 .transpose()?;
                 observe(&event, &statement, &counters)?;
+            }
+            // Runs the statement `depth` calls deep: guest frames and the
+            // host's SQL share the thread's stack.
+            "deep-sql" => {
+                let statement = act.statement.unwrap_or_default();
+                let o = event.offset() as u64;
+                black_box(descend(
+                    act.depth.unwrap_or(0),
+                    &statement,
+                    event.offset(),
+                    o,
+                    o,
+                    o,
+                )?);
             }
             "sql" => {
                 let statement = act.statement.unwrap_or_default();
