@@ -31,8 +31,8 @@ pub use pipeline::{
 pub use printable::{printable, printable_str};
 pub use runtime::{
     CallOutcome, DEFAULT_FUEL, DEFAULT_MAX_INSTANCES, DEFAULT_MEMORY_MB, DEFAULT_SQL_STALL_SECS,
-    HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime, RuntimeConfig,
-    default_cache_dir,
+    GUEST_THREAD_STACK, HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime,
+    RuntimeConfig, default_cache_dir,
 };
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{

@@ -412,8 +412,31 @@ fn main() -> ExitCode {
     // Guest SQL stuck in one step beyond --sql-stall-secs ends the process
     // when an interrupt cannot stop it (see `state/stall.rs`).
     rewind_host::exit_when_stuck();
+    // Commands run on a thread with a stack of known size: guests and their
+    // SQL run on it, and the main thread's stack is whatever `ulimit -s` says.
+    let result = std::thread::Builder::new()
+        .name("rewind".into())
+        .stack_size(rewind_host::GUEST_THREAD_STACK)
+        .spawn(move || dispatch(cli.command))
+        .map_err(anyhow::Error::from)
+        .and_then(|thread| {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the command panicked (a bug in rewind)"))?
+        });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("rewind: error: {}", one_line(&error));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one command.
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     let ok = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
-    let result = match cli.command {
+    match command {
         Command::Run(args) => ok(cli::run::run(args)),
         Command::Inspect { state, json } => ok(cli::state::inspect(state, json)),
         Command::Dlq {
@@ -442,13 +465,6 @@ fn main() -> ExitCode {
                     out.display()
                 )
             })),
-    };
-    match result {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("rewind: error: {}", one_line(&error));
-            ExitCode::from(2)
-        }
     }
 }
 

@@ -738,19 +738,7 @@ fn sql_needing_more_memory_than_allowed_stops_the_run() {
 fn the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("deep.jsonl");
-    // 490 nested pairs of calls: SQLite refuses expressions deeper than 1,000.
-    let deep = format!("SELECT {}1{}", "abs(-(".repeat(490), "))".repeat(490));
-    let depths: Vec<u32> = (0..8000).step_by(250).collect();
-    let lines: Vec<String> = depths
-        .iter()
-        .enumerate()
-        .map(|(offset, depth)| {
-            let payload =
-                serde_json::json!({ "do": "deep-sql", "statement": deep, "depth": depth });
-            rewind_tests::envelope("acts", offset as i64, TS, "k", &payload.to_string())
-        })
-        .collect();
-    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let depths = deep_sql_input(&input);
     let state = dir.path().join("deep.db");
     let cfg = config(&processor("hostile"), &input, &state);
     std::thread::Builder::new()
@@ -760,22 +748,70 @@ fn the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack() {
         .join()
         .expect("the run's thread survives")
         .unwrap();
-    let ran: Vec<(i64, String)> = rows(&state, "SELECT offset, value FROM observed")
+    assert_deep_guests_ran_or_overflowed(&state, depths);
+}
+
+/// The binary runs guests on a thread of its own, so a small main-thread
+/// stack (`ulimit -s 512`) changes nothing. Regression: it overflowed.
+#[test]
+fn the_binary_does_not_depend_on_the_main_threads_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("deep.jsonl");
+    let depths = deep_sql_input(&input);
+    let state = dir.path().join("deep.db");
+    let args: Vec<String> = rewind_tests::run_args("hostile", &input, &state)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let out = std::process::Command::new("bash")
+        .args(["-c", "ulimit -s 512 && exec \"$0\" \"$@\" --quiet"])
+        .arg(rewind_tests::rewind_bin())
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_deep_guests_ran_or_overflowed(&state, depths);
+}
+
+/// Writes to `input` events that each run the deepest expression SQLite
+/// accepts from deeper and deeper guest calls; returns the depths.
+fn deep_sql_input(input: &Path) -> usize {
+    // 490 nested pairs of calls: SQLite refuses expressions deeper than 1,000.
+    let deep = format!("SELECT {}1{}", "abs(-(".repeat(490), "))".repeat(490));
+    let lines: Vec<String> = (0..8000)
+        .step_by(250)
+        .enumerate()
+        .map(|(offset, depth)| {
+            let payload =
+                serde_json::json!({ "do": "deep-sql", "statement": deep, "depth": depth });
+            rewind_tests::envelope("acts", offset as i64, TS, "k", &payload.to_string())
+        })
+        .collect();
+    std::fs::write(input, lines.join("\n") + "\n").unwrap();
+    lines.len()
+}
+
+/// Shallow guests of `deep_sql_input` ran the statement; from some depth
+/// on, guests overflowed their own stack before they got there.
+fn assert_deep_guests_ran_or_overflowed(state: &Path, events: usize) {
+    let ran: Vec<(i64, String)> = rows(state, "SELECT offset, value FROM observed")
         .iter()
         .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
         .collect();
     let overflowed: Vec<(i64, String)> =
-        rows(&state, r#"SELECT "offset", error_class FROM _rewind_dlq"#)
+        rows(state, r#"SELECT "offset", error_class FROM _rewind_dlq"#)
             .iter()
             .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
             .collect();
-    // Shallow guests ran the statement; from some depth on, guests overflow
-    // their own stack before they get there.
     assert!(
         ran.len() > 4 && !overflowed.is_empty(),
         "{ran:?} {overflowed:?}"
     );
-    assert_eq!(ran.len() + overflowed.len(), depths.len());
+    assert_eq!(ran.len() + overflowed.len(), events);
     assert!(ran.iter().all(|(_, value)| value == "1 rows"), "{ran:?}");
     let deepest_ran = ran.iter().map(|(o, _)| *o).max().unwrap();
     assert!(
@@ -783,6 +819,6 @@ fn the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack() {
             .iter()
             .all(|(o, class)| *o > deepest_ran && class == "stack-overflow"),
         "{overflowed:?} {:?}",
-        rows(&state, "SELECT message FROM _rewind_dlq LIMIT 1")
+        rows(state, "SELECT message FROM _rewind_dlq LIMIT 1")
     );
 }
