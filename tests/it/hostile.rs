@@ -86,6 +86,16 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("INSERT INTO mine (v) VALUES ('x') RETURNING id", true),
     ("SELECT * FROM mine", true),
     ("DROP INDEX mine_v", true),
+    // A trigger's body is authorised with the statement that fires it.
+    (
+        "CREATE TRIGGER sneaky AFTER INSERT ON mine BEGIN DELETE FROM _rewind_outbox; END",
+        true,
+    ),
+    ("INSERT INTO mine (v) VALUES ('fires') RETURNING id", false),
+    ("DROP TRIGGER sneaky", true),
+    ("INSERT INTO mine (v) VALUES ('quiet') RETURNING id", true),
+    // Raw pointers, from a bound blob or not.
+    ("SELECT fts3_tokenizer('simple')", false),
 ];
 
 fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, String)>) {
@@ -235,6 +245,12 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     }
     assert!(probes["SELECT * FROM _rewind_offsets"].contains("host table _rewind_offsets"));
     assert!(probes["BEGIN"].contains("transactions"));
+    assert!(probes["SELECT name, pageno FROM dbstat"].contains("may not read dbstat"));
+    assert!(
+        probes["INSERT INTO mine (v) VALUES ('fires') RETURNING id"]
+            .contains("host table _rewind_outbox"),
+        "{probes:?}"
+    );
     assert!(
         probes["SELECT CAST(x'ff' AS TEXT) AS bad"]
             .contains(r#"column "bad" of result row 1 holds text that is not valid UTF-8"#),

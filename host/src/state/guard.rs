@@ -349,6 +349,11 @@ fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
         // guests cannot list the schema and the host tables in it. Writes to
         // the schema table need writable_schema, a PRAGMA, so only DDL can
         // make them.
+        // The storage statistics table lists every table's pages, the
+        // host's among them (and their layout, which batching decides).
+        A::Read { table_name, .. } if table_name.eq_ignore_ascii_case("dbstat") => Some(
+            "guest SQL may not read dbstat: it describes the host's tables and pages too".into(),
+        ),
         A::Read {
             table_name,
             column_name,
@@ -415,6 +420,11 @@ fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
         }
         A::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
             Some("guest SQL may not load extensions".into())
+        }
+        // FTS3's tokenizer registry trades in raw pointers (a bound blob
+        // becomes one); guests cannot make FTS tables to use one anyway.
+        A::Function { function_name } if function_name.eq_ignore_ascii_case("fts3_tokenizer") => {
+            Some("guest SQL may not call fts3_tokenizer".into())
         }
         A::Function { .. } | A::Select | A::Recursive | A::Reindex { .. } => None,
         A::Unknown { code, .. } => Some(format!("guest SQL may not perform action {code}")),
