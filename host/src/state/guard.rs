@@ -41,10 +41,11 @@ pub struct Guard {
     /// Counts guest statements begun and progress-handler calls: the
     /// stall watch (`stall.rs`) sees a guest statement move by it.
     progress: AtomicU64,
-    /// What the statement being prepared has shown itself to be so far.
-    statement: Mutex<StatementKind>,
-    /// What the authorizer noted of the guest statement being prepared.
+    /// What the authorizer noted of the guest statement being prepared,
+    /// and whether it noted anything: a statement from the cache is not
+    /// authorised again, and then costs no lock.
     noted: Mutex<Noted>,
+    noted_any: AtomicBool,
     rng: Mutex<LazyRng>,
     /// The connection's `total_changes` when the current event began: SQL's
     /// `changes()` and `total_changes()` count from there (see `enter_event`).
@@ -58,6 +59,8 @@ pub struct Guard {
 /// What the authorizer noted while a guest statement was prepared.
 #[derive(Default)]
 struct Noted {
+    /// What the statement has shown itself to be so far.
+    kind: StatementKind,
     /// Why it refused an action.
     denial: Option<String>,
     /// A table the statement creates (`CREATE TABLE`, `… AS SELECT` among
@@ -88,8 +91,8 @@ impl Guard {
         let guard = Arc::new(Guard {
             guest: AtomicBool::new(false),
             progress: AtomicU64::new(0),
-            statement: Mutex::new(StatementKind::default()),
             noted: Mutex::new(Noted::default()),
+            noted_any: AtomicBool::new(false),
             rng: Mutex::new(LazyRng::new(Position::init().seed())),
             changes_base: AtomicU64::new(0),
             largest: AtomicBool::new(false),
@@ -107,21 +110,18 @@ impl Guard {
                     ctx.action, ctx.database_name, ctx.accessor
                 );
             }
-            let kind = {
-                let mut kind = auth.statement.lock().unwrap_or_else(|p| p.into_inner());
-                kind.observe(&ctx.action);
-                *kind
-            };
-            match refusal(&ctx.action, kind) {
+            auth.noted_any.store(true, Ordering::Relaxed);
+            let mut noted = auth.noted.lock().unwrap_or_else(|p| p.into_inner());
+            noted.kind.observe(&ctx.action);
+            match refusal(&ctx.action, noted.kind) {
                 None => {
                     if let AuthAction::CreateTable { table_name } = ctx.action {
-                        auth.noted.lock().unwrap_or_else(|p| p.into_inner()).created =
-                            Some(table_name.to_owned());
+                        noted.created = Some(table_name.to_owned());
                     }
                     Authorization::Allow
                 }
                 Some(reason) => {
-                    auth.noted.lock().unwrap_or_else(|p| p.into_inner()).denial = Some(reason);
+                    noted.denial = Some(reason);
                     Authorization::Deny
                 }
             }
@@ -244,12 +244,16 @@ impl Guard {
         &self,
         f: impl FnOnce() -> rusqlite::Result<T>,
     ) -> Result<(T, Option<String>), SqlError> {
-        *self.statement.lock().unwrap_or_else(|p| p.into_inner()) = StatementKind::default();
         self.tick();
         self.guest.store(true, Ordering::Relaxed);
         let result = f();
         self.guest.store(false, Ordering::Relaxed);
-        let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(|p| p.into_inner()));
+        // Taken whole, so the next statement starts from nothing noted.
+        let noted = if self.noted_any.swap(false, Ordering::Relaxed) {
+            std::mem::take(&mut *self.noted.lock().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            Noted::default()
+        };
         match (result, noted.denial) {
             (Err(SqlError::SqliteFailure(code, _)), Some(reason))
                 if code.code == rusqlite::ErrorCode::AuthorizationForStatementDenied =>
