@@ -48,6 +48,6 @@ pub use tape::{
 pub mod tapes {
     pub use crate::tape::{
         MALFORMED_HEADER, PartitionInfo, TapeInfo, TapeRun, ToolError, export, export_line, import,
-        info,
+        info, recorded_limits,
     };
 }

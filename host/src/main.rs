@@ -70,10 +70,11 @@ enum Command {
         #[arg(long, value_name = "TABLE[.COLUMN]")]
         ignore: Vec<rewind_host::diff::Ignore>,
     },
-    /// Replay a tape with the processor that recorded it and check every
-    /// event's result against the digests recorded live. Prints "identical",
-    /// or the first mismatching seq and what differs (nondeterminism, or a
-    /// tampered tape). Exit 0: identical; 1: mismatch; 2: error.
+    /// Replay a tape with the processor that recorded it (and the --fuel and
+    /// --memory-mb it was recorded with) and check every event's result
+    /// against the digests recorded live. Prints "identical", or the first
+    /// mismatching seq and what differs (nondeterminism, or a tampered tape).
+    /// Exit 0: identical; 1: mismatch; 2: error.
     Verify {
         /// The tape (recorded by `rewind run --tape`).
         #[arg(long, value_name = "TAPE")]
@@ -183,12 +184,14 @@ struct ReplayArgs {
     /// unreadable (the next replay into DIR makes them afresh).
     #[arg(long, value_name = "DIR")]
     keep: Option<PathBuf>,
-    /// Fuel per event (as for `run`).
-    #[arg(long, default_value_t = DEFAULT_FUEL)]
-    fuel: u64,
-    /// Linear memory cap per processor instance, in MiB (as for `run`).
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MB, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    memory_mb: u64,
+    /// Fuel per event (as for `run`) [default: what the tape was recorded
+    /// with, so the old side reproduces the live run; else 100000000].
+    #[arg(long)]
+    fuel: Option<u64>,
+    /// Linear memory cap per processor instance, in MiB (as for `run`)
+    /// [default: what the tape was recorded with; else 64].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    memory_mb: Option<u64>,
     /// Stop when one step of the processor's SQL runs this many seconds
     /// (LIKE, GLOB, instr, replace and trim over large values run in a
     /// single step, which --fuel cannot meter); 0: never.

@@ -90,6 +90,8 @@ struct Checker<'a> {
     /// The digest of the module replaying, and its file (for messages).
     module: String,
     processor: &'a Path,
+    /// The fuel and memory cap (bytes) it replays with: the first run's.
+    limits: (u64, u64),
 }
 
 #[derive(Default)]
@@ -117,6 +119,21 @@ impl Checker<'_> {
                             run.module_digest,
                             self.module,
                             self.processor.display()
+                        ),
+                    });
+                }
+                Some(Frame::Run(run)) if (run.fuel, run.memory_bytes) != self.limits => {
+                    return Err(VerifyError::Unverifiable {
+                        path: reader.path().to_owned(),
+                        message: format!(
+                            "events from seq {} were recorded with --fuel {} --memory-mb {}, \
+                             earlier ones with --fuel {} --memory-mb {}; verify replays a tape \
+                             with the limits it was recorded with, one set of them",
+                            run.first_seq,
+                            run.fuel,
+                            run.memory_bytes >> 20,
+                            self.limits.0,
+                            self.limits.1 >> 20
                         ),
                     });
                 }
@@ -167,7 +184,9 @@ impl Progress for Checker<'_> {
 }
 
 /// Replays `tape` with `processor` into a fresh state DB at `work` and
-/// compares every event's result with the recorded one.
+/// compares every event's result with the recorded one. Fuel and the memory
+/// cap are the ones the tape was recorded with (those of `runtime` are not
+/// used): with others, an event near a limit would end differently.
 pub fn verify(
     tape: &Path,
     processor: &Path,
@@ -182,9 +201,12 @@ pub fn verify(
     // first event says so.
     let mut reader = TapeReader::open(tape)?;
     let mut with_results = false;
+    let mut limits = None;
     while let Some(frame) = reader.next_frame()? {
         match frame {
-            Frame::Run(_) => {}
+            Frame::Run(run) => {
+                limits.get_or_insert((run.fuel, run.memory_bytes));
+            }
             Frame::Event(e) => {
                 with_results = e.result.is_some();
                 if e.seq != 0 {
@@ -204,6 +226,16 @@ pub fn verify(
                 .into(),
         ));
     }
+    let Some(limits) = limits else {
+        return Err(unverifiable(
+            "no run recorded it (an imported tape?); record one with `rewind run --tape`".into(),
+        ));
+    };
+    let runtime = RuntimeConfig {
+        fuel: limits.0,
+        memory_bytes: usize::try_from(limits.1).unwrap_or(usize::MAX),
+        ..runtime.clone()
+    };
     let module = crate::runtime::Runtime::new(runtime.clone())
         .and_then(|rt| rt.load(processor).map(|m| m.digest().to_owned()))
         .map_err(|e| Box::new(RunError::from(e)))?;
@@ -221,6 +253,7 @@ pub fn verify(
         state: Mutex::new(Checked::default()),
         module,
         processor,
+        limits,
     };
     let run = crate::run(&config, &checker);
     let state = checker

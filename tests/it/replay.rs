@@ -782,3 +782,70 @@ fn replay_until_stops_after_the_given_seq() {
     );
     assert_eq!(consumed[0][0], Value::Text("100".into()));
 }
+
+/// A tape remembers the fuel and memory cap it was recorded with, and
+/// `verify` and `replay` use them: an event that ran out of a lowered
+/// `--fuel` live does so again. Regression: `verify` replayed with the
+/// default fuel and reported the event as a mismatch.
+#[test]
+fn verify_and_replay_use_the_limits_the_tape_was_recorded_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    let acts = |acts: &[&str]| -> String {
+        acts.iter()
+            .enumerate()
+            .map(|(offset, act)| {
+                let payload = serde_json::json!({ "do": act }).to_string();
+                envelope("acts", offset as i64, 1_767_225_600_000, "k", &payload) + "\n"
+            })
+            .collect()
+    };
+    std::fs::write(&input, acts(&["normal", "loop", "normal"])).unwrap();
+    let tape = dir.path().join("acts.tape");
+    let hostile = processor("hostile");
+    let mut cfg = config(&hostile, &input, &dir.path().join("live.db"));
+    cfg.runtime.fuel = 2_000_000;
+    cfg.tape = Some(tape.clone());
+    rewind_host::run(&cfg, &()).unwrap();
+    assert_eq!(
+        rewind_host::tapes::recorded_limits(&tape).unwrap(),
+        Some((2_000_000, 64 << 20))
+    );
+
+    // Given the default limits, verify still replays with the recorded ones.
+    let defaults = config(&hostile, &input, &dir.path().join("unused.db")).runtime;
+    let work = dir.path().join("verify.db");
+    let verified = rewind_host::verify::verify(&tape, &hostile, &defaults, &work).unwrap();
+    assert_eq!(verified.events, 3);
+    assert!(
+        verified.first_mismatch.is_none(),
+        "{:?}",
+        verified.first_mismatch
+    );
+
+    let kept = dir.path().join("kept");
+    let out = replay_cli(
+        &tape,
+        &hostile,
+        &hostile,
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert_exit(&out, 0);
+    let dead = rewind_tests::rows(&kept.join("old.db"), "SELECT message FROM _rewind_dlq");
+    assert!(
+        matches!(&dead[..], [row] if format!("{row:?}").contains("(2000000 units)")),
+        "{dead:?}"
+    );
+
+    // A second run with other limits: verify says it cannot replay both.
+    std::fs::write(&input, acts(&["normal", "loop", "normal", "normal"])).unwrap();
+    cfg.runtime.fuel = 3_000_000;
+    rewind_host::run(&cfg, &()).unwrap();
+    let err = rewind_host::verify::verify(&tape, &hostile, &defaults, &work)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("events from seq 3 were recorded with --fuel 3000000"),
+        "{err}"
+    );
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rewind_host::{RuntimeConfig, default_cache_dir};
+use rewind_host::{DEFAULT_FUEL, DEFAULT_MEMORY_MB, RuntimeConfig, default_cache_dir};
 
 use crate::{ReplayArgs, Reports};
 
@@ -64,6 +64,21 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
     };
     rewind_host::limit_sql_memory(args.sql_memory_mb << 20);
+    // The limits the tape was recorded with, unless told otherwise: with
+    // others, an event near a limit would end differently from the live run.
+    let recorded = if rewind_host::is_tape(&args.tape) {
+        rewind_host::tapes::recorded_limits(&args.tape)?
+    } else {
+        None
+    };
+    let fuel = args
+        .fuel
+        .or(recorded.map(|(fuel, _)| fuel))
+        .unwrap_or(DEFAULT_FUEL);
+    let memory_mb = args
+        .memory_mb
+        .or(recorded.map(|(_, bytes)| bytes >> 20))
+        .unwrap_or(DEFAULT_MEMORY_MB);
     let config = ReplayConfig {
         tape: args.tape.clone(),
         old: args.old.clone(),
@@ -72,8 +87,8 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         until: args.until,
         ignore: args.ignore.clone(),
         runtime: RuntimeConfig {
-            fuel: args.fuel,
-            memory_bytes: (args.memory_mb << 20) as usize,
+            fuel,
+            memory_bytes: (memory_mb << 20) as usize,
             cache_dir: Some(args.cache_dir.clone().unwrap_or_else(default_cache_dir)),
             max_instances: args.max_instances,
             sql_stall: super::stall_limit(args.sql_stall_secs),

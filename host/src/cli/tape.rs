@@ -44,7 +44,7 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
             }
             for (i, r) in info.runs.iter().enumerate() {
                 println!(
-                    "{}from seq {}: module {}, {} events",
+                    "{}from seq {}: module {}, --fuel {} --memory-mb {}, {} events",
                     if i == 0 {
                         "runs          "
                     } else {
@@ -52,6 +52,8 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     },
                     r.first_seq,
                     r.module_digest,
+                    r.fuel,
+                    r.memory_bytes >> 20,
                     r.events
                 );
             }

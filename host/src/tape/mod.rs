@@ -42,7 +42,7 @@ pub use file::{TapeMark, TapeReader, TapeWriter, is_tape};
 
 pub use tools::{
     MALFORMED_HEADER, PartitionInfo, RunSummary as TapeRun, TapeInfo, ToolError, export,
-    export_line, import, info,
+    export_line, import, info, recorded_limits,
 };
 
 use std::path::PathBuf;

@@ -134,6 +134,17 @@ pub struct RunSummary {
     pub events: u64,
 }
 
+/// The limits (fuel, memory bytes) the tape's first run was recorded with:
+/// what replaying it as recorded needs. `None` for a tape no run recorded
+/// (imported). Reads only up to the first event.
+pub fn recorded_limits(tape: &Path) -> Result<Option<(u64, u64)>, TapeError> {
+    let mut reader = TapeReader::open(tape)?;
+    Ok(match reader.next_frame()? {
+        Some(Frame::Run(run)) => Some((run.fuel, run.memory_bytes)),
+        _ => None,
+    })
+}
+
 /// Reads a whole tape (checking every frame) and summarises it.
 pub fn info(tape: &Path) -> Result<TapeInfo, ToolError> {
     let mut reader = TapeReader::open(tape)?;
