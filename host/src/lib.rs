@@ -34,6 +34,7 @@ pub use runtime::{
     GUEST_THREAD_STACK, HostFault, Instance, LoadError, LoadStats, Module, Rejection, Runtime,
     RuntimeConfig, default_cache_dir,
 };
+pub use sink::ID_HEADER;
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{
     Change, ChangeLog, Checkpointer, DEFAULT_SQL_MEMORY_MB, DeadLetter, EventChanges,
@@ -41,13 +42,13 @@ pub use state::{
     limit_sql_memory,
 };
 pub use tape::{
-    EventResult, Frame, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent, TapeMark, TapeReader,
-    TapeWriter, is_tape, outputs_digest,
+    EventResult, Frame, OLDEST_TAPE_VERSION, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent,
+    TapeMark, TapeReader, TapeWriter, is_tape, outputs_digest,
 };
 /// Tape tools: `import`, `export`, `info`.
 pub mod tapes {
     pub use crate::tape::{
         MALFORMED_HEADER, PartitionInfo, TapeInfo, TapeRun, ToolError, export, export_line, import,
-        info, recorded_limits,
+        info, recorded_run,
     };
 }

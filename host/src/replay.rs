@@ -47,6 +47,9 @@ pub struct ReplayConfig {
     pub until: Option<u64>,
     pub ignore: Vec<Ignore>,
     pub runtime: RuntimeConfig,
+    /// Skip events whose value of this header was seen before (as `run`
+    /// does; the tape's runs record theirs); `None`: apply every event.
+    pub dedup_header: Option<String>,
     /// Where the two sides' state DBs are built (`old.db`, `new.db`).
     pub work_dir: PathBuf,
 }
@@ -265,6 +268,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
     let side_config = |module: &Path, db: &Path| {
         let mut c = RunConfig::new(module, &config.tape, db);
         c.runtime = config.runtime.clone();
+        c.dedup_header = config.dedup_header.clone();
         c.until_seq = config.until;
         // Two runs side by side: a small page cache each (8 MiB) keeps the
         // replay's memory flat and small whatever the tape's length.

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError};
 use crate::runtime::RuntimeConfig;
-use crate::tape::{EventResult, Frame, Outcome, TapeError, TapeEvent, TapeReader};
+use crate::tape::{EventResult, Frame, Outcome, RunInfo, TapeError, TapeEvent, TapeReader};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -83,6 +83,39 @@ pub struct Verified {
     pub first_mismatch: Option<Mismatch>,
 }
 
+/// The settings of a run that change what it makes of events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Limits {
+    fuel: u64,
+    memory_bytes: u64,
+    dedup_header: Option<String>,
+}
+
+impl Limits {
+    fn of(run: &RunInfo) -> Limits {
+        Limits {
+            fuel: run.fuel,
+            memory_bytes: run.memory_bytes,
+            dedup_header: run.dedup_header.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--fuel {} --memory-mb {}",
+            self.fuel,
+            self.memory_bytes >> 20
+        )?;
+        match &self.dedup_header {
+            Some(header) => write!(f, " --dedup-header {header}"),
+            None => write!(f, " --no-dedup"),
+        }
+    }
+}
+
 /// Compares committed results with the tape's, in order.
 struct Checker<'a> {
     reader: Mutex<TapeReader>,
@@ -90,8 +123,9 @@ struct Checker<'a> {
     /// The digest of the module replaying, and its file (for messages).
     module: String,
     processor: &'a Path,
-    /// The fuel and memory cap (bytes) it replays with: the first run's.
-    limits: (u64, u64),
+    /// The fuel, memory cap (bytes) and dedup header it replays with: the
+    /// first run's.
+    limits: Limits,
 }
 
 #[derive(Default)]
@@ -122,18 +156,16 @@ impl Checker<'_> {
                         ),
                     });
                 }
-                Some(Frame::Run(run)) if (run.fuel, run.memory_bytes) != self.limits => {
+                Some(Frame::Run(run)) if Limits::of(&run) != self.limits => {
                     return Err(VerifyError::Unverifiable {
                         path: reader.path().to_owned(),
                         message: format!(
-                            "events from seq {} were recorded with --fuel {} --memory-mb {}, \
-                             earlier ones with --fuel {} --memory-mb {}; verify replays a tape \
-                             with the limits it was recorded with, one set of them",
+                            "events from seq {} were recorded with {}, earlier ones with {}; \
+                             verify replays a tape with the settings it was recorded with, one \
+                             set of them",
                             run.first_seq,
-                            run.fuel,
-                            run.memory_bytes >> 20,
-                            self.limits.0,
-                            self.limits.1 >> 20
+                            Limits::of(&run),
+                            self.limits
                         ),
                     });
                 }
@@ -205,7 +237,7 @@ pub fn verify(
     while let Some(frame) = reader.next_frame()? {
         match frame {
             Frame::Run(run) => {
-                limits.get_or_insert((run.fuel, run.memory_bytes));
+                limits.get_or_insert(Limits::of(&run));
             }
             Frame::Event(e) => {
                 with_results = e.result.is_some();
@@ -232,8 +264,8 @@ pub fn verify(
         ));
     };
     let runtime = RuntimeConfig {
-        fuel: limits.0,
-        memory_bytes: usize::try_from(limits.1).unwrap_or(usize::MAX),
+        fuel: limits.fuel,
+        memory_bytes: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
         ..runtime.clone()
     };
     let module = crate::runtime::Runtime::new(runtime.clone())
@@ -244,6 +276,7 @@ pub fn verify(
     }
     let mut config = RunConfig::new(processor, tape, work);
     config.runtime = runtime.clone();
+    config.dedup_header = limits.dedup_header.clone();
     // The outputs are checked against their digests, never delivered.
     config.queue_outputs = false;
     // The state is made afresh by every verify.

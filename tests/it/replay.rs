@@ -2,7 +2,7 @@
 //! events caused each difference, checked against an independent model.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proptest::prelude::*;
@@ -165,6 +165,7 @@ fn replay_config(dir: &Path, tape: &Path, old: &str, new: &str) -> ReplayConfig 
         until: None,
         ignore: Vec::new(),
         runtime: config(&processor(old), tape, dir).runtime,
+        dedup_header: Some("rewind-id".to_owned()),
         work_dir: dir.join(format!("work-{old}-{new}")),
     }
 }
@@ -807,31 +808,18 @@ fn verify_and_replay_use_the_limits_the_tape_was_recorded_with() {
     cfg.runtime.fuel = 2_000_000;
     cfg.tape = Some(tape.clone());
     rewind_host::run(&cfg, &()).unwrap();
+    let recorded = rewind_host::tapes::recorded_run(&tape).unwrap().unwrap();
     assert_eq!(
-        rewind_host::tapes::recorded_limits(&tape).unwrap(),
-        Some((2_000_000, 64 << 20))
+        (
+            recorded.fuel,
+            recorded.memory_bytes,
+            recorded.dedup_header.as_deref()
+        ),
+        (2_000_000, 64 << 20, Some("rewind-id"))
     );
 
-    // Given the default limits, verify still replays with the recorded ones.
-    let defaults = config(&hostile, &input, &dir.path().join("unused.db")).runtime;
-    let work = dir.path().join("verify.db");
-    let verified = rewind_host::verify::verify(&tape, &hostile, &defaults, &work).unwrap();
-    assert_eq!(verified.events, 3);
-    assert!(
-        verified.first_mismatch.is_none(),
-        "{:?}",
-        verified.first_mismatch
-    );
-
-    let kept = dir.path().join("kept");
-    let out = replay_cli(
-        &tape,
-        &hostile,
-        &hostile,
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert_exit(&out, 0);
-    let dead = rewind_tests::rows(&kept.join("old.db"), "SELECT message FROM _rewind_dlq");
+    let old = verify_and_replay_as_recorded(dir.path(), &tape, &hostile);
+    let dead = rewind_tests::rows(&old, "SELECT message FROM _rewind_dlq");
     assert!(
         matches!(&dead[..], [row] if format!("{row:?}").contains("(2000000 units)")),
         "{dead:?}"
@@ -841,6 +829,8 @@ fn verify_and_replay_use_the_limits_the_tape_was_recorded_with() {
     std::fs::write(&input, acts(&["normal", "loop", "normal", "normal"])).unwrap();
     cfg.runtime.fuel = 3_000_000;
     rewind_host::run(&cfg, &()).unwrap();
+    let defaults = config(&hostile, &input, &dir.path().join("unused.db")).runtime;
+    let work = dir.path().join("verify.db");
     let err = rewind_host::verify::verify(&tape, &hostile, &defaults, &work)
         .unwrap_err()
         .to_string();
@@ -848,4 +838,58 @@ fn verify_and_replay_use_the_limits_the_tape_was_recorded_with() {
         err.contains("events from seq 3 were recorded with --fuel 3000000"),
         "{err}"
     );
+}
+
+/// The tape records whether its run deduplicated, and by which header:
+/// `verify` and `replay` do as it did. Three events carrying the same
+/// `rewind-id`, recorded with deduplication off, are all applied again.
+#[test]
+fn verify_and_replay_deduplicate_as_the_recorded_run_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    let lines: String = (0..3)
+        .map(|offset| {
+            serde_json::json!({
+                "topic": "acts", "partition": 0, "offset": offset, "ts": 1_767_225_600_000i64,
+                "headers": ["rewind-id", "the-same-id"], "key": "k",
+                "payload": r#"{"do":"normal"}"#,
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let tape = dir.path().join("acts.tape");
+    let hostile = processor("hostile");
+    let mut cfg = config(&hostile, &input, &dir.path().join("live.db"));
+    cfg.dedup_header = None;
+    cfg.tape = Some(tape.clone());
+    assert_eq!(rewind_host::run(&cfg, &()).unwrap().duplicates, 0);
+
+    let old = verify_and_replay_as_recorded(dir.path(), &tape, &hostile);
+    let seen = rewind_tests::rows(&old, "SELECT count(*) FROM seen");
+    assert_eq!(seen, [vec![Value::Integer(3)]]);
+}
+
+/// Verifies `tape` with `processor`, given the default settings, and replays
+/// it with `processor` on both sides: both must reproduce the recording.
+/// Returns the old side's final state DB.
+fn verify_and_replay_as_recorded(dir: &Path, tape: &Path, processor: &Path) -> PathBuf {
+    let defaults = config(processor, tape, &dir.join("unused.db")).runtime;
+    let verified =
+        rewind_host::verify::verify(tape, processor, &defaults, &dir.join("verify.db")).unwrap();
+    assert!(
+        verified.first_mismatch.is_none(),
+        "{:?}",
+        verified.first_mismatch
+    );
+    let kept = dir.join("kept");
+    let out = replay_cli(
+        tape,
+        processor,
+        processor,
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert_exit(&out, 0);
+    kept.join("old.db")
 }

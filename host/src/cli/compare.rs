@@ -66,19 +66,24 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     rewind_host::limit_sql_memory(args.sql_memory_mb << 20);
     // The limits the tape was recorded with, unless told otherwise: with
     // others, an event near a limit would end differently from the live run.
+    // The same goes for deduplication.
     let recorded = if rewind_host::is_tape(&args.tape) {
-        rewind_host::tapes::recorded_limits(&args.tape)?
+        rewind_host::tapes::recorded_run(&args.tape)?
     } else {
         None
     };
     let fuel = args
         .fuel
-        .or(recorded.map(|(fuel, _)| fuel))
+        .or(recorded.as_ref().map(|run| run.fuel))
         .unwrap_or(DEFAULT_FUEL);
     let memory_mb = args
         .memory_mb
-        .or(recorded.map(|(_, bytes)| bytes >> 20))
+        .or(recorded.as_ref().map(|run| run.memory_bytes >> 20))
         .unwrap_or(DEFAULT_MEMORY_MB);
+    let dedup_header = match recorded {
+        Some(run) => run.dedup_header,
+        None => Some(rewind_host::ID_HEADER.to_owned()),
+    };
     let config = ReplayConfig {
         tape: args.tape.clone(),
         old: args.old.clone(),
@@ -93,6 +98,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             max_instances: args.max_instances,
             sql_stall: super::stall_limit(args.sql_stall_secs),
         },
+        dedup_header,
         work_dir: work_dir.clone(),
     };
     let bar = ProgressBar::with_draw_target(

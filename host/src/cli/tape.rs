@@ -43,8 +43,12 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                 println!("runs          none (imported)");
             }
             for (i, r) in info.runs.iter().enumerate() {
+                let dedup = match &r.dedup_header {
+                    Some(header) => format!("--dedup-header {}", printable_str(header)),
+                    None => "--no-dedup".to_owned(),
+                };
                 println!(
-                    "{}from seq {}: module {}, --fuel {} --memory-mb {}, {} events",
+                    "{}from seq {}: module {}, --fuel {} --memory-mb {} {dedup}, {} events",
                     if i == 0 {
                         "runs          "
                     } else {

@@ -345,6 +345,7 @@ pub fn run_source(
                 module_digest: module.digest().to_owned(),
                 fuel: config.runtime.fuel,
                 memory_bytes: config.runtime.memory_bytes as u64,
+                dedup_header: config.dedup_header.clone(),
             };
             tape.run(&info);
             Some((tape, info))

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{
-    EventFrame, EventResult, Frame, HEADER_LEN, KIND_EVENT, KIND_RUN, MAGIC, MAX_FRAME, RunInfo,
-    TAPE_VERSION, TapeError, TapeEvent,
+    EventFrame, EventResult, Frame, HEADER_LEN, KIND_EVENT, KIND_RUN, MAGIC, MAX_FRAME,
+    OLDEST_TAPE_VERSION, RunInfo, TAPE_VERSION, TapeError, TapeEvent,
 };
 use crate::codec::{Reader, Writer};
 use crate::source::Record;
@@ -30,7 +30,8 @@ pub struct TapeMark {
     pub bytes: u64,
 }
 
-fn read_header(file: &mut File, path: &Path) -> Result<[u8; 16], TapeError> {
+/// Reads a tape's header: its id and format version.
+fn read_header(file: &mut File, path: &Path) -> Result<([u8; 16], u32), TapeError> {
     let mut header = [0u8; HEADER_LEN as usize];
     let mut filled = 0;
     while filled < header.len() {
@@ -59,13 +60,13 @@ fn read_header(file: &mut File, path: &Path) -> Result<[u8; 16], TapeError> {
         });
     }
     let version = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
-    if version != TAPE_VERSION {
+    if !(OLDEST_TAPE_VERSION..=TAPE_VERSION).contains(&version) {
         return Err(TapeError::UnknownVersion {
             path: path.to_owned(),
             found: version,
         });
     }
-    Ok(header[16..32].try_into().expect("16 bytes"))
+    Ok((header[16..32].try_into().expect("16 bytes"), version))
 }
 
 /// Appends frames to a tape; frames reach the file at [`TapeWriter::flush`].
@@ -73,6 +74,8 @@ pub struct TapeWriter {
     path: PathBuf,
     file: File,
     id: [u8; 16],
+    /// The tape's format version: frames are appended in it.
+    version: u32,
     len: u64,
     pending: Writer,
     /// Where the open batch's frames start in `pending`.
@@ -123,7 +126,7 @@ impl TapeWriter {
             // leaves it empty: there is nothing to protect, start it anew.
             return TapeWriter::start(path, file, new_tape_id(path));
         }
-        let id = read_header(&mut file, path)?;
+        let (id, version) = read_header(&mut file, path)?;
         let len = file.metadata().map_err(io)?.len();
         let Some(mark) = mark else {
             if len == HEADER_LEN {
@@ -134,6 +137,7 @@ impl TapeWriter {
                     path: path.to_owned(),
                     file,
                     id,
+                    version,
                     len,
                     pending: Writer::default(),
                     batch_start: 0,
@@ -166,6 +170,7 @@ impl TapeWriter {
             path: path.to_owned(),
             file,
             id,
+            version,
             len: mark.bytes,
             pending: Writer::default(),
             batch_start: 0,
@@ -203,6 +208,7 @@ impl TapeWriter {
             path: path.to_owned(),
             file,
             id,
+            version: TAPE_VERSION,
             len: HEADER_LEN,
             pending: Writer::default(),
             batch_start: 0,
@@ -215,7 +221,8 @@ impl TapeWriter {
 
     /// Queues a run frame.
     pub fn run(&mut self, info: &RunInfo) {
-        self.frame(|w| info.encode(w));
+        let version = self.version;
+        self.frame(|w| info.encode(w, version));
     }
 
     /// Queues an event frame.
@@ -295,6 +302,7 @@ pub struct TapeReader {
     at: u64,
     len: u64,
     id: [u8; 16],
+    version: u32,
 }
 
 impl TapeReader {
@@ -304,7 +312,7 @@ impl TapeReader {
             source,
         };
         let mut file = File::open(path).map_err(io)?;
-        let id = read_header(&mut file, path)?;
+        let (id, version) = read_header(&mut file, path)?;
         let len = file.metadata().map_err(io)?.len();
         Ok(TapeReader {
             path: path.to_owned(),
@@ -312,6 +320,7 @@ impl TapeReader {
             at: HEADER_LEN,
             len,
             id,
+            version,
         })
     }
 
@@ -374,7 +383,7 @@ impl TapeReader {
         }
         let mut r = Reader::new(&body[1..]);
         let frame = match body[0] {
-            KIND_RUN => RunInfo::decode(&mut r).map(Frame::Run),
+            KIND_RUN => RunInfo::decode(&mut r, self.version).map(Frame::Run),
             KIND_EVENT => TapeEvent::decode(&mut r).map(|e| Frame::Event(Box::new(e))),
             other => Err(format!("unknown frame kind {other}")),
         }
@@ -437,6 +446,71 @@ mod tests {
             TapeWriter::open(&path, None),
             Err(TapeError::NotATape { .. })
         ));
+    }
+
+    /// A version 1 tape (run frames without the dedup header) is read, its
+    /// runs taken to have deduplicated by the default header, and a run
+    /// that continues it appends version 1 frames; a new tape is version 2
+    /// and keeps the header, or its absence.
+    #[test]
+    fn version_1_tapes_are_read_and_continued_in_version_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |first_seq, dedup_header: Option<&str>| RunInfo {
+            first_seq,
+            module_digest: "sha256:00".into(),
+            fuel: 7,
+            memory_bytes: 1 << 20,
+            dedup_header: dedup_header.map(str::to_owned),
+        };
+
+        let new = dir.path().join("new.tape");
+        let mut writer = TapeWriter::create(&new, [1; 16]).unwrap();
+        writer.run(&run(0, None));
+        writer.run(&run(5, Some("x-id")));
+        let mark = writer.flush().unwrap();
+        let mut reader = TapeReader::open(&new).unwrap();
+        assert_eq!(reader.version, TAPE_VERSION);
+        assert_eq!(reader.next_frame().unwrap(), Some(Frame::Run(run(0, None))));
+        assert_eq!(
+            reader.next_frame().unwrap(),
+            Some(Frame::Run(run(5, Some("x-id"))))
+        );
+
+        // The same tape as version 1 wrote it: the version in the header,
+        // run frames ending after the memory cap.
+        let old = dir.path().join("old.tape");
+        let mut bytes = std::fs::read(&new).unwrap()[..HEADER_LEN as usize].to_vec();
+        bytes[12..16].copy_from_slice(&1u32.to_le_bytes());
+        let mut w = Writer::default();
+        run(0, None).encode(&mut w, 1);
+        let body = w.buf;
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        std::fs::write(&old, &bytes).unwrap();
+        let default = Some(crate::sink::ID_HEADER);
+        let mut reader = TapeReader::open(&old).unwrap();
+        assert_eq!(
+            reader.next_frame().unwrap(),
+            Some(Frame::Run(run(0, default)))
+        );
+
+        let mark = TapeMark {
+            bytes: bytes.len() as u64,
+            ..mark
+        };
+        let mut writer = TapeWriter::open(&old, Some(&mark)).unwrap();
+        writer.run(&run(9, Some("x-id")));
+        writer.flush().unwrap();
+        let mut reader = TapeReader::open(&old).unwrap();
+        assert_eq!(reader.version, 1);
+        reader.next_frame().unwrap();
+        // Version 1 cannot say which header: the frame reads as the default.
+        assert_eq!(
+            reader.next_frame().unwrap(),
+            Some(Frame::Run(run(9, default)))
+        );
+        assert_eq!(reader.next_frame().unwrap(), None);
     }
 
     /// A record's frame written from the record equals the frame of its

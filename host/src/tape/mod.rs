@@ -1,6 +1,6 @@
 //! Tapes: durable recordings of every consumed input, in consumption order.
 //!
-//! # Format (version 1)
+//! # Format (version 2)
 //!
 //! A tape is one append-only file: a 32-byte header, then frames.
 //!
@@ -14,8 +14,13 @@
 //! `str` is `bytes` holding UTF-8; `opt<T>` is a flag byte (0 absent, 1
 //! present) followed by `T` when present.
 //!
-//! Kind 1, **run**: a `rewind run` began appending here.
-//! `first_seq: u64 | module_digest: str | fuel: u64 | memory_bytes: u64`
+//! Kind 1, **run**: a `rewind run` began appending here, with these
+//! settings (what replaying its events as recorded needs).
+//! `first_seq: u64 | module_digest: str | fuel: u64 | memory_bytes: u64 | dedup_header: opt<str>`
+//!
+//! Version 1 run frames end after `memory_bytes`; their runs deduplicated
+//! by the default header, `rewind-id`. This host reads both versions, and
+//! appends to a version 1 tape in version 1.
 //!
 //! Kind 2, **event**: one consumed input record and, when a run recorded
 //! it, what the run made of it.
@@ -42,7 +47,7 @@ pub use file::{TapeMark, TapeReader, TapeWriter, is_tape};
 
 pub use tools::{
     MALFORMED_HEADER, PartitionInfo, RunSummary as TapeRun, TapeInfo, ToolError, export,
-    export_line, import, info, recorded_limits,
+    export_line, import, info, recorded_run,
 };
 
 use std::path::PathBuf;
@@ -54,8 +59,10 @@ use crate::event::{Event, Header, Position};
 use crate::source::Record;
 
 const MAGIC: &[u8; 12] = b"REWIND TAPE\n";
-/// The tape format this host reads and writes.
-pub const TAPE_VERSION: u32 = 1;
+/// The tape format this host writes (it also reads [`OLDEST_TAPE_VERSION`]).
+pub const TAPE_VERSION: u32 = 2;
+/// The oldest tape format this host reads.
+pub const OLDEST_TAPE_VERSION: u32 = 1;
 const HEADER_LEN: u64 = 32;
 /// No frame is larger: a record's bytes are bounded well below (64 MiB lines).
 const MAX_FRAME: u32 = 256 << 20;
@@ -78,7 +85,8 @@ pub enum TapeError {
     )]
     NotATape { path: PathBuf },
     #[error(
-        "tape {path} has format version {found}; this rewind reads version {TAPE_VERSION}: \
+        "tape {path} has format version {found}; this rewind reads versions \
+         {OLDEST_TAPE_VERSION} to {TAPE_VERSION}: \
          use the rewind that wrote it"
     )]
     UnknownVersion { path: PathBuf, found: u32 },
@@ -108,6 +116,8 @@ pub struct RunInfo {
     pub module_digest: String,
     pub fuel: u64,
     pub memory_bytes: u64,
+    /// The header whose repeated values the run skipped; `None`: none.
+    pub dedup_header: Option<String>,
 }
 
 /// What a run made of an event.
@@ -348,20 +358,29 @@ pub enum Frame {
 }
 
 impl RunInfo {
-    fn encode(&self, w: &mut Writer) {
+    /// Encodes the frame as tape format `version` has it.
+    fn encode(&self, w: &mut Writer, version: u32) {
         w.u8(KIND_RUN);
         w.u64(self.first_seq);
         w.str(&self.module_digest);
         w.u64(self.fuel);
         w.u64(self.memory_bytes);
+        if version >= 2 {
+            w.opt_str(self.dedup_header.as_deref());
+        }
     }
 
-    fn decode(r: &mut Reader<'_>) -> Result<RunInfo, String> {
+    fn decode(r: &mut Reader<'_>, version: u32) -> Result<RunInfo, String> {
         Ok(RunInfo {
             first_seq: r.u64("first seq")?,
             module_digest: r.str("module digest")?,
             fuel: r.u64("fuel")?,
             memory_bytes: r.u64("memory cap")?,
+            dedup_header: if version >= 2 {
+                r.opt_str("dedup header")?
+            } else {
+                Some(crate::sink::ID_HEADER.to_owned())
+            },
         })
     }
 }

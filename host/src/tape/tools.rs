@@ -131,16 +131,17 @@ pub struct RunSummary {
     pub module_digest: String,
     pub fuel: u64,
     pub memory_bytes: u64,
+    pub dedup_header: Option<String>,
     pub events: u64,
 }
 
-/// The limits (fuel, memory bytes) the tape's first run was recorded with:
-/// what replaying it as recorded needs. `None` for a tape no run recorded
-/// (imported). Reads only up to the first event.
-pub fn recorded_limits(tape: &Path) -> Result<Option<(u64, u64)>, TapeError> {
+/// The settings of the tape's first run (module, fuel, memory cap, dedup
+/// header): what replaying it as recorded needs. `None` for a tape no run
+/// recorded (imported). Reads only the first frame.
+pub fn recorded_run(tape: &Path) -> Result<Option<RunInfo>, TapeError> {
     let mut reader = TapeReader::open(tape)?;
     Ok(match reader.next_frame()? {
-        Some(Frame::Run(run)) => Some((run.fuel, run.memory_bytes)),
+        Some(Frame::Run(run)) => Some(run),
         _ => None,
     })
 }
@@ -160,11 +161,13 @@ pub fn info(tape: &Path) -> Result<TapeInfo, ToolError> {
                 module_digest,
                 fuel,
                 memory_bytes,
+                dedup_header,
             }) => info.runs.push(RunSummary {
                 first_seq,
                 module_digest,
                 fuel,
                 memory_bytes,
+                dedup_header,
                 events: 0,
             }),
             Frame::Event(event) => {
