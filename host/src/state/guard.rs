@@ -272,14 +272,24 @@ impl Guard {
 /// SELECT` apart by appending `:1` … `:4` to a repeated name; from the sixth
 /// alike it appends a number from its process-wide random generator, which
 /// the host cannot seed per event. Such a name is `STEM:N` with N outside
-/// 1..=4, and five more names share its stem (names are compared without
-/// case, after dropping a `:digits` suffix, as SQLite does).
+/// 1..=4 while `STEM:1` … `STEM:4` are all names too (compared without
+/// case, stems taken as SQLite takes them; `every_name_sqlite_makes_up_is_found`
+/// checks this against SQLite).
 pub fn made_up_column<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Option<(String, usize)> {
+    // SQLite's own rule: drop trailing digits (never the first character),
+    // then a colon before them, if there is one.
     fn stem(name: &str) -> (&str, Option<&str>) {
-        let head = name.trim_end_matches(|c: char| c.is_ascii_digit());
-        match head.strip_suffix(':') {
-            Some(stem) if head.len() < name.len() => (stem, Some(&name[head.len()..])),
-            _ => (name, None),
+        let bytes = name.as_bytes();
+        let Some(mut j) = bytes.len().checked_sub(1) else {
+            return (name, None);
+        };
+        while j > 0 && bytes[j].is_ascii_digit() {
+            j -= 1;
+        }
+        if bytes[j] == b':' {
+            (&name[..j], Some(&name[j + 1..]))
+        } else {
+            (name, None)
         }
     }
     // Nearly every result has no name with a colon in it.
@@ -287,14 +297,20 @@ pub fn made_up_column<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Optio
         let (stem_of, Some(number)) = stem(name) else {
             continue;
         };
-        if matches!(number, "1" | "2" | "3" | "4") {
+        if number.is_empty() || matches!(number, "1" | "2" | "3" | "4") {
             continue;
         }
-        let alike = names
-            .clone()
-            .filter(|other| stem(other).0.eq_ignore_ascii_case(stem_of))
-            .count();
-        if alike >= 6 {
+        // SQLite draws a number only once `STEM:1` … `STEM:4` are taken.
+        let taken = ["1", "2", "3", "4"].iter().all(|k| {
+            names.clone().any(|other| {
+                stem(other).0.eq_ignore_ascii_case(stem_of) && stem(other).1 == Some(*k)
+            })
+        });
+        if taken {
+            let alike = names
+                .clone()
+                .filter(|other| stem(other).0.eq_ignore_ascii_case(stem_of))
+                .count();
             return Some((stem_of.to_owned(), alike));
         }
     }
@@ -453,6 +469,38 @@ mod tests {
         let sql = format!("SELECT * FROM (SELECT {})", select.join(", "));
         let stmt = conn.prepare(&sql).unwrap();
         stmt.column_names().map(str::to_owned).collect()
+    }
+
+    /// Whatever the names, when SQLite's names for a subquery's columns
+    /// differ between two prepares (so it drew on its random generator and
+    /// a guest could see it), `made_up_column` flags them.
+    #[test]
+    fn every_name_sqlite_makes_up_is_found() {
+        const NAMES: [&str; 11] = [
+            "a", "A", "a:1", "a:3", "A:4", "a:5", ":1", "b", "a:", "1", ":",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut flagged = 0;
+        for _ in 0..10_000 {
+            let columns: Vec<&str> = (0..6 + state % 4)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    NAMES[(state % NAMES.len() as u64) as usize]
+                })
+                .collect();
+            let (first, second) = (subquery_names(&columns), subquery_names(&columns));
+            let found = made_up_column(first.iter().map(String::as_str));
+            if first != second {
+                assert!(found.is_some(), "{columns:?}: {first:?} / {second:?}");
+            }
+            if found.is_some() {
+                flagged += 1;
+            }
+        }
+        // The sample reaches the random names at all.
+        assert!(flagged > 100, "{flagged}");
     }
 
     #[test]
