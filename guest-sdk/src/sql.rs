@@ -26,9 +26,10 @@
 //! statements. Two things would let SQLite decide by chance, so they fail
 //! the event (a dead letter of class `nondeterministic-sql`): storing a row
 //! with the largest rowid (`i64::MAX`; SQLite then picks later rowids at
-//! random), and a subquery, view or `CREATE TABLE … AS SELECT` with six or
-//! more columns of the same name (SQLite numbers the sixth at random; a
-//! query's result with such names is refused with an error instead).
+//! random), and a subquery, view or `CREATE TABLE … AS SELECT` whose alike
+//! column names SQLite must number past `name:4`, six `a`s say (it numbers
+//! the next one at random; a query's result with such names is refused with
+//! an error instead).
 
 use std::fmt;
 use std::rc::Rc;

@@ -269,8 +269,8 @@ impl Guard {
 /// table: its stem and how many names share that stem.
 ///
 /// SQLite names the columns of a subquery, view or `CREATE TABLE … AS
-/// SELECT` apart by appending `:1` … `:4` to a repeated name; from the sixth
-/// alike it appends a number from its process-wide random generator, which
+/// SELECT` apart by appending `:1` … `:4` to a repeated name; once those are
+/// taken it appends a number from its process-wide random generator, which
 /// the host cannot seed per event. Such a name is `STEM:N` with N outside
 /// 1..=4 while `STEM:1` … `STEM:4` are all names too (compared without
 /// case, stems taken as SQLite takes them; `every_name_sqlite_makes_up_is_found`

@@ -18,10 +18,8 @@ mod changes;
 mod checkpoint;
 mod guard;
 mod memory;
-mod stall;
-pub use memory::{DEFAULT_SQL_MEMORY_MB, limit_sql_memory};
-pub use stall::{STALL_REASON, exit_when_stuck};
 mod outbox;
+mod stall;
 mod statements;
 mod tables;
 mod vfs;
@@ -39,6 +37,8 @@ pub(crate) use changes::put_value;
 pub use changes::{Change, ChangeLog, EventChanges};
 
 pub use checkpoint::Checkpointer;
+pub use memory::{DEFAULT_SQL_MEMORY_MB, limit_sql_memory};
+pub use stall::{STALL_REASON, exit_when_stuck};
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
 
@@ -684,9 +684,10 @@ impl StateDb {
         match guard::made_up_column(names.iter().map(String::as_str)) {
             None => Ok(()),
             Some((stem, alike)) => Err(GuestSqlError::Unreplayable(format!(
-                "table {table} would have {alike} columns named {stem:?}: SQLite names the \
-                 sixth and later ones with numbers from its random generator, which no replay \
-                 could repeat; name the columns of its SELECT apart (… AS name)"
+                "table {table} would have {alike} columns named {stem:?}: once {stem}:1 … \
+                 {stem}:4 are taken, SQLite numbers the next alike name from its random \
+                 generator, which no replay could repeat; name the columns of its SELECT apart \
+                 (… AS name)"
             ))),
         }
     }
@@ -727,9 +728,9 @@ fn collect_rows(
         return Err(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
             Some(format!(
-                "the result has {alike} columns named {stem:?}: SQLite names the sixth and \
-                 later ones of a subquery or view with numbers from its random generator, \
-                 which no replay could repeat; name them apart (… AS name)"
+                "the result has {alike} columns named {stem:?}: once {stem}:1 … {stem}:4 are \
+                 taken, SQLite numbers the next alike column of a subquery or view from its \
+                 random generator, which no replay could repeat; name them apart (… AS name)"
             )),
         ));
     }
