@@ -49,6 +49,6 @@ pub use tape::{
 pub mod tapes {
     pub use crate::tape::{
         MALFORMED_HEADER, PartitionInfo, TapeInfo, TapeRun, ToolError, export, export_line, import,
-        info, recorded_run,
+        info, recorded_run, settings_flags,
     };
 }

@@ -83,39 +83,6 @@ pub struct Verified {
     pub first_mismatch: Option<Mismatch>,
 }
 
-/// The settings of a run that change what it makes of events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Limits {
-    fuel: u64,
-    memory_bytes: u64,
-    dedup_header: Option<String>,
-}
-
-impl Limits {
-    fn of(run: &RunInfo) -> Limits {
-        Limits {
-            fuel: run.fuel,
-            memory_bytes: run.memory_bytes,
-            dedup_header: run.dedup_header.clone(),
-        }
-    }
-}
-
-impl std::fmt::Display for Limits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "--fuel {} --memory-mb {}",
-            self.fuel,
-            self.memory_bytes >> 20
-        )?;
-        match &self.dedup_header {
-            Some(header) => write!(f, " --dedup-header {header}"),
-            None => write!(f, " --no-dedup"),
-        }
-    }
-}
-
 /// Compares committed results with the tape's, in order.
 struct Checker<'a> {
     reader: Mutex<TapeReader>,
@@ -123,9 +90,9 @@ struct Checker<'a> {
     /// The digest of the module replaying, and its file (for messages).
     module: String,
     processor: &'a Path,
-    /// The fuel, memory cap (bytes) and dedup header it replays with: the
-    /// first run's.
-    limits: Limits,
+    /// The run whose settings (fuel, memory cap, dedup header) it replays
+    /// with: the first.
+    recorded: RunInfo,
 }
 
 #[derive(Default)]
@@ -156,7 +123,7 @@ impl Checker<'_> {
                         ),
                     });
                 }
-                Some(Frame::Run(run)) if Limits::of(&run) != self.limits => {
+                Some(Frame::Run(run)) if !run.same_settings(&self.recorded) => {
                     return Err(VerifyError::Unverifiable {
                         path: reader.path().to_owned(),
                         message: format!(
@@ -164,8 +131,8 @@ impl Checker<'_> {
                              verify replays a tape with the settings it was recorded with, one \
                              set of them",
                             run.first_seq,
-                            Limits::of(&run),
-                            self.limits
+                            run.settings(),
+                            self.recorded.settings()
                         ),
                     });
                 }
@@ -233,11 +200,11 @@ pub fn verify(
     // first event says so.
     let mut reader = TapeReader::open(tape)?;
     let mut with_results = false;
-    let mut limits = None;
+    let mut recorded = None;
     while let Some(frame) = reader.next_frame()? {
         match frame {
             Frame::Run(run) => {
-                limits.get_or_insert(Limits::of(&run));
+                recorded.get_or_insert(run);
             }
             Frame::Event(e) => {
                 with_results = e.result.is_some();
@@ -258,14 +225,14 @@ pub fn verify(
                 .into(),
         ));
     }
-    let Some(limits) = limits else {
+    let Some(recorded) = recorded else {
         return Err(unverifiable(
             "no run recorded it (an imported tape?); record one with `rewind run --tape`".into(),
         ));
     };
     let runtime = RuntimeConfig {
-        fuel: limits.fuel,
-        memory_bytes: usize::try_from(limits.memory_bytes).unwrap_or(usize::MAX),
+        fuel: recorded.fuel,
+        memory_bytes: usize::try_from(recorded.memory_bytes).unwrap_or(usize::MAX),
         ..runtime.clone()
     };
     let module = crate::runtime::Runtime::new(runtime.clone())
@@ -276,7 +243,7 @@ pub fn verify(
     }
     let mut config = RunConfig::new(processor, tape, work);
     config.runtime = runtime.clone();
-    config.dedup_header = limits.dedup_header.clone();
+    config.dedup_header = recorded.dedup_header.clone();
     // The outputs are checked against their digests, never delivered.
     config.queue_outputs = false;
     // The state is made afresh by every verify.
@@ -286,7 +253,7 @@ pub fn verify(
         state: Mutex::new(Checked::default()),
         module,
         processor,
-        limits,
+        recorded,
     };
     let run = crate::run(&config, &checker);
     let state = checker

@@ -43,12 +43,10 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                 println!("runs          none (imported)");
             }
             for (i, r) in info.runs.iter().enumerate() {
-                let dedup = match &r.dedup_header {
-                    Some(header) => format!("--dedup-header {}", printable_str(header)),
-                    None => "--no-dedup".to_owned(),
-                };
+                let settings =
+                    tapes::settings_flags(r.fuel, r.memory_bytes, r.dedup_header.as_deref());
                 println!(
-                    "{}from seq {}: module {}, --fuel {} --memory-mb {} {dedup}, {} events",
+                    "{}from seq {}: module {}, {}, {} events",
                     if i == 0 {
                         "runs          "
                     } else {
@@ -56,8 +54,7 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     },
                     r.first_seq,
                     r.module_digest,
-                    r.fuel,
-                    r.memory_bytes >> 20,
+                    printable_str(&settings),
                     r.events
                 );
             }

@@ -35,9 +35,8 @@ pub enum HostFault {
     Instances { max: u32, error: String },
     /// One step of the guest's SQL ran for `seconds` (see `state/stall.rs`).
     #[error(
-        "it made no progress for {seconds} s: one step ran that long ({}); fix the \
-         statement, or rerun with a larger --sql-stall-secs",
-        crate::state::STALL_REASON
+        "{}; fix the statement, or rerun with a larger --sql-stall-secs",
+        crate::state::stalled_for(*seconds)
     )]
     SqlStalled { seconds: u64 },
     /// The guest's SQL needed more memory than SQLite may hold (see

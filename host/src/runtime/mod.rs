@@ -45,10 +45,11 @@ pub const DEFAULT_MEMORY_MB: u64 = 64;
 /// the same call depth on every machine.
 const MAX_WASM_STACK: usize = 512 * 1024;
 /// The stack of a thread the host starts to run guests on (the binary's
-/// commands, a replay's sides, a Kafka run's partitions): the guest's frames (up to `MAX_WASM_STACK`)
-/// and the host's SQL below them share it. The deepest guest running the
-/// deepest expression SQLite accepts needs between 560 KiB and 1 MiB (the
-/// test `the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack`);
+/// commands, a replay's sides, a Kafka run's partitions): the guest's frames
+/// (up to `MAX_WASM_STACK`) and the host's SQL below them share it. The
+/// deepest guest running the deepest expression SQLite accepts needs between
+/// 560 KiB and 1 MiB (the test
+/// `the_deepest_guest_running_the_deepest_sql_fits_a_small_thread_stack`);
 /// set rather than left to `RUST_MIN_STACK` or `ulimit -s`.
 pub const GUEST_THREAD_STACK: usize = 4 << 20;
 /// Bytes of each linear memory slot kept resident between instances.

@@ -275,46 +275,40 @@ impl Guard {
 /// 1..=4 while `STEM:1` … `STEM:4` are all names too (compared without
 /// case, stems taken as SQLite takes them; `every_name_sqlite_makes_up_is_found`
 /// checks this against SQLite).
-pub fn made_up_column<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Option<(String, usize)> {
-    // SQLite's own rule: drop trailing digits (never the first character),
-    // then a colon before them, if there is one.
-    fn stem(name: &str) -> (&str, Option<&str>) {
-        let bytes = name.as_bytes();
-        let Some(mut j) = bytes.len().checked_sub(1) else {
-            return (name, None);
-        };
-        while j > 0 && bytes[j].is_ascii_digit() {
-            j -= 1;
-        }
-        if bytes[j] == b':' {
-            (&name[..j], Some(&name[j + 1..]))
-        } else {
-            (name, None)
-        }
-    }
+pub fn made_up_column(names: &[String]) -> Option<(String, usize)> {
     // Nearly every result has no name with a colon in it.
-    for name in names.clone().filter(|n| n.contains(':')) {
-        let (stem_of, Some(number)) = stem(name) else {
-            continue;
-        };
-        if number.is_empty() || matches!(number, "1" | "2" | "3" | "4") {
-            continue;
-        }
-        // SQLite draws a number only once `STEM:1` … `STEM:4` are taken.
-        let taken = ["1", "2", "3", "4"].iter().all(|k| {
-            names.clone().any(|other| {
-                stem(other).0.eq_ignore_ascii_case(stem_of) && stem(other).1 == Some(*k)
-            })
-        });
-        if taken {
-            let alike = names
-                .clone()
-                .filter(|other| stem(other).0.eq_ignore_ascii_case(stem_of))
-                .count();
-            return Some((stem_of.to_owned(), alike));
-        }
+    if !names.iter().any(|name| name.contains(':')) {
+        return None;
     }
-    None
+    let stems: Vec<(&str, Option<&str>)> = names.iter().map(|name| stem(name)).collect();
+    stems.iter().find_map(|&(stem, number)| {
+        // A name numbered past 4 (or at 0)…
+        number.filter(|n| !n.is_empty() && !matches!(*n, "1" | "2" | "3" | "4"))?;
+        // …that SQLite drew, which it does only once `STEM:1` … `STEM:4` are taken.
+        let alike = || stems.iter().filter(|(s, _)| s.eq_ignore_ascii_case(stem));
+        let taken = ["1", "2", "3", "4"]
+            .iter()
+            .all(|k| alike().any(|(_, n)| *n == Some(*k)));
+        taken.then(|| (stem.to_owned(), alike().count()))
+    })
+}
+
+/// A column name's stem and number, by SQLite's own rule: drop trailing
+/// digits (never the first character), then a colon before them, if there
+/// is one; otherwise the whole name, without a number.
+fn stem(name: &str) -> (&str, Option<&str>) {
+    let bytes = name.as_bytes();
+    let Some(mut j) = bytes.len().checked_sub(1) else {
+        return (name, None);
+    };
+    while j > 0 && bytes[j].is_ascii_digit() {
+        j -= 1;
+    }
+    if bytes[j] == b':' {
+        (&name[..j], Some(&name[j + 1..]))
+    } else {
+        (name, None)
+    }
 }
 
 fn is_host_table(name: &str) -> bool {
@@ -491,7 +485,7 @@ mod tests {
                 })
                 .collect();
             let (first, second) = (subquery_names(&columns), subquery_names(&columns));
-            let found = made_up_column(first.iter().map(String::as_str));
+            let found = made_up_column(&first);
             if first != second {
                 assert!(found.is_some(), "{columns:?}: {first:?} / {second:?}");
             }
@@ -507,7 +501,7 @@ mod tests {
     fn names_sqlite_made_up_are_found_and_names_a_person_chose_are_not() {
         for alike in 1..=12 {
             let names = subquery_names(&vec!["Amount"; alike]);
-            let found = made_up_column(names.iter().map(String::as_str));
+            let found = made_up_column(&names);
             if alike < 6 {
                 assert_eq!(found, None, "{names:?}");
             } else {
@@ -516,13 +510,10 @@ mod tests {
         }
         // A repeated name that already carries a number, in any case.
         let names = subquery_names(&["x:1", "X:1", "x:1", "x:1", "x:1", "x:1"]);
-        assert_eq!(
-            made_up_column(names.iter().map(String::as_str)),
-            Some(("x".to_owned(), 6))
-        );
+        assert_eq!(made_up_column(&names), Some(("x".to_owned(), 6)));
         let names = subquery_names(&[":5"; 6]);
         assert_eq!(
-            made_up_column(names.iter().map(String::as_str)),
+            made_up_column(&names),
             Some((String::new(), 6)),
             "{names:?}"
         );
@@ -533,11 +524,7 @@ mod tests {
             &["10:30", "11:30", "12:30"],
         ] {
             let names: Vec<String> = chosen.iter().map(|n| n.to_string()).collect();
-            assert_eq!(
-                made_up_column(names.iter().map(String::as_str)),
-                None,
-                "{chosen:?}"
-            );
+            assert_eq!(made_up_column(&names), None, "{chosen:?}");
         }
     }
 }

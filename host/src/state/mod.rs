@@ -38,7 +38,7 @@ pub use changes::{Change, ChangeLog, EventChanges};
 
 pub use checkpoint::Checkpointer;
 pub use memory::{DEFAULT_SQL_MEMORY_MB, limit_sql_memory};
-pub use stall::{STALL_REASON, exit_when_stuck};
+pub use stall::{exit_when_stuck, stalled_for};
 pub use tables::{DeadLetter, OutboxRow, SinkMark, Summary, TableCount};
 pub use vfs::EventClock;
 
@@ -592,22 +592,18 @@ impl StateDb {
         use rusqlite::ErrorCode as C;
         match &error {
             rusqlite::Error::SqliteFailure(code, _) => match code.code {
-                C::OperationInterrupted
-                    if self
-                        .stall
-                        .as_ref()
-                        .is_some_and(stall::StallWatch::take_stalled) =>
-                {
-                    GuestSqlError::Stalled {
-                        limit: self.stall.as_ref().map_or(Duration::ZERO, |s| s.limit()),
-                    }
-                }
+                // The stall watch's interrupt, or the SQL budget's.
+                C::OperationInterrupted => match self.stall.as_ref().filter(|s| s.take_stalled()) {
+                    Some(stall) => GuestSqlError::Stalled {
+                        limit: stall.limit(),
+                    },
+                    None => GuestSqlError::BudgetExhausted {
+                        budget: self.sql_budget_periods.load(Ordering::Relaxed)
+                            * PROGRESS_PERIOD as u64,
+                    },
+                },
                 C::OutOfMemory => GuestSqlError::OutOfMemory {
                     limit_mib: memory::limit_mib(),
-                },
-                C::OperationInterrupted => GuestSqlError::BudgetExhausted {
-                    budget: self.sql_budget_periods.load(Ordering::Relaxed)
-                        * PROGRESS_PERIOD as u64,
                 },
                 C::SystemIoFailure
                 | C::DiskFull
@@ -681,7 +677,7 @@ impl StateDb {
                 },
             )
             .map_err(|e| GuestSqlError::Host(self.with_os_error(e)))?;
-        match guard::made_up_column(names.iter().map(String::as_str)) {
+        match guard::made_up_column(&names) {
             None => Ok(()),
             Some((stem, alike)) => Err(GuestSqlError::Unreplayable(format!(
                 "table {table} would have {alike} columns named {stem:?}: once {stem}:1 … \
@@ -724,7 +720,7 @@ fn collect_rows(
     params: &[SqlValue],
 ) -> rusqlite::Result<GuestRows> {
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-    if let Some((stem, alike)) = guard::made_up_column(columns.iter().map(String::as_str)) {
+    if let Some((stem, alike)) = guard::made_up_column(&columns) {
         return Err(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
             Some(format!(

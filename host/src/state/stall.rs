@@ -23,7 +23,8 @@
 //! the state stays what the input and the module make it, and a rerun (with
 //! a longer limit, or a fixed processor) continues from there.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,9 +35,13 @@ use rusqlite::InterruptHandle;
 use super::guard::Guard;
 use crate::event::Position;
 
-/// Why one step can run long, for the messages.
-pub const STALL_REASON: &str = "LIKE, GLOB, instr, replace and trim over large values run in \
-     a single step, which --fuel cannot meter";
+/// What a stall is, for the messages: the run's error and the binary's exit.
+pub fn stalled_for(seconds: u64) -> String {
+    format!(
+        "it made no progress for {seconds} s: one step ran that long (LIKE, GLOB, instr, \
+         replace and trim over large values run in a single step, which --fuel cannot meter)"
+    )
+}
 
 static EXIT_WHEN_STUCK: AtomicBool = AtomicBool::new(false);
 
@@ -51,7 +56,10 @@ pub(super) struct StallWatch {
     limit: Duration,
     stalled: Arc<AtomicBool>,
     /// The event whose SQL runs (for the message when the process exits).
-    event: Arc<Mutex<Position>>,
+    event: Arc<Event>,
+    /// Its stream as last written to `event`, on the run's thread: the
+    /// stream rarely changes, and comparing here takes no lock.
+    stream: RefCell<String>,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -65,7 +73,7 @@ impl StallWatch {
         limit: Duration,
     ) -> std::io::Result<StallWatch> {
         let stalled = Arc::new(AtomicBool::new(false));
-        let event = Arc::new(Mutex::new(Position::init()));
+        let event = Arc::new(Event::default());
         let (stop, stopped) = mpsc::channel::<()>();
         let flag = Arc::clone(&stalled);
         let at = Arc::clone(&event);
@@ -89,14 +97,13 @@ impl StallWatch {
                         interrupted = None;
                     } else if let Some(when) = interrupted {
                         if when.elapsed() >= grace && EXIT_WHEN_STUCK.load(Ordering::Relaxed) {
-                            let position = at.lock().unwrap_or_else(|p| p.into_inner()).clone();
                             eprintln!(
-                                "rewind: error: processor SQL stopped at {position}, nothing \
-                                 of the batch in progress committed: it made no progress for \
-                                 {} s: one step ran that long ({STALL_REASON}) and cannot be \
-                                 interrupted, so the process exits; fix the statement, or \
-                                 rerun with a larger --sql-stall-secs",
-                                since.elapsed().as_secs()
+                                "rewind: error: processor SQL stopped at {}, nothing of the \
+                                 batch in progress committed: {}, and cannot be interrupted, so \
+                                 the process exits; fix the statement, or rerun with a larger \
+                                 --sql-stall-secs",
+                                at.position(),
+                                stalled_for(since.elapsed().as_secs())
                             );
                             std::process::exit(2);
                         }
@@ -111,19 +118,28 @@ impl StallWatch {
             limit,
             stalled,
             event,
+            stream: RefCell::new(String::new()),
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 
-    /// Notes the event whose SQL runs next.
+    /// Notes the event whose SQL runs next (per event: no lock unless the
+    /// stream changed).
     pub(super) fn enter_event(&self, position: &Position) {
-        let mut event = self.event.lock().unwrap_or_else(|p| p.into_inner());
-        if event.stream != position.stream {
-            event.stream.clone_from(&position.stream);
+        let mut stream = self.stream.borrow_mut();
+        if *stream != position.stream {
+            stream.clone_from(&position.stream);
+            self.event
+                .stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone_from(&position.stream);
         }
-        event.partition = position.partition;
-        event.offset = position.offset;
+        self.event
+            .partition
+            .store(position.partition, Ordering::Relaxed);
+        self.event.offset.store(position.offset, Ordering::Relaxed);
     }
 
     /// Whether the watch interrupted a statement since the last call.
@@ -133,6 +149,28 @@ impl StallWatch {
 
     pub(super) fn limit(&self) -> Duration {
         self.limit
+    }
+}
+
+/// The event whose SQL runs, shared with the watching thread.
+#[derive(Default)]
+struct Event {
+    stream: Mutex<String>,
+    partition: AtomicI32,
+    offset: AtomicI64,
+}
+
+impl Event {
+    fn position(&self) -> Position {
+        Position {
+            stream: self
+                .stream
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            partition: self.partition.load(Ordering::Relaxed),
+            offset: self.offset.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -358,6 +358,18 @@ pub enum Frame {
 }
 
 impl RunInfo {
+    /// Whether `other` ran with the same settings (those that change what a
+    /// run makes of events, the module aside).
+    pub fn same_settings(&self, other: &RunInfo) -> bool {
+        (self.fuel, self.memory_bytes, &self.dedup_header)
+            == (other.fuel, other.memory_bytes, &other.dedup_header)
+    }
+
+    /// Those settings, as the `rewind run` flags that give them.
+    pub fn settings(&self) -> String {
+        settings_flags(self.fuel, self.memory_bytes, self.dedup_header.as_deref())
+    }
+
     /// Encodes the frame as tape format `version` has it.
     fn encode(&self, w: &mut Writer, version: u32) {
         w.u8(KIND_RUN);
@@ -383,6 +395,15 @@ impl RunInfo {
             },
         })
     }
+}
+
+/// A run's settings as the `rewind run` flags that give them.
+pub fn settings_flags(fuel: u64, memory_bytes: u64, dedup_header: Option<&str>) -> String {
+    let dedup = match dedup_header {
+        Some(header) => format!("--dedup-header {header}"),
+        None => "--no-dedup".to_owned(),
+    };
+    format!("--fuel {fuel} --memory-mb {} {dedup}", memory_bytes >> 20)
 }
 
 /// sha256 over a list of outputs, in order: the outputs part of an
