@@ -41,6 +41,12 @@ pub struct Guard {
     /// Counts guest statements begun and progress-handler calls: the
     /// stall watch (`stall.rs`) sees a guest statement move by it.
     progress: AtomicU64,
+    /// Held while a guest statement ends and while the stall watch
+    /// interrupts one, so an interrupt meant for a stuck statement cannot
+    /// land on the host's statement after it (see `interrupt_if_stuck`).
+    turn: Mutex<()>,
+    /// Whether the stall watch interrupted the guest statement running.
+    stalled: AtomicBool,
     /// What the authorizer noted of the guest statement being prepared,
     /// and whether it noted anything: a statement from the cache is not
     /// authorised again, and then costs no lock.
@@ -91,6 +97,8 @@ impl Guard {
         let guard = Arc::new(Guard {
             guest: AtomicBool::new(false),
             progress: AtomicU64::new(0),
+            turn: Mutex::new(()),
+            stalled: AtomicBool::new(false),
             noted: Mutex::new(Noted::default()),
             noted_any: AtomicBool::new(false),
             rng: Mutex::new(LazyRng::new(Position::init().seed())),
@@ -210,6 +218,29 @@ impl Guard {
             .then(|| self.progress.load(Ordering::Relaxed))
     }
 
+    /// Interrupts the guest statement running on the connection of
+    /// `interrupt` if its progress is still `seen`; returns whether it did.
+    ///
+    /// Holding the turn, the statement cannot end in between: an interrupt
+    /// given once it had ended would stop whichever statement runs next,
+    /// the host's own among them. One given as the stuck step returns
+    /// (SQLite looks for it between steps) stops nothing: SQLite clears it
+    /// when the next statement starts.
+    pub fn interrupt_if_stuck(&self, seen: u64, interrupt: &rusqlite::InterruptHandle) -> bool {
+        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        if self.guest_progress() != Some(seen) {
+            return false;
+        }
+        self.stalled.store(true, Ordering::Relaxed);
+        interrupt.interrupt();
+        true
+    }
+
+    /// Whether the stall watch interrupted the last guest statement.
+    pub fn take_stalled(&self) -> bool {
+        self.stalled.swap(false, Ordering::Relaxed)
+    }
+
     /// The processor table that got a row with the largest rowid since the
     /// last call, if one did.
     pub fn take_largest_rowid(&self) -> Option<String> {
@@ -245,9 +276,14 @@ impl Guard {
         f: impl FnOnce() -> rusqlite::Result<T>,
     ) -> Result<(T, Option<String>), SqlError> {
         self.tick();
+        // An interrupt of the statement before, if it returned regardless.
+        self.stalled.store(false, Ordering::Relaxed);
         self.guest.store(true, Ordering::Relaxed);
         let result = f();
-        self.guest.store(false, Ordering::Relaxed);
+        {
+            let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+            self.guest.store(false, Ordering::Relaxed);
+        }
         // Taken whole, so the next statement starts from nothing noted.
         let noted = if self.noted_any.swap(false, Ordering::Relaxed) {
             std::mem::take(&mut *self.noted.lock().unwrap_or_else(|p| p.into_inner()))
@@ -450,7 +486,36 @@ fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::made_up_column;
+    use super::{Guard, made_up_column};
+
+    /// The stall watch interrupts a guest statement only while it runs,
+    /// and one it interrupts as it ends stops no statement after it.
+    #[test]
+    fn a_stall_interrupt_reaches_only_the_statement_it_was_meant_for() {
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
+        let guard = Guard::install(&mut conn).unwrap();
+        let interrupt = conn.get_interrupt_handle();
+        let mut seen = None;
+        let ((), _) = guard
+            .as_guest(|| {
+                let progress = guard.guest_progress().expect("a guest statement runs");
+                seen = Some(progress);
+                // Its step "returns" right after, with the interrupt given.
+                assert!(guard.interrupt_if_stuck(progress, &interrupt));
+                Ok(())
+            })
+            .unwrap();
+        assert!(guard.guest_progress().is_none());
+        assert!(
+            !guard.interrupt_if_stuck(seen.unwrap(), &interrupt),
+            "the statement ended: nothing to interrupt"
+        );
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .expect("the host's next statements run");
+        // The next guest statement does not count the last one's interrupt.
+        let (stalled, _) = guard.as_guest(|| Ok(guard.take_stalled())).unwrap();
+        assert!(!stalled);
+    }
 
     /// The names SQLite gives the columns of `SELECT * FROM (subquery)`.
     fn subquery_names(columns: &[&str]) -> Vec<String> {

@@ -54,7 +54,7 @@ pub fn exit_when_stuck() {
 /// The watching thread of one state DB; stops it when dropped.
 pub(super) struct StallWatch {
     limit: Duration,
-    stalled: Arc<AtomicBool>,
+    guard: Arc<Guard>,
     /// The event whose SQL runs (for the message when the process exits).
     event: Arc<Event>,
     /// Its stream as last written to `event`, on the run's thread: the
@@ -72,10 +72,9 @@ impl StallWatch {
         interrupt: InterruptHandle,
         limit: Duration,
     ) -> std::io::Result<StallWatch> {
-        let stalled = Arc::new(AtomicBool::new(false));
         let event = Arc::new(Event::default());
+        let watched = Arc::clone(&guard);
         let (stop, stopped) = mpsc::channel::<()>();
-        let flag = Arc::clone(&stalled);
         let at = Arc::clone(&event);
         let grace = (limit / 4).max(Duration::from_secs(1));
         // Looks four times per limit (at most once a second), so a stall is
@@ -107,16 +106,17 @@ impl StallWatch {
                             );
                             std::process::exit(2);
                         }
-                    } else if since.elapsed() >= limit {
-                        flag.store(true, Ordering::Relaxed);
-                        interrupt.interrupt();
+                    } else if since.elapsed() >= limit
+                        && let Some(progress) = seen
+                        && guard.interrupt_if_stuck(progress, &interrupt)
+                    {
                         interrupted = Some(Instant::now());
                     }
                 }
             })?;
         Ok(StallWatch {
             limit,
-            stalled,
+            guard: watched,
             event,
             stream: RefCell::new(String::new()),
             stop: Some(stop),
@@ -144,7 +144,7 @@ impl StallWatch {
 
     /// Whether the watch interrupted a statement since the last call.
     pub(super) fn take_stalled(&self) -> bool {
-        self.stalled.swap(false, Ordering::Relaxed)
+        self.guard.take_stalled()
     }
 
     pub(super) fn limit(&self) -> Duration {
