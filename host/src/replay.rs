@@ -25,7 +25,7 @@ use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
 use crate::event::{Output, Position};
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_loaded};
 use crate::runtime::{Runtime, RuntimeConfig};
-use crate::state::Change;
+use crate::state::{Change, StateError};
 use crate::tape::{Outcome, TapeEvent};
 
 /// Events per batch on each side. A side holds a batch's results (row
@@ -63,6 +63,20 @@ pub enum ReplayError {
         #[source]
         source: Box<RunError>,
     },
+    /// A side's state DB could not grow: a replay starts afresh, so the
+    /// advice differs from a run's.
+    #[error(
+        "{side} version: state DB {path} could not be written ({source}); make room in \
+         {dir} (where a replay builds both versions' states: --keep DIR, else the \
+         temporary directory, TMPDIR) and replay again",
+        dir = path.parent().unwrap_or(path).display()
+    )]
+    Storage {
+        side: &'static str,
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
     /// The WebAssembly engine could not be set up.
@@ -77,6 +91,29 @@ pub enum ReplayError {
          was the tape changed during the replay?"
     )]
     OutOfStep { tape: PathBuf, old: u64, new: u64 },
+}
+
+impl ReplayError {
+    /// What stopped one side.
+    fn side(side: &'static str, error: RunError) -> ReplayError {
+        let other = |error| ReplayError::Side {
+            side,
+            source: Box::new(error),
+        };
+        match error {
+            RunError::State(StateError::Storage { path, source }) => {
+                ReplayError::Storage { side, path, source }
+            }
+            RunError::Host { position, source } => match *source {
+                StateError::Storage { path, source } => ReplayError::Storage { side, path, source },
+                source => other(RunError::Host {
+                    position,
+                    source: Box::new(source),
+                }),
+            },
+            error => other(error),
+        }
+    }
 }
 
 /// What one version did with one event.
@@ -331,10 +368,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             handle
                 .join()
                 .map_err(|_| ReplayError::Crashed { side })?
-                .map_err(|e| ReplayError::Side {
-                    side,
-                    source: Box::new(e),
-                })
+                .map_err(|e| ReplayError::side(side, e))
         };
         let (old_summary, new_summary) = (join(old, "old")?, join(new, "new")?);
         let compared = compared?;

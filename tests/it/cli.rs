@@ -91,6 +91,30 @@ fn completed_orders(n: usize, customers: usize) -> Vec<String> {
         .collect()
 }
 
+/// `rewind ARGS` with files limited to `kib` KiB (`ulimit -f`, the signal
+/// it raises ignored, so writes past it fail as on a full disk): it must stop
+/// with exit 2 and a one-line error saying what to do, never a panic; the
+/// error is returned.
+fn under_file_limit(kib: u64, args: &[std::ffi::OsString]) -> String {
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f \"$0\" && shift && exec \"$@\"",
+        ])
+        .arg(kib.to_string())
+        .arg("--")
+        .arg(rewind_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
 /// A file that is not a state DB, or one damaged past its header, gets the
 /// same one-line error from every command that reads it, with what to do,
 /// and SQLite's code is not repeated.
@@ -193,28 +217,7 @@ fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
         args.extend(["--output".into(), output.clone().into_os_string()]);
         args
     };
-    let limited = |kib: u64| {
-        let out = Command::new("bash")
-            .args([
-                "-c",
-                "trap '' XFSZ; ulimit -f \"$0\" && shift && exec \"$@\"",
-            ])
-            .arg(kib.to_string())
-            .arg("--")
-            .arg(rewind_bin())
-            .args(args())
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(
-            stderr.contains("File too large") && stderr.contains("make room and rerun"),
-            "{stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        stderr
-    };
+    let limited = |kib: u64| under_file_limit(kib, &args());
     let rerun = || {
         let out = Command::new(rewind_bin()).args(args()).output().unwrap();
         assert!(
@@ -227,17 +230,137 @@ fn a_full_disk_stops_the_run_cleanly_and_the_rerun_delivers_exactly_once() {
     std::fs::write(&input, lines[..20_000].concat()).unwrap();
     let stderr = limited(2048);
     assert!(stderr.contains("state DB"), "{stderr}");
+    assert!(stderr.contains("make room and rerun"), "{stderr}");
     rerun();
 
     std::fs::write(&input, lines.concat()).unwrap();
     let stderr = limited(file_len(&output) / 1024 + 100);
     assert!(stderr.contains("could not write outputs to"), "{stderr}");
+    assert!(stderr.contains("make room and rerun"), "{stderr}");
     assert!(file_len(&output) < expected.len() as u64);
     rerun();
     assert!(
         std::fs::read(&output).unwrap() == expected,
         "exactly once, in order"
     );
+}
+
+/// A tape that cannot grow stops the run the same way (the tape is the
+/// file near the limit: recorded earlier, its run's state log since
+/// removed); the rerun repairs and continues it, so tape, state and
+/// outputs end as those of an uninterrupted run, and `verify` agrees.
+#[test]
+fn a_full_disk_under_the_tape_stops_the_run_and_the_rerun_continues_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = completed_orders(12_000, 300);
+    let files = |name: &str| {
+        let at = dir.path().join(name);
+        std::fs::create_dir_all(&at).unwrap();
+        let input = at.join("orders.jsonl");
+        let args = [
+            run_args("payments-v2", &input, &at.join("state.db")),
+            ["--quiet", "--batch-size", "512", "--tape"]
+                .map(Into::into)
+                .to_vec(),
+            vec![
+                at.join("t.tape").into(),
+                "--output".into(),
+                at.join("out.jsonl").into(),
+            ],
+        ]
+        .concat();
+        (input, args, at)
+    };
+    let ok = |args: &[std::ffi::OsString]| {
+        let out = Command::new(rewind_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (input, reference, expected) = files("reference");
+    std::fs::write(&input, lines.concat()).unwrap();
+    ok(&reference);
+
+    let (input, live, at) = files("live");
+    std::fs::write(&input, lines[..8_000].concat()).unwrap();
+    ok(&live);
+    std::fs::write(&input, lines.concat()).unwrap();
+    let stderr = under_file_limit(file_len(&at.join("t.tape")) / 1024 + 64, &live);
+    assert!(
+        stderr.contains("tape") && stderr.contains("t.tape could not be written"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("make room and rerun"), "{stderr}");
+    ok(&live);
+
+    let text = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new(rewind_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let (tape, tape_ref) = (at.join("t.tape"), expected.join("t.tape"));
+    assert!(
+        text(&["tape".as_ref(), "export".as_ref(), tape.as_os_str()])
+            == text(&["tape".as_ref(), "export".as_ref(), tape_ref.as_os_str()]),
+        "the tape holds every record once, in order"
+    );
+    let diff = rewind(&[
+        "diff",
+        expected.join("state.db").to_str().unwrap(),
+        at.join("state.db").to_str().unwrap(),
+    ]);
+    assert_eq!(diff.status.code(), Some(0), "{diff:?}");
+    assert!(
+        std::fs::read(at.join("out.jsonl")).unwrap()
+            == std::fs::read(expected.join("out.jsonl")).unwrap(),
+        "outputs exactly once, in order"
+    );
+    let verify = text(&[
+        "verify".as_ref(),
+        "--tape".as_ref(),
+        tape.as_os_str(),
+        "--processor".as_ref(),
+        processor("payments-v2").as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&verify).contains("identical"));
+}
+
+/// A replay whose states cannot grow says where to make room, and that the
+/// replay starts again (it does not continue, as a run does).
+#[test]
+fn a_full_disk_under_a_replay_says_where_to_make_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, completed_orders(20_000, 500).concat()).unwrap();
+    let keep = dir.path().join("kept");
+    let args: Vec<std::ffi::OsString> = vec![
+        "replay".into(),
+        "--quiet".into(),
+        "--tape".into(),
+        input.into(),
+        "--old".into(),
+        processor("payments-v1").into(),
+        "--new".into(),
+        processor("payments-v2").into(),
+        "--keep".into(),
+        keep.clone().into(),
+        "--cache-dir".into(),
+        rewind_tests::cache_dir().into(),
+    ];
+    let stderr = under_file_limit(512, &args);
+    assert!(stderr.contains(" version: state DB "), "{stderr}");
+    assert!(
+        stderr.contains(&format!("make room in {}", keep.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("replay again"), "{stderr}");
+    assert!(!stderr.contains("continues"), "{stderr}");
 }
 
 /// `--max-instances` sizes the instance pool, whose address space is

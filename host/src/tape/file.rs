@@ -195,15 +195,12 @@ impl TapeWriter {
 
     /// Writes the header of a new tape into `file`, which is empty.
     fn start(path: &Path, mut file: File, id: [u8; 16]) -> Result<TapeWriter, TapeError> {
-        let io = |source| TapeError::Io {
-            path: path.to_owned(),
-            source,
-        };
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&TAPE_VERSION.to_le_bytes());
         header.extend_from_slice(&id);
-        file.write_all(&header).map_err(io)?;
+        file.write_all(&header)
+            .map_err(|source| TapeError::writing(path, source))?;
         Ok(TapeWriter {
             path: path.to_owned(),
             file,
@@ -264,10 +261,7 @@ impl TapeWriter {
         if !self.pending.buf.is_empty() {
             self.file
                 .write_all(&self.pending.buf)
-                .map_err(|source| TapeError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| TapeError::writing(&self.path, source))?;
             self.len += self.pending.buf.len() as u64;
             self.pending.buf.clear();
         }

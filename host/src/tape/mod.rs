@@ -80,6 +80,15 @@ pub enum TapeError {
         source: std::io::Error,
     },
     #[error(
+        "tape {path} could not be written ({source}); make room and rerun: \
+         a run continues its tape and state from the last committed batch"
+    )]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "{path} is not a rewind tape (it does not start with the tape header); \
          `rewind run --tape` records one, `rewind tape import` makes one of a JSONL file"
     )]
@@ -107,6 +116,21 @@ pub enum TapeError {
     },
     #[error("tape {path}: {message}")]
     Mismatch { path: PathBuf, message: String },
+}
+
+impl TapeError {
+    /// A failed write to the tape at `path`: [`TapeError::Storage`] when
+    /// the file could not grow (a full disk, a quota, a file size limit).
+    pub(crate) fn writing(path: &std::path::Path, source: std::io::Error) -> TapeError {
+        use std::io::ErrorKind as K;
+        let path = path.to_owned();
+        match source.kind() {
+            K::StorageFull | K::QuotaExceeded | K::FileTooLarge => {
+                TapeError::Storage { path, source }
+            }
+            _ => TapeError::Io { path, source },
+        }
+    }
 }
 
 /// A run that appended to a tape.
