@@ -420,7 +420,13 @@ fn main() -> ExitCode {
     let result = std::thread::Builder::new()
         .name("rewind".into())
         .stack_size(rewind_host::GUEST_THREAD_STACK)
-        .spawn(move || dispatch(cli.command))
+        .spawn(move || {
+            let code = dispatch(cli.command)?;
+            // What `print!` left in stdout's buffer: a failure to write it
+            // is the command's error too.
+            std::io::Write::flush(&mut std::io::stdout()).map_err(cli::stdout_error)?;
+            Ok(code)
+        })
         .map_err(anyhow::Error::from)
         .and_then(|thread| {
             thread

@@ -12,6 +12,17 @@ pub enum SnapshotError {
     Missing { path: PathBuf },
     #[error("{path} already exists; choose a new --out")]
     Exists { path: PathBuf },
+    #[error("could not write snapshot {path} ({source}); make room and take the snapshot again")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "snapshot path {path} is not valid UTF-8, which SQLite needs for a file name; \
+         choose another --out"
+    )]
+    NotUtf8 { path: PathBuf },
     #[error("snapshot of {path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -43,7 +54,24 @@ pub fn snapshot(state: &Path, out: &Path) -> Result<(), SnapshotError> {
     .map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(err)?;
-    conn.execute("VACUUM INTO ?1", [out.to_string_lossy()])
-        .map_err(err)?;
+    let Some(target) = out.to_str() else {
+        return Err(SnapshotError::NotUtf8 {
+            path: out.to_owned(),
+        });
+    };
+    if let Err(source) = conn.execute("VACUUM INTO ?1", [target]) {
+        let source = crate::state::with_os_error(&conn, source);
+        // Nothing half-written stays behind: the file did not exist before.
+        let _ = std::fs::remove_file(out);
+        return Err(match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::SystemIoFailure) => {
+                SnapshotError::Storage {
+                    path: out.to_owned(),
+                    source,
+                }
+            }
+            _ => err(source),
+        });
+    }
     Ok(())
 }

@@ -363,6 +363,121 @@ fn a_full_disk_under_a_replay_says_where_to_make_room() {
     assert!(!stderr.contains("continues"), "{stderr}");
 }
 
+/// Two state DBs of payments v2 over `a` and `b` orders, and the tape of
+/// the first.
+fn two_states(dir: &Path, a: usize, b: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let lines = completed_orders(a.max(b), 50);
+    let state = |n: usize, name: &str| {
+        let input = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&input, lines[..n].concat()).unwrap();
+        let db = dir.join(format!("{name}.db"));
+        let tape = dir.join(format!("{name}.tape"));
+        let out = run(
+            "payments-v2",
+            &input,
+            &db,
+            &["--quiet", "--tape", tape.to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        db
+    };
+    (state(a, "a"), state(b, "b"))
+}
+
+/// Stdout on a full disk (here `/dev/full`) ends a command with a one-line
+/// error and exit 2, where `println!` would have panicked.
+#[test]
+fn stdout_that_cannot_be_written_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_states(dir.path(), 300, 200);
+    let tape = dir.path().join("a.tape");
+    let (a, b, tape) = (
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        tape.to_str().unwrap(),
+    );
+    for args in [
+        &["inspect", "--state", a][..],
+        &["dlq", "list", "--state", a],
+        &["tape", "info", tape],
+        &["tape", "export", tape],
+        &["diff", a, b],
+    ] {
+        let out = Command::new(rewind_bin())
+            .args(args)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("No space left on device"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// Reports and snapshots are written whole or not at all: a write that
+/// fails (a file size limit, as a full disk) leaves the report it would
+/// have replaced (an approved baseline, say) as it was, and no partial
+/// file.
+#[test]
+fn reports_and_snapshots_are_written_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_states(dir.path(), 2_000, 200);
+    let reports = dir.path().join("reports");
+    std::fs::create_dir(&reports).unwrap();
+    let approved = reports.join("approved.json");
+    std::fs::write(&approved, "{\"approved\": true}\n").unwrap();
+    // 64 KiB: room for the states' shared-memory files (32 KiB), not the report.
+    let stderr = under_file_limit(
+        64,
+        &[
+            "diff".into(),
+            a.clone().into(),
+            b.into(),
+            "--json".into(),
+            approved.clone().into(),
+        ],
+    );
+    assert!(
+        stderr.contains("cannot write") && stderr.contains("approved.json"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&approved).unwrap(),
+        "{\"approved\": true}\n"
+    );
+    let left: Vec<_> = std::fs::read_dir(&reports)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["approved.json"], "no partial report is left behind");
+
+    let snapshot = dir.path().join("snap.db");
+    let stderr = under_file_limit(
+        64,
+        &[
+            "snapshot".into(),
+            "--state".into(),
+            a.into(),
+            "--out".into(),
+            snapshot.clone().into(),
+        ],
+    );
+    assert!(
+        stderr.contains("make room and take the snapshot again"),
+        "{stderr}"
+    );
+    assert!(!snapshot.exists(), "no partial snapshot is left behind");
+}
+
 /// `--max-instances` sizes the instance pool, whose address space is
 /// reserved up front: under an address-space limit (`ulimit -v`) the
 /// default pool cannot be reserved and a small one can.

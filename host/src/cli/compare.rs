@@ -19,9 +19,7 @@ impl Reports {
         if let Some(path) = &self.json {
             write_json(path, report)?;
         }
-        let text = |path: &PathBuf, text: String| {
-            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-        };
+        let text = |path: &PathBuf, text: String| super::write_file(path, text.as_bytes());
         if let Some(path) = &self.markdown {
             text(path, rewind_host::report::markdown(report))?;
         }
@@ -40,7 +38,7 @@ fn color() -> bool {
 
 fn write_json(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(report)? + "\n";
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    super::write_file(path, text.as_bytes())
 }
 
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -138,9 +136,9 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     if !args.quiet {
         let brief = rewind_host::report::replay_json(&replayed, &old, &new, Rows::First(5));
-        print!("{}", rewind_host::report::summary_text(&brief, color()));
+        out!("{}", rewind_host::report::summary_text(&brief, color()))?;
         if let Some(dir) = &args.keep {
-            println!("states kept: {}", dir.display());
+            outln!("states kept: {}", dir.display())?;
         }
     }
     let report = full.unwrap_or(serde_json::Value::Null);
@@ -205,7 +203,7 @@ fn gate(
     if accept {
         write_json(path, &current)?;
         if !quiet {
-            println!("approved baseline written to {}", path.display());
+            outln!("approved baseline written to {}", path.display())?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -219,15 +217,15 @@ fn gate(
         .with_context(|| format!("{} is not a JSON report", path.display()))?;
     if rewind_host::report::gated(&approved) == current {
         if !quiet {
-            println!("differences equal the approved baseline {}", path.display());
+            outln!("differences equal the approved baseline {}", path.display())?;
         }
         Ok(ExitCode::SUCCESS)
     } else {
         if !quiet {
-            println!(
+            outln!(
                 "differences do NOT equal the approved baseline {}; review them, then rerun with --accept",
                 path.display()
-            );
+            )?;
         }
         Ok(ExitCode::from(1))
     }
@@ -255,7 +253,7 @@ pub fn diff(
         reports.write(&rewind_host::report::diff_json(&d, &o, &n, Rows::All))?;
     }
     let brief = rewind_host::report::diff_json(&d, &o, &n, Rows::First(5));
-    print!("{}", rewind_host::report::summary_text(&brief, color()));
+    out!("{}", rewind_host::report::summary_text(&brief, color()))?;
     Ok(if d.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -280,14 +278,14 @@ pub fn verify(
     let verified = result?;
     match verified.first_mismatch {
         None => {
-            println!(
+            outln!(
                 "identical: {} events reproduce their recorded results",
                 verified.events
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Some(mismatch) => {
-            println!("mismatch at {}", mismatch.describe());
+            outln!("mismatch at {}", mismatch.describe())?;
             Ok(ExitCode::from(1))
         }
     }

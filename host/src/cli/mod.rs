@@ -1,6 +1,23 @@
 //! The implementations of `rewind`'s commands (their arguments live in
 //! `main.rs`).
 
+/// `println!` that returns an error where `println!` would panic: stdout
+/// redirected to a full disk, say.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)
+    }};
+}
+
+/// `print!` that returns an error where `print!` would panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*).map_err($crate::cli::stdout_error)
+    }};
+}
+
 pub mod compare;
 pub mod kafka;
 pub mod run;
@@ -10,4 +27,40 @@ pub mod tape;
 /// `--sql-stall-secs`: 0 means never.
 fn stall_limit(secs: u64) -> Option<std::time::Duration> {
     (secs > 0).then(|| std::time::Duration::from_secs(secs))
+}
+
+/// A failed write to stdout, for the one-line error.
+pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
+    anyhow::anyhow!("could not write to stdout: {error}")
+}
+
+/// Writes a report (or an approved baseline) whole or not at all: into a
+/// new file beside `path`, then renamed over it. A write that fails (a full
+/// disk) leaves no truncated report, and the file it would have replaced
+/// (the approved baseline, with `--accept`) as it was. Anything but a
+/// regular file (`/dev/stdout`, a pipe, a symbolic link) is written in
+/// place.
+pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let regular = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.is_file(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    if !regular {
+        return std::fs::write(path, bytes)
+            .with_context(|| format!("cannot write {}", path.display()));
+    }
+    let name = path
+        .file_name()
+        .with_context(|| format!("cannot write {}: not a file name", path.display()))?;
+    let mut temporary = std::ffi::OsString::from(".");
+    temporary.push(name);
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = path.with_file_name(temporary);
+    let written =
+        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
 }

@@ -15,7 +15,7 @@ pub fn inspect(state: PathBuf, json: bool) -> anyhow::Result<()> {
         }
         for (i, db) in dbs.into_values().enumerate() {
             if i > 0 && !json {
-                println!();
+                outln!()?;
             }
             inspect_db(db, json)?;
         }
@@ -42,15 +42,15 @@ fn inspect_db(state: PathBuf, json: bool) -> anyhow::Result<()> {
             "outputs_delivered": summary.outputs_delivered,
             "tape": tape.as_ref().map(|(id, bytes)| serde_json::json!({"id": id, "bytes": bytes})),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
-    println!("state         {}", state.display());
-    println!(
+    outln!("state         {}", state.display())?;
+    outln!(
         "module        {}",
         summary.module_digest.as_deref().unwrap_or("(none yet)")
-    );
-    println!("consumed      {} records", summary.consumed);
+    )?;
+    outln!("consumed      {} records", summary.consumed)?;
     let width = summary
         .tables
         .iter()
@@ -59,32 +59,33 @@ fn inspect_db(state: PathBuf, json: bool) -> anyhow::Result<()> {
         .unwrap_or(0);
     for (i, table) in summary.tables.iter().enumerate() {
         let label = if i == 0 { "tables" } else { "" };
-        println!(
+        outln!(
             "{label:<13} {:<width$}  {} rows",
             printable_str(&table.name),
             table.rows
-        );
+        )?;
     }
     if summary.tables.is_empty() {
-        println!("tables        (none)");
+        outln!("tables        (none)")?;
     }
     for (i, (stream, partition, next)) in summary.offsets.iter().enumerate() {
         let label = if i == 0 { "offsets" } else { "" };
         let stream = printable_str(stream);
-        println!("{label:<13} {stream}/{partition}  next offset {next}");
+        outln!("{label:<13} {stream}/{partition}  next offset {next}")?;
     }
-    println!("dead letters  {}", summary.dead_letters);
-    println!(
+    outln!("dead letters  {}", summary.dead_letters)?;
+    outln!(
         "outbox        {} pending, {} delivered",
-        summary.outbox_pending, summary.outputs_delivered
-    );
-    println!(
+        summary.outbox_pending,
+        summary.outputs_delivered
+    )?;
+    outln!(
         "event ids     {} remembered for deduplication",
         summary.event_ids
-    );
+    )?;
     match tape {
-        Some((id, bytes)) => println!("tape          id {id}, {bytes} bytes committed"),
-        None => println!("tape          none (run with --tape to record one)"),
+        Some((id, bytes)) => outln!("tape          id {id}, {bytes} bytes committed")?,
+        None => outln!("tape          none (run with --tape to record one)")?,
     }
     Ok(())
 }
@@ -115,12 +116,12 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
                 "timestamp_ms": dl.timestamp_ms,
                 "raw_hex": hex::encode(&dl.raw),
             });
-            println!("{line}");
+            outln!("{line}")?;
         }
         return Ok(());
     }
     if letters.is_empty() {
-        println!("no dead letters in {}", state.display());
+        outln!("no dead letters in {}", state.display())?;
         return Ok(());
     }
     // Columns as wide as their widest entry (classes run to 20 characters).
@@ -136,10 +137,12 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
         .iter()
         .map(|dl| dl.error_class.chars().count())
         .fold(5, usize::max);
-    println!(
+    outln!(
         "{:>6}  {:<pw$}  {:<cw$}  message",
-        "seq", "position", "class"
-    );
+        "seq",
+        "position",
+        "class"
+    )?;
     for (dl, position) in letters.iter().zip(&positions) {
         // What the input and the guest wrote, escaped: a dead letter's
         // bytes are whatever arrived.
@@ -148,14 +151,14 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
         if shown.len() < raw.len() {
             shown.push('…');
         }
-        println!(
+        outln!(
             "{:>6}  {position:<pw$}  {:<cw$}  {}",
             dl.seq,
             dl.error_class,
             printable_str(&dl.message)
-        );
-        println!("{:>6}  {:<pw$}  {:<cw$}  raw: {shown}", "", "", "");
+        )?;
+        outln!("{:>6}  {:<pw$}  {:<cw$}  raw: {shown}", "", "", "")?;
     }
-    println!("{} dead letters", letters.len());
+    outln!("{} dead letters", letters.len())?;
     Ok(())
 }

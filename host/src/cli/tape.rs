@@ -11,21 +11,21 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
         TapeCommand::Info { tape, json } => {
             let info = tapes::info(&tape)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                outln!("{}", serde_json::to_string_pretty(&info)?)?;
                 return Ok(());
             }
-            println!("tape          {}", tape.display());
-            println!("bytes         {}", info.bytes);
+            outln!("tape          {}", tape.display())?;
+            outln!("bytes         {}", info.bytes)?;
             match info.seqs {
                 Some((first, last)) => {
-                    println!("events        {} (seq {first}..={last})", info.events)
+                    outln!("events        {} (seq {first}..={last})", info.events)?
                 }
-                None => println!("events        0"),
+                None => outln!("events        0")?,
             }
-            println!("malformed     {}", info.malformed);
-            println!("with results  {}", info.with_results);
+            outln!("malformed     {}", info.malformed)?;
+            outln!("with results  {}", info.with_results)?;
             for (i, p) in info.partitions.iter().enumerate() {
-                println!(
+                outln!(
                     "{}{}/{}  {} events, offsets {}..={}",
                     if i == 0 {
                         "partitions    "
@@ -37,15 +37,15 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     p.events,
                     p.first_offset,
                     p.last_offset
-                );
+                )?;
             }
             if info.runs.is_empty() {
-                println!("runs          none (imported)");
+                outln!("runs          none (imported)")?;
             }
             for (i, r) in info.runs.iter().enumerate() {
                 let settings =
                     tapes::settings_flags(r.fuel, r.memory_bytes, r.dedup_header.as_deref());
-                println!(
+                outln!(
                     "{}from seq {}: module {}, {}, {} events",
                     if i == 0 {
                         "runs          "
@@ -56,7 +56,7 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     r.module_digest,
                     printable_str(&settings),
                     r.events
-                );
+                )?;
             }
             Ok(())
         }

@@ -89,8 +89,8 @@ pub enum StateError {
     )]
     NotADatabase { path: PathBuf },
     #[error(
-        "state DB {path} could not be written ({source}); make room and rerun: \
-         the run continues from its last committed batch"
+        "state DB {path} could not be written ({source}); make room and rerun \
+         (a run continues from its last committed batch)"
     )]
     Storage {
         path: PathBuf,
@@ -137,6 +137,29 @@ impl StateError {
             },
         }
     }
+}
+
+/// `error`, failed on `conn`, with the operating system's error behind it
+/// ("disk I/O error: File too large") when it is one of I/O.
+pub(crate) fn with_os_error(conn: &Connection, error: rusqlite::Error) -> rusqlite::Error {
+    use rusqlite::ErrorCode as C;
+    let rusqlite::Error::SqliteFailure(code, message) = error else {
+        return error;
+    };
+    if !matches!(
+        code.code,
+        C::SystemIoFailure | C::DiskFull | C::CannotOpen | C::FileLockingProtocolFailed
+    ) {
+        return rusqlite::Error::SqliteFailure(code, message);
+    }
+    // SAFETY: the handle is of `conn`, open while it is borrowed.
+    let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+    if errno == 0 {
+        return rusqlite::Error::SqliteFailure(code, message);
+    }
+    let said = message.unwrap_or_else(|| code.to_string());
+    let os = std::io::Error::from_raw_os_error(errno);
+    rusqlite::Error::SqliteFailure(code, Some(format!("{said}: {os}")))
 }
 
 /// Offsets to resume from: the next offset to consume, per stream partition.
@@ -385,24 +408,7 @@ impl StateDb {
     /// failed on a system call ("disk I/O error" alone does not say that
     /// the disk is full or a file size limit was reached).
     fn with_os_error(&self, error: rusqlite::Error) -> rusqlite::Error {
-        use rusqlite::ErrorCode as C;
-        let rusqlite::Error::SqliteFailure(code, message) = error else {
-            return error;
-        };
-        if !matches!(
-            code.code,
-            C::SystemIoFailure | C::DiskFull | C::CannotOpen | C::FileLockingProtocolFailed
-        ) {
-            return rusqlite::Error::SqliteFailure(code, message);
-        }
-        // SAFETY: the handle is this connection's, open while `self` is.
-        let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(self.conn.handle()) };
-        if errno == 0 {
-            return rusqlite::Error::SqliteFailure(code, message);
-        }
-        let said = message.unwrap_or_else(|| code.to_string());
-        let os = std::io::Error::from_raw_os_error(errno);
-        rusqlite::Error::SqliteFailure(code, Some(format!("{said}: {os}")))
+        with_os_error(&self.conn, error)
     }
 
     /// The DB holds something the host cannot read back.
