@@ -423,12 +423,12 @@ fn stdout_that_cannot_be_written_is_a_one_line_error() {
     }
 }
 
-/// Reports and snapshots are written whole or not at all: a write that
+/// Reports, snapshots and exports are written whole or not at all: a write that
 /// fails (a file size limit, as a full disk) leaves the report it would
 /// have replaced (an approved baseline, say) as it was, and no partial
 /// file.
 #[test]
-fn reports_and_snapshots_are_written_whole_or_not_at_all() {
+fn reports_snapshots_and_exports_are_written_whole_or_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_states(dir.path(), 2_000, 200);
     let reports = dir.path().join("reports");
@@ -476,6 +476,19 @@ fn reports_and_snapshots_are_written_whole_or_not_at_all() {
         "{stderr}"
     );
     assert!(!snapshot.exists(), "no partial snapshot is left behind");
+
+    let export = dir.path().join("export.jsonl");
+    under_file_limit(
+        64,
+        &[
+            "tape".into(),
+            "export".into(),
+            dir.path().join("a.tape").into(),
+            "--out".into(),
+            export.clone().into(),
+        ],
+    );
+    assert!(!export.exists(), "no partial export is left behind");
 }
 
 /// `--max-instances` sizes the instance pool, whose address space is

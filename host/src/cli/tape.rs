@@ -71,7 +71,14 @@ pub fn tape(command: TapeCommand) -> anyhow::Result<()> {
                     let file = std::fs::File::create_new(path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut w = std::io::BufWriter::new(file);
-                    tapes::export(&tape, &mut w, path)?
+                    let exported = tapes::export(&tape, &mut w, path);
+                    drop(w);
+                    // A partial export (a full disk, a damaged tape) is no
+                    // result: nothing is left that could pass for one.
+                    if exported.is_err() {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    exported?
                 }
                 None => {
                     let stdout = std::io::stdout();
