@@ -31,8 +31,9 @@ enum Command {
     /// Process an input file with a processor into its state DB.
     ///
     /// Safe to stop at any point: running the same command again resumes after
-    /// the last committed batch and applies nothing twice. Ctrl-C commits what
-    /// is done and exits with 130; a second Ctrl-C or kill -9 stops at once.
+    /// the last committed batch and applies nothing twice. Ctrl-C (or SIGTERM)
+    /// commits what is done and exits with 130; a second Ctrl-C or kill -9 stops
+    /// at once.
     Run(RunArgs),
     /// Show a state DB: module, tables and row counts, offsets, dead letters.
     Inspect {
@@ -53,7 +54,9 @@ enum Command {
     /// letters, and the events that caused each difference.
     ///
     /// Exit 0: no difference (or the differences equal the approved baseline
-    /// given with --expect); 1: differences; 2: error.
+    /// given with --expect); 1: differences; 2: error; 130: interrupted
+    /// (Ctrl-C or SIGTERM), with nothing reported and its scratch states
+    /// removed.
     Replay(ReplayArgs),
     /// Compare two state DBs: schema, and rows added, removed and changed
     /// per table by primary key (host tables left out). Exit 0: equal; 1:

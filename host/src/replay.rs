@@ -77,6 +77,8 @@ pub enum ReplayError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("--from: {0}")]
+    From(#[source] crate::snapshot::SnapshotError),
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
     /// The WebAssembly engine could not be set up.
@@ -286,7 +288,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             }
         }
         if let Some(from) = &config.from {
-            crate::snapshot::snapshot(from, db).map_err(|e| setup(from, e.to_string()))?;
+            crate::snapshot::snapshot(from, db).map_err(ReplayError::From)?;
         }
     }
     // Both versions are compiled here, one after the other, and shared

@@ -23,6 +23,15 @@ pub enum SnapshotError {
          choose another --out"
     )]
     NotUtf8 { path: PathBuf },
+    #[error(
+        "{path} is not a SQLite database (or its header is damaged); pass a state DB \
+         that `rewind run` made, or a snapshot of one"
+    )]
+    NotADatabase {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("snapshot of {path}: {source}")]
     Sqlite {
         path: PathBuf,
@@ -70,6 +79,10 @@ pub fn snapshot(state: &Path, out: &Path) -> Result<(), SnapshotError> {
                     source,
                 }
             }
+            Some(rusqlite::ErrorCode::NotADatabase) => SnapshotError::NotADatabase {
+                path: state.to_owned(),
+                source,
+            },
             _ => err(source),
         });
     }

@@ -140,6 +140,24 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
         rewind(&["inspect", "--state", junk_arg]),
         rewind(&["dlq", "list", "--state", junk_arg]),
         rewind(&["diff", junk_arg, junk_arg]),
+        rewind(&[
+            "snapshot",
+            "--state",
+            junk_arg,
+            "--out",
+            dir.path().join("s.db").to_str().unwrap(),
+        ]),
+        rewind(&[
+            "replay",
+            "--tape",
+            input.to_str().unwrap(),
+            "--old",
+            processor("payments-v1").to_str().unwrap(),
+            "--new",
+            processor("payments-v2").to_str().unwrap(),
+            "--from",
+            junk_arg,
+        ]),
     ] {
         let stderr = one_line_error(out);
         assert!(

@@ -228,10 +228,20 @@ fn guest_memory_lives_for_one_instance_epoch_whatever_the_batching() {
     assert_eq!(dumps[1], dumps[2]);
 }
 
-/// Ctrl-C (SIGINT) stops at an epoch boundary with everything committed and
-/// exit code 130; the same command then finishes the job exactly.
+/// Ctrl-C (SIGINT), or SIGTERM as a service manager sends, stops at an
+/// epoch boundary with everything committed and exit code 130; the same
+/// command then finishes the job exactly.
 #[test]
 fn ctrl_c_commits_and_the_same_command_continues() {
+    stop_commits_and_the_same_command_continues("-INT");
+}
+
+#[test]
+fn sigterm_commits_and_the_same_command_continues() {
+    stop_commits_and_the_same_command_continues("-TERM");
+}
+
+fn stop_commits_and_the_same_command_continues(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("orders.jsonl");
     std::fs::write(&input, stream(20_000, 3)).unwrap();
@@ -251,7 +261,7 @@ fn ctrl_c_commits_and_the_same_command_continues() {
         child.wait_with_output()
     );
     let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());

@@ -893,3 +893,109 @@ fn verify_and_replay_as_recorded(dir: &Path, tape: &Path, processor: &Path) -> P
     assert_exit(&out, 0);
     kept.join("old.db")
 }
+
+/// Ctrl-C or SIGTERM stops `replay` and `verify` with exit 130 and takes
+/// their scratch states (kept in the temporary directory) with them:
+/// nothing unfinished is reported, and nothing is left behind.
+#[test]
+fn an_interrupted_replay_or_verify_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    // Events that each run until their fuel is gone (five times the default,
+    // which replay and verify take from the tape): slow enough to be
+    // interrupted mid-way on any machine.
+    let acts: Vec<String> = (0..30)
+        .map(|i| envelope("acts", i, TS + i, "k", r#"{"do":"loop"}"#) + "\n")
+        .collect();
+    std::fs::write(&input, acts.concat()).unwrap();
+    let tape = dir.path().join("acts.tape");
+    let recorded = rewind_run("hostile", &input, &dir.path().join("live.db"))
+        .args([
+            "--quiet",
+            "--fuel",
+            "500000000",
+            "--tape",
+            tape.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(recorded.status.success(), "{recorded:?}");
+
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    let hostile = processor("hostile");
+    let commands: [(&str, Vec<&std::ffi::OsStr>); 2] = [
+        (
+            "-INT",
+            vec![
+                "replay".as_ref(),
+                "--tape".as_ref(),
+                tape.as_os_str(),
+                "--old".as_ref(),
+                hostile.as_os_str(),
+                "--new".as_ref(),
+                hostile.as_os_str(),
+            ],
+        ),
+        (
+            "-TERM",
+            vec![
+                "verify".as_ref(),
+                "--tape".as_ref(),
+                tape.as_os_str(),
+                "--processor".as_ref(),
+                hostile.as_os_str(),
+            ],
+        ),
+    ];
+    for (signal, args) in commands {
+        let mut child = Command::new(rewind_bin())
+            .args(&args)
+            .arg("--cache-dir")
+            .arg(cache_dir())
+            .env("TMPDIR", &scratch)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Once its states exist in the temporary directory.
+        let states = || {
+            walk(&scratch)
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "db"))
+        };
+        assert!(
+            rewind_tests::run_until(&mut child, states),
+            "{args:?} finished before it could be interrupted: {:?}",
+            child.wait_with_output()
+        );
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{args:?}: {stderr}");
+        assert!(stderr.contains("interrupted: nothing reported"), "{stderr}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing reported");
+        assert_eq!(
+            walk(&scratch),
+            Vec::<PathBuf>::new(),
+            "{args:?}: left behind"
+        );
+    }
+}
+
+/// Every file and directory below `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}

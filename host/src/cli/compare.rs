@@ -61,6 +61,15 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
     };
+    // Kept states are left as they are (incomplete: see --keep).
+    super::discard_on_interrupt(
+        "replay",
+        args.keep
+            .is_none()
+            .then(|| work_dir.clone())
+            .into_iter()
+            .collect(),
+    )?;
     rewind_host::limit_sql_memory(args.sql_memory_mb << 20);
     // The limits the tape was recorded with, unless told otherwise: with
     // others, an event near a limit would end differently from the live run.
@@ -271,9 +280,12 @@ pub fn verify(
         ..RuntimeConfig::default()
     };
     let work = std::env::temp_dir().join(format!("rewind-verify-{}.db", std::process::id()));
+    let scratch = |suffix: &str| PathBuf::from(format!("{}{suffix}", work.display()));
+    let files = ["", "-journal", "-wal", "-shm"];
+    super::discard_on_interrupt("verify", files.map(scratch).to_vec())?;
     let result = rewind_host::verify::verify(tape, processor, &runtime, &work);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
+    for file in files.map(scratch) {
+        let _ = std::fs::remove_file(file);
     }
     let verified = result?;
     match verified.first_mismatch {

@@ -64,3 +64,32 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
     written.with_context(|| format!("cannot write {}", path.display()))
 }
+
+/// On Ctrl-C or SIGTERM, removes `scratch` (files, or directories with
+/// what they hold) and exits with 130: for commands whose scratch states
+/// are worth nothing unfinished (`replay`, `verify`), which would
+/// otherwise leave them in the temporary directory.
+pub fn discard_on_interrupt(
+    command: &'static str,
+    scratch: Vec<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    ctrlc::set_handler(move || {
+        for path in &scratch {
+            // A side may create a file as the directory goes: try again.
+            for _ in 0..3 {
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(path)
+                } else {
+                    std::fs::remove_file(path)
+                };
+                if gone.is_ok() || !path.exists() {
+                    break;
+                }
+            }
+        }
+        eprintln!("rewind: {command} interrupted: nothing reported");
+        std::process::exit(130);
+    })
+    .context("cannot install the Ctrl-C handler")
+}
