@@ -202,6 +202,29 @@ pub fn kill_when(
     !child.wait().expect("the child can be waited on").success()
 }
 
+/// Lets `child` (its output piped) [`run_until`] `reached()`, then sends it
+/// `signal` (`-INT`, `-TERM`: as `kill` takes it) and returns its output.
+/// Panics when the child finished first.
+pub fn signal_when(
+    mut child: std::process::Child,
+    reached: impl FnMut() -> bool,
+    signal: &str,
+) -> std::process::Output {
+    assert!(
+        run_until(&mut child, reached),
+        "finished before it could be signalled: {:?}",
+        child.wait_with_output()
+    );
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    child
+        .wait_with_output()
+        .expect("the child can be waited on")
+}
+
 /// The length of `path`, 0 while it does not exist.
 pub fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())

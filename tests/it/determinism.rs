@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rewind_tests::{
     XorShift, cache_dir, config, dump, dump_hash, envelope, file_len, kill_when, kill_when_grown,
-    processor, rewind_bin, rewind_run, run_until,
+    processor, rewind_bin, rewind_run,
 };
 
 /// A random payments stream with duplicates, cancels and malformed lines.
@@ -253,19 +253,9 @@ fn stop_commits_and_the_same_command_continues(signal: &str) {
     run_lib("payments-v2", &input, &clean, &out_clean, 1000);
 
     // Interrupted once a fifth of the outputs are out: mid-run on any machine.
-    let mut child = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000);
+    let child = run_cli("payments-v2", &input, &stopped, &out_stopped, 1000);
     let fifth = file_len(&out_clean) / 5;
-    assert!(
-        run_until(&mut child, || file_len(&out_stopped) >= fifth),
-        "the run finished before it could be interrupted: {:?}",
-        child.wait_with_output()
-    );
-    let sent = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let interrupted = child.wait_with_output().unwrap();
+    let interrupted = rewind_tests::signal_when(child, || file_len(&out_stopped) >= fifth, signal);
     assert_eq!(
         interrupted.status.code(),
         Some(130),

@@ -949,7 +949,7 @@ fn an_interrupted_replay_or_verify_leaves_nothing_behind() {
         ),
     ];
     for (signal, args) in commands {
-        let mut child = Command::new(rewind_bin())
+        let child = Command::new(rewind_bin())
             .args(&args)
             .arg("--cache-dir")
             .arg(cache_dir())
@@ -964,17 +964,7 @@ fn an_interrupted_replay_or_verify_leaves_nothing_behind() {
                 .iter()
                 .any(|p| p.extension().is_some_and(|e| e == "db"))
         };
-        assert!(
-            rewind_tests::run_until(&mut child, states),
-            "{args:?} finished before it could be interrupted: {:?}",
-            child.wait_with_output()
-        );
-        let sent = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let out = child.wait_with_output().unwrap();
+        let out = rewind_tests::signal_when(child, states, signal);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "{args:?}: {stderr}");
         assert!(stderr.contains("interrupted: nothing reported"), "{stderr}");
