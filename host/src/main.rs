@@ -88,6 +88,9 @@ enum Command {
         /// Where compiled processors are cached [default: $REWIND_CACHE_DIR or ~/.cache/rewind].
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Print nothing but the verdict and errors (no progress bar).
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Produce a kcat -J dump, bare JSONL or a tape to a Kafka topic, keys,
     /// headers and timestamps preserved. Records that cannot be decoded are
@@ -467,7 +470,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             tape,
             processor,
             cache_dir,
-        } => cli::compare::verify(&tape, &processor, cache_dir),
+            quiet,
+        } => cli::compare::verify(&tape, &processor, cache_dir, quiet),
         Command::Snapshot { state, out } => ok(rewind_host::snapshot::snapshot(&state, &out)
             .map_err(anyhow::Error::from)
             .map(|()| {

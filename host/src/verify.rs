@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError};
+use crate::replay::ReplayProgress;
 use crate::runtime::RuntimeConfig;
 use crate::tape::{EventResult, Frame, Outcome, RunInfo, TapeError, TapeEvent, TapeReader};
 
@@ -93,6 +94,7 @@ struct Checker<'a> {
     /// The run whose settings (fuel, memory cap, dedup header) it replays
     /// with: the first.
     recorded: RunInfo,
+    progress: &'a dyn ReplayProgress,
 }
 
 #[derive(Default)]
@@ -143,6 +145,12 @@ impl Checker<'_> {
 }
 
 impl Progress for Checker<'_> {
+    fn start(&self, total_bytes: Option<u64>) {
+        self.progress.start(total_bytes);
+    }
+    fn advance(&self, bytes: u64, _events: u64) {
+        self.progress.read(bytes);
+    }
     fn observe(&self) -> Option<bool> {
         Some(false)
     }
@@ -175,6 +183,7 @@ impl Progress for Checker<'_> {
                 });
             }
         }
+        self.progress.compared(state.events);
     }
     fn should_stop(&self) -> bool {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -191,6 +200,18 @@ pub fn verify(
     processor: &Path,
     runtime: &RuntimeConfig,
     work: &Path,
+) -> Result<Verified, VerifyError> {
+    verify_with_progress(tape, processor, runtime, work, &())
+}
+
+/// [`verify`], telling `progress` how far through the tape it is and how
+/// many events it has checked.
+pub fn verify_with_progress(
+    tape: &Path,
+    processor: &Path,
+    runtime: &RuntimeConfig,
+    work: &Path,
+    progress: &dyn ReplayProgress,
 ) -> Result<Verified, VerifyError> {
     let unverifiable = |message: String| VerifyError::Unverifiable {
         path: tape.to_owned(),
@@ -254,6 +275,7 @@ pub fn verify(
         module,
         processor,
         recorded,
+        progress,
     };
     let run = crate::run(&config, &checker);
     let state = checker

@@ -362,10 +362,34 @@ fn verify_finds_identical_runs_and_tampered_results() {
     let runtime = cfg.runtime.clone();
     let work = dir.path().join("verify.db");
 
-    let verified =
-        rewind_host::verify::verify(&tape, &processor("payments-v1"), &runtime, &work).unwrap();
+    /// What verify said of its progress: the tape's size, the bytes read,
+    /// the events compared.
+    #[derive(Default)]
+    struct Seen(std::sync::Mutex<(Option<u64>, u64, u64)>);
+    impl rewind_host::replay::ReplayProgress for Seen {
+        fn start(&self, bytes: Option<u64>) {
+            self.0.lock().unwrap().0 = bytes;
+        }
+        fn read(&self, bytes: u64) {
+            self.0.lock().unwrap().1 = bytes;
+        }
+        fn compared(&self, events: u64) {
+            self.0.lock().unwrap().2 = events;
+        }
+    }
+    let seen = Seen::default();
+    let verified = rewind_host::verify::verify_with_progress(
+        &tape,
+        &processor("payments-v1"),
+        &runtime,
+        &work,
+        &seen,
+    )
+    .unwrap();
     assert_eq!(verified.events, 600);
     assert!(verified.first_mismatch.is_none());
+    let size = std::fs::metadata(&tape).unwrap().len();
+    assert_eq!(*seen.0.lock().unwrap(), (Some(size), size, 600));
 
     for (seq, part) in [(137u64, "rows written"), (411, "outputs"), (512, "outcome")] {
         let tampered = dir.path().join(format!("tampered-{seq}.tape"));

@@ -41,22 +41,43 @@ fn write_json(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Res
     super::write_file(path, text.as_bytes())
 }
 
-pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    use rewind_host::replay::{ReplayConfig, ReplayProgress};
-    struct Counter(ProgressBar);
-    impl ReplayProgress for Counter {
-        fn start(&self, tape_bytes: Option<u64>) {
-            if let Some(total) = tape_bytes {
-                self.0.set_length(total);
-            }
-        }
-        fn read(&self, bytes: u64) {
-            self.0.set_position(bytes);
-        }
-        fn compared(&self, events: u64) {
-            self.0.set_message(format!("{events} events compared"));
+/// A replay's (or verify's) progress: a bar through the tape, and the
+/// events compared.
+struct Counter(ProgressBar);
+
+impl rewind_host::replay::ReplayProgress for Counter {
+    fn start(&self, tape_bytes: Option<u64>) {
+        if let Some(total) = tape_bytes {
+            self.0.set_length(total);
         }
     }
+    fn read(&self, bytes: u64) {
+        self.0.set_position(bytes);
+    }
+    fn compared(&self, events: u64) {
+        self.0.set_message(format!("{events} events compared"));
+    }
+}
+
+/// The bar of a command that goes through a tape (hidden with `--quiet`).
+fn tape_bar(quiet: bool) -> ProgressBar {
+    let target = if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
+        )
+        .expect("the template is valid"),
+    );
+    bar
+}
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    use rewind_host::replay::ReplayConfig;
     let work_dir = match &args.keep {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
@@ -108,20 +129,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         dedup_header,
         work_dir: work_dir.clone(),
     };
-    let bar = ProgressBar::with_draw_target(
-        None,
-        if args.quiet {
-            ProgressDrawTarget::hidden()
-        } else {
-            ProgressDrawTarget::stderr()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
-        )
-        .expect("the template is valid"),
-    );
+    let bar = tape_bar(args.quiet);
     let replayed = if args.tape.is_dir() {
         replay_dir(&config, &Counter(bar.clone()))
     } else {
@@ -274,6 +282,7 @@ pub fn verify(
     tape: &std::path::Path,
     processor: &std::path::Path,
     cache_dir: Option<PathBuf>,
+    quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let runtime = RuntimeConfig {
         cache_dir: Some(cache_dir.unwrap_or_else(default_cache_dir)),
@@ -283,7 +292,15 @@ pub fn verify(
     let scratch = |suffix: &str| PathBuf::from(format!("{}{suffix}", work.display()));
     let files = ["", "-journal", "-wal", "-shm"];
     super::discard_on_interrupt("verify", files.map(scratch).to_vec())?;
-    let result = rewind_host::verify::verify(tape, processor, &runtime, &work);
+    let bar = tape_bar(quiet);
+    let result = rewind_host::verify::verify_with_progress(
+        tape,
+        processor,
+        &runtime,
+        &work,
+        &Counter(bar.clone()),
+    );
+    bar.finish_and_clear();
     for file in files.map(scratch) {
         let _ = std::fs::remove_file(file);
     }
