@@ -40,6 +40,15 @@ impl std::str::FromStr for Ignore {
     }
 }
 
+impl std::fmt::Display for Ignore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ignore::Table(table) => f.write_str(table),
+            Ignore::Column { table, column } => write!(f, "{table}.{column}"),
+        }
+    }
+}
+
 /// A DB given to compare could not be read: what any command says of a
 /// state DB it cannot read, with what to do.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +126,9 @@ pub struct StateDiff {
     pub schema: SchemaDiff,
     /// Tables with differing rows, by name.
     pub tables: Vec<TableDiff>,
+    /// Ignore rules that name no table (or column) of either state: most
+    /// likely misspelt, since they leave nothing out.
+    pub unmatched: Vec<Ignore>,
 }
 
 impl StateDiff {
@@ -155,6 +167,8 @@ impl StateDiff {
             }
         }
         self.tables.sort_by(|a, b| a.name.cmp(&b.name));
+        // A rule matches the whole if it matches any part.
+        self.unmatched.retain(|rule| other.unmatched.contains(rule));
     }
 }
 
@@ -238,13 +252,29 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
     };
     let mut old_shapes = shapes(&a).map_err(err_a)?;
     let mut new_shapes = shapes(&b).map_err(err_b)?;
+    let unmatched = ignore
+        .iter()
+        .filter(|rule| {
+            !old_shapes
+                .iter()
+                .chain(&new_shapes)
+                .any(|(t, s)| match rule {
+                    Ignore::Table(table) => table == t,
+                    Ignore::Column { table, column } => table == t && s.columns.contains(column),
+                })
+        })
+        .cloned()
+        .collect();
     old_shapes.retain(|t, _| !ignored_table(t));
     new_shapes.retain(|t, _| !ignored_table(t));
     for (t, s) in old_shapes.iter_mut().chain(new_shapes.iter_mut()) {
         s.columns.retain(|c| !ignored_column(t, c));
     }
 
-    let mut diff = StateDiff::default();
+    let mut diff = StateDiff {
+        unmatched,
+        ..StateDiff::default()
+    };
     for t in old_shapes.keys() {
         if !new_shapes.contains_key(t) {
             diff.schema.tables_only_old.push(t.clone());

@@ -457,6 +457,34 @@ fn ignore_rules_and_the_approved_baseline_gate() {
             .iter()
             .find(|t| t.name == "customer_totals")
     );
+    assert!(full.state.unmatched.is_empty() && no_ref.state.unmatched.is_empty());
+    // A rule that names nothing leaves nothing out, and is said to.
+    let misspelt: Vec<Ignore> = ["paymnts", "payments.gatway_ref", "customer_totals"]
+        .map(|r| r.parse().unwrap())
+        .to_vec();
+    cfg.ignore = misspelt.clone();
+    let typo = replay(&cfg, &()).unwrap();
+    assert_eq!(typo.state.unmatched, misspelt[..2]);
+    assert_eq!(typo.state.tables, no_totals.state.tables);
+    let out = replay_cli(
+        &tape,
+        &processor("payments-v1"),
+        &processor("payments-v2"),
+        &[
+            "--quiet",
+            "--ignore",
+            "paymnts",
+            "--ignore",
+            "payments.gatway_ref",
+        ],
+    );
+    assert_exit(&out, 1);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "rewind: warning: --ignore paymnts names no table of either state; it leaves nothing out\n\
+         rewind: warning: --ignore payments.gatway_ref names no column of either state; it leaves \
+         nothing out\n"
+    );
 
     let (v1, v2) = (processor("payments-v1"), processor("payments-v2"));
     let approved = dir.path().join("approved.json");

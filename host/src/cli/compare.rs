@@ -76,6 +76,22 @@ fn tape_bar(quiet: bool) -> ProgressBar {
     bar
 }
 
+/// Says which `--ignore` rules left nothing out (even with `--quiet`: the
+/// command line is likely wrong, and a gate would pass on a misspelt rule's
+/// intent only by luck).
+fn warn_unmatched(diff: &rewind_host::diff::StateDiff) {
+    use rewind_host::diff::Ignore;
+    for rule in &diff.unmatched {
+        let what = match rule {
+            Ignore::Table(_) => "table",
+            Ignore::Column { .. } => "column",
+        };
+        eprintln!(
+            "rewind: warning: --ignore {rule} names no {what} of either state; it leaves nothing out"
+        );
+    }
+}
+
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     use rewind_host::replay::ReplayConfig;
     let work_dir = match &args.keep {
@@ -140,6 +156,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&work_dir);
     }
     let replayed = replayed?;
+    warn_unmatched(&replayed.state);
     use rewind_host::report::Rows;
     let (old, new) = (
         args.old.display().to_string(),
@@ -263,6 +280,7 @@ pub fn diff(
             "compare a state DB with a state DB, or a state directory with a state directory"
         ),
     };
+    warn_unmatched(&d);
     use rewind_host::report::Rows;
     let (o, n) = (old.display().to_string(), new.display().to_string());
     // The whole report only for files; the terminal needs a few rows.

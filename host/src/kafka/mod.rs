@@ -325,7 +325,11 @@ pub fn diff_dirs(
     let empty_dir = tempfile::tempdir()?;
     let empty = empty_dir.path().join("empty.db");
     rusqlite::Connection::open(&empty)?;
-    let mut total = crate::diff::StateDiff::default();
+    // Every rule is unmatched until a partition's states match it.
+    let mut total = crate::diff::StateDiff {
+        unmatched: ignore.to_vec(),
+        ..Default::default()
+    };
     let partitions: std::collections::BTreeSet<i32> = a.keys().chain(b.keys()).copied().collect();
     for p in partitions {
         let (x, y) = (a.get(&p).unwrap_or(&empty), b.get(&p).unwrap_or(&empty));
