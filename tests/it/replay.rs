@@ -505,8 +505,40 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     assert_eq!(run(args(&[])), Some(2));
     assert_eq!(run(args(&["--accept"])), Some(0));
     assert_eq!(run(args(&[])), Some(0), "equal to the approved baseline");
-    // Any other change fails: here, ignoring a table changes the diff.
+    // Any other change fails: here, ignoring a table changes the diff,
+    // and the gate says where.
     assert_eq!(run(args(&["--ignore", "customer_totals"])), Some(1));
+    let out = replay_cli(
+        &tape,
+        &v1,
+        &v2,
+        &[
+            "--expect",
+            approved.to_str().unwrap(),
+            "--ignore",
+            "customer_totals",
+        ],
+    );
+    assert_exit(&out, 1);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let gate = stdout
+        .split_once("differences do NOT equal the approved baseline")
+        .map(|(_, after)| after)
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let totals = full
+        .state
+        .tables
+        .iter()
+        .find(|t| t.name == "customer_totals")
+        .unwrap();
+    assert!(
+        gate.contains(&format!(
+            "table customer_totals: {} rows approved, none differ now (first {{\"customer_id\":",
+            totals.rows.len()
+        )),
+        "{gate}"
+    );
+    assert!(!gate.contains("table payments"), "{gate}");
     // Tampering with the baseline fails too.
     let mut baseline: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&approved).unwrap()).unwrap();

@@ -257,9 +257,13 @@ fn gate(
     } else {
         if !quiet {
             outln!(
-                "differences do NOT equal the approved baseline {}; review them, then rerun with --accept",
+                "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
                 path.display()
             )?;
+            let approved = rewind_host::report::gated(&approved);
+            for line in rewind_host::report::gate_changes(&approved, &current, 20) {
+                outln!("  {line}")?;
+            }
         }
         Ok(ExitCode::from(1))
     }

@@ -238,6 +238,120 @@ pub fn gated(report: &Json) -> Json {
     r
 }
 
+/// Where a gated report differs from the approved one, a line per part
+/// (at most `limit` lines): summary fields, tables (how many rows, and the
+/// first key), outputs (how many events, and the first seq), and any other
+/// section as a whole.
+pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let sections = keys(approved)
+        .chain(keys(current))
+        .collect::<std::collections::BTreeSet<_>>();
+    for section in sections {
+        let (a, c) = (&approved[section], &current[section]);
+        if a == c {
+            continue;
+        }
+        match section {
+            "summary" => {
+                for field in keys(a)
+                    .chain(keys(c))
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
+                    if a[field] != c[field] {
+                        lines.push(format!(
+                            "summary {field}: {} approved, {} now",
+                            brief(&a[field]),
+                            brief(&c[field])
+                        ));
+                    }
+                }
+            }
+            "tables" => {
+                let named = |r: &'_ Json| -> std::collections::BTreeMap<String, Json> {
+                    r.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| (t["name"].as_str().unwrap_or("").to_owned(), t.clone()))
+                        .collect()
+                };
+                let (a, c) = (named(a), named(c));
+                for name in a
+                    .keys()
+                    .chain(c.keys())
+                    .collect::<std::collections::BTreeSet<_>>()
+                {
+                    let (x, y) = (
+                        &a.get(name).cloned().unwrap_or(Json::Null),
+                        &c.get(name).cloned().unwrap_or(Json::Null),
+                    );
+                    if x == y {
+                        continue;
+                    }
+                    let (n, first) = differing(&x["rows"], &y["rows"], "key");
+                    let first = first.map(|k| format!(" (first {k})")).unwrap_or_default();
+                    lines.push(if x.is_null() {
+                        format!("table {name}: {n} rows differ, none approved{first}")
+                    } else if y.is_null() {
+                        format!("table {name}: {n} rows approved, none differ now{first}")
+                    } else {
+                        format!("table {name}: {n} rows differ from the approved ones{first}")
+                    });
+                }
+            }
+            "outputs" => {
+                let (n, first) = differing(&a["events"], &c["events"], "seq");
+                lines.push(format!(
+                    "outputs: {n} events differ from the approved ones{}",
+                    first
+                        .map(|s| format!(" (first seq {s})"))
+                        .unwrap_or_default()
+                ));
+            }
+            other => lines.push(format!("{other}: not as approved")),
+        }
+    }
+    if lines.len() > limit {
+        let more = lines.len() - limit;
+        lines.truncate(limit);
+        lines.push(format!("… {more} more"));
+    }
+    lines
+}
+
+/// An object's keys (none for anything else).
+fn keys(v: &Json) -> impl Iterator<Item = &str> {
+    v.as_object()
+        .into_iter()
+        .flat_map(|o| o.keys().map(String::as_str))
+}
+
+/// How many entries of two lists, matched by their `id` field, are not the
+/// same in both, and the first such id.
+fn differing(a: &Json, b: &Json, id: &str) -> (usize, Option<String>) {
+    let by_id = |v: &Json| -> std::collections::BTreeMap<String, Json> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| (e[id].to_string(), e.clone()))
+            .collect()
+    };
+    let (a, b) = (by_id(a), by_id(b));
+    let ids: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let mut differ = ids.into_iter().filter(|k| a.get(*k) != b.get(*k));
+    let first = differ.next().cloned();
+    (first.iter().count() + differ.count(), first)
+}
+
+/// A value for a one-line message, cut short.
+fn brief(v: &Json) -> String {
+    let s = v.to_string();
+    match s.char_indices().nth(60) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s,
+    }
+}
+
 /// A terminal summary; `color` adds ANSI colours.
 pub fn summary_text(report: &Json, color: bool) -> String {
     let paint = |code: &str, s: &str| {
@@ -407,6 +521,43 @@ fn list(items: &[Json]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gate says which parts differ from the approved baseline: each
+    /// summary field, each table (its differing rows, matched by key),
+    /// outputs (by seq), any other section whole; within a limit.
+    #[test]
+    fn the_gate_names_what_differs_from_the_baseline() {
+        let row = |id: &str, n: i64| json!({"key": {"id": id}, "change": "changed", "columns": {"n": {"old": 0, "new": n}}});
+        let approved = json!({
+            "summary": {"events": 10, "diverged_events": 2},
+            "tables": [{"name": "t", "rows": [row("a", 1), row("b", 2), row("c", 3)]}, {"name": "gone", "rows": [row("z", 1)]}],
+            "outputs": {"diverged_events": 1, "events": [{"seq": 4, "old": [], "new": []}]},
+            "schema": {"tables_only_new": []},
+        });
+        let current = json!({
+            "summary": {"events": 10, "diverged_events": 3},
+            "tables": [{"name": "t", "rows": [row("a", 1), row("b", 5), row("d", 4)]}],
+            "outputs": {"diverged_events": 1, "events": [{"seq": 4, "old": [], "new": []}, {"seq": 9, "old": [], "new": []}]},
+            "schema": {"tables_only_new": ["x"]},
+        });
+        assert_eq!(
+            gate_changes(&approved, &current, 10),
+            [
+                "outputs: 1 events differ from the approved ones (first seq 9)",
+                "schema: not as approved",
+                "summary diverged_events: 2 approved, 3 now",
+                r#"table gone: 1 rows approved, none differ now (first {"id":"z"})"#,
+                r#"table t: 3 rows differ from the approved ones (first {"id":"b"})"#,
+            ]
+        );
+        assert_eq!(gate_changes(&approved, &approved, 10), Vec::<String>::new());
+        assert_eq!(
+            gate_changes(&approved, &current, 2)
+                .last()
+                .map(String::as_str),
+            Some("… 3 more")
+        );
+    }
 
     #[test]
     fn a_row_names_its_causes_by_seq_and_position() {
