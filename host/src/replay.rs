@@ -165,6 +165,9 @@ pub struct Replay {
     /// Per table, per key (the diff's key values): the seqs of the events
     /// the versions wrote that row differently in, in order.
     pub causes: HashMap<RowKey, Vec<u64>>,
+    /// Per row with more causes than are kept (`MAX_CAUSES`, the first
+    /// ones): how many more events caused its difference.
+    pub causes_unlisted: HashMap<RowKey, u64>,
     /// The positions (stream, partition, offset) of the causing events.
     pub cause_positions: HashMap<u64, Position>,
     pub outputs: Vec<OutputDiff>,
@@ -201,6 +204,9 @@ impl Replay {
                 .or_default()
                 .extend(seqs.into_iter().map(|s| s + shift));
         }
+        for (key, more) in other.causes_unlisted {
+            *self.causes_unlisted.entry(key).or_default() += more;
+        }
         self.cause_positions.extend(
             other
                 .cause_positions
@@ -222,12 +228,20 @@ impl Replay {
         }
     }
 
-    /// The events that caused a differing row.
+    /// The events that caused a differing row (the first `MAX_CAUSES`).
     pub fn caused_by(&self, table: &str, key: &[(String, Value)]) -> &[u64] {
-        let values: Vec<Value> = key.iter().map(|(_, v)| v.clone()).collect();
         self.causes
-            .get(&(table.to_owned(), encode_key(&values)))
+            .get(&row_key(table, key))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// How many more events caused a differing row than
+    /// [`Replay::caused_by`] lists.
+    pub fn causes_unlisted(&self, table: &str, key: &[(String, Value)]) -> u64 {
+        self.causes_unlisted
+            .get(&row_key(table, key))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -383,6 +397,11 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             first_divergence: compared.first,
             state,
             causes: compared.causes,
+            causes_unlisted: compared
+                .unlisted
+                .into_iter()
+                .map(|(key, (more, _))| (key, more))
+                .collect(),
             cause_positions: compared.positions,
             outputs: compared.outputs,
             dead_only_old: compared.dead_only_old,
@@ -399,6 +418,8 @@ struct Compared {
     diverged: u64,
     first: Option<Divergence>,
     causes: HashMap<RowKey, Vec<u64>>,
+    /// Per row whose causes are all kept: how many more, and the last.
+    unlisted: HashMap<RowKey, (u64, u64)>,
     positions: HashMap<u64, Position>,
     outputs: Vec<OutputDiff>,
     dead_only_old: Vec<DeadDiff>,
@@ -489,7 +510,7 @@ fn compare_event(
             // not a divergence of its own.
             if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 rows_differ = true;
-                push_cause(&mut out.causes, key.clone(), seq);
+                push_cause(out, key.clone(), seq);
                 out.positions
                     .entry(seq)
                     .or_insert_with(|| a.event.position.clone());
@@ -541,6 +562,12 @@ fn compare_event(
 /// A row's identity: its table and its key values, encoded.
 pub type RowKey = (String, Vec<u8>);
 
+/// The identity of the row of `table` with `key`.
+fn row_key(table: &str, key: &[(String, Value)]) -> RowKey {
+    let values: Vec<Value> = key.iter().map(|(_, v)| v.clone()).collect();
+    (table.to_owned(), encode_key(&values))
+}
+
 /// Key values as bytes, each as the change log encodes it.
 pub fn encode_key(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -550,10 +577,19 @@ pub fn encode_key(values: &[Value]) -> Vec<u8> {
     out
 }
 
-fn push_cause(causes: &mut HashMap<RowKey, Vec<u64>>, key: RowKey, seq: u64) {
-    let seqs = causes.entry(key).or_default();
-    if seqs.len() < MAX_CAUSES && seqs.last() != Some(&seq) {
+fn push_cause(out: &mut Compared, key: RowKey, seq: u64) {
+    let seqs = out.causes.entry(key.clone()).or_default();
+    if seqs.last() == Some(&seq) {
+        return;
+    }
+    if seqs.len() < MAX_CAUSES {
         seqs.push(seq);
+        return;
+    }
+    let (more, last) = out.unlisted.entry(key).or_default();
+    if *last != seq {
+        *more += 1;
+        *last = seq;
     }
 }
 

@@ -1049,3 +1049,64 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// A row that many events changed lists its first thousand causes (those
+/// matter most) and counts the rest, in the JSON report and in every
+/// human rendering.
+#[test]
+fn a_row_with_thousands_of_causes_lists_the_first_and_counts_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    // One customer; every order delivered twice: v1 charges each again.
+    let orders = 1_500;
+    let line = |i: usize| {
+        format!(
+            "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-hot\",\
+             \"amount_cents\":1,\"currency\":\"EUR\"}}\n"
+        )
+    };
+    let bytes: String = (0..2 * orders).map(|i| line(i % orders)).collect();
+    let tape = record_tape(dir.path(), bytes.as_bytes());
+    let replayed = replay(
+        &replay_config(dir.path(), &tape, "payments-v1", "payments-v2"),
+        &(),
+    )
+    .unwrap();
+    let report =
+        rewind_host::report::replay_json(&replayed, "v1", "v2", rewind_host::report::Rows::All);
+    let totals = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "customer_totals")
+        .unwrap();
+    let row = &totals["rows"][0];
+    let listed: Vec<u64> = row["caused_by"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
+    // The re-deliveries, seqs 1500.., in order: the first thousand listed.
+    assert_eq!(
+        listed,
+        (orders as u64..orders as u64 + 1000).collect::<Vec<_>>()
+    );
+    assert_eq!(row["caused_by_unlisted"], 500);
+    assert_eq!(row["caused_by_positions"].as_array().unwrap().len(), 1000);
+    // Rows with all their causes listed carry no count.
+    let payment = &report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "payments")
+        .unwrap()["rows"][0];
+    assert!(payment.get("caused_by_unlisted").is_none(), "{payment}");
+
+    let terminal = rewind_host::report::summary_text(&report, false);
+    assert!(
+        terminal.contains("orders.jsonl/0@1505) and 1495 more"),
+        "{terminal}"
+    );
+    assert!(rewind_host::report::markdown(&report).contains("1509 … and 1490 more"));
+    assert!(rewind_host::report::html(&report).contains("2499 … and 500 more"));
+}

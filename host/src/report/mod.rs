@@ -4,7 +4,10 @@
 //! JSON values are numbers, strings, null, or `{"blob_hex": "..."}`. Each
 //! differing row of a replay lists its causes as `caused_by` (seqs) and
 //! `caused_by_positions` (`{"stream", "partition", "offset"}`, exact even in
-//! a report combining several tapes).
+//! a report combining several tapes): the first thousand, and when there
+//! were more, how many as `caused_by_unlisted`. The terminal, Markdown and
+//! HTML renderings show fewer rows and causes, and say how many more the
+//! JSON holds.
 
 mod render;
 
@@ -122,8 +125,9 @@ pub enum Rows {
     First(usize),
 }
 
-/// The events that caused a differing row of a table (by key).
-pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> Vec<u64> + 'a;
+/// The events that caused a differing row of a table (by key): the seqs
+/// listed, and how many more there were.
+pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> (Vec<u64>, u64) + 'a;
 
 /// The per-table section, with causes when a replay found them.
 pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
@@ -150,12 +154,19 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
                                 (c.clone(), json!({ "old": v(o), "new": v(n) }))
                             })
                             .collect();
-                        json!({
+                        let (seqs, unlisted) = caused_by(t, &r.key);
+                        let mut row = json!({
                             "key": key,
                             "change": change_name(r.change),
                             "columns": columns,
-                            "caused_by": caused_by(t, &r.key),
-                        })
+                            "caused_by": seqs,
+                        });
+                        // Only when some are left out: approved baselines
+                        // made before this field stay equal.
+                        if unlisted > 0 {
+                            row["caused_by_unlisted"] = json!(unlisted);
+                        }
+                        row
                     })
                     .collect();
                 json!({
@@ -174,7 +185,16 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
 
 /// The replay report (the JSON contract).
 pub fn replay_json(r: &Replay, old_path: &str, new_path: &str, rows: Rows) -> Json {
-    let mut tables = tables(&r.state, &|t, key| r.caused_by(&t.name, key).to_vec(), rows);
+    let mut tables = tables(
+        &r.state,
+        &|t, key| {
+            (
+                r.caused_by(&t.name, key).to_vec(),
+                r.causes_unlisted(&t.name, key),
+            )
+        },
+        rows,
+    );
     // Where each causing event sits in its source, next to its seq.
     for row in tables
         .as_array_mut()
@@ -223,7 +243,7 @@ pub fn diff_json(d: &StateDiff, old_path: &str, new_path: &str, rows: Rows) -> J
         "old": { "path": old_path },
         "new": { "path": new_path },
         "schema": d.schema,
-        "tables": tables(d, &|_, _| Vec::new(), rows),
+        "tables": tables(d, &|_, _| (Vec::new(), 0), rows),
     })
 }
 
@@ -482,15 +502,29 @@ pub fn summary_text(report: &Json, color: bool) -> String {
     out
 }
 
-/// "caused by seq 7 (orders/0@6)" for a row of a replay report.
+/// Causes listed per row in the terminal; the JSON report has them all.
+const CAUSES_SHOWN: usize = 5;
+
+/// "caused by seq 7 (orders/0@6)" for a row of a replay report (the first
+/// few causes of a row many events changed, and how many more).
 fn caused_by(row: &Json) -> String {
     let Some(seqs) = row["caused_by"].as_array().filter(|c| !c.is_empty()) else {
         return String::new();
     };
-    let positions: Vec<String> = row["caused_by_positions"]
+    let shown = seqs.len().min(CAUSES_SHOWN);
+    let unlisted = row["caused_by_unlisted"].as_u64().unwrap_or(0);
+    let more = match (seqs.len() - shown) as u64 + unlisted {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let positions = row["caused_by_positions"]
         .as_array()
-        .into_iter()
-        .flatten()
+        .filter(|p| p.len() == seqs.len());
+    let Some(positions) = positions else {
+        return format!("  caused by seq {}{more}", list(&seqs[..shown]));
+    };
+    let positions: Vec<String> = positions[..shown]
+        .iter()
         .map(|p| {
             format!(
                 "{}/{}@{}",
@@ -500,11 +534,11 @@ fn caused_by(row: &Json) -> String {
             )
         })
         .collect();
-    if positions.len() == seqs.len() {
-        format!("  caused by seq {} ({})", list(seqs), positions.join(", "))
-    } else {
-        format!("  caused by seq {}", list(seqs))
-    }
+    format!(
+        "  caused by seq {} ({}){more}",
+        list(&seqs[..shown]),
+        positions.join(", ")
+    )
 }
 
 fn list(items: &[Json]) -> String {
@@ -568,6 +602,14 @@ mod tests {
                 {"stream": "orders", "partition": 2, "offset": 40},
             ],
         });
+        let many = json!({
+            "caused_by": (0..12).collect::<Vec<u64>>(),
+            "caused_by_positions": (0..12).map(|i| json!({"stream": "o", "partition": 0, "offset": i + 1})).collect::<Vec<_>>(),
+        });
+        assert_eq!(
+            caused_by(&many),
+            "  caused by seq 0, 1, 2, 3, 4 (o/0@1, o/0@2, o/0@3, o/0@4, o/0@5) and 7 more"
+        );
         assert_eq!(
             caused_by(&row),
             "  caused by seq 7, 9 (orders/0@6, orders/2@40)"

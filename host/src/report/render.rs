@@ -8,6 +8,12 @@ use serde_json::Value as Json;
 
 /// Rows shown per table in Markdown before the rest are left to the JSON.
 const SHOWN_ROWS: usize = 20;
+/// Causes shown per row in Markdown.
+const SHOWN_CAUSES: usize = 10;
+/// What the HTML page shows at most (a browser must still open it): rows
+/// per table, dead letters per side, causes per row.
+const HTML_ROWS: usize = 5_000;
+const HTML_CAUSES: usize = 1_000;
 
 /// A JSON value as a short display string.
 fn show(v: &Json) -> String {
@@ -32,12 +38,22 @@ fn key_text(key: &Json) -> String {
         .unwrap_or_default()
 }
 
-fn seqs(v: &Json) -> String {
-    arr(v)
+/// The first `limit` seqs that caused a row's difference, and how many
+/// more (the JSON report lists up to a thousand, and counts the rest).
+fn seqs(row: &Json, limit: usize) -> String {
+    let all = arr(&row["caused_by"]);
+    let more =
+        all.len().saturating_sub(limit) as u64 + row["caused_by_unlisted"].as_u64().unwrap_or(0);
+    let mut text = all
         .iter()
+        .take(limit)
         .map(Json::to_string)
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if more > 0 {
+        let _ = write!(text, " … and {more} more");
+    }
+    text
 }
 
 fn arr(v: &Json) -> &[Json] {
@@ -130,7 +146,7 @@ pub fn markdown(report: &Json) -> String {
                 md(&key_text(&r["key"])),
                 show(&r["change"]),
                 md(&cols.join("; ")),
-                seqs(&r["caused_by"])
+                seqs(r, SHOWN_CAUSES)
             );
         }
         if rows.len() > SHOWN_ROWS {
@@ -242,7 +258,7 @@ pub fn html(report: &Json) -> String {
              <th>class</th><th>message</th></tr>"
         );
         for (side, key) in [("old", "only_old"), ("new", "only_new")] {
-            for x in arr(&d[key]) {
+            for x in arr(&d[key]).iter().take(HTML_ROWS) {
                 let _ = write!(
                     out,
                     "<tr><td>{side}</td><td>{}</td><td class=\"mono\">{}/{}@{}</td><td>{}</td><td>{}</td></tr>",
@@ -256,6 +272,13 @@ pub fn html(report: &Json) -> String {
             }
         }
         let _ = write!(out, "</table>");
+        for (side, key) in [("old", "only_old"), ("new", "only_new")] {
+            more_in_json(
+                &mut out,
+                arr(&d[key]).len(),
+                &format!("dead letters only in {side}"),
+            );
+        }
     }
     let _ = writeln!(out, "</body></html>");
     out
@@ -328,11 +351,12 @@ fn table(out: &mut String, t: &Json) {
             ""
         }
     );
-    for r in arr(&t["rows"]) {
+    let rows = arr(&t["rows"]);
+    for r in rows.iter().take(HTML_ROWS) {
         let change = show(&r["change"]);
         let cols: Vec<(&String, &Json)> = r["columns"].as_object().into_iter().flatten().collect();
         let span = cols.len().max(1);
-        let causes = esc(&seqs(&r["caused_by"])).into_owned();
+        let causes = esc(&seqs(r, HTML_CAUSES)).into_owned();
         let _ = write!(
             out,
             "<tr class=\"{0}\"><td rowspan=\"{span}\" class=\"mono key\">{1}</td><td rowspan=\"{span}\">{0}</td>",
@@ -360,4 +384,44 @@ fn table(out: &mut String, t: &Json) {
         }
     }
     let _ = write!(out, "</table>");
+    more_in_json(out, rows.len(), "rows");
+}
+
+/// Says how many of `total` things the page left out, if any.
+fn more_in_json(out: &mut String, total: usize, things: &str) {
+    if total > HTML_ROWS {
+        let _ = write!(
+            out,
+            "<p class=\"muted\">… and {} more {things} (see the JSON report).</p>",
+            total - HTML_ROWS
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// The page stays one a browser opens: past `HTML_ROWS` rows of a table
+    /// (or dead letters of a side) it says how many more the JSON holds.
+    #[test]
+    fn the_html_page_shows_a_bounded_number_of_rows() {
+        let rows: Vec<Json> = (0..HTML_ROWS + 7)
+            .map(|i| json!({"key": {"id": i}, "change": "added", "columns": {"n": {"old": null, "new": i}}, "caused_by": [i]}))
+            .collect();
+        let dead: Vec<Json> = (0..HTML_ROWS + 3)
+            .map(|i| json!({"seq": i, "stream": "s", "partition": 0, "offset": i, "class": "malformed", "message": "m"}))
+            .collect();
+        let report = json!({
+            "tables": [{"name": "t", "added": rows.len(), "removed": 0, "changed": 0, "rows": rows}],
+            "dead_letters": {"only_old": dead, "only_new": []},
+        });
+        let page = html(&report);
+        assert_eq!(page.matches("<tr class=\"added\">").count(), HTML_ROWS);
+        assert!(page.contains("… and 7 more rows (see the JSON report)."));
+        assert!(page.contains("… and 3 more dead letters only in old (see the JSON report)."));
+        assert!(!page.contains("dead letters only in new (see"));
+    }
 }
