@@ -18,6 +18,12 @@ pub enum SnapshotError {
         #[source]
         source: rusqlite::Error,
     },
+    /// (SQLite's message names the OS error; its code adds nothing.)
+    #[error(
+        "cannot create snapshot {path} ({cause}); check that its directory exists \
+         and can be written"
+    )]
+    Create { path: PathBuf, cause: String },
     #[error(
         "snapshot path {path} is not valid UTF-8, which SQLite needs for a file name; \
          choose another --out"
@@ -79,6 +85,13 @@ pub fn snapshot(state: &Path, out: &Path) -> Result<(), SnapshotError> {
                     source,
                 }
             }
+            Some(rusqlite::ErrorCode::CannotOpen) => SnapshotError::Create {
+                path: out.to_owned(),
+                cause: match &source {
+                    rusqlite::Error::SqliteFailure(_, Some(message)) => message.clone(),
+                    other => other.to_string(),
+                },
+            },
             Some(rusqlite::ErrorCode::NotADatabase) => SnapshotError::NotADatabase {
                 path: state.to_owned(),
                 source,

@@ -484,7 +484,7 @@ fn reports_snapshots_and_exports_are_written_whole_or_not_at_all() {
         &[
             "snapshot".into(),
             "--state".into(),
-            a.into(),
+            a.clone().into(),
             "--out".into(),
             snapshot.clone().into(),
         ],
@@ -494,6 +494,22 @@ fn reports_snapshots_and_exports_are_written_whole_or_not_at_all() {
         "{stderr}"
     );
     assert!(!snapshot.exists(), "no partial snapshot is left behind");
+    let nowhere = dir.path().join("no-such-dir/snap.db");
+    let out = rewind(&[
+        "snapshot",
+        "--state",
+        a.to_str().unwrap(),
+        "--out",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot create snapshot")
+            && stderr.contains("check that its directory exists"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 
     let export = dir.path().join("export.jsonl");
     under_file_limit(
