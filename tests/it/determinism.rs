@@ -236,9 +236,59 @@ fn ctrl_c_commits_and_the_same_command_continues() {
     stop_commits_and_the_same_command_continues("-INT");
 }
 
+/// SIGHUP too: the terminal that started the run went away.
 #[test]
-fn sigterm_commits_and_the_same_command_continues() {
+fn sigterm_and_sighup_commit_and_the_same_command_continues() {
     stop_commits_and_the_same_command_continues("-TERM");
+    stop_commits_and_the_same_command_continues("-HUP");
+}
+
+/// Signals ignored when the run started (`nohup`, a script's background
+/// job) stay ignored: the run goes on to the end, exactly as uninterrupted.
+#[test]
+fn signals_ignored_at_start_stay_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, stream(20_000, 5)).unwrap();
+    let (clean, ignoring) = (dir.path().join("clean.db"), dir.path().join("ignoring.db"));
+    let (out_clean, out_ignoring) = (
+        dir.path().join("clean.jsonl"),
+        dir.path().join("ignoring.jsonl"),
+    );
+    run_lib("payments-v2", &input, &clean, &out_clean, 1000);
+    let run = rewind_run("payments-v2", &input, &ignoring);
+    let mut child = Command::new("bash")
+        .args(["-c", "trap '' INT TERM HUP; exec \"$@\"", "--"])
+        .arg(run.get_program())
+        .args(run.get_args())
+        .args(["--quiet", "--batch-size", "1000", "--output"])
+        .arg(&out_ignoring)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let fifth = file_len(&out_clean) / 5;
+    assert!(rewind_tests::run_until(&mut child, || file_len(
+        &out_ignoring
+    ) >= fifth));
+    for signal in ["-HUP", "-INT", "-TERM"] {
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    let finished = child.wait_with_output().unwrap();
+    assert!(
+        finished.status.success(),
+        "{:?}: {}",
+        finished.status,
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    assert_eq!(dump_hash(&clean), dump_hash(&ignoring));
+    assert_eq!(
+        std::fs::read(&out_clean).unwrap(),
+        std::fs::read(&out_ignoring).unwrap()
+    );
 }
 
 fn stop_commits_and_the_same_command_continues(signal: &str) {

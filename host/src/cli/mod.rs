@@ -73,8 +73,7 @@ pub fn discard_on_interrupt(
     command: &'static str,
     scratch: Vec<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    ctrlc::set_handler(move || {
+    on_stop(move || {
         for path in &scratch {
             // A side may create a file as the directory goes: try again.
             for _ in 0..3 {
@@ -91,5 +90,29 @@ pub fn discard_on_interrupt(
         eprintln!("rewind: {command} interrupted: nothing reported");
         std::process::exit(130);
     })
-    .context("cannot install the Ctrl-C handler")
+}
+
+/// Runs `handler` (on a thread of its own) on Ctrl-C, SIGTERM or SIGHUP,
+/// except for those of them ignored when rewind started (`nohup`, a
+/// script's background job): they stay ignored, as Unix tools leave them.
+pub fn on_stop(handler: impl FnMut() + Send + 'static) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let signals = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    let ignored: Vec<libc::c_int> = signals
+        .into_iter()
+        .filter(|&signal| {
+            // SAFETY: reads the disposition only (a null new action).
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction == libc::SIG_IGN
+            }
+        })
+        .collect();
+    ctrlc::set_handler(handler).context("cannot install the Ctrl-C handler")?;
+    for signal in ignored {
+        // SAFETY: restores the inherited disposition of a signal.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
+    Ok(())
 }

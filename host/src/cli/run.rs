@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rewind_host::kafka::{self, KafkaConfig};
 use rewind_host::{
@@ -93,12 +92,11 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
     // one exits at once, which is safe too (the state DB is crash-safe).
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || {
+    super::on_stop(move || {
         if flag.swap(true, Ordering::Relaxed) {
             std::process::exit(130);
         }
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    })?;
     if let Some(brokers) = args.brokers.take() {
         return run_kafka(args, brokers, config, &stop);
     }
