@@ -225,6 +225,29 @@ pub fn signal_when(
         .expect("the child can be waited on")
 }
 
+/// Runs `program` with `args` to its end (its output discarded) and
+/// returns its exit code and peak resident memory in KiB, as the kernel
+/// counted it. Through a small Python parent: a child's peak counts the
+/// memory of the process it was spawned from (the address space it starts
+/// in), and a test process holds whatever the tests beside it do.
+pub fn peak_rss_kib(program: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, u64) {
+    const MEASURE: &str = "import resource, subprocess, sys\n\
+        r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
+        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let out = std::process::Command::new("python3")
+        .args(["-c", MEASURE])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace().map(|w| w.parse::<i64>().ok());
+    match (words.next().flatten(), words.next().flatten()) {
+        (Some(code), Some(kib)) => (i32::try_from(code).ok().filter(|c| *c >= 0), kib as u64),
+        _ => panic!("measuring {}: {out:?}", program.display()),
+    }
+}
+
 /// The length of `path`, 0 while it does not exist.
 pub fn file_len(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())

@@ -525,6 +525,40 @@ fn reports_snapshots_and_exports_are_written_whole_or_not_at_all() {
     assert!(!export.exists(), "no partial export is left behind");
 }
 
+/// `dlq list` reads dead letters one at a time: a flood of large malformed
+/// lines (100 MiB of them here) costs it no more memory than a few.
+#[test]
+fn dlq_list_memory_does_not_grow_with_the_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("flood.jsonl");
+    let line = [&b"{\"broken\": \""[..], &vec![b'x'; 1 << 20], b"\n"].concat();
+    let mut file = std::fs::File::create(&input).unwrap();
+    for _ in 0..100 {
+        std::io::Write::write_all(&mut file, &line).unwrap();
+    }
+    drop(file);
+    let state = dir.path().join("state.db");
+    assert!(
+        run("payments-v2", &input, &state, &["--quiet"])
+            .status
+            .success()
+    );
+    for json in [false, true] {
+        let mut args = ["dlq", "list", "--state", state.to_str().unwrap()]
+            .map(std::ffi::OsStr::new)
+            .to_vec();
+        if json {
+            args.push("--json".as_ref());
+        }
+        let (code, kib) = rewind_tests::peak_rss_kib(&rewind_bin(), &args);
+        assert_eq!(code, Some(0));
+        assert!(
+            kib < 64 << 10,
+            "dlq list (json: {json}) peaked at {kib} KiB"
+        );
+    }
+}
+
 /// `--max-instances` sizes the instance pool, whose address space is
 /// reserved up front: under an address-space limit (`ulimit -v`) the
 /// default pool cannot be reserved and a small one can.

@@ -96,59 +96,51 @@ const RAW_SHOWN: usize = 60;
 
 pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
     let db = StateDb::open_existing(&state)?;
-    let letters = db
-        .dead_letters()
-        .with_context(|| format!("reading dead letters of {}", state.display()))?;
+    let reading = || format!("reading dead letters of {}", state.display());
     if json {
-        for dl in &letters {
-            let text =
-                |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-            let line = serde_json::json!({
-                "seq": dl.seq,
-                "stream": dl.position.stream,
-                "partition": dl.position.partition,
-                "offset": dl.position.offset,
-                "module_digest": dl.module_digest,
-                "error_class": dl.error_class,
-                "message": dl.message,
-                "key": text(&dl.key),
-                "payload": text(&dl.payload),
-                "timestamp_ms": dl.timestamp_ms,
-                "raw_hex": hex::encode(&dl.raw),
-            });
-            outln!("{line}")?;
-        }
-        return Ok(());
+        let text =
+            |b: &Option<Vec<u8>>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        return db
+            .each_dead_letter(|dl| {
+                let line = serde_json::json!({
+                    "seq": dl.seq,
+                    "stream": dl.position.stream,
+                    "partition": dl.position.partition,
+                    "offset": dl.position.offset,
+                    "module_digest": dl.module_digest,
+                    "error_class": dl.error_class,
+                    "message": dl.message,
+                    "key": text(&dl.key),
+                    "payload": text(&dl.payload),
+                    "timestamp_ms": dl.timestamp_ms,
+                    "raw_hex": hex::encode(&dl.raw),
+                });
+                outln!("{line}")
+            })
+            .with_context(reading);
     }
-    if letters.is_empty() {
+    let (count, position_chars, class_chars) = db.dead_letter_widths().with_context(reading)?;
+    if count == 0 {
         outln!("no dead letters in {}", state.display())?;
         return Ok(());
     }
     // Columns as wide as their widest entry (classes run to 20 characters).
-    let positions: Vec<String> = letters
-        .iter()
-        .map(|dl| printable_str(&dl.position.to_string()).into_owned())
-        .collect();
-    let pw = positions
-        .iter()
-        .map(|p| p.chars().count())
-        .fold(8, usize::max);
-    let cw = letters
-        .iter()
-        .map(|dl| dl.error_class.chars().count())
-        .fold(5, usize::max);
+    let (pw, cw) = (position_chars.max(8), class_chars.max(5));
     outln!(
         "{:>6}  {:<pw$}  {:<cw$}  message",
         "seq",
         "position",
         "class"
     )?;
-    for (dl, position) in letters.iter().zip(&positions) {
+    db.each_dead_letter(|dl| {
         // What the input and the guest wrote, escaped: a dead letter's
         // bytes are whatever arrived.
-        let raw = printable(&dl.raw);
+        let position = printable_str(&dl.position.to_string()).into_owned();
+        // (Of its first bytes only: a character takes at most four.)
+        let head = &dl.raw[..dl.raw.len().min(4 * RAW_SHOWN)];
+        let raw = printable(head);
         let mut shown: String = raw.chars().take(RAW_SHOWN).collect();
-        if shown.len() < raw.len() {
+        if shown.len() < raw.len() || head.len() < dl.raw.len() {
             shown.push('…');
         }
         outln!(
@@ -157,8 +149,9 @@ pub fn dlq_list(state: PathBuf, json: bool) -> anyhow::Result<()> {
             dl.error_class,
             printable_str(&dl.message)
         )?;
-        outln!("{:>6}  {:<pw$}  {:<cw$}  raw: {shown}", "", "", "")?;
-    }
-    outln!("{} dead letters", letters.len())?;
+        outln!("{:>6}  {:<pw$}  {:<cw$}  raw: {shown}", "", "", "")
+    })
+    .with_context(reading)?;
+    outln!("{count} dead letters")?;
     Ok(())
 }

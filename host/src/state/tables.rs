@@ -164,8 +164,13 @@ impl StateDb {
             .map_err(|e| self.err(e))
     }
 
-    /// Every dead letter, in consumption order.
-    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StateError> {
+    /// Hands every dead letter, in consumption order, to `f`, one at a time:
+    /// a dead-letter table (a flood of malformed input) can hold far more
+    /// than memory.
+    pub fn each_dead_letter<E: From<StateError>>(
+        &self,
+        mut f: impl FnMut(DeadLetter) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut stmt = self
             .conn
             .prepare(
@@ -174,8 +179,9 @@ impl StateDb {
                    FROM _rewind_dlq ORDER BY seq"#,
             )
             .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
+        let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.err(e))? {
+            let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<DeadLetter> {
                 let headers: String = r.get(9)?;
                 Ok(DeadLetter {
                     seq: r.get::<_, i64>(0)? as u64,
@@ -193,9 +199,26 @@ impl StateDb {
                     timestamp_ms: r.get(10)?,
                     raw: r.get(11)?,
                 })
-            })
-            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>());
-        rows.map_err(|e| self.err(e))
+            };
+            f(read(r).map_err(|e| self.err(e))?)?;
+        }
+        Ok(())
+    }
+
+    /// How many dead letters there are, the longest position
+    /// (`stream/partition@offset`) and the longest error class, in
+    /// characters: for a table of them, without reading them all first.
+    pub fn dead_letter_widths(&self) -> Result<(u64, usize, usize), StateError> {
+        self.conn
+            .query_row(
+                r#"SELECT count(*),
+                          coalesce(max(length(stream) + length(partition) + length("offset") + 2), 0),
+                          coalesce(max(length(error_class)), 0)
+                   FROM _rewind_dlq"#,
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as usize, r.get::<_, i64>(2)? as usize)),
+            )
+            .map_err(|e| self.err(e))
     }
 
     /// How far the tape this state records onto goes, if it records one.
