@@ -272,7 +272,8 @@ struct RunArgs {
     #[arg(long, value_name = "WASM")]
     processor: PathBuf,
     /// Input: JSONL (bare JSON payloads and/or kcat -J envelopes, one per
-    /// line), or a tape.
+    /// line), or a tape. `-` reads standard input (JSONL; bare lines get
+    /// stream `stdin`).
     #[arg(
         long,
         value_name = "FILE",

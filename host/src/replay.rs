@@ -290,6 +290,14 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         path: path.to_owned(),
         message,
     };
+    // Each version reads the input on its own: a pipe would be split
+    // between them.
+    if std::fs::metadata(&config.tape).is_ok_and(|m| !m.is_file()) {
+        return Err(setup(
+            &config.tape,
+            "not a file (a pipe?): each version reads the input on its own; pass a file".into(),
+        ));
+    }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|e| setup(&config.work_dir, e.to_string()))?;
     let old_db = config.work_dir.join("old.db");

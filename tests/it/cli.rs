@@ -668,3 +668,88 @@ fn guest_text_and_input_bytes_reach_the_terminal_escaped() {
     assert!(stdout.contains(r"\u{1b}[2J message"), "{stdout}");
     assert!(stdout.contains(r"raw: \u{1b}[2J{oops \xff"), "{stdout}");
 }
+
+/// `--input -` reads standard input, a pipe, whole: the same state and
+/// outputs as from the file (bare lines get stream `stdin`). A tape or a
+/// replay through a pipe is refused before anything is written: a tape's
+/// header would be read from the pipe and lost, and a replay's versions
+/// would split it between them.
+#[test]
+fn standard_input_is_read_whole_and_what_cannot_be_piped_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = completed_orders(500, 30).concat();
+    let input = dir.path().join("stdin");
+    std::fs::write(&input, &lines).unwrap();
+    let from_file = dir.path().join("file.db");
+    let out = run("payments-v2", &input, &from_file, &["--quiet"]);
+    assert!(out.status.success(), "{out:?}");
+    let taped = run(
+        "payments-v2",
+        &input,
+        &dir.path().join("taped.db"),
+        &[
+            "--quiet",
+            "--tape",
+            dir.path().join("t.tape").to_str().unwrap(),
+        ],
+    );
+    assert!(taped.status.success(), "{taped:?}");
+
+    let piped = |args: Vec<std::ffi::OsString>, bytes: &[u8]| {
+        let mut child = Command::new(rewind_bin())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // The reader may refuse before reading it all.
+        let _ = std::io::Write::write_all(&mut stdin, bytes);
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    };
+    let from_pipe = dir.path().join("pipe.db");
+    let mut args = run_args("payments-v2", Path::new("-"), &from_pipe);
+    args.push("--quiet".into());
+    let out = piped(args, lines.as_bytes());
+    assert!(out.status.success(), "{out:?}");
+    let diff = rewind(&[
+        "diff",
+        from_file.to_str().unwrap(),
+        from_pipe.to_str().unwrap(),
+    ]);
+    assert_eq!(diff.status.code(), Some(0), "{diff:?}");
+    assert_eq!(
+        rewind_tests::dump_hash(&from_file),
+        rewind_tests::dump_hash(&from_pipe),
+        "the same records, offsets and stream"
+    );
+
+    let tape = std::fs::read(dir.path().join("t.tape")).unwrap();
+    let refused = dir.path().join("refused.db");
+    let out = piped(run_args("payments-v2", Path::new("-"), &refused), &tape);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tapes are read from files"), "{stderr}");
+    assert!(!refused.exists(), "nothing written");
+
+    let out = piped(
+        ["replay", "--tape", "/dev/stdin", "--old"]
+            .map(Into::into)
+            .into_iter()
+            .chain([
+                processor("payments-v1").into(),
+                "--new".into(),
+                processor("payments-v2").into(),
+            ])
+            .collect(),
+        lines.as_bytes(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("each version reads the input on its own"),
+        "{stderr}"
+    );
+}

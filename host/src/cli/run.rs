@@ -1,5 +1,6 @@
 //! `rewind run`: the live loop with a progress bar and Ctrl-C handling.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,7 +62,11 @@ impl Progress for Bar {
 }
 
 pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
-    let input = args.input.take().unwrap_or_default();
+    // `-`: standard input, as Unix tools take it.
+    let input = match args.input.take() {
+        Some(path) if path.as_os_str() == "-" => PathBuf::from("/dev/stdin"),
+        other => other.unwrap_or_default(),
+    };
     let state = args.state.take().unwrap_or_default();
     let mut config = RunConfig::new(&args.processor, &input, &state);
     config.output = args.output.take();

@@ -104,9 +104,22 @@ impl FileSource {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         };
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        // A pipe is not looked into for a tape's header (what is read from
+        // it is gone); what it starts with shows without being consumed.
+        if !meta.is_file()
+            && reader
+                .fill_buf()
+                .map_err(err)?
+                .starts_with(crate::tape::MAGIC)
+        {
+            return Err(err(std::io::Error::other(
+                "a tape arrives through a pipe, but tapes are read from files: pass the tape's path",
+            )));
+        }
         Ok(FileSource {
             path: path.to_owned(),
-            reader: BufReader::with_capacity(1 << 20, file),
+            reader,
             stream,
             line: 0,
             bytes_read: 0,

@@ -17,8 +17,14 @@ use crate::source::Record;
 /// Whether the file at `path` starts like a tape.
 pub fn is_tape(path: &Path) -> bool {
     let mut magic = [0u8; 12];
+    // Only a file is looked into: bytes read from a pipe would be gone.
     File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
+        .and_then(|mut f| {
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a file"));
+            }
+            f.read_exact(&mut magic)
+        })
         .is_ok_and(|()| &magic == MAGIC)
 }
 
@@ -306,6 +312,13 @@ impl TapeReader {
             source,
         };
         let mut file = File::open(path).map_err(io)?;
+        // Frames are checked against the file's length, and tapes are read
+        // more than once (by each side of a replay, by verify).
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(io(std::io::Error::other(
+                "not a file (a pipe?): tapes are read from files; pass the tape's path",
+            )));
+        }
         let (id, version) = read_header(&mut file, path)?;
         let len = file.metadata().map_err(io)?.len();
         Ok(TapeReader {

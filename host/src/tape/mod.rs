@@ -58,7 +58,7 @@ use crate::codec::{Reader, Writer};
 use crate::event::{Event, Header, Position};
 use crate::source::Record;
 
-const MAGIC: &[u8; 12] = b"REWIND TAPE\n";
+pub(crate) const MAGIC: &[u8; 12] = b"REWIND TAPE\n";
 /// The tape format this host writes (it also reads [`OLDEST_TAPE_VERSION`]).
 pub const TAPE_VERSION: u32 = 2;
 /// The oldest tape format this host reads.
