@@ -753,3 +753,36 @@ fn standard_input_is_read_whole_and_what_cannot_be_piped_is_refused() {
         "{stderr}"
     );
 }
+
+/// A run that cannot open its tape or output file writes no state DB: the
+/// rerun with the right path starts afresh, with whichever module.
+#[test]
+fn a_run_that_cannot_start_leaves_no_state_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, completed_orders(50, 5).concat()).unwrap();
+    let state = dir.path().join("state.db");
+    let nowhere = dir.path().join("no-such-dir");
+    for (flag, file) in [("--tape", "t.tape"), ("--output", "out.jsonl")] {
+        let path = nowhere.join(file);
+        let out = run(
+            "payments-v2",
+            &input,
+            &state,
+            &[flag, path.to_str().unwrap()],
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(file) && stderr.contains("No such file"),
+            "{stderr}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["orders.jsonl"], "{flag}: nothing left behind");
+    }
+    let out = run("payments-v1", &input, &state, &["--quiet"]);
+    assert!(out.status.success(), "{out:?}");
+}

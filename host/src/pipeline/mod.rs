@@ -302,102 +302,117 @@ pub fn run_source(
             return Err(error);
         }
     };
-    if !config.scratch {
-        db.checkpoint_in_background()?;
-    }
-    if let Some(mib) = config.cache_mib {
-        db.set_cache_mib(mib)?;
-    }
-    let observe = progress.observe();
-    // Digests go onto a tape and to `verify`; a replay compares the changes
-    // and outputs themselves, which is cheaper than hashing them.
-    let digests = config.tape.is_some() || observe == Some(false);
-    if let Some(keep) = observe {
-        db.capture_changes(keep, digests);
-    }
-    let tape = match &config.tape {
-        None => None,
-        Some(path) => {
-            if std::fs::canonicalize(path).ok() == std::fs::canonicalize(&config.input).ok()
-                && path.exists()
-            {
-                return Err(TapeError::Mismatch {
-                    path: path.clone(),
-                    message: "it is also the --input; record onto another tape".into(),
+    // Until the first event, a state DB this run made is removed on any
+    // error (a tape or output that cannot be opened): a rerun with the
+    // right arguments then starts as this one did, with any module.
+    let start = move || -> Result<Run<'_>, RunError> {
+        if !config.scratch {
+            db.checkpoint_in_background()?;
+        }
+        if let Some(mib) = config.cache_mib {
+            db.set_cache_mib(mib)?;
+        }
+        let observe = progress.observe();
+        // Digests go onto a tape and to `verify`; a replay compares the changes
+        // and outputs themselves, which is cheaper than hashing them.
+        let digests = config.tape.is_some() || observe == Some(false);
+        if let Some(keep) = observe {
+            db.capture_changes(keep, digests);
+        }
+        let tape = match &config.tape {
+            None => None,
+            Some(path) => {
+                if std::fs::canonicalize(path).ok() == std::fs::canonicalize(&config.input).ok()
+                    && path.exists()
+                {
+                    return Err(TapeError::Mismatch {
+                        path: path.clone(),
+                        message: "it is also the --input; record onto another tape".into(),
+                    }
+                    .into());
                 }
-                .into());
+                let mark = db.tape_mark()?;
+                let mut tape = TapeWriter::open(path, mark.as_ref())?;
+                if mark.is_none() {
+                    // Claim the tape before any frame reaches it: a crash after a
+                    // frame but before the first commit then finds the mark and
+                    // cuts the frame, instead of finding a tape it cannot place.
+                    db.begin()?;
+                    db.set_tape_mark(&tape.mark())?;
+                    db.commit()?;
+                }
+                if observe.is_none() {
+                    db.capture_changes(false, digests);
+                }
+                let info = RunInfo {
+                    first_seq: db.meta_u64("next_seq")?,
+                    module_digest: module.digest().to_owned(),
+                    fuel: config.runtime.fuel,
+                    memory_bytes: config.runtime.memory_bytes as u64,
+                    dedup_header: config.dedup_header.clone(),
+                };
+                tape.run(&info);
+                Some((tape, info))
             }
-            let mark = db.tape_mark()?;
-            let mut tape = TapeWriter::open(path, mark.as_ref())?;
-            if mark.is_none() {
-                // Claim the tape before any frame reaches it: a crash after a
-                // frame but before the first commit then finds the mark and
-                // cuts the frame, instead of finding a tape it cannot place.
-                db.begin()?;
-                db.set_tape_mark(&tape.mark())?;
-                db.commit()?;
-            }
-            if observe.is_none() {
-                db.capture_changes(false, digests);
-            }
-            let info = RunInfo {
-                first_seq: db.meta_u64("next_seq")?,
-                module_digest: module.digest().to_owned(),
-                fuel: config.runtime.fuel,
-                memory_bytes: config.runtime.memory_bytes as u64,
-                dedup_header: config.dedup_header.clone(),
-            };
-            tape.run(&info);
-            Some((tape, info))
-        }
-    };
+        };
 
-    let (tape, run_info) = tape.unzip();
-    let mut run = Run {
-        instance: runtime.instance(module),
-        module,
-        config,
-        progress,
-        offsets: db.offsets()?,
-        next_seq: db.meta_u64("next_seq")?,
-        sink: None,
-        tape,
-        run_info,
-        break_pending: false,
-        sent_through: None,
-        observed: observe.map(|_| Vec::new()),
-        summary: RunSummary {
-            module_digest: module.digest().to_owned(),
-            load: module.stats(),
-            consumed: 0,
-            applied: 0,
-            dead_lettered: 0,
-            skipped: 0,
-            duplicates: 0,
-            outputs: 0,
-            elapsed: Duration::ZERO,
-            interrupted: false,
-        },
-        db: Some(Box::new(db)),
-        careful: false,
-        logs: Vec::new(),
-        spare_records: Vec::new(),
-        key: (String::new(), 0),
-        digests,
-    };
-    if let Some(path) = &config.output {
-        let claimed = run.db().meta("sink.claimed")?.is_some();
-        let sink = FileSink::open(path, &run.db().sink_mark()?, claimed)?;
-        if !claimed {
-            // Recorded before the first write, so after a crash the bytes in
-            // the file are known to be ours to cut back to the recorded mark.
-            run.db().set_meta("sink.claimed", "1")?;
+        let (tape, run_info) = tape.unzip();
+        let mut run = Run {
+            instance: runtime.instance(module),
+            module,
+            config,
+            progress,
+            offsets: db.offsets()?,
+            next_seq: db.meta_u64("next_seq")?,
+            sink: None,
+            tape,
+            run_info,
+            break_pending: false,
+            sent_through: None,
+            observed: observe.map(|_| Vec::new()),
+            summary: RunSummary {
+                module_digest: module.digest().to_owned(),
+                load: module.stats(),
+                consumed: 0,
+                applied: 0,
+                dead_lettered: 0,
+                skipped: 0,
+                duplicates: 0,
+                outputs: 0,
+                elapsed: Duration::ZERO,
+                interrupted: false,
+            },
+            db: Some(Box::new(db)),
+            careful: false,
+            logs: Vec::new(),
+            spare_records: Vec::new(),
+            key: (String::new(), 0),
+            digests,
+        };
+        if let Some(path) = &config.output {
+            let claimed = run.db().meta("sink.claimed")?.is_some();
+            let sink = FileSink::open(path, &run.db().sink_mark()?, claimed)?;
+            if !claimed {
+                // Recorded before the first write, so after a crash the bytes in
+                // the file are known to be ours to cut back to the recorded mark.
+                run.db().set_meta("sink.claimed", "1")?;
+            }
+            run.sink = Some(Box::new(sink));
+        } else {
+            run.sink = sink;
         }
-        run.sink = Some(Box::new(sink));
-    } else {
-        run.sink = sink;
-    }
-    run.deliver(true)?;
+        run.deliver(true)?;
+        Ok(run)
+    };
+    let mut run = match start() {
+        Ok(run) => run,
+        Err(error) => {
+            if !state_existed {
+                remove_db_files(&config.state);
+            }
+            return Err(error);
+        }
+    };
 
     progress.start(source.size());
     let result = run.consume(source).and_then(|()| run.deliver(true));
