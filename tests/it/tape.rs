@@ -285,6 +285,11 @@ fn damaged_tapes_are_clear_errors() {
     let tape = dir.path().join("t.tape");
     tapes::import(&input, &tape, None).unwrap();
     let good = std::fs::read(&tape).unwrap();
+    // A tape imported as if it were JSONL would become garbage records.
+    let again = dir.path().join("again.tape");
+    let err = tapes::import(&tape, &again, None).unwrap_err().to_string();
+    assert!(err.contains("is already a tape"), "{err}");
+    assert!(!again.exists());
 
     let check = |name: &str, bytes: &[u8], expect: &str| {
         let path = dir.path().join(name);

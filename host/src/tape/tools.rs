@@ -29,6 +29,11 @@ pub enum ToolError {
     },
     #[error("{path} already exists; choose a new --out")]
     Exists { path: std::path::PathBuf },
+    #[error(
+        "{path} is already a tape: use it as it is (as --input or --tape), or \
+         `rewind tape export` it to JSONL"
+    )]
+    AlreadyATape { path: std::path::PathBuf },
 }
 
 /// Records every line of a JSONL file (bare lines and kcat `-J` envelopes,
@@ -38,6 +43,11 @@ pub fn import(input: &Path, out: &Path, stream: Option<&str>) -> Result<u64, Too
     if out.exists() {
         return Err(ToolError::Exists {
             path: out.to_owned(),
+        });
+    }
+    if super::is_tape(input) {
+        return Err(ToolError::AlreadyATape {
+            path: input.to_owned(),
         });
     }
     let mut source = FileSource::open(input, stream).map_err(InputError::from)?;
