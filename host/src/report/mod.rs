@@ -309,7 +309,9 @@ pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String
                         continue;
                     }
                     let (n, first) = differing(&x["rows"], &y["rows"], "key");
-                    let first = first.map(|k| format!(" (first {k})")).unwrap_or_default();
+                    let first = first
+                        .map(|k| format!(" (first {})", cut(&k)))
+                        .unwrap_or_default();
                     lines.push(if x.is_null() {
                         format!("table {name}: {n} rows differ, none approved{first}")
                     } else if y.is_null() {
@@ -347,13 +349,18 @@ fn keys(v: &Json) -> impl Iterator<Item = &str> {
 }
 
 /// How many entries of two lists, matched by their `id` field, are not the
-/// same in both, and the first such id.
+/// same in both, and the first such id. Entries without one (the rows of a
+/// table without a primary key) are their own id.
 fn differing(a: &Json, b: &Json, id: &str) -> (usize, Option<String>) {
     let by_id = |v: &Json| -> std::collections::BTreeMap<String, Json> {
         v.as_array()
             .into_iter()
             .flatten()
-            .map(|e| (e[id].to_string(), e.clone()))
+            .map(|e| match &e[id] {
+                Json::Null => (e.to_string(), e.clone()),
+                Json::Object(o) if o.is_empty() => (e.to_string(), e.clone()),
+                key => (key.to_string(), e.clone()),
+            })
             .collect()
     };
     let (a, b) = (by_id(a), by_id(b));
@@ -365,10 +372,14 @@ fn differing(a: &Json, b: &Json, id: &str) -> (usize, Option<String>) {
 
 /// A value for a one-line message, cut short.
 fn brief(v: &Json) -> String {
-    let s = v.to_string();
+    cut(&v.to_string())
+}
+
+/// Text for a one-line message: at most 60 characters, then `…`.
+fn cut(s: &str) -> String {
     match s.char_indices().nth(60) {
         Some((at, _)) => format!("{}…", &s[..at]),
-        None => s,
+        None => s.to_owned(),
     }
 }
 
@@ -585,6 +596,14 @@ mod tests {
             ]
         );
         assert_eq!(gate_changes(&approved, &approved, 10), Vec::<String>::new());
+        // Rows of a table without a key are told apart by their content.
+        let unkeyed = |ns: &[i64]| json!({"tables": [{"name": "u", "rows": ns.iter().map(|n| json!({"key": {}, "change": "added", "columns": {"n": {"old": null, "new": n}}})).collect::<Vec<_>>()}]});
+        assert_eq!(
+            gate_changes(&unkeyed(&[1, 2, 3]), &unkeyed(&[1, 4, 5]), 10),
+            [
+                "table u: 4 rows differ from the approved ones (first {\"change\":\"added\",\"columns\":{\"n\":{\"new\":2,\"old\":null}},\"key\"…)"
+            ]
+        );
         assert_eq!(
             gate_changes(&approved, &current, 2)
                 .last()
