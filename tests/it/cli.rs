@@ -786,3 +786,36 @@ fn a_run_that_cannot_start_leaves_no_state_behind() {
     let out = run("payments-v1", &input, &state, &["--quiet"]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A compile cache that cannot be written costs a compile, not the run, and
+/// says so: here the cache directory would be inside a regular file.
+#[test]
+fn a_cache_that_cannot_be_written_is_a_warning_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, completed_orders(20, 5).concat()).unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let cache = blocker.join("cache");
+    for state in ["one.db", "two.db"] {
+        let out = Command::new(rewind_bin())
+            .arg("run")
+            .arg("--processor")
+            .arg(processor("payments-v2"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--state")
+            .arg(dir.path().join(state))
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("(compiled in"), "{stderr}");
+        assert!(
+            stderr.contains("rewind: warning: could not cache the compiled processor"),
+            "{stderr}"
+        );
+    }
+}

@@ -116,11 +116,14 @@ pub enum LoadError {
 }
 
 /// How a module was loaded, for reporting cold versus warm starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoadStats {
     /// Whether the component was compiled (cold) rather than loaded from the cache.
     pub compiled: bool,
     pub duration: Duration,
+    /// Why the compiled component could not be cached, if it could not:
+    /// every start then compiles it again.
+    pub cache_error: Option<String>,
 }
 
 /// A processor version, compiled and linked, ready to instantiate.
@@ -153,7 +156,7 @@ impl Module {
     }
 
     pub fn stats(&self) -> LoadStats {
-        self.stats
+        self.stats.clone()
     }
 }
 
@@ -275,6 +278,7 @@ impl Runtime {
             .cache_dir
             .as_deref()
             .map(|dir| cache::entry(dir, &self.engine, &digest_hex));
+        let mut cache_error = None;
         let (component, compiled) =
             match cached.as_deref().and_then(|p| cache::load(&self.engine, p)) {
                 Some(component) => (component, false),
@@ -286,8 +290,11 @@ impl Runtime {
                         }
                     })?;
                     if let Some(entry) = &cached {
-                        // A cache that cannot be written only costs the next start a compile.
-                        let _ = cache::store(&component, entry);
+                        // A cache that cannot be written only costs the next
+                        // start a compile: said, not fatal.
+                        cache_error = cache::store(&component, entry)
+                            .err()
+                            .map(|e| format!("{}: {e}", entry.display()));
                     }
                     (component, true)
                 }
@@ -314,6 +321,7 @@ impl Runtime {
             stats: LoadStats {
                 compiled,
                 duration: started.elapsed(),
+                cache_error,
             },
         })
     }
