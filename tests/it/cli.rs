@@ -371,6 +371,17 @@ fn a_full_disk_under_a_replay_says_where_to_make_room() {
         "--cache-dir".into(),
         rewind_tests::cache_dir().into(),
     ];
+    // A file where --keep wants a directory says so.
+    std::fs::write(&keep, b"a file").unwrap();
+    let out = Command::new(rewind_bin()).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is a file; it takes a directory"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&keep).unwrap();
+
     let stderr = under_file_limit(512, &args);
     assert!(stderr.contains(" version: state DB "), "{stderr}");
     assert!(

@@ -95,6 +95,9 @@ fn warn_unmatched(diff: &rewind_host::diff::StateDiff) {
 pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     use rewind_host::replay::ReplayConfig;
     let work_dir = match &args.keep {
+        Some(dir) if dir.exists() && !dir.is_dir() => {
+            anyhow::bail!("--keep {} is a file; it takes a directory", dir.display())
+        }
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("rewind-replay-{}", std::process::id())),
     };
