@@ -38,8 +38,8 @@ pub use sink::ID_HEADER;
 pub use source::{FileSource, MAX_LINE, Record};
 pub use state::{
     Change, ChangeLog, Checkpointer, DEFAULT_SQL_MEMORY_MB, DeadLetter, EventChanges,
-    FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount, exit_when_stuck,
-    limit_sql_memory,
+    FORMAT as STATE_FORMAT, OutboxRow, StateDb, StateError, Summary, TableCount, db_files,
+    exit_when_stuck, limit_sql_memory, remove_db_files,
 };
 pub use tape::{
     EventResult, Frame, OLDEST_TAPE_VERSION, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent,

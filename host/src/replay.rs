@@ -303,8 +303,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
     let old_db = config.work_dir.join("old.db");
     let new_db = config.work_dir.join("new.db");
     for db in [&old_db, &new_db] {
-        for suffix in ["", "-wal", "-shm"] {
-            let file = PathBuf::from(format!("{}{suffix}", db.display()));
+        for file in crate::state::db_files(db) {
             if file.exists() {
                 std::fs::remove_file(&file).map_err(|e| setup(&file, e.to_string()))?;
             }
@@ -586,18 +585,19 @@ pub fn encode_key(values: &[Value]) -> Vec<u8> {
 }
 
 fn push_cause(out: &mut Compared, key: RowKey, seq: u64) {
-    let seqs = out.causes.entry(key.clone()).or_default();
-    if seqs.last() == Some(&seq) {
-        return;
-    }
-    if seqs.len() < MAX_CAUSES {
-        seqs.push(seq);
-        return;
-    }
-    let (more, last) = out.unlisted.entry(key).or_default();
-    if *last != seq {
-        *more += 1;
-        *last = seq;
+    match out.causes.get_mut(&key) {
+        None => {
+            out.causes.insert(key, vec![seq]);
+        }
+        Some(seqs) if seqs.last() == Some(&seq) => {}
+        Some(seqs) if seqs.len() < MAX_CAUSES => seqs.push(seq),
+        Some(_) => {
+            let (more, last) = out.unlisted.entry(key).or_default();
+            if *last != seq {
+                *more += 1;
+                *last = seq;
+            }
+        }
     }
 }
 

@@ -259,9 +259,7 @@ pub fn verify_with_progress(
     let module = crate::runtime::Runtime::new(runtime.clone())
         .and_then(|rt| rt.load(processor).map(|m| m.digest().to_owned()))
         .map_err(|e| Box::new(RunError::from(e)))?;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", work.display()));
-    }
+    crate::state::remove_db_files(work);
     let mut config = RunConfig::new(processor, tape, work);
     config.runtime = runtime.clone();
     config.dedup_header = recorded.dedup_header.clone();

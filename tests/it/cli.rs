@@ -10,6 +10,16 @@ fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
 }
 
+/// A command's error: exit 2 and one line on stderr (never a panic),
+/// which is returned.
+fn one_line_error(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
 /// `rewind run` (see [`run_args`]) with `extra` arguments.
 fn run(module: &str, input: &Path, state: &Path, extra: &[&str]) -> std::process::Output {
     rewind_run(module, input, state)
@@ -41,9 +51,7 @@ fn errors_are_one_line_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.db");
     let out = rewind(&["inspect", "--state", missing.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr = one_line_error(&out);
     assert!(stderr.contains("missing.db"), "{stderr}");
 
     // A cause the message already names is not repeated.
@@ -56,8 +64,7 @@ fn errors_are_one_line_with_exit_code_2() {
         "--state",
         dir.path().join("s.db").to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(stderr.contains("missing.jsonl"), "{stderr}");
     assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
 
@@ -73,6 +80,7 @@ fn errors_are_one_line_with_exit_code_2() {
         "--max-instances",
         "1",
     ]);
+    // (Refused by clap, in its own words and lines.)
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--max-instances"), "{stderr}");
@@ -107,11 +115,8 @@ fn under_file_limit(kib: u64, args: &[std::ffi::OsString]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let stderr = one_line_error(&out);
     assert!(stderr.contains("File too large"), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
 }
 
@@ -128,10 +133,9 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
     let lines = completed_orders(3000, 700).concat();
     std::fs::write(&input, &lines).unwrap();
 
+    // SQLite's code is not repeated.
     let one_line_error = |out: std::process::Output| {
-        assert_eq!(out.status.code(), Some(2));
-        let stderr = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        let stderr = one_line_error(&out);
         assert!(!stderr.contains("Error code"), "{stderr}");
         stderr
     };
@@ -374,8 +378,7 @@ fn a_full_disk_under_a_replay_says_where_to_make_room() {
     // A file where --keep wants a directory says so.
     std::fs::write(&keep, b"a file").unwrap();
     let out = Command::new(rewind_bin()).args(&args).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(
         stderr.contains("is a file; it takes a directory"),
         "{stderr}"
@@ -513,8 +516,7 @@ fn reports_snapshots_and_exports_are_written_whole_or_not_at_all() {
         "--out",
         nowhere.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(
         stderr.contains("cannot create snapshot")
             && stderr.contains("check that its directory exists"),
@@ -594,8 +596,7 @@ fn max_instances_sizes_the_pool_an_address_space_limit_must_hold() {
             .unwrap()
     };
     let out = run("default.db", &[]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(stderr.contains("memory pool"), "{stderr}");
     let out = run("small.db", &["--max-instances", "1"]);
     assert!(
@@ -740,8 +741,7 @@ fn standard_input_is_read_whole_and_what_cannot_be_piped_is_refused() {
     let tape = std::fs::read(dir.path().join("t.tape")).unwrap();
     let refused = dir.path().join("refused.db");
     let out = piped(run_args("payments-v2", Path::new("-"), &refused), &tape);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(stderr.contains("tapes are read from files"), "{stderr}");
     assert!(!refused.exists(), "nothing written");
 
@@ -757,8 +757,7 @@ fn standard_input_is_read_whole_and_what_cannot_be_piped_is_refused() {
             .collect(),
         lines.as_bytes(),
     );
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = one_line_error(&out);
     assert!(
         stderr.contains("each version reads the input on its own"),
         "{stderr}"
@@ -782,8 +781,7 @@ fn a_run_that_cannot_start_leaves_no_state_behind() {
             &state,
             &[flag, path.to_str().unwrap()],
         );
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = one_line_error(&out);
         assert!(
             stderr.contains(file) && stderr.contains("No such file"),
             "{stderr}"

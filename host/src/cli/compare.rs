@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use rewind_host::{DEFAULT_FUEL, DEFAULT_MEMORY_MB, RuntimeConfig, default_cache_dir};
 
 use crate::{ReplayArgs, Reports};
@@ -61,19 +61,10 @@ impl rewind_host::replay::ReplayProgress for Counter {
 
 /// The bar of a command that goes through a tape (hidden with `--quiet`).
 fn tape_bar(quiet: bool) -> ProgressBar {
-    let target = if quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    };
-    let bar = ProgressBar::with_draw_target(None, target);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
-        )
-        .expect("the template is valid"),
-    );
-    bar
+    super::progress_bar(
+        quiet,
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} of the tape, {msg}",
+    )
 }
 
 /// Says which `--ignore` rules left nothing out (even with `--quiet`: the
@@ -314,9 +305,7 @@ pub fn verify(
         ..RuntimeConfig::default()
     };
     let work = std::env::temp_dir().join(format!("rewind-verify-{}.db", std::process::id()));
-    let scratch = |suffix: &str| PathBuf::from(format!("{}{suffix}", work.display()));
-    let files = ["", "-journal", "-wal", "-shm"];
-    super::discard_on_interrupt("verify", files.map(scratch).to_vec())?;
+    super::discard_on_interrupt("verify", rewind_host::db_files(&work).to_vec())?;
     let bar = tape_bar(quiet);
     let result = rewind_host::verify::verify_with_progress(
         tape,
@@ -326,9 +315,7 @@ pub fn verify(
         &Counter(bar.clone()),
     );
     bar.finish_and_clear();
-    for file in files.map(scratch) {
-        let _ = std::fs::remove_file(file);
-    }
+    rewind_host::remove_db_files(&work);
     let verified = result?;
     match verified.first_mismatch {
         None => {

@@ -29,6 +29,20 @@ fn stall_limit(secs: u64) -> Option<std::time::Duration> {
     (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
+/// A progress bar on stderr drawn with `template` (hidden with `--quiet`,
+/// and by indicatif when stderr is not a terminal).
+pub fn progress_bar(quiet: bool, template: &str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let target = if quiet {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    };
+    let bar = ProgressBar::with_draw_target(None, target);
+    bar.set_style(ProgressStyle::with_template(template).expect("the template is valid"));
+    bar
+}
+
 /// A failed write to stdout, for the one-line error.
 pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("could not write to stdout: {error}")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use rewind_host::kafka::{self, KafkaConfig};
 use rewind_host::{
     ErrorPolicy, Position, Progress, RunConfig, RuntimeConfig, default_cache_dir, printable_str,
@@ -106,17 +106,9 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
         return run_kafka(args, brokers, config, &stop);
     }
 
-    let target = if args.quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
-    };
-    let bar = ProgressBar::with_draw_target(None, target);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
-        )
-        .expect("the template is valid"),
+    let bar = super::progress_bar(
+        args.quiet,
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
     );
     let progress = Bar {
         bar,

@@ -293,19 +293,12 @@ pub fn run_source(
     if let Some(limit) = config.runtime.sql_stall {
         db.watch_stalls(limit)?;
     }
-    let mut db = match prepare(runtime, module, db, config) {
-        Ok(db) => db,
-        Err(error) => {
-            if !state_existed {
-                remove_db_files(&config.state);
-            }
-            return Err(error);
-        }
-    };
     // Until the first event, a state DB this run made is removed on any
-    // error (a tape or output that cannot be opened): a rerun with the
-    // right arguments then starts as this one did, with any module.
+    // error (a failing `init`, a tape or output that cannot be opened): a
+    // rerun with the right arguments then starts as this one did, with any
+    // module.
     let start = move || -> Result<Run<'_>, RunError> {
+        let mut db = prepare(runtime, module, db, config)?;
         if !config.scratch {
             db.checkpoint_in_background()?;
         }
@@ -408,7 +401,7 @@ pub fn run_source(
         Ok(run) => run,
         Err(error) => {
             if !state_existed {
-                remove_db_files(&config.state);
+                crate::state::remove_db_files(&config.state);
             }
             return Err(error);
         }
@@ -455,12 +448,4 @@ fn prepare(
     db.set_meta("module_digest", module.digest())?;
     db.commit()?;
     Ok(*db)
-}
-
-fn remove_db_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.as_os_str().to_owned();
-        file.push(suffix);
-        let _ = std::fs::remove_file(file);
-    }
 }

@@ -162,6 +162,23 @@ pub(crate) fn with_os_error(conn: &Connection, error: rusqlite::Error) -> rusqli
     rusqlite::Error::SqliteFailure(code, Some(format!("{said}: {os}")))
 }
 
+/// The files a state DB at `path` may consist of: the database, its
+/// rollback journal, its write-ahead log and that log's index.
+pub fn db_files(path: &Path) -> [PathBuf; 4] {
+    ["", "-journal", "-wal", "-shm"].map(|suffix| {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        PathBuf::from(file)
+    })
+}
+
+/// Removes a state DB's files (see [`db_files`]), those that exist.
+pub fn remove_db_files(path: &Path) {
+    for file in db_files(path) {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
 /// Offsets to resume from: the next offset to consume, per stream partition.
 pub type Offsets = BTreeMap<(String, i32), i64>;
 

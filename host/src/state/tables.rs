@@ -181,26 +181,7 @@ impl StateDb {
             .map_err(|e| self.err(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.err(e))?;
         while let Some(r) = rows.next().map_err(|e| self.err(e))? {
-            let read = |r: &rusqlite::Row<'_>| -> rusqlite::Result<DeadLetter> {
-                let headers: String = r.get(9)?;
-                Ok(DeadLetter {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    position: Position {
-                        stream: r.get(1)?,
-                        partition: r.get(2)?,
-                        offset: r.get(3)?,
-                    },
-                    module_digest: r.get(4)?,
-                    error_class: r.get(5)?,
-                    message: r.get(6)?,
-                    key: r.get(7)?,
-                    payload: r.get(8)?,
-                    headers: headers_from_json(&headers).unwrap_or_default(),
-                    timestamp_ms: r.get(10)?,
-                    raw: r.get(11)?,
-                })
-            };
-            f(read(r).map_err(|e| self.err(e))?)?;
+            f(dead_letter(r).map_err(|e| self.err(e))?)?;
         }
         Ok(())
     }
@@ -317,6 +298,27 @@ impl StateDb {
             .map(drop)
             .map_err(|e| self.err(e))
     }
+}
+
+/// A row of `_rewind_dlq`, its columns in `each_dead_letter`'s order.
+fn dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    let headers: String = r.get(9)?;
+    Ok(DeadLetter {
+        seq: r.get::<_, i64>(0)? as u64,
+        position: Position {
+            stream: r.get(1)?,
+            partition: r.get(2)?,
+            offset: r.get(3)?,
+        },
+        module_digest: r.get(4)?,
+        error_class: r.get(5)?,
+        message: r.get(6)?,
+        key: r.get(7)?,
+        payload: r.get(8)?,
+        headers: headers_from_json(&headers).unwrap_or_default(),
+        timestamp_ms: r.get(10)?,
+        raw: r.get(11)?,
+    })
 }
 
 #[cfg(test)]
