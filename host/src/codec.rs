@@ -56,6 +56,10 @@ impl Writer {
     pub(crate) fn opt_str(&mut self, v: Option<&str>) {
         self.opt_bytes(v.map(str::as_bytes));
     }
+    /// A SQL value as [`crate::state::put_value`] encodes it.
+    pub(crate) fn value(&mut self, v: &rusqlite::types::Value) {
+        crate::state::put_value(&mut self.buf, v.into());
+    }
     /// A count, then each header's name and optional value.
     pub(crate) fn headers(&mut self, headers: &[Header]) {
         self.u32(headers.len() as u32);
@@ -154,6 +158,27 @@ impl<'a> Reader<'a> {
         } else {
             Ok(None)
         }
+    }
+    /// What [`Writer::value`] wrote.
+    pub(crate) fn value(&mut self, what: &str) -> Field<rusqlite::types::Value> {
+        use rusqlite::types::Value;
+        Ok(match self.u8(what)? {
+            0 => Value::Null,
+            1 => Value::Integer(self.i64(what)?),
+            2 => Value::Real(f64::from_bits(self.u64(what)?)),
+            tag @ (3 | 4) => {
+                let n = usize::try_from(self.u64(what)?).unwrap_or(usize::MAX);
+                let bytes = self.take(n, what)?.to_vec();
+                if tag == 3 {
+                    Value::Text(
+                        String::from_utf8(bytes).map_err(|_| format!("{what}: not valid UTF-8"))?,
+                    )
+                } else {
+                    Value::Blob(bytes)
+                }
+            }
+            other => return Err(format!("{what}: value tag {other}, not 0 to 4")),
+        })
     }
     /// What [`Writer::headers`] wrote.
     pub(crate) fn headers(&mut self) -> Field<Vec<Header>> {

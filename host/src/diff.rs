@@ -14,6 +14,7 @@ use std::path::Path;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 
+use crate::findings::{Findings, FindingsError};
 use crate::state::StateError;
 
 /// What to leave out of a comparison: a table, or one column of a table.
@@ -49,16 +50,21 @@ impl std::fmt::Display for Ignore {
     }
 }
 
-/// A DB given to compare could not be read: what any command says of a
-/// state DB it cannot read, with what to do.
+/// A comparison failed: a DB given to compare could not be read (what any
+/// command says of a state DB it cannot read, with what to do), or what
+/// differs could not be kept.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct DiffError(pub StateError);
+pub enum DiffError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Findings(#[from] FindingsError),
+}
 
 impl DiffError {
     /// The error for `error`, met reading the DB at `path`.
     pub(crate) fn reading(path: &Path, error: rusqlite::Error) -> DiffError {
-        DiffError(StateError::from_sqlite(path, error))
+        DiffError::State(StateError::from_sqlite(path, error))
     }
 }
 
@@ -83,7 +89,8 @@ pub struct RowDiff {
     pub columns: Vec<(String, Option<Value>, Option<Value>)>,
 }
 
-/// The differences of one table.
+/// The differences of one table (its rows are in the comparison's
+/// [`Findings`]).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TableDiff {
     pub name: String,
@@ -93,7 +100,6 @@ pub struct TableDiff {
     pub added: u64,
     pub removed: u64,
     pub changed: u64,
-    pub rows: Vec<RowDiff>,
 }
 
 /// Columns one side has and the other not.
@@ -137,7 +143,8 @@ impl StateDiff {
     }
 
     /// Adds the differences of another pair of DBs (another partition of
-    /// the same state): tables of one name become one table.
+    /// the same state, its rows added to the same findings): tables of one
+    /// name become one table.
     pub fn merge(&mut self, other: StateDiff) {
         let schema = &mut self.schema;
         for (into, from) in [
@@ -161,7 +168,6 @@ impl StateDiff {
                     into.added += table.added;
                     into.removed += table.removed;
                     into.changed += table.changed;
-                    into.rows.extend(table.rows);
                 }
                 None => self.tables.push(table),
             }
@@ -217,7 +223,7 @@ pub fn shape(conn: &Connection, table: &str) -> rusqlite::Result<TableShape> {
 fn open(path: &Path) -> Result<Connection, DiffError> {
     let err = |error| DiffError::reading(path, error);
     if !path.exists() {
-        return Err(DiffError(StateError::Missing {
+        return Err(DiffError::State(StateError::Missing {
             path: path.to_owned(),
         }));
     }
@@ -235,8 +241,13 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Compares two state DBs (old, new).
-pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDiff, DiffError> {
+/// Compares two state DBs (old, new); the differing rows go to `findings`.
+pub fn diff_states(
+    old: &Path,
+    new: &Path,
+    ignore: &[Ignore],
+    findings: &Findings,
+) -> Result<StateDiff, DiffError> {
     let (a, b) = (open(old)?, open(new)?);
     let err_a = |error| DiffError::reading(old, error);
     let err_b = |error| DiffError::reading(new, error);
@@ -310,8 +321,10 @@ pub fn diff_states(old: &Path, new: &Path, ignore: &[Ignore]) -> Result<StateDif
                 });
             }
         }
-        let table = diff_table(name, (&a, so), (&b, sn))
-            .map_err(|(side, error)| DiffError::reading(if side { new } else { old }, error))?;
+        let table = diff_table(name, (&a, so), (&b, sn), findings).map_err(|e| match e {
+            Failed::Reading(side, error) => DiffError::reading(if side { new } else { old }, error),
+            Failed::Keeping(e) => DiffError::Findings(e),
+        })?;
         if table.added + table.removed + table.changed > 0 {
             diff.tables.push(table);
         }
@@ -349,11 +362,31 @@ fn side<'c>(
     conn.prepare(&sql)
 }
 
+/// Why a table's comparison stopped: reading a side (`true`: new), or
+/// keeping a differing row.
+enum Failed {
+    Reading(bool, rusqlite::Error),
+    Keeping(FindingsError),
+}
+
+impl From<(bool, rusqlite::Error)> for Failed {
+    fn from((side, error): (bool, rusqlite::Error)) -> Failed {
+        Failed::Reading(side, error)
+    }
+}
+
+impl From<FindingsError> for Failed {
+    fn from(error: FindingsError) -> Failed {
+        Failed::Keeping(error)
+    }
+}
+
 fn diff_table(
     name: &str,
     (a, old): (&Connection, Option<&TableShape>),
     (b, new): (&Connection, Option<&TableShape>),
-) -> Result<TableDiff, (bool, rusqlite::Error)> {
+    findings: &Findings,
+) -> Result<TableDiff, Failed> {
     // The key: the old side's primary key, if the new side has the same.
     let key: Vec<String> = match (old, new) {
         (Some(o), Some(n)) if o.key == n.key => o.key.clone(),
@@ -434,16 +467,14 @@ fn diff_table(
                 let row = owned(x.expect("x is a row"), width_a).map_err(|e| (false, e))?;
                 let (kv, v) = split(row, k);
                 out.removed += 1;
-                out.rows
-                    .push(whole(&key, kv, &old_cols, v, RowChange::Removed));
+                findings.add_row(name, &whole(&key, kv, &old_cols, v, RowChange::Removed))?;
                 x = advance(&mut ra).map_err(|e| (false, e))?;
             }
             Ordering::Greater => {
                 let row = owned(y.expect("y is a row"), width_b).map_err(|e| (true, e))?;
                 let (kv, v) = split(row, k);
                 out.added += 1;
-                out.rows
-                    .push(whole(&key, kv, &new_cols, v, RowChange::Added));
+                findings.add_row(name, &whole(&key, kv, &new_cols, v, RowChange::Added))?;
                 y = advance(&mut rb).map_err(|e| (true, e))?;
             }
             Ordering::Equal => {
@@ -466,11 +497,14 @@ fn diff_table(
                             .collect::<rusqlite::Result<Vec<_>>>()
                             .map_err(|e| (false, e))?;
                         out.changed += 1;
-                        out.rows.push(RowDiff {
-                            key: key.iter().cloned().zip(kv).collect(),
-                            change: RowChange::Changed,
-                            columns,
-                        });
+                        findings.add_row(
+                            name,
+                            &RowDiff {
+                                key: key.iter().cloned().zip(kv).collect(),
+                                change: RowChange::Changed,
+                                columns,
+                            },
+                        )?;
                     }
                 }
                 x = advance(&mut ra).map_err(|e| (false, e))?;
@@ -626,11 +660,13 @@ mod tests {
                 ))
                 .unwrap();
         }
-        let diff = diff_states(&a, &b, &[]).unwrap();
+        let findings = Findings::temporary().unwrap();
+        let diff = diff_states(&a, &b, &[], &findings).unwrap();
         let t = &diff.tables[0];
         assert_eq!((t.added, t.removed, t.changed), (1, 1, 1));
         let text = |s: &str| Some(Value::Text(s.into()));
-        let row = |change| t.rows.iter().find(|r| r.change == change).unwrap();
+        let rows = findings.rows(&t.name).unwrap();
+        let row = |change| rows.iter().find(|r| r.change == change).unwrap();
         assert_eq!(
             row(RowChange::Changed).columns,
             [("v".to_owned(), text("\u{fffd}A"), text("b"))]

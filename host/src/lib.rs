@@ -8,6 +8,7 @@ mod codec;
 pub mod diff;
 mod envelope;
 mod event;
+pub mod findings;
 pub mod kafka;
 mod pipeline;
 mod printable;

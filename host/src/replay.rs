@@ -22,7 +22,8 @@ use std::time::Duration;
 use rusqlite::types::Value;
 
 use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
-use crate::event::{Output, Position};
+use crate::event::Output;
+use crate::findings::{Findings, FindingsError, Version};
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_loaded};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::state::{Change, StateError};
@@ -81,6 +82,8 @@ pub enum ReplayError {
     From(#[source] crate::snapshot::SnapshotError),
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
+    #[error(transparent)]
+    Findings(#[from] FindingsError),
     /// The WebAssembly engine could not be set up.
     #[error(transparent)]
     Runtime(Box<RunError>),
@@ -134,45 +137,22 @@ pub struct Divergence {
     pub new: SideEvent,
 }
 
-/// An event whose outputs differ.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutputDiff {
-    pub seq: u64,
-    pub old: Vec<Output>,
-    pub new: Vec<Output>,
-}
+pub use crate::findings::{DeadDiff, OutputDiff};
 
-/// An event that is a dead letter in one version only (or with another class).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadDiff {
-    pub seq: u64,
-    pub stream: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub class: String,
-    pub message: String,
-}
-
-/// The outcome of a replay.
-#[derive(Debug, Clone)]
+/// The outcome of a replay. What differs row by row, output by output and
+/// dead letter by dead letter is in its [`Findings`], on disk: a replay whose
+/// versions differ everywhere holds no more memory than one where they agree.
+#[derive(Debug)]
 pub struct Replay {
     pub old_digest: String,
     pub new_digest: String,
     pub events: u64,
     pub diverged_events: u64,
     pub first_divergence: Option<Divergence>,
+    /// Schema differences and per-table counts (rows: in `findings`).
     pub state: StateDiff,
-    /// Per table, per key (the diff's key values): the seqs of the events
-    /// the versions wrote that row differently in, in order.
-    pub causes: HashMap<RowKey, Vec<u64>>,
-    /// Per row with more causes than are kept (`MAX_CAUSES`, the first
-    /// ones): how many more events caused its difference.
-    pub causes_unlisted: HashMap<RowKey, u64>,
-    /// The positions (stream, partition, offset) of the causing events.
-    pub cause_positions: HashMap<u64, Position>,
-    pub outputs: Vec<OutputDiff>,
-    pub dead_only_old: Vec<DeadDiff>,
-    pub dead_only_new: Vec<DeadDiff>,
+    /// Differing rows, their causes, differing outputs and dead letters.
+    pub findings: Findings,
     pub old_db: PathBuf,
     pub new_db: PathBuf,
 }
@@ -183,65 +163,27 @@ impl Replay {
         self.diverged_events > 0 || !self.state.is_empty()
     }
 
-    /// Adds the replay of another tape (another partition of the same
-    /// input) to this one. Its seqs are renumbered after this one's, so a
-    /// combined report numbers events tape by tape, in the order merged;
+    /// Replays another tape (another partition of the same input) into this
+    /// result. Its seqs are numbered after this one's, so a combined report
+    /// numbers events tape by tape, in the order replayed;
     /// `caused_by_positions` in the report stay unambiguous.
-    pub fn merge(&mut self, other: Replay) {
+    pub fn replay_more(
+        &mut self,
+        config: &ReplayConfig,
+        progress: &dyn ReplayProgress,
+    ) -> Result<(), ReplayError> {
         let shift = self.events;
+        let other = replay_into(config, &self.findings, shift, progress)?;
         self.events += other.events;
-        self.diverged_events += other.diverged_events;
+        self.diverged_events += other.diverged;
         if self.first_divergence.is_none() {
-            self.first_divergence = other.first_divergence.map(|mut d| {
+            self.first_divergence = other.first.map(|mut d| {
                 d.event.seq += shift;
                 d
             });
         }
         self.state.merge(other.state);
-        for (key, seqs) in other.causes {
-            self.causes
-                .entry(key)
-                .or_default()
-                .extend(seqs.into_iter().map(|s| s + shift));
-        }
-        for (key, more) in other.causes_unlisted {
-            *self.causes_unlisted.entry(key).or_default() += more;
-        }
-        self.cause_positions.extend(
-            other
-                .cause_positions
-                .into_iter()
-                .map(|(s, p)| (s + shift, p)),
-        );
-        self.outputs.extend(other.outputs.into_iter().map(|mut o| {
-            o.seq += shift;
-            o
-        }));
-        for (into, from) in [
-            (&mut self.dead_only_old, other.dead_only_old),
-            (&mut self.dead_only_new, other.dead_only_new),
-        ] {
-            into.extend(from.into_iter().map(|mut d| {
-                d.seq += shift;
-                d
-            }));
-        }
-    }
-
-    /// The events that caused a differing row (the first `MAX_CAUSES`).
-    pub fn caused_by(&self, table: &str, key: &[(String, Value)]) -> &[u64] {
-        self.causes
-            .get(&row_key(table, key))
-            .map_or(&[], Vec::as_slice)
-    }
-
-    /// How many more events caused a differing row than
-    /// [`Replay::caused_by`] lists.
-    pub fn causes_unlisted(&self, table: &str, key: &[(String, Value)]) -> u64 {
-        self.causes_unlisted
-            .get(&row_key(table, key))
-            .copied()
-            .unwrap_or(0)
+        Ok(())
     }
 }
 
@@ -286,6 +228,43 @@ impl Progress for Side<'_> {
 
 /// Replays the tape with both versions and compares them.
 pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Replay, ReplayError> {
+    std::fs::create_dir_all(&config.work_dir).map_err(|e| ReplayError::Setup {
+        path: config.work_dir.clone(),
+        message: e.to_string(),
+    })?;
+    let findings = Findings::create(&config.work_dir.join("findings.db"))?;
+    let one = replay_into(config, &findings, 0, progress)?;
+    Ok(Replay {
+        old_digest: one.old_digest,
+        new_digest: one.new_digest,
+        events: one.events,
+        diverged_events: one.diverged,
+        first_divergence: one.first,
+        state: one.state,
+        findings,
+        old_db: one.old_db,
+        new_db: one.new_db,
+    })
+}
+
+/// One tape's replay, what differs added to `findings` with seqs after `shift`.
+struct OneTape {
+    old_digest: String,
+    new_digest: String,
+    events: u64,
+    diverged: u64,
+    first: Option<Divergence>,
+    state: StateDiff,
+    old_db: PathBuf,
+    new_db: PathBuf,
+}
+
+fn replay_into(
+    config: &ReplayConfig,
+    findings: &Findings,
+    shift: u64,
+    progress: &dyn ReplayProgress,
+) -> Result<OneTape, ReplayError> {
     let setup = |path: &Path, message: String| ReplayError::Setup {
         path: path.to_owned(),
         message,
@@ -377,11 +356,10 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
             .map_err(|_| ReplayError::Crashed { side: "new" })?;
         let compared = compare(
             &config.tape,
-            &old_rx,
-            &new_rx,
-            &old_db,
-            &new_db,
+            (&old_rx, &new_rx),
+            (&old_db, &new_db),
             &config.ignore,
+            (findings, shift),
             progress,
         );
         // Unblock a side still sending (its receiver goes away).
@@ -395,55 +373,39 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         };
         let (old_summary, new_summary) = (join(old, "old")?, join(new, "new")?);
         let compared = compared?;
-        let state = diff_states(&old_db, &new_db, &config.ignore)?;
-        Ok(Replay {
+        let state = diff_states(&old_db, &new_db, &config.ignore, findings)?;
+        Ok(OneTape {
             old_digest: old_summary.module_digest,
             new_digest: new_summary.module_digest,
             events: compared.events,
-            diverged_events: compared.diverged,
-            first_divergence: compared.first,
+            diverged: compared.diverged,
+            first: compared.first,
             state,
-            causes: compared.causes,
-            causes_unlisted: compared
-                .unlisted
-                .into_iter()
-                .map(|(key, (more, _))| (key, more))
-                .collect(),
-            cause_positions: compared.positions,
-            outputs: compared.outputs,
-            dead_only_old: compared.dead_only_old,
-            dead_only_new: compared.dead_only_new,
             old_db: old_db.clone(),
             new_db: new_db.clone(),
         })
     })
 }
 
+/// What the comparer counts as it goes (what differs goes to the findings).
 #[derive(Default)]
 struct Compared {
     events: u64,
     diverged: u64,
     first: Option<Divergence>,
-    causes: HashMap<RowKey, Vec<u64>>,
-    /// Per row whose causes are all kept: how many more, and the last.
-    unlisted: HashMap<RowKey, (u64, u64)>,
-    positions: HashMap<u64, Position>,
-    outputs: Vec<OutputDiff>,
-    dead_only_old: Vec<DeadDiff>,
-    dead_only_new: Vec<DeadDiff>,
 }
 
-/// The most causes kept per row: the first ones matter most.
-const MAX_CAUSES: usize = 1000;
+/// Where the comparer puts what differs: the findings, and the number its
+/// seqs are shifted by (the events of tapes replayed into them before).
+type Into<'a> = (&'a Findings, u64);
 
 /// Pairs the sides' results by seq and compares them.
 fn compare(
     tape: &Path,
-    old_rx: &Receiver<Vec<EventRecord>>,
-    new_rx: &Receiver<Vec<EventRecord>>,
-    old_db: &Path,
-    new_db: &Path,
+    (old_rx, new_rx): (&Receiver<Vec<EventRecord>>, &Receiver<Vec<EventRecord>>),
+    (old_db, new_db): (&Path, &Path),
     ignore: &[Ignore],
+    into: Into<'_>,
     progress: &dyn ReplayProgress,
 ) -> Result<Compared, ReplayError> {
     let mut out = Compared::default();
@@ -478,7 +440,7 @@ fn compare(
                 new: b.event.seq,
             });
         }
-        compare_event(&mut out, a, b, &mut shapes, ignore)?;
+        compare_event(&mut out, a, b, &mut shapes, ignore, into)?;
         if out.events.is_multiple_of(10_000) {
             progress.compared(out.events);
         }
@@ -491,8 +453,10 @@ fn compare_event(
     b: EventRecord,
     shapes: &mut [Shapes; 2],
     ignore: &[Ignore],
+    (findings, shift): Into<'_>,
 ) -> Result<(), ReplayError> {
     let seq = a.event.seq;
+    let shifted = seq + shift;
     out.events += 1;
     let (ra, rb) = (
         a.event
@@ -517,24 +481,21 @@ fn compare_event(
             // not a divergence of its own.
             if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 rows_differ = true;
-                push_cause(out, key.clone(), seq);
-                out.positions
-                    .entry(seq)
-                    .or_insert_with(|| a.event.position.clone());
+                findings.add_cause(&key.0, &key.1, shifted, &a.event.position)?;
             }
         }
     }
     if outputs_differ {
-        out.outputs.push(OutputDiff {
-            seq,
+        findings.add_output(&OutputDiff {
+            seq: shifted,
             old: a.outputs.clone(),
             new: b.outputs.clone(),
-        });
+        })?;
     }
     if outcome_differs {
         let dead = |e: &TapeEvent, o: &Outcome| match o {
             Outcome::DeadLetter { class, message } => Some(DeadDiff {
-                seq,
+                seq: shifted,
                 stream: e.position.stream.clone(),
                 partition: e.position.partition,
                 offset: e.position.offset,
@@ -543,8 +504,14 @@ fn compare_event(
             }),
             _ => None,
         };
-        out.dead_only_old.extend(dead(&a.event, &ra.outcome));
-        out.dead_only_new.extend(dead(&b.event, &rb.outcome));
+        for (side, dead) in [
+            (Version::Old, dead(&a.event, &ra.outcome)),
+            (Version::New, dead(&b.event, &rb.outcome)),
+        ] {
+            if let Some(dead) = dead {
+                findings.add_dead(side, &dead)?;
+            }
+        }
     }
     if outcome_differs || outputs_differ || rows_differ {
         out.diverged += 1;
@@ -569,12 +536,6 @@ fn compare_event(
 /// A row's identity: its table and its key values, encoded.
 pub type RowKey = (String, Vec<u8>);
 
-/// The identity of the row of `table` with `key`.
-fn row_key(table: &str, key: &[(String, Value)]) -> RowKey {
-    let values: Vec<Value> = key.iter().map(|(_, v)| v.clone()).collect();
-    (table.to_owned(), encode_key(&values))
-}
-
 /// Key values as bytes, each as the change log encodes it.
 pub fn encode_key(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -582,23 +543,6 @@ pub fn encode_key(values: &[Value]) -> Vec<u8> {
         crate::state::put_value(&mut out, v.into());
     }
     out
-}
-
-fn push_cause(out: &mut Compared, key: RowKey, seq: u64) {
-    match out.causes.get_mut(&key) {
-        None => {
-            out.causes.insert(key, vec![seq]);
-        }
-        Some(seqs) if seqs.last() == Some(&seq) => {}
-        Some(seqs) if seqs.len() < MAX_CAUSES => seqs.push(seq),
-        Some(_) => {
-            let (more, last) = out.unlisted.entry(key).or_default();
-            if *last != seq {
-                *more += 1;
-                *last = seq;
-            }
-        }
-    }
 }
 
 /// How long reading a side's table shapes waits for the side's write lock:

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use proptest::prelude::*;
 use rewind_host::diff::{Ignore, RowChange, diff_states};
+use rewind_host::findings::Findings;
 use rewind_host::replay::{ReplayConfig, replay};
 use rewind_tests::{
     XorShift, cache_dir, config, envelope, processor, rewind_bin, rewind_run, text,
@@ -172,6 +173,14 @@ fn replay_config(dir: &Path, tape: &Path, old: &str, new: &str) -> ReplayConfig 
 
 /// A JSONL input file replays exactly as the tape recorded from it does:
 /// the same events at the same positions, the same report.
+/// A replay's whole JSON report, as `--json` writes it.
+fn full_report(r: &rewind_host::replay::Replay, old: &str, new: &str) -> serde_json::Value {
+    let mut buf = Vec::new();
+    let report = rewind_host::report::Report::replay(r, old, new).unwrap();
+    rewind_host::report::write_json(&report, false, &mut buf).unwrap();
+    serde_json::from_slice(&buf).unwrap()
+}
+
 #[test]
 fn a_jsonl_file_replays_as_its_tape_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +192,7 @@ fn a_jsonl_file_replays_as_its_tape_does() {
         cfg.work_dir = dir.path().join(work);
         let r = replay(&cfg, &()).unwrap();
         assert!(r.differs(), "v1 charges re-deliveries again");
-        rewind_host::report::replay_json(&r, "old", "new", rewind_host::report::Rows::All)
+        full_report(&r, "old", "new")
     };
     assert_eq!(report(&jsonl, "from-jsonl"), report(&tape, "from-tape"));
 }
@@ -231,8 +240,10 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
         .iter()
         .find(|t| t.name == "customer_totals")
         .unwrap();
-    let got_totals: BTreeMap<String, Vec<(String, i64, i64)>> = totals
-        .rows
+    let got_totals: BTreeMap<String, Vec<(String, i64, i64)>> = r
+        .findings
+        .rows(&totals.name)
+        .unwrap()
         .iter()
         .map(|row| {
             assert_eq!(row.change, RowChange::Changed);
@@ -279,8 +290,10 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
         .iter()
         .find(|t| t.name == "payments")
         .unwrap();
-    let got_payments: BTreeMap<String, BTreeSet<String>> = payments
-        .rows
+    let got_payments: BTreeMap<String, BTreeSet<String>> = r
+        .findings
+        .rows(&payments.name)
+        .unwrap()
         .iter()
         .map(|row| {
             let key = text(&row.key[0].1);
@@ -318,16 +331,24 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
             ("customer_totals", format!("c-{customer}")),
         ] {
             let differing = r
-                .state
-                .tables
-                .iter()
-                .find(|t| t.name == table)
+                .findings
+                .rows(table)
                 .unwrap()
-                .rows
                 .iter()
                 .any(|row| text(&row.key[0].1) == key);
             if differing {
-                let causes = r.caused_by(table, &[("k".into(), Value::Text(key.clone()))]);
+                let causes: Vec<u64> = r
+                    .findings
+                    .causes(
+                        table,
+                        &rewind_host::replay::encode_key(&[Value::Text(key.clone())]),
+                        usize::MAX,
+                    )
+                    .unwrap()
+                    .listed
+                    .iter()
+                    .map(|(seq, _)| *seq)
+                    .collect();
                 assert!(
                     causes.contains(&(seq as u64)),
                     "{table} {key}: {causes:?} lacks {seq}"
@@ -341,7 +362,14 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
         v1.recharged[0] as u64
     );
     // Outputs differ exactly on the re-charges and the cancels only v1 accepted.
-    assert!(r.outputs.iter().any(|o| o.seq == v1.recharged[0] as u64));
+    let mut output_seqs = Vec::new();
+    r.findings
+        .each_output(None, |o| {
+            output_seqs.push(o.seq);
+            Ok::<_, rewind_host::findings::FindingsError>(())
+        })
+        .unwrap();
+    assert!(output_seqs.contains(&(v1.recharged[0] as u64)));
     // The sides' scratch DBs compared the outputs without queuing them.
     for db in [&r.old_db, &r.new_db] {
         let conn = rusqlite::Connection::open(db).unwrap();
@@ -442,7 +470,10 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     let no_ref = replay(&cfg, &()).unwrap();
     let payments = no_ref.state.tables.iter().find(|t| t.name == "payments");
     assert!(payments.is_none_or(|t| {
-        t.rows
+        no_ref
+            .findings
+            .rows(&t.name)
+            .unwrap()
             .iter()
             .all(|r| r.columns.iter().all(|(c, _, _)| c != "gateway_ref"))
     }));
@@ -534,7 +565,7 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     assert!(
         gate.contains(&format!(
             "table customer_totals: {} rows approved, none differ now (first {{\"customer_id\":",
-            totals.rows.len()
+            full.findings.rows(&totals.name).unwrap().len()
         )),
         "{gate}"
     );
@@ -576,7 +607,12 @@ fn replay_from_a_snapshot_equals_replay_from_empty() {
     let b = replay(&from_snap, &()).unwrap();
     // The snapshot was v1's state for the first half, so the new side starts
     // with v1's first-half differences already in; compare the old sides.
-    assert!(diff_states(&a.old_db, &b.old_db, &[]).unwrap().is_empty());
+    let findings = Findings::temporary().unwrap();
+    assert!(
+        diff_states(&a.old_db, &b.old_db, &[], &findings)
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(b.events, 400);
 }
 
@@ -613,23 +649,24 @@ proptest! {
         let (pa, pb) = (dir.path().join("a.db"), dir.path().join("b.db"));
         db_with(&pa, &a, keyed);
         db_with(&pb, &b, keyed);
-        prop_assert!(diff_states(&pa, &pa, &[]).unwrap().is_empty());
-        let ab = diff_states(&pa, &pb, &[]).unwrap();
-        let ba = diff_states(&pb, &pa, &[]).unwrap();
+        let (fa, fab, fba) = (Findings::temporary().unwrap(), Findings::temporary().unwrap(), Findings::temporary().unwrap());
+        prop_assert!(diff_states(&pa, &pa, &[], &fa).unwrap().is_empty());
+        let ab = diff_states(&pa, &pb, &[], &fab).unwrap();
+        let ba = diff_states(&pb, &pa, &[], &fba).unwrap();
         let flip = |c: RowChange| match c {
             RowChange::Added => RowChange::Removed,
             RowChange::Removed => RowChange::Added,
             RowChange::Changed => RowChange::Changed,
         };
-        let norm = |d: &rewind_host::diff::StateDiff, mirror: bool| -> Vec<String> {
-            let mut rows: Vec<String> = d.tables.iter().flat_map(|t| t.rows.iter().map(move |r| {
+        let norm = |d: &rewind_host::diff::StateDiff, f: &Findings, mirror: bool| -> Vec<String> {
+            let mut rows: Vec<String> = d.tables.iter().flat_map(|t| f.rows(&t.name).unwrap().into_iter().map(move |r| {
                 let cols: Vec<_> = r.columns.iter().map(|(c, o, n)| if mirror { (c.clone(), n.clone(), o.clone()) } else { (c.clone(), o.clone(), n.clone()) }).collect();
                 format!("{:?} {:?} {:?}", r.key, if mirror { flip(r.change) } else { r.change }, cols)
             })).collect();
             rows.sort();
             rows
         };
-        prop_assert_eq!(norm(&ab, false), norm(&ba, true));
+        prop_assert_eq!(norm(&ab, &fab, false), norm(&ba, &fba, true));
         prop_assert_eq!(ab.is_empty(), ba.is_empty());
     }
 }
@@ -815,7 +852,12 @@ fn a_snapshot_of_a_live_run_is_consistent() {
     );
     // Continuing the snapshot over the same input reaches the same state.
     rewind_host::run(&config(&processor("payments-v1"), &input, &snap), &()).unwrap();
-    assert!(diff_states(&live, &snap, &[]).unwrap().is_empty());
+    let findings = Findings::temporary().unwrap();
+    assert!(
+        diff_states(&live, &snap, &[], &findings)
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         rewind_tests::rows(&live, "SELECT * FROM _rewind_offsets"),
         rewind_tests::rows(&snap, "SELECT * FROM _rewind_offsets")
@@ -1071,8 +1113,7 @@ fn a_row_with_thousands_of_causes_lists_the_first_and_counts_the_rest() {
         &(),
     )
     .unwrap();
-    let report =
-        rewind_host::report::replay_json(&replayed, "v1", "v2", rewind_host::report::Rows::All);
+    let report = full_report(&replayed, "v1", "v2");
     let totals = report["tables"]
         .as_array()
         .unwrap()
@@ -1102,11 +1143,19 @@ fn a_row_with_thousands_of_causes_lists_the_first_and_counts_the_rest() {
         .unwrap()["rows"][0];
     assert!(payment.get("caused_by_unlisted").is_none(), "{payment}");
 
-    let terminal = rewind_host::report::summary_text(&report, false);
+    // The renderings, from brief reports as the CLI makes them.
+    use rewind_host::report::{HTML_CAUSES, HTML_ROWS, Report, html, markdown, summary_text};
+    let streamed = Report::replay(&replayed, "v1", "v2").unwrap();
+    let terminal = summary_text(&streamed.brief(5, 5).unwrap(), false);
     assert!(
         terminal.contains("orders.jsonl/0@1505) and 1495 more"),
         "{terminal}"
     );
-    assert!(rewind_host::report::markdown(&report).contains("1509 … and 1490 more"));
-    assert!(rewind_host::report::html(&report).contains("2499 … and 500 more"));
+    let brief = streamed.brief(HTML_ROWS, HTML_CAUSES).unwrap();
+    assert!(markdown(&brief).contains("1509 … and 1490 more"));
+    assert!(html(&brief).contains(&format!(
+        "{} … and {} more",
+        orders + HTML_CAUSES - 1,
+        orders - HTML_CAUSES
+    )));
 }

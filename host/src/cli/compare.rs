@@ -8,23 +8,32 @@ use anyhow::Context as _;
 use indicatif::ProgressBar;
 use rewind_host::{DEFAULT_FUEL, DEFAULT_MEMORY_MB, RuntimeConfig, default_cache_dir};
 
+use rewind_host::findings::Findings;
+use rewind_host::report::{Report, Source};
+
 use crate::{ReplayArgs, Reports};
 
 impl Reports {
-    fn any(&self) -> bool {
-        self.json.is_some() || self.markdown.is_some() || self.html.is_some()
-    }
-
-    fn write(&self, report: &serde_json::Value) -> anyhow::Result<()> {
+    /// Writes each report asked for: the JSON streamed whole, Markdown and
+    /// HTML from a brief report (they show the first rows, and say how many
+    /// more the JSON holds).
+    fn write(&self, report: &Report<'_>) -> anyhow::Result<()> {
         if let Some(path) = &self.json {
-            write_json(path, report)?;
+            write_json(path, report, false)?;
         }
+        if self.markdown.is_none() && self.html.is_none() {
+            return Ok(());
+        }
+        let brief = report.brief(
+            rewind_host::report::HTML_ROWS,
+            rewind_host::report::HTML_CAUSES,
+        )?;
         let text = |path: &PathBuf, text: String| super::write_file(path, text.as_bytes());
         if let Some(path) = &self.markdown {
-            text(path, rewind_host::report::markdown(report))?;
+            text(path, rewind_host::report::markdown(&brief))?;
         }
         if let Some(path) = &self.html {
-            text(path, rewind_host::report::html(report))?;
+            text(path, rewind_host::report::html(&brief))?;
         }
         Ok(())
     }
@@ -36,9 +45,17 @@ fn color() -> bool {
     std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal()
 }
 
-fn write_json(path: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(report)? + "\n";
-    super::write_file(path, text.as_bytes())
+/// Writes a report as JSON, streamed (`gated`: the approved baseline's form).
+fn write_json(path: &std::path::Path, report: &dyn Source, gated: bool) -> anyhow::Result<()> {
+    super::write_file_with(path, |file| {
+        Ok(rewind_host::report::write_json(report, gated, file)?)
+    })
+}
+
+/// The terminal summary of a report: its first few rows.
+fn summary(report: &Report<'_>) -> anyhow::Result<String> {
+    let brief = report.brief(5, 5)?;
+    Ok(rewind_host::report::summary_text(&brief, color()))
 }
 
 /// A replay's (or verify's) progress: a bar through the tape, and the
@@ -146,37 +163,42 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         rewind_host::replay::replay(&config, &Counter(bar.clone())).map_err(anyhow::Error::from)
     };
     bar.finish_and_clear();
-    if args.keep.is_none() {
-        let _ = std::fs::remove_dir_all(&work_dir);
-    }
-    let replayed = replayed?;
+    let replayed = match replayed {
+        Ok(replayed) => replayed,
+        Err(e) => {
+            if args.keep.is_none() {
+                let _ = std::fs::remove_dir_all(&work_dir);
+            }
+            return Err(e);
+        }
+    };
     warn_unmatched(&replayed.state);
-    use rewind_host::report::Rows;
     let (old, new) = (
         args.old.display().to_string(),
         args.new.display().to_string(),
     );
-    // The whole report only for files and the gate; the terminal needs a few rows.
-    let full = (args.reports.any() || args.expect.is_some())
-        .then(|| rewind_host::report::replay_json(&replayed, &old, &new, Rows::All));
-    if let Some(report) = &full {
-        args.reports.write(report)?;
-    }
+    let report = Report::replay(&replayed, &old, &new)?;
+    args.reports.write(&report)?;
     if !args.quiet {
-        let brief = rewind_host::report::replay_json(&replayed, &old, &new, Rows::First(5));
-        out!("{}", rewind_host::report::summary_text(&brief, color()))?;
+        out!("{}", summary(&report)?)?;
         if let Some(dir) = &args.keep {
             outln!("states kept: {}", dir.display())?;
         }
     }
-    let report = full.unwrap_or(serde_json::Value::Null);
-    gate(
+    let exit = gate(
         &report,
         replayed.differs(),
         args.expect.as_deref(),
         args.accept,
         args.quiet,
-    )
+    );
+    drop(report);
+    // The findings go with the states (unless kept).
+    drop(replayed);
+    if args.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+    exit
 }
 
 /// A Kafka run's tape directory: each `partition-N.tape` replayed on its own
@@ -202,10 +224,9 @@ fn replay_dir(
             }
             other => other.clone(),
         };
-        let replayed = rewind_host::replay::replay(&one, progress)?;
         match combined.as_mut() {
-            Some(all) => all.merge(replayed),
-            None => combined = Some(replayed),
+            Some(all) => all.replay_more(&one, progress)?,
+            None => combined = Some(rewind_host::replay::replay(&one, progress)?),
         }
     }
     Ok(combined.expect("at least one tape"))
@@ -214,7 +235,7 @@ fn replay_dir(
 /// The approved-baseline gate: exit 0 when there is no difference, or it
 /// equals the approved one; `accept` records the current one.
 fn gate(
-    report: &serde_json::Value,
+    report: &Report<'_>,
     differs: bool,
     expect: Option<&std::path::Path>,
     accept: bool,
@@ -227,9 +248,8 @@ fn gate(
             ExitCode::SUCCESS
         });
     };
-    let current = rewind_host::report::gated(report);
     if accept {
-        write_json(path, &current)?;
+        write_json(path, report, true)?;
         if !quiet {
             outln!("approved baseline written to {}", path.display())?;
         }
@@ -243,7 +263,9 @@ fn gate(
     })?;
     let approved: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a JSON report", path.display()))?;
-    if rewind_host::report::gated(&approved) == current {
+    drop(text);
+    use rewind_host::report::gate_digest;
+    if gate_digest(&approved)? == gate_digest(report)? {
         if !quiet {
             outln!("differences equal the approved baseline {}", path.display())?;
         }
@@ -254,8 +276,7 @@ fn gate(
                 "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
                 path.display()
             )?;
-            let approved = rewind_host::report::gated(&approved);
-            for line in rewind_host::report::gate_changes(&approved, &current, 20) {
+            for line in rewind_host::report::gate_changes(&approved, report, 20)? {
                 outln!("  {line}")?;
             }
         }
@@ -269,24 +290,30 @@ pub fn diff(
     reports: &Reports,
     ignore: &[rewind_host::diff::Ignore],
 ) -> anyhow::Result<ExitCode> {
+    // What differs is kept in a scratch file, removed on Ctrl-C too.
+    let findings = Findings::temporary()?;
+    super::discard_on_interrupt(
+        "diff",
+        findings
+            .path()
+            .parent()
+            .map(std::path::Path::to_owned)
+            .into_iter()
+            .collect(),
+    )?;
     let d = match (old.is_dir(), new.is_dir()) {
-        (true, true) => {
-            rewind_host::kafka::diff_dirs(old, new, ignore).map_err(|e| anyhow::anyhow!("{e}"))?
-        }
-        (false, false) => rewind_host::diff::diff_states(old, new, ignore)?,
+        (true, true) => rewind_host::kafka::diff_dirs(old, new, ignore, &findings)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        (false, false) => rewind_host::diff::diff_states(old, new, ignore, &findings)?,
         _ => anyhow::bail!(
             "compare a state DB with a state DB, or a state directory with a state directory"
         ),
     };
     warn_unmatched(&d);
-    use rewind_host::report::Rows;
     let (o, n) = (old.display().to_string(), new.display().to_string());
-    // The whole report only for files; the terminal needs a few rows.
-    if reports.any() {
-        reports.write(&rewind_host::report::diff_json(&d, &o, &n, Rows::All))?;
-    }
-    let brief = rewind_host::report::diff_json(&d, &o, &n, Rows::First(5));
-    out!("{}", rewind_host::report::summary_text(&brief, color()))?;
+    let report = Report::diff(&d, &findings, &o, &n);
+    reports.write(&report)?;
+    out!("{}", summary(&report)?)?;
     Ok(if d.is_empty() {
         ExitCode::SUCCESS
     } else {

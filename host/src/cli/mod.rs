@@ -55,14 +55,30 @@ pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
 /// regular file (`/dev/stdout`, a pipe, a symbolic link) is written in
 /// place.
 pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    write_file_with(path, |out| out.write_all(bytes).map_err(Into::into))
+}
+
+/// [`write_file`] with what `write` writes (a report streamed as it is made).
+pub fn write_file_with(
+    path: &std::path::Path,
+    write: impl FnOnce(&mut std::fs::File) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+
     use anyhow::Context as _;
     let regular = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta.is_file(),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     };
+    let into = |target: &std::path::Path| -> anyhow::Result<()> {
+        let mut file = std::fs::File::create(target)?;
+        write(&mut file)?;
+        file.flush()?;
+        Ok(())
+    };
     if !regular {
-        return std::fs::write(path, bytes)
-            .with_context(|| format!("cannot write {}", path.display()));
+        return into(path).with_context(|| format!("cannot write {}", path.display()));
     }
     let name = path
         .file_name()
@@ -71,8 +87,7 @@ pub fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     temporary.push(name);
     temporary.push(format!(".{}.tmp", std::process::id()));
     let temporary = path.with_file_name(temporary);
-    let written =
-        std::fs::write(&temporary, bytes).and_then(|()| std::fs::rename(&temporary, path));
+    let written = into(&temporary).and_then(|()| Ok(std::fs::rename(&temporary, path)?));
     if written.is_err() {
         let _ = std::fs::remove_file(&temporary);
     }

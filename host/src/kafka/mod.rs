@@ -306,12 +306,13 @@ fn commit_to_group(consumer: &BaseConsumer<Context>, shared: &Shared) {
 }
 
 /// `rewind diff` of two state directories: every partition's DBs compared,
-/// one combined result. A partition only one side has is compared with an
+/// one combined result (the rows in `findings`). A partition only one side has is compared with an
 /// empty DB.
 pub fn diff_dirs(
     old: &Path,
     new: &Path,
     ignore: &[crate::diff::Ignore],
+    findings: &crate::findings::Findings,
 ) -> Result<crate::diff::StateDiff, Box<dyn std::error::Error + Send + Sync>> {
     let (a, b) = (state_dbs(old)?, state_dbs(new)?);
     if a.is_empty() && b.is_empty() {
@@ -333,7 +334,7 @@ pub fn diff_dirs(
     let partitions: std::collections::BTreeSet<i32> = a.keys().chain(b.keys()).copied().collect();
     for p in partitions {
         let (x, y) = (a.get(&p).unwrap_or(&empty), b.get(&p).unwrap_or(&empty));
-        total.merge(crate::diff::diff_states(x, y, ignore)?);
+        total.merge(crate::diff::diff_states(x, y, ignore, findings)?);
     }
     Ok(total)
 }

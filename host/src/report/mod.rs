@@ -13,15 +13,16 @@ mod render;
 
 use std::fmt::Write as _;
 
-pub use render::{html, markdown};
+pub use render::{HTML_CAUSES, HTML_ROWS, html, markdown};
 
 use rusqlite::types::Value;
 use serde_json::{Map, Value as Json, json};
 
-use crate::diff::{RowChange, StateDiff, TableDiff};
+use crate::diff::{RowChange, RowDiff, StateDiff};
 use crate::event::Output;
+use crate::findings::{DeadDiff, Findings, FindingsError, Version};
 use crate::printable::printable_str;
-use crate::replay::{DeadDiff, Divergence, Replay, SideEvent};
+use crate::replay::{Divergence, Replay, SideEvent};
 use crate::state::Change;
 use crate::tape::Outcome;
 
@@ -117,58 +118,261 @@ fn change_name(c: RowChange) -> &'static str {
     }
 }
 
-/// How many differing rows per table a report holds: the JSON report has
-/// them all; a terminal summary needs only the first few.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rows {
-    All,
-    First(usize),
+/// The most causes the JSON report lists per row: the first ones matter
+/// most; `caused_by_unlisted` counts the rest.
+pub const MAX_CAUSES: usize = 1000;
+
+/// A long list of a report, streamed from the findings rather than held.
+#[derive(Debug, Clone, PartialEq)]
+pub enum List {
+    /// The differing rows of a table.
+    Rows(String),
+    /// The events whose outputs differ.
+    Outputs,
+    /// The dead letters only one version has.
+    Dead(Version),
 }
 
-/// The events that caused a differing row of a table (by key): the seqs
-/// listed, and how many more there were.
-pub type CausedBy<'a> = dyn Fn(&TableDiff, &[(String, Value)]) -> (Vec<u64>, u64) + 'a;
+/// Why handing out a list's entries stopped.
+#[derive(Debug)]
+pub enum Stop {
+    /// The findings could not be read.
+    Findings(FindingsError),
+    /// Whoever took the entries stopped (and kept its reason).
+    Taker,
+}
 
-/// The per-table section, with causes when a replay found them.
-pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
-    let limit = match rows {
-        Rows::All => usize::MAX,
-        Rows::First(n) => n,
-    };
+impl From<FindingsError> for Stop {
+    fn from(e: FindingsError) -> Stop {
+        Stop::Findings(e)
+    }
+}
+
+/// A report as its parts: the head (everything but the long lists) and the
+/// long lists, handed out one entry at a time. A report in memory (a
+/// [`Json`]) is one; a [`Report`] streams its lists from the findings.
+pub trait Source {
+    /// The report without its long lists' entries.
+    fn head(&self) -> &Json;
+    /// Hands the entries of `list` to `take`, at most `limit`.
+    fn each(
+        &self,
+        list: &List,
+        limit: Option<usize>,
+        take: &mut dyn FnMut(Json) -> Result<(), Stop>,
+    ) -> Result<(), Stop>;
+}
+
+/// The list at `key` of an object found at `at` of a report, if any.
+fn list_at(at: At, key: &str, parent: &Json) -> Option<List> {
+    match (at, key) {
+        (At::Table, "rows") => Some(List::Rows(parent["name"].as_str()?.to_owned())),
+        (At::Outputs, "events") => Some(List::Outputs),
+        (At::Dead, "only_old") => Some(List::Dead(Version::Old)),
+        (At::Dead, "only_new") => Some(List::Dead(Version::New)),
+        _ => None,
+    }
+}
+
+impl Source for Json {
+    fn head(&self) -> &Json {
+        self
+    }
+
+    fn each(
+        &self,
+        list: &List,
+        limit: Option<usize>,
+        take: &mut dyn FnMut(Json) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        let entries = match list {
+            List::Rows(name) => arr(&self["tables"])
+                .iter()
+                .find(|t| t["name"].as_str() == Some(name))
+                .map_or(&[][..], |t| arr(&t["rows"])),
+            List::Outputs => arr(&self["outputs"]["events"]),
+            List::Dead(Version::Old) => arr(&self["dead_letters"]["only_old"]),
+            List::Dead(Version::New) => arr(&self["dead_letters"]["only_new"]),
+        };
+        for e in entries.iter().take(limit.unwrap_or(usize::MAX)) {
+            take(e.clone())?;
+        }
+        Ok(())
+    }
+}
+
+fn arr(v: &Json) -> &[Json] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
+/// How many entries the list at `key` of `parent` has: all of them, or
+/// when a brief report holds the first few, the `<key>_total` it records.
+pub(crate) fn total(parent: &Json, key: &str) -> u64 {
+    parent[format!("{key}_total")]
+        .as_u64()
+        .unwrap_or(arr(&parent[key]).len() as u64)
+}
+
+/// A replay's or a diff's report: a small head in memory, the long lists
+/// read from the findings when written.
+pub struct Report<'a> {
+    head: Json,
+    findings: &'a Findings,
+    /// Rows list their causes (a replay's do; a diff's have none).
+    replay: bool,
+}
+
+impl<'a> Report<'a> {
+    /// The replay report (the JSON contract).
+    pub fn replay(
+        r: &'a Replay,
+        old_path: &str,
+        new_path: &str,
+    ) -> Result<Report<'a>, FindingsError> {
+        let head = json!({
+            "old": { "path": old_path, "module_digest": r.old_digest },
+            "new": { "path": new_path, "module_digest": r.new_digest },
+            "summary": {
+                "events": r.events,
+                "diverged_events": r.diverged_events,
+                "first_divergence": r.first_divergence.as_ref().map(divergence),
+            },
+            "schema": r.state.schema,
+            "tables": tables(&r.state),
+            "outputs": {
+                "diverged_events": r.findings.output_count()?,
+                "events": [],
+            },
+            "dead_letters": { "only_old": [], "only_new": [] },
+        });
+        Ok(Report {
+            head,
+            findings: &r.findings,
+            replay: true,
+        })
+    }
+
+    /// The `rewind diff` report: the table section of the replay report.
+    pub fn diff(
+        d: &StateDiff,
+        findings: &'a Findings,
+        old_path: &str,
+        new_path: &str,
+    ) -> Report<'a> {
+        let head = json!({
+            "old": { "path": old_path },
+            "new": { "path": new_path },
+            "schema": d.schema,
+            "tables": tables(d),
+        });
+        Report {
+            head,
+            findings,
+            replay: false,
+        }
+    }
+
+    /// The report with at most `rows` entries in each long list (and
+    /// `causes` per row), and each list's total as `<list>_total`: what the
+    /// terminal, Markdown and HTML renderings are made from.
+    pub fn brief(&self, rows: usize, causes: usize) -> Result<Json, FindingsError> {
+        let mut brief = self.head.clone();
+        let fill = |list: &List| -> Result<Vec<Json>, FindingsError> {
+            let mut out = Vec::new();
+            self.entries(list, Some(rows), causes, &mut |e| {
+                out.push(e);
+                Ok(())
+            })
+            .map_err(|e| match e {
+                Stop::Findings(e) => e,
+                Stop::Taker => unreachable!("collecting does not stop"),
+            })?;
+            Ok(out)
+        };
+        for t in brief["tables"].as_array_mut().into_iter().flatten() {
+            let name = t["name"].as_str().unwrap_or_default().to_owned();
+            t["rows"] = Json::Array(fill(&List::Rows(name))?);
+            t["rows_total"] = json!(
+                ["added", "removed", "changed"]
+                    .iter()
+                    .map(|k| t[*k].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            );
+        }
+        if self.replay {
+            brief["outputs"]["events"] = Json::Array(fill(&List::Outputs)?);
+            brief["outputs"]["events_total"] = brief["outputs"]["diverged_events"].clone();
+            for (key, side) in [("only_old", Version::Old), ("only_new", Version::New)] {
+                brief["dead_letters"][key] = Json::Array(fill(&List::Dead(side))?);
+                brief["dead_letters"][format!("{key}_total")] =
+                    json!(self.findings.dead_count(side)?);
+            }
+        }
+        Ok(brief)
+    }
+
+    fn entries(
+        &self,
+        list: &List,
+        limit: Option<usize>,
+        causes: usize,
+        take: &mut dyn FnMut(Json) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        match list {
+            List::Rows(table) => self.findings.each_row(table, limit, |r| {
+                let mut row = row_json(&r);
+                if self.replay {
+                    let values: Vec<Value> = r.key.iter().map(|(_, v)| v.clone()).collect();
+                    let found = self
+                        .findings
+                        .causes(table, &crate::replay::encode_key(&values), causes)?;
+                    row["caused_by"] = found.listed.iter().map(|(seq, _)| json!(seq)).collect();
+                    row["caused_by_positions"] = found
+                        .listed
+                        .iter()
+                        .map(|(_, p)| json!({"stream": p.stream, "partition": p.partition, "offset": p.offset}))
+                        .collect();
+                    // Only when some are left out: approved baselines made
+                    // before this field stay equal.
+                    if found.unlisted > 0 {
+                        row["caused_by_unlisted"] = json!(found.unlisted);
+                    }
+                }
+                take(row)
+            }),
+            List::Outputs => self.findings.each_output(limit, |o| {
+                take(json!({
+                    "seq": o.seq,
+                    "old": o.old.iter().map(output).collect::<Vec<_>>(),
+                    "new": o.new.iter().map(output).collect::<Vec<_>>(),
+                }))
+            }),
+            List::Dead(side) => self.findings.each_dead(*side, limit, |d| take(dead(&d))),
+        }
+    }
+}
+
+impl Source for Report<'_> {
+    fn head(&self) -> &Json {
+        &self.head
+    }
+
+    fn each(
+        &self,
+        list: &List,
+        limit: Option<usize>,
+        take: &mut dyn FnMut(Json) -> Result<(), Stop>,
+    ) -> Result<(), Stop> {
+        self.entries(list, limit, MAX_CAUSES, take)
+    }
+}
+
+/// The per-table section's head: counts, the rows left to the findings.
+fn tables(diff: &StateDiff) -> Json {
     Json::Array(
         diff.tables
             .iter()
             .map(|t| {
-                let rows: Vec<Json> = t
-                    .rows
-                    .iter()
-                    .take(limit)
-                    .map(|r| {
-                        let key: Map<String, Json> =
-                            r.key.iter().map(|(c, v)| (c.clone(), value(v))).collect();
-                        let columns: Map<String, Json> = r
-                            .columns
-                            .iter()
-                            .map(|(c, o, n)| {
-                                let v = |x: &Option<Value>| x.as_ref().map_or(Json::Null, value);
-                                (c.clone(), json!({ "old": v(o), "new": v(n) }))
-                            })
-                            .collect();
-                        let (seqs, unlisted) = caused_by(t, &r.key);
-                        let mut row = json!({
-                            "key": key,
-                            "change": change_name(r.change),
-                            "columns": columns,
-                            "caused_by": seqs,
-                        });
-                        // Only when some are left out: approved baselines
-                        // made before this field stay equal.
-                        if unlisted > 0 {
-                            row["caused_by_unlisted"] = json!(unlisted);
-                        }
-                        row
-                    })
-                    .collect();
                 json!({
                     "name": t.name,
                     "keyed": t.keyed,
@@ -176,102 +380,212 @@ pub fn tables(diff: &StateDiff, caused_by: &CausedBy<'_>, rows: Rows) -> Json {
                     "added": t.added,
                     "removed": t.removed,
                     "changed": t.changed,
-                    "rows": rows,
+                    "rows": [],
                 })
             })
             .collect(),
     )
 }
 
-/// The replay report (the JSON contract).
-pub fn replay_json(r: &Replay, old_path: &str, new_path: &str, rows: Rows) -> Json {
-    let mut tables = tables(
-        &r.state,
-        &|t, key| {
-            (
-                r.caused_by(&t.name, key).to_vec(),
-                r.causes_unlisted(&t.name, key),
-            )
-        },
-        rows,
-    );
-    // Where each causing event sits in its source, next to its seq.
-    for row in tables
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["rows"].as_array_mut())
-        .flatten()
-    {
-        let positions: Vec<Json> = row["caused_by"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|seq| r.cause_positions.get(&seq.as_u64()?))
-            .map(|p| json!({"stream": p.stream, "partition": p.partition, "offset": p.offset}))
-            .collect();
-        row["caused_by_positions"] = Json::Array(positions);
-    }
+/// A differing row as the report shows it (a diff's rows have no causes).
+fn row_json(r: &RowDiff) -> Json {
+    let key: Map<String, Json> = r.key.iter().map(|(c, v)| (c.clone(), value(v))).collect();
+    let columns: Map<String, Json> = r
+        .columns
+        .iter()
+        .map(|(c, o, n)| {
+            let v = |x: &Option<Value>| x.as_ref().map_or(Json::Null, value);
+            (c.clone(), json!({ "old": v(o), "new": v(n) }))
+        })
+        .collect();
     json!({
-        "old": { "path": old_path, "module_digest": r.old_digest },
-        "new": { "path": new_path, "module_digest": r.new_digest },
-        "summary": {
-            "events": r.events,
-            "diverged_events": r.diverged_events,
-            "first_divergence": r.first_divergence.as_ref().map(divergence),
-        },
-        "schema": r.state.schema,
-        "tables": tables,
-        "outputs": {
-            "diverged_events": r.outputs.len(),
-            "events": r.outputs.iter().map(|o| json!({
-                "seq": o.seq,
-                "old": o.old.iter().map(output).collect::<Vec<_>>(),
-                "new": o.new.iter().map(output).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        },
-        "dead_letters": {
-            "only_old": r.dead_only_old.iter().map(dead).collect::<Vec<_>>(),
-            "only_new": r.dead_only_new.iter().map(dead).collect::<Vec<_>>(),
-        },
+        "key": key,
+        "change": change_name(r.change),
+        "columns": columns,
+        "caused_by": [],
     })
 }
 
-/// The `rewind diff` report: the table section of the replay report.
-pub fn diff_json(d: &StateDiff, old_path: &str, new_path: &str, rows: Rows) -> Json {
-    json!({
-        "old": { "path": old_path },
-        "new": { "path": new_path },
-        "schema": d.schema,
-        "tables": tables(d, &|_, _| (Vec::new(), 0), rows),
-    })
+/// Where in a report an object or array sits, as far as finding its long
+/// lists goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Top,
+    Tables,
+    Table,
+    Outputs,
+    Dead,
+    Inside,
 }
 
-/// What the approved-baseline gate compares: everything but where the files
-/// and modules were (a rebuilt module that behaves the same passes).
-pub fn gated(report: &Json) -> Json {
-    let mut r = report.clone();
-    if let Some(o) = r.as_object_mut() {
-        o.remove("old");
-        o.remove("new");
-    }
-    r
+/// A part of a report, serialized with its long lists streamed and every
+/// object's keys in order (one text per report: the gate compares digests).
+struct Part<'a> {
+    v: &'a Json,
+    at: At,
+    source: &'a dyn Source,
+    /// Leave out where the files and modules were (the gate's form).
+    gated: bool,
 }
 
-/// Where a gated report differs from the approved one, a line per part
-/// (at most `limit` lines): summary fields, tables (how many rows, and the
-/// first key), outputs (how many events, and the first seq), and any other
-/// section as a whole.
-pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let sections = keys(approved)
-        .chain(keys(current))
-        .collect::<std::collections::BTreeSet<_>>();
-    for section in sections {
-        let (a, c) = (&approved[section], &current[section]);
-        if a == c {
-            continue;
+impl serde::Serialize for Part<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.v {
+            Json::Object(object) => {
+                let mut keys: Vec<&String> = object.keys().collect();
+                keys.sort();
+                let mut map = serializer.serialize_map(None)?;
+                for key in keys {
+                    if self.at == At::Top && self.gated && (key == "old" || key == "new") {
+                        continue;
+                    }
+                    if let Some(list) = list_at(self.at, key, self.v) {
+                        map.serialize_entry(
+                            key,
+                            &Streamed {
+                                list,
+                                source: self.source,
+                            },
+                        )?;
+                        continue;
+                    }
+                    let at = match (self.at, key.as_str()) {
+                        (At::Top, "tables") => At::Tables,
+                        (At::Top, "outputs") => At::Outputs,
+                        (At::Top, "dead_letters") => At::Dead,
+                        _ => At::Inside,
+                    };
+                    map.serialize_entry(
+                        key,
+                        &Part {
+                            v: &object[key],
+                            at,
+                            ..*self
+                        },
+                    )?;
+                }
+                map.end()
+            }
+            Json::Array(items) => {
+                let at = if self.at == At::Tables {
+                    At::Table
+                } else {
+                    At::Inside
+                };
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for v in items {
+                    seq.serialize_element(&Part { v, at, ..*self })?;
+                }
+                seq.end()
+            }
+            other => other.serialize(serializer),
         }
+    }
+}
+
+impl Clone for Part<'_> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for Part<'_> {}
+
+/// A long list, serialized entry by entry as its source hands them out.
+struct Streamed<'a> {
+    list: List,
+    source: &'a dyn Source,
+}
+
+impl serde::Serialize for Streamed<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeSeq};
+        let mut seq = serializer.serialize_seq(None)?;
+        let mut failed = None;
+        let walked = self.source.each(&self.list, None, &mut |entry| {
+            let part = Part {
+                v: &entry,
+                at: At::Inside,
+                source: self.source,
+                gated: false,
+            };
+            seq.serialize_element(&part).map_err(|e| {
+                failed = Some(e);
+                Stop::Taker
+            })
+        });
+        match (walked, failed) {
+            (_, Some(e)) => return Err(e),
+            (Err(Stop::Findings(e)), None) => return Err(S::Error::custom(e)),
+            _ => {}
+        }
+        seq.end()
+    }
+}
+
+/// Writes a report as pretty JSON, its long lists streamed (`gated`: in the
+/// approved-baseline gate's form, without where the files and modules were).
+pub fn write_json(
+    source: &dyn Source,
+    gated: bool,
+    out: impl std::io::Write,
+) -> Result<(), serde_json::Error> {
+    let mut out = std::io::BufWriter::new(out);
+    let part = Part {
+        v: source.head(),
+        at: At::Top,
+        source,
+        gated,
+    };
+    serde_json::to_writer_pretty(&mut out, &part)?;
+    std::io::Write::write_all(&mut out, b"\n").map_err(serde_json::Error::io)?;
+    std::io::Write::flush(&mut out).map_err(serde_json::Error::io)
+}
+
+/// What the approved-baseline gate compares, as a digest: the report
+/// without where the files and modules were (a rebuilt module that behaves
+/// the same passes), in one canonical text.
+pub fn gate_digest(source: &dyn Source) -> Result<[u8; 32], serde_json::Error> {
+    use sha2::Digest as _;
+    struct Hashing(sha2::Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(sha2::Sha256::new());
+    let part = Part {
+        v: source.head(),
+        at: At::Top,
+        source,
+        gated: true,
+    };
+    serde_json::to_writer(&mut hashing, &part)?;
+    Ok(hashing.0.finalize().into())
+}
+
+/// Where the current report differs from the approved one, a line per part
+/// (at most `limit` lines): summary fields, tables (how many rows, and the
+/// first key), outputs and dead letters (how many events, and the first
+/// seq), and any other section as a whole. The approved report is in
+/// memory; the current one's long lists are streamed.
+pub fn gate_changes(
+    approved: &Json,
+    current: &dyn Source,
+    limit: usize,
+) -> Result<Vec<String>, FindingsError> {
+    let head = current.head();
+    let mut lines = Vec::new();
+    let sections: std::collections::BTreeSet<&str> = keys(approved)
+        .chain(keys(head))
+        .filter(|k| !matches!(*k, "old" | "new"))
+        .collect();
+    for section in sections {
+        let (a, c) = (&approved[section], &head[section]);
         match section {
             "summary" => {
                 for field in keys(a)
@@ -289,9 +603,8 @@ pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String
             }
             "tables" => {
                 let named = |r: &'_ Json| -> std::collections::BTreeMap<String, Json> {
-                    r.as_array()
-                        .into_iter()
-                        .flatten()
+                    arr(r)
+                        .iter()
                         .map(|t| (t["name"].as_str().unwrap_or("").to_owned(), t.clone()))
                         .collect()
                 };
@@ -301,36 +614,76 @@ pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String
                     .chain(c.keys())
                     .collect::<std::collections::BTreeSet<_>>()
                 {
-                    let (x, y) = (
-                        &a.get(name).cloned().unwrap_or(Json::Null),
-                        &c.get(name).cloned().unwrap_or(Json::Null),
-                    );
-                    if x == y {
+                    let (x, y) = (a.get(name), c.get(name));
+                    let rows = List::Rows(name.clone());
+                    let current_rows = y.map(|_| (current, &rows));
+                    let (n, first) =
+                        differing(x.map_or(&Json::Null, |x| &x["rows"]), current_rows, "key")?;
+                    let counts_differ = match (x, y) {
+                        (Some(x), Some(y)) => without(x, "rows") != without(y, "rows"),
+                        _ => true,
+                    };
+                    if n == 0 && !counts_differ {
                         continue;
                     }
-                    let (n, first) = differing(&x["rows"], &y["rows"], "key");
                     let first = first
                         .map(|k| format!(" (first {})", cut(&k)))
                         .unwrap_or_default();
-                    lines.push(if x.is_null() {
+                    lines.push(if x.is_none() {
                         format!("table {name}: {n} rows differ, none approved{first}")
-                    } else if y.is_null() {
+                    } else if y.is_none() {
                         format!("table {name}: {n} rows approved, none differ now{first}")
                     } else {
                         format!("table {name}: {n} rows differ from the approved ones{first}")
                     });
                 }
             }
-            "outputs" => {
-                let (n, first) = differing(&a["events"], &c["events"], "seq");
-                lines.push(format!(
-                    "outputs: {n} events differ from the approved ones{}",
-                    first
-                        .map(|s| format!(" (first seq {s})"))
-                        .unwrap_or_default()
-                ));
+            "outputs" | "dead_letters" => {
+                let parts: &[(&str, List, &str)] = if section == "outputs" {
+                    &[("events", List::Outputs, "outputs")]
+                } else {
+                    &[
+                        (
+                            "only_old",
+                            List::Dead(Version::Old),
+                            "dead letters only in old",
+                        ),
+                        (
+                            "only_new",
+                            List::Dead(Version::New),
+                            "dead letters only in new",
+                        ),
+                    ]
+                };
+                let mut listed = 0;
+                for (key, list, what) in parts {
+                    let present = c.get(*key).map(|_| (current, list));
+                    let (n, first) = differing(&a[*key], present, "seq")?;
+                    listed += n;
+                    if n > 0 {
+                        lines.push(format!(
+                            "{what}: {n} events differ from the approved ones{}",
+                            first
+                                .map(|s| format!(" (first seq {s})"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                }
+                // Counts or fields beside the lists.
+                let rest = |v: &Json| {
+                    parts
+                        .iter()
+                        .fold(v.clone(), |v, (key, ..)| without(&v, key))
+                };
+                if listed == 0 && rest(a) != rest(c) {
+                    lines.push(format!("{section}: not as approved"));
+                }
             }
-            other => lines.push(format!("{other}: not as approved")),
+            other => {
+                if a != c {
+                    lines.push(format!("{other}: not as approved"));
+                }
+            }
         }
     }
     if lines.len() > limit {
@@ -338,7 +691,16 @@ pub fn gate_changes(approved: &Json, current: &Json, limit: usize) -> Vec<String
         lines.truncate(limit);
         lines.push(format!("… {more} more"));
     }
-    lines
+    Ok(lines)
+}
+
+/// An object without one of its keys.
+fn without(v: &Json, key: &str) -> Json {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove(key);
+    }
+    v
 }
 
 /// An object's keys (none for anything else).
@@ -348,26 +710,60 @@ fn keys(v: &Json) -> impl Iterator<Item = &str> {
         .flat_map(|o| o.keys().map(String::as_str))
 }
 
-/// How many entries of two lists, matched by their `id` field, are not the
-/// same in both, and the first such id. Entries without one (the rows of a
-/// table without a primary key) are their own id.
-fn differing(a: &Json, b: &Json, id: &str) -> (usize, Option<String>) {
-    let by_id = |v: &Json| -> std::collections::BTreeMap<String, Json> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| match &e[id] {
-                Json::Null => (e.to_string(), e.clone()),
-                Json::Object(o) if o.is_empty() => (e.to_string(), e.clone()),
-                key => (key.to_string(), e.clone()),
-            })
-            .collect()
+/// How many entries of an approved list and a current one (streamed from
+/// its source; `None`: there is none), matched by their `id` field, are not
+/// the same in both, and the first such id. Entries without one (the rows
+/// of a table without a primary key) are their own id.
+fn differing(
+    approved: &Json,
+    current: Option<(&dyn Source, &List)>,
+    id: &str,
+) -> Result<(usize, Option<String>), FindingsError> {
+    let id_of = |e: &Json| match &e[id] {
+        Json::Null => e.to_string(),
+        Json::Object(o) if o.is_empty() => e.to_string(),
+        key => key.to_string(),
     };
-    let (a, b) = (by_id(a), by_id(b));
-    let ids: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let mut differ = ids.into_iter().filter(|k| a.get(*k) != b.get(*k));
-    let first = differ.next().cloned();
-    (first.iter().count() + differ.count(), first)
+    let mut unmatched: std::collections::BTreeMap<String, Vec<&Json>> = Default::default();
+    for e in arr(approved) {
+        unmatched.entry(id_of(e)).or_default().push(e);
+    }
+    let mut n = 0;
+    let mut first: Option<String> = None;
+    let mut differs = |key: String, first: &mut Option<String>| {
+        n += 1;
+        if first.as_ref().is_none_or(|f| key < *f) {
+            *first = Some(key);
+        }
+    };
+    if let Some((source, list)) = current {
+        source
+            .each(list, None, &mut |e| {
+                let key = id_of(&e);
+                // The approved entry of the same id: equal, or the pair
+                // differs (once).
+                let approved = unmatched.get_mut(&key).filter(|a| !a.is_empty());
+                let same = approved.is_some_and(|approved| {
+                    let at = approved.iter().position(|a| **a == e);
+                    approved.swap_remove(at.unwrap_or(0));
+                    at.is_some()
+                });
+                if !same {
+                    differs(key, &mut first);
+                }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                Stop::Findings(e) => e,
+                Stop::Taker => unreachable!("comparing does not stop"),
+            })?;
+    }
+    for (key, left) in unmatched {
+        for _ in left {
+            differs(key.clone(), &mut first);
+        }
+    }
+    Ok((n, first))
 }
 
 /// A value for a one-line message, cut short.
@@ -506,8 +902,8 @@ pub fn summary_text(report: &Json, color: bool) -> String {
         let _ = writeln!(
             out,
             "dead letters: {} only in old, {} only in new",
-            dl["only_old"].as_array().map_or(0, Vec::len),
-            dl["only_new"].as_array().map_or(0, Vec::len)
+            total(dl, "only_old"),
+            total(dl, "only_new")
         );
     }
     out
@@ -586,7 +982,7 @@ mod tests {
             "schema": {"tables_only_new": ["x"]},
         });
         assert_eq!(
-            gate_changes(&approved, &current, 10),
+            gate_changes(&approved, &current, 10).unwrap(),
             [
                 "outputs: 1 events differ from the approved ones (first seq 9)",
                 "schema: not as approved",
@@ -595,17 +991,21 @@ mod tests {
                 r#"table t: 3 rows differ from the approved ones (first {"id":"b"})"#,
             ]
         );
-        assert_eq!(gate_changes(&approved, &approved, 10), Vec::<String>::new());
+        assert_eq!(
+            gate_changes(&approved, &approved, 10).unwrap(),
+            Vec::<String>::new()
+        );
         // Rows of a table without a key are told apart by their content.
         let unkeyed = |ns: &[i64]| json!({"tables": [{"name": "u", "rows": ns.iter().map(|n| json!({"key": {}, "change": "added", "columns": {"n": {"old": null, "new": n}}})).collect::<Vec<_>>()}]});
         assert_eq!(
-            gate_changes(&unkeyed(&[1, 2, 3]), &unkeyed(&[1, 4, 5]), 10),
+            gate_changes(&unkeyed(&[1, 2, 3]), &unkeyed(&[1, 4, 5]), 10).unwrap(),
             [
                 "table u: 4 rows differ from the approved ones (first {\"change\":\"added\",\"columns\":{\"n\":{\"new\":2,\"old\":null}},\"key\"…)"
             ]
         );
         assert_eq!(
             gate_changes(&approved, &current, 2)
+                .unwrap()
                 .last()
                 .map(String::as_str),
             Some("… 3 more")

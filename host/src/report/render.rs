@@ -11,9 +11,10 @@ const SHOWN_ROWS: usize = 20;
 /// Causes shown per row in Markdown.
 const SHOWN_CAUSES: usize = 10;
 /// What the HTML page shows at most (a browser must still open it): rows
-/// per table, dead letters per side, causes per row.
-const HTML_ROWS: usize = 5_000;
-const HTML_CAUSES: usize = 1_000;
+/// per table, dead letters per side, causes per row. Renderings are made
+/// from a brief report holding this many ([`super::Report::brief`]).
+pub const HTML_ROWS: usize = 5_000;
+pub const HTML_CAUSES: usize = 100;
 
 /// A JSON value as a short display string.
 fn show(v: &Json) -> String {
@@ -56,9 +57,7 @@ fn seqs(row: &Json, limit: usize) -> String {
     text
 }
 
-fn arr(v: &Json) -> &[Json] {
-    v.as_array().map_or(&[], Vec::as_slice)
-}
+use super::arr;
 
 fn schema_differs(schema: &Json) -> bool {
     !arr(&schema["tables_only_old"]).is_empty()
@@ -123,11 +122,12 @@ pub fn markdown(report: &Json) -> String {
     }
     for t in tables {
         let rows = arr(&t["rows"]);
+        let total = super::total(t, "rows");
         let _ = writeln!(
             out,
             "\n<details><summary><code>{}</code>: {} differing rows</summary>\n",
             esc(&show(&t["name"])),
-            rows.len()
+            total
         );
         let _ = writeln!(
             out,
@@ -149,11 +149,11 @@ pub fn markdown(report: &Json) -> String {
                 seqs(r, SHOWN_CAUSES)
             );
         }
-        if rows.len() > SHOWN_ROWS {
+        if total > SHOWN_ROWS as u64 {
             let _ = writeln!(
                 out,
                 "\n… and {} more rows (see the JSON report).",
-                rows.len() - SHOWN_ROWS
+                total - SHOWN_ROWS as u64
             );
         }
         let _ = writeln!(out, "\n</details>");
@@ -169,8 +169,8 @@ pub fn markdown(report: &Json) -> String {
         let _ = writeln!(
             out,
             "Dead letters: **{}** only in old, **{}** only in new.",
-            arr(&d["only_old"]).len(),
-            arr(&d["only_new"]).len()
+            super::total(d, "only_old"),
+            super::total(d, "only_new")
         );
     }
     out
@@ -275,7 +275,7 @@ pub fn html(report: &Json) -> String {
         for (side, key) in [("old", "only_old"), ("new", "only_new")] {
             more_in_json(
                 &mut out,
-                arr(&d[key]).len(),
+                super::total(d, key),
                 &format!("dead letters only in {side}"),
             );
         }
@@ -384,16 +384,16 @@ fn table(out: &mut String, t: &Json) {
         }
     }
     let _ = write!(out, "</table>");
-    more_in_json(out, rows.len(), "rows");
+    more_in_json(out, super::total(t, "rows"), "rows");
 }
 
 /// Says how many of `total` things the page left out, if any.
-fn more_in_json(out: &mut String, total: usize, things: &str) {
-    if total > HTML_ROWS {
+fn more_in_json(out: &mut String, total: u64, things: &str) {
+    if total > HTML_ROWS as u64 {
         let _ = write!(
             out,
             "<p class=\"muted\">… and {} more {things} (see the JSON report).</p>",
-            total - HTML_ROWS
+            total - HTML_ROWS as u64
         );
     }
 }
