@@ -255,31 +255,45 @@ fn gate(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let text = std::fs::read_to_string(path).with_context(|| {
+    let unreadable = || {
         format!(
             "cannot read the approved baseline {} (create it with --accept)",
             path.display()
         )
-    })?;
-    let approved: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON report", path.display()))?;
-    drop(text);
-    use rewind_host::report::gate_digest;
-    if gate_digest(&approved)? == gate_digest(report)? {
+    };
+    use rewind_host::report::{Hashing, baseline_digest, gate_digest};
+    // A baseline as --accept wrote it is compared byte for byte, streamed;
+    // only one written otherwise (or differing) is read into memory.
+    let mut file = std::fs::File::open(path).with_context(unreadable)?;
+    let mut hashing = Hashing::default();
+    std::io::copy(&mut file, &mut hashing).with_context(unreadable)?;
+    let same = hashing.finish() == baseline_digest(report)?
+        || {
+            let text = std::fs::read_to_string(path).with_context(unreadable)?;
+            let approved: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a JSON report", path.display()))?;
+            drop(text);
+            if gate_digest(&approved)? == gate_digest(report)? {
+                true
+            } else {
+                if !quiet {
+                    outln!(
+                        "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
+                        path.display()
+                    )?;
+                    for line in rewind_host::report::gate_changes(&approved, report, 20)? {
+                        outln!("  {line}")?;
+                    }
+                }
+                false
+            }
+        };
+    if same {
         if !quiet {
             outln!("differences equal the approved baseline {}", path.display())?;
         }
         Ok(ExitCode::SUCCESS)
     } else {
-        if !quiet {
-            outln!(
-                "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
-                path.display()
-            )?;
-            for line in rewind_host::report::gate_changes(&approved, report, 20)? {
-                outln!("  {line}")?;
-            }
-        }
         Ok(ExitCode::from(1))
     }
 }

@@ -546,18 +546,7 @@ pub fn write_json(
 /// without where the files and modules were (a rebuilt module that behaves
 /// the same passes), in one canonical text.
 pub fn gate_digest(source: &dyn Source) -> Result<[u8; 32], serde_json::Error> {
-    use sha2::Digest as _;
-    struct Hashing(sha2::Sha256);
-    impl std::io::Write for Hashing {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hashing = Hashing(sha2::Sha256::new());
+    let mut hashing = Hashing::default();
     let part = Part {
         v: source.head(),
         at: At::Top,
@@ -565,7 +554,38 @@ pub fn gate_digest(source: &dyn Source) -> Result<[u8; 32], serde_json::Error> {
         gated: true,
     };
     serde_json::to_writer(&mut hashing, &part)?;
-    Ok(hashing.0.finalize().into())
+    Ok(hashing.finish())
+}
+
+/// The digest of the approved baseline `--accept` would write now: equal
+/// to the digest of the baseline file's bytes when nothing changed, which
+/// the gate checks without reading the file into memory.
+pub fn baseline_digest(source: &dyn Source) -> Result<[u8; 32], serde_json::Error> {
+    let mut hashing = Hashing::default();
+    write_json(source, true, &mut hashing)?;
+    Ok(hashing.finish())
+}
+
+/// SHA-256 of what is written to it.
+#[derive(Default)]
+pub struct Hashing(sha2::Sha256);
+
+impl Hashing {
+    pub fn finish(self) -> [u8; 32] {
+        use sha2::Digest as _;
+        self.0.finalize().into()
+    }
+}
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where the current report differs from the approved one, a line per part
