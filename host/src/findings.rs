@@ -25,8 +25,8 @@ use crate::event::{Output, Position};
 #[derive(Debug, thiserror::Error)]
 pub enum FindingsError {
     #[error(
-        "cannot keep the differences in {path} ({source}); make room in {dir} (a comparison's \
-         scratch space: --keep DIR, else the temporary directory, TMPDIR) and run it again",
+        "cannot keep the differences in {path} ({source}); make room in {dir} (or give a \
+         replay --keep DIR elsewhere, or set TMPDIR to a directory with room) and run it again",
         dir = path.parent().unwrap_or(path).display()
     )]
     Storage {
@@ -131,7 +131,8 @@ impl Findings {
 
     fn open(path: &Path, dir: Option<tempfile::TempDir>) -> Result<Findings, FindingsError> {
         let conn = Connection::open(path).map_err(|e| error(path, e))?;
-        conn.execute_batch(SCHEMA).map_err(|e| error(path, e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| error(path, crate::state::with_os_error(&conn, e)))?;
         Ok(Findings {
             conn,
             path: path.to_owned(),
@@ -146,7 +147,7 @@ impl Findings {
     }
 
     fn fail(&self, source: rusqlite::Error) -> FindingsError {
-        error(&self.path, source)
+        error(&self.path, crate::state::with_os_error(&self.conn, source))
     }
 
     fn damaged(&self, message: String) -> FindingsError {

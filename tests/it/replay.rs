@@ -811,6 +811,10 @@ fn a_schema_change_is_reported_not_a_crash() {
     );
     assert!(same.state.tables.is_empty(), "{:?}", same.state.tables);
     assert!(same.differs(), "a schema difference is a difference");
+    // The column only v3 has is that schema difference, not a divergence
+    // of every event that writes a payment.
+    assert_eq!(same.diverged_events, 0);
+    assert!(same.first_divergence.is_none());
 }
 
 /// A snapshot taken while a run is writing is consistent: its offsets match

@@ -4,7 +4,8 @@
 //! (`host/examples/native_payments.rs`), in the same run, plus peak RSS,
 //! cold versus warm start and the cost of recording a tape. The machines are
 //! shared and noisy: read the ratio. Then `rewind replay` (also of a tape
-//! TIMES as long, default 5, for its memory), `rewind diff` against sqldiff,
+//! TIMES as long, default 5, and of one delivering every order twice, for
+//! its memory), `rewind diff` against sqldiff,
 //! and Kafka end to end against a raw consumer. `--only
 //! run|instructions|replay|diff|kafka` runs one section. `instructions`
 //! counts, under valgrind, the instructions per event of the run and of the
@@ -397,13 +398,16 @@ fn replay_section(setup: &Setup, long_replay: usize) -> Result<()> {
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
-        let (time, rss) = replay_bench(bin, wasm, input, dir, cache)?;
+        let report = dir.join("replay.json");
+        let (time, rss) = replay_bench(bin, wasm, input, dir, cache, &report)?;
         println!(
-            "replay v1 vs v2{label}: {:>9.0} event pairs/s  ({events} events, {:.2}s, peak RSS {} MiB)",
+            "replay v1 vs v2{label}: {:>9.0} event pairs/s  ({events} events, {:.2}s, peak RSS {} MiB, JSON report {} MB)",
             events as f64 / time.as_secs_f64(),
             time.as_secs_f64(),
-            rss / 1024
+            rss / 1024,
+            std::fs::metadata(&report).map_or(0, |m| m.len()) / 1_000_000
         );
+        std::fs::remove_file(&report)?;
         Ok(())
     };
     replay(input, "")?;
@@ -413,17 +417,41 @@ fn replay_section(setup: &Setup, long_replay: usize) -> Result<()> {
         replay(&long, " (long tape)")?;
         std::fs::remove_file(&long)?;
     }
+    // Memory must not grow with the differences either: every order
+    // delivered twice, so v1 charges half the events again.
+    let twice = dir.join("twice.jsonl");
+    generate_twice(&twice, *events)?;
+    replay(&twice, " (every order twice)")?;
+    std::fs::remove_file(&twice)?;
     Ok(())
 }
 
-/// Imports `input` onto a tape and replays it with payments v1 against v2:
-/// the replay's wall time and peak RSS. The tape goes afterwards.
+/// `events` completed orders, each delivered twice in a row.
+fn generate_twice(path: &Path, events: usize) -> Result<()> {
+    let mut rng = XorShift(0x7a1ce);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let customers = (events / 10).max(1) as u64;
+    for i in 0..events / 2 {
+        let line = format!(
+            r#"{{"type":"order_completed","order_id":"o-{i}","customer_id":"c-{}","amount_cents":{},"currency":"EUR"}}"#,
+            rng.below(customers),
+            100 + rng.below(10_000)
+        );
+        writeln!(out, "{line}\n{line}")?;
+    }
+    Ok(())
+}
+
+/// Imports `input` onto a tape and replays it with payments v1 against v2,
+/// writing the JSON report to `report`: the replay's wall time and peak
+/// RSS. The tape goes afterwards.
 fn replay_bench(
     bin: &Path,
     wasm: &Path,
     input: &Path,
     dir: &Path,
     cache: &Path,
+    report: &Path,
 ) -> Result<(Duration, u64)> {
     let tape = input.with_extension("tape");
     let _ = std::fs::remove_file(&tape);
@@ -447,10 +475,13 @@ fn replay_bench(
             .arg(wasm.join("payments-v2.wasm"))
             .arg("--keep")
             .arg(dir.join("replay"))
+            .arg("--json")
+            .arg(report)
             .arg("--cache-dir")
             .arg(cache),
         // Exit 1: the versions differ (the bench stream has no
-        // re-deliveries, so they should not), which is not a failure here.
+        // re-deliveries, so they should not; the doubled one has), which
+        // is not a failure here.
         &[0, 1],
     );
     std::fs::remove_file(&tape)?;
