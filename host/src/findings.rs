@@ -9,7 +9,7 @@
 //! replay's scratch directory and a small page cache, whatever their number.
 //!
 //! Rows, outputs and dead letters are stored in the host's binary field
-//! encoding ([`crate::codec`]), in the order they were found; causes by
+//! encoding (`codec.rs`), in the order they were found; causes by
 //! (table, key, seq), so a row's causes are one index range.
 
 use std::cell::Cell;
