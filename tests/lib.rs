@@ -32,8 +32,28 @@ pub fn processor(name: &str) -> PathBuf {
     path
 }
 
+/// Lets the `rewind` processes the tests start be stopped as a user would
+/// stop them: a test run started in the background by a script (`&`), or
+/// under `nohup`, inherits SIGINT or SIGHUP ignored, and `rewind` rightly
+/// keeps signals ignored at its start ignored, so the tests that stop it
+/// with them would wait for ever. Once per test process, before the first
+/// child is started.
+pub fn default_stop_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for signal in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM] {
+            // SAFETY: setting a signal's disposition to the default, before
+            // this process has started children that could race it.
+            unsafe {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+    });
+}
+
 /// The `rewind` binary built by `cargo build -p rewind-host`.
 pub fn rewind_bin() -> PathBuf {
+    default_stop_signals();
     let path = target_dir().join("debug").join("rewind");
     assert!(
         path.is_file(),
