@@ -153,6 +153,9 @@ pub struct Replay {
     pub state: StateDiff,
     /// Differing rows, their causes, differing outputs and dead letters.
     pub findings: Findings,
+    /// Why a version's compiled form could not be cached, if it could not
+    /// (every replay compiles it again).
+    pub cache_errors: Vec<String>,
     pub old_db: PathBuf,
     pub new_db: PathBuf,
 }
@@ -183,6 +186,11 @@ impl Replay {
             });
         }
         self.state.merge(other.state);
+        for error in other.cache_errors {
+            if !self.cache_errors.contains(&error) {
+                self.cache_errors.push(error);
+            }
+        }
         Ok(())
     }
 }
@@ -242,6 +250,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         first_divergence: one.first,
         state: one.state,
         findings,
+        cache_errors: one.cache_errors,
         old_db: one.old_db,
         new_db: one.new_db,
     })
@@ -257,6 +266,7 @@ struct OneTape {
     state: StateDiff,
     old_db: PathBuf,
     new_db: PathBuf,
+    cache_errors: Vec<String>,
 }
 
 fn replay_into(
@@ -374,7 +384,12 @@ fn replay_into(
         let (old_summary, new_summary) = (join(old, "old")?, join(new, "new")?);
         let compared = compared?;
         let state = diff_states(&old_db, &new_db, &config.ignore, findings)?;
+        let cache_errors = [&old_summary, &new_summary]
+            .into_iter()
+            .filter_map(|s| s.load.cache_error.clone())
+            .collect();
         Ok(OneTape {
+            cache_errors,
             old_digest: old_summary.module_digest,
             new_digest: new_summary.module_digest,
             events: compared.events,

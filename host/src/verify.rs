@@ -82,6 +82,9 @@ fn outcome(o: &Outcome) -> String {
 pub struct Verified {
     pub events: u64,
     pub first_mismatch: Option<Mismatch>,
+    /// Why the processor's compiled form could not be cached, if it could
+    /// not (every verify compiles it again).
+    pub cache_error: Option<String>,
 }
 
 /// Compares committed results with the tape's, in order.
@@ -283,9 +286,10 @@ pub fn verify_with_progress(
     if let Some(error) = state.error {
         return Err(error);
     }
-    run.map_err(Box::new)?;
+    let summary = run.map_err(Box::new)?;
     Ok(Verified {
         events: state.events,
         first_mismatch: state.first,
+        cache_error: summary.load.cache_error,
     })
 }

@@ -874,6 +874,16 @@ fn a_cache_that_cannot_be_written_is_a_warning_not_an_error() {
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"not a directory").unwrap();
     let cache = blocker.join("cache");
+    let tape = dir.path().join("one.tape");
+    let warned = |out: &std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("rewind: warning: could not cache the compiled processor"),
+            "{stderr}"
+        );
+        stderr.into_owned()
+    };
     for state in ["one.db", "two.db"] {
         let out = Command::new(rewind_bin())
             .arg("run")
@@ -883,16 +893,36 @@ fn a_cache_that_cannot_be_written_is_a_warning_not_an_error() {
             .arg(&input)
             .arg("--state")
             .arg(dir.path().join(state))
+            .arg("--tape")
+            .arg(dir.path().join(state).with_extension("tape"))
             .arg("--cache-dir")
             .arg(&cache)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("(compiled in"), "{stderr}");
-        assert!(
-            stderr.contains("rewind: warning: could not cache the compiled processor"),
-            "{stderr}"
-        );
+        assert!(warned(&out).contains("(compiled in"));
     }
+    // `verify` and `replay` compile too, and say so the same way.
+    let v2 = processor("payments-v2");
+    let verify = Command::new(rewind_bin())
+        .args(["verify", "--tape"])
+        .arg(&tape)
+        .arg("--processor")
+        .arg(&v2)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    warned(&verify);
+    let replay = Command::new(rewind_bin())
+        .args(["replay", "--quiet", "--tape"])
+        .arg(&tape)
+        .arg("--old")
+        .arg(&v2)
+        .arg("--new")
+        .arg(&v2)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    warned(&replay);
 }

@@ -172,6 +172,9 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     };
+    for error in &replayed.cache_errors {
+        super::warn_uncached(error);
+    }
     warn_unmatched(&replayed.state);
     let (old, new) = (
         args.old.display().to_string(),
@@ -358,6 +361,9 @@ pub fn verify(
     bar.finish_and_clear();
     rewind_host::remove_db_files(&work);
     let verified = result?;
+    if let Some(error) = &verified.cache_error {
+        super::warn_uncached(error);
+    }
     match verified.first_mismatch {
         None => {
             outln!(

@@ -48,6 +48,15 @@ pub fn stdout_error(error: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("could not write to stdout: {error}")
 }
 
+/// Says that a compiled processor could not be cached (not an error: it
+/// only costs the next start a compile).
+pub fn warn_uncached(error: &str) {
+    eprintln!(
+        "rewind: warning: could not cache the compiled processor ({error}); every start \
+         compiles it again (see --cache-dir)"
+    );
+}
+
 /// Writes a report (or an approved baseline) whole or not at all: into a
 /// new file beside `path`, then renamed over it. A write that fails (a full
 /// disk) leaves no truncated report, and the file it would have replaced

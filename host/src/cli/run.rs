@@ -154,10 +154,7 @@ fn print_module(digest: &str, load: &rewind_host::LoadStats) {
         load.duration.as_secs_f64() * 1000.0,
     );
     if let Some(error) = &load.cache_error {
-        eprintln!(
-            "rewind: warning: could not cache the compiled processor ({error}); every start \
-             compiles it again (see --cache-dir)"
-        );
+        super::warn_uncached(error);
     }
 }
 
