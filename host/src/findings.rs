@@ -15,7 +15,7 @@
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use crate::codec::{Reader, Writer};
 use crate::diff::{RowChange, RowDiff};
@@ -161,11 +161,10 @@ impl Findings {
     pub(crate) fn add_row(&self, table: &str, row: &RowDiff) -> Result<(), FindingsError> {
         let n = self.next_row.get();
         self.next_row.set(n + 1);
-        self.conn
-            .prepare_cached("INSERT INTO rows (tbl, n, row) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![table, n, encode_row(row)]))
-            .map(drop)
-            .map_err(|e| self.fail(e))
+        self.exec(
+            "INSERT INTO rows (tbl, n, row) VALUES (?1, ?2, ?3)",
+            params![table, n, encode_row(row)],
+        )
     }
 
     /// The differing rows of `table`, in the order found, at most `limit`,
@@ -174,23 +173,17 @@ impl Findings {
         &self,
         table: &str,
         limit: Option<usize>,
-        mut each: impl FnMut(RowDiff) -> Result<(), E>,
+        each: impl FnMut(RowDiff) -> Result<(), E>,
     ) -> Result<(), E> {
-        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT row FROM rows WHERE tbl = ?1 ORDER BY n LIMIT ?2")
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt
-            .query(params![table, limit])
-            .map_err(|e| self.fail(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.fail(e))? {
-            let bytes = r.get_ref(0).map_err(|e| self.fail(e))?;
-            let row =
-                decode_row(bytes.as_blob().unwrap_or_default()).map_err(|m| self.damaged(m))?;
-            each(row)?;
-        }
-        Ok(())
+        self.walk(
+            "SELECT row FROM rows WHERE tbl = ?1 ORDER BY n LIMIT ?2",
+            params![table, sql_limit(limit)],
+            |r| {
+                let bytes = r.get_ref(0).map_err(|e| self.fail(e))?;
+                decode_row(bytes.as_blob().unwrap_or_default()).map_err(|m| self.damaged(m))
+            },
+            each,
+        )
     }
 
     /// Every differing row of `table` (for small diffs and tests: a large
@@ -215,24 +208,15 @@ impl Findings {
         position: &Position,
     ) -> Result<(), FindingsError> {
         let seq = seq as i64;
-        self.conn
-            .prepare_cached("INSERT OR IGNORE INTO causes (tbl, key, seq) VALUES (?1, ?2, ?3)")
-            .and_then(|mut s| s.execute(params![table, key, seq]))
-            .and_then(|_| {
-                self.conn
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO positions (seq, stream, partition, offset)
-                         VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![
-                        seq,
-                        position.stream,
-                        position.partition,
-                        position.offset
-                    ])
-            })
-            .map(drop)
-            .map_err(|e| self.fail(e))
+        self.exec(
+            "INSERT OR IGNORE INTO causes (tbl, key, seq) VALUES (?1, ?2, ?3)",
+            params![table, key, seq],
+        )?;
+        self.exec(
+            "INSERT OR IGNORE INTO positions (seq, stream, partition, offset)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![seq, position.stream, position.partition, position.offset],
+        )
     }
 
     /// The events that caused the row of `table` with `key`: the first
@@ -246,7 +230,7 @@ impl Findings {
                  WHERE c.tbl = ?1 AND c.key = ?2 ORDER BY c.seq LIMIT ?3",
             )
             .map_err(|e| self.fail(e))?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit = sql_limit(Some(limit));
         let listed = stmt
             .query_map(params![table, key, limit], |r| {
                 Ok((
@@ -263,12 +247,11 @@ impl Findings {
         let unlisted = if (listed.len() as i64) < limit {
             0
         } else {
-            let all: i64 = self
-                .conn
-                .prepare_cached("SELECT count(*) FROM causes WHERE tbl = ?1 AND key = ?2")
-                .and_then(|mut s| s.query_row(params![table, key], |r| r.get(0)))
-                .map_err(|e| self.fail(e))?;
-            (all as u64).saturating_sub(listed.len() as u64)
+            let all = self.count(
+                "SELECT count(*) FROM causes WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )?;
+            all.saturating_sub(listed.len() as u64)
         };
         Ok(Causes { listed, unlisted })
     }
@@ -285,55 +268,46 @@ impl Findings {
                 w.headers(&o.headers);
             }
         }
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO outputs (seq, diff) VALUES (?1, ?2)")
-            .and_then(|mut s| s.execute(params![diff.seq as i64, w.buf]))
-            .map(drop)
-            .map_err(|e| self.fail(e))
+        self.exec(
+            "INSERT OR REPLACE INTO outputs (seq, diff) VALUES (?1, ?2)",
+            params![diff.seq as i64, w.buf],
+        )
     }
 
     /// The events whose outputs differ, by seq, at most `limit`.
     pub fn each_output<E: From<FindingsError>>(
         &self,
         limit: Option<usize>,
-        mut each: impl FnMut(OutputDiff) -> Result<(), E>,
+        each: impl FnMut(OutputDiff) -> Result<(), E>,
     ) -> Result<(), E> {
-        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, diff FROM outputs ORDER BY seq LIMIT ?1")
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt.query([limit]).map_err(|e| self.fail(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.fail(e))? {
-            let seq = r.get::<_, i64>(0).map_err(|e| self.fail(e))? as u64;
-            let bytes = r.get_ref(1).map_err(|e| self.fail(e))?;
-            let diff = decode_outputs(seq, bytes.as_blob().unwrap_or_default())
-                .map_err(|m| self.damaged(m))?;
-            each(diff)?;
-        }
-        Ok(())
+        self.walk(
+            "SELECT seq, diff FROM outputs ORDER BY seq LIMIT ?1",
+            [sql_limit(limit)],
+            |r| {
+                let seq = r.get::<_, i64>(0).map_err(|e| self.fail(e))? as u64;
+                let bytes = r.get_ref(1).map_err(|e| self.fail(e))?;
+                decode_outputs(seq, bytes.as_blob().unwrap_or_default())
+                    .map_err(|m| self.damaged(m))
+            },
+            each,
+        )
     }
 
     /// Records a dead letter of one version only.
     pub(crate) fn add_dead(&self, side: Version, d: &DeadDiff) -> Result<(), FindingsError> {
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO dead (side, seq, stream, partition, offset, class, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    side as i64,
-                    d.seq as i64,
-                    d.stream,
-                    d.partition,
-                    d.offset,
-                    d.class,
-                    d.message
-                ])
-            })
-            .map(drop)
-            .map_err(|e| self.fail(e))
+        self.exec(
+            "INSERT OR REPLACE INTO dead (side, seq, stream, partition, offset, class, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                side as i64,
+                d.seq as i64,
+                d.stream,
+                d.partition,
+                d.offset,
+                d.class,
+                d.message
+            ],
+        )
     }
 
     /// The dead letters only `side` has, by seq, at most `limit`.
@@ -341,53 +315,69 @@ impl Findings {
         &self,
         side: Version,
         limit: Option<usize>,
-        mut each: impl FnMut(DeadDiff) -> Result<(), E>,
+        each: impl FnMut(DeadDiff) -> Result<(), E>,
     ) -> Result<(), E> {
-        let limit = limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, stream, partition, offset, class, message FROM dead
-                 WHERE side = ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(|e| self.fail(e))?;
-        let mut rows = stmt
-            .query(params![side as i64, limit])
-            .map_err(|e| self.fail(e))?;
-        while let Some(r) = rows.next().map_err(|e| self.fail(e))? {
-            let dead = (|| {
-                Ok::<_, rusqlite::Error>(DeadDiff {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    stream: r.get(1)?,
-                    partition: r.get(2)?,
-                    offset: r.get(3)?,
-                    class: r.get(4)?,
-                    message: r.get(5)?,
-                })
-            })()
-            .map_err(|e| self.fail(e))?;
-            each(dead)?;
-        }
-        Ok(())
+        self.walk(
+            "SELECT seq, stream, partition, offset, class, message FROM dead
+             WHERE side = ?1 ORDER BY seq LIMIT ?2",
+            params![side as i64, sql_limit(limit)],
+            |r| {
+                let dead = || {
+                    Ok(DeadDiff {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        stream: r.get(1)?,
+                        partition: r.get(2)?,
+                        offset: r.get(3)?,
+                        class: r.get(4)?,
+                        message: r.get(5)?,
+                    })
+                };
+                dead().map_err(|e| self.fail(e))
+            },
+            each,
+        )
     }
 
     /// How many dead letters only `side` has.
     pub fn dead_count(&self, side: Version) -> Result<u64, FindingsError> {
-        self.count("SELECT count(*) FROM dead WHERE side = ?1", side as i64)
+        self.count("SELECT count(*) FROM dead WHERE side = ?1", [side as i64])
     }
 
     /// How many events' outputs differ.
     pub fn output_count(&self) -> Result<u64, FindingsError> {
-        self.count("SELECT count(*) FROM outputs WHERE ?1 = ?1", 0)
+        self.count("SELECT count(*) FROM outputs", [])
     }
 
-    fn count(&self, sql: &str, arg: i64) -> Result<u64, FindingsError> {
+    fn count(&self, sql: &str, params: impl rusqlite::Params) -> Result<u64, FindingsError> {
         self.conn
             .prepare_cached(sql)
-            .and_then(|mut s| s.query_row([arg], |r| r.get::<_, i64>(0)))
-            .optional()
-            .map(|n| n.unwrap_or(0) as u64)
+            .and_then(|mut s| s.query_row(params, |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
             .map_err(|e| self.fail(e))
+    }
+
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<(), FindingsError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map(drop)
+            .map_err(|e| self.fail(e))
+    }
+
+    /// Hands what `read` makes of each row `sql` selects to `each`.
+    fn walk<T, E: From<FindingsError>>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        read: impl Fn(&rusqlite::Row<'_>) -> Result<T, FindingsError>,
+        mut each: impl FnMut(T) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.fail(e))?;
+        let mut rows = stmt.query(params).map_err(|e| self.fail(e))?;
+        while let Some(r) = rows.next().map_err(|e| self.fail(e))? {
+            each(read(r)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -405,6 +395,11 @@ impl std::fmt::Debug for Findings {
             .field("path", &self.path)
             .finish()
     }
+}
+
+/// A row limit for SQL: `-1` is none.
+fn sql_limit(limit: Option<usize>) -> i64 {
+    limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 fn error(path: &Path, source: rusqlite::Error) -> FindingsError {

@@ -177,6 +177,11 @@ impl Replay {
     ) -> Result<(), ReplayError> {
         let shift = self.events;
         let other = replay_into(config, &self.findings, shift, progress)?;
+        // The same modules replay every tape; the states are the last tape's.
+        self.old_digest = other.old_digest;
+        self.new_digest = other.new_digest;
+        self.old_db = other.old_db;
+        self.new_db = other.new_db;
         self.events += other.events;
         self.diverged_events += other.diverged;
         if self.first_divergence.is_none() {
@@ -240,20 +245,24 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         path: config.work_dir.clone(),
         message: e.to_string(),
     })?;
-    let findings = Findings::create(&config.work_dir.join("findings.db"))?;
-    let one = replay_into(config, &findings, 0, progress)?;
-    Ok(Replay {
-        old_digest: one.old_digest,
-        new_digest: one.new_digest,
-        events: one.events,
-        diverged_events: one.diverged,
-        first_divergence: one.first,
-        state: one.state,
-        findings,
-        cache_errors: one.cache_errors,
-        old_db: one.old_db,
-        new_db: one.new_db,
-    })
+    let mut replayed = Replay {
+        old_digest: String::new(),
+        new_digest: String::new(),
+        events: 0,
+        diverged_events: 0,
+        first_divergence: None,
+        // Every rule is unmatched until a tape's states match it.
+        state: StateDiff {
+            unmatched: config.ignore.clone(),
+            ..StateDiff::default()
+        },
+        findings: Findings::create(&config.work_dir.join("findings.db"))?,
+        cache_errors: Vec::new(),
+        old_db: PathBuf::new(),
+        new_db: PathBuf::new(),
+    };
+    replayed.replay_more(config, progress)?;
+    Ok(replayed)
 }
 
 /// One tape's replay, what differs added to `findings` with seqs after `shift`.
@@ -412,7 +421,7 @@ struct Compared {
 
 /// Where the comparer puts what differs: the findings, and the number its
 /// seqs are shifted by (the events of tapes replayed into them before).
-type Into<'a> = (&'a Findings, u64);
+type Keep<'a> = (&'a Findings, u64);
 
 /// Pairs the sides' results by seq and compares them.
 fn compare(
@@ -420,7 +429,7 @@ fn compare(
     (old_rx, new_rx): (&Receiver<Vec<EventRecord>>, &Receiver<Vec<EventRecord>>),
     (old_db, new_db): (&Path, &Path),
     ignore: &[Ignore],
-    into: Into<'_>,
+    keep: Keep<'_>,
     progress: &dyn ReplayProgress,
 ) -> Result<Compared, ReplayError> {
     let mut out = Compared::default();
@@ -455,7 +464,7 @@ fn compare(
                 new: b.event.seq,
             });
         }
-        compare_event(&mut out, a, b, &mut shapes, ignore, into)?;
+        compare_event(&mut out, a, b, &mut shapes, ignore, keep)?;
         if out.events.is_multiple_of(10_000) {
             progress.compared(out.events);
         }
@@ -468,7 +477,7 @@ fn compare_event(
     b: EventRecord,
     shapes: &mut [Shapes; 2],
     ignore: &[Ignore],
-    (findings, shift): Into<'_>,
+    (findings, shift): Keep<'_>,
 ) -> Result<(), ReplayError> {
     let seq = a.event.seq;
     let shifted = seq + shift;

@@ -163,15 +163,13 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         rewind_host::replay::replay(&config, &Counter(bar.clone())).map_err(anyhow::Error::from)
     };
     bar.finish_and_clear();
-    let replayed = match replayed {
-        Ok(replayed) => replayed,
-        Err(e) => {
-            if args.keep.is_none() {
-                let _ = std::fs::remove_dir_all(&work_dir);
-            }
-            return Err(e);
+    // The states and findings go afterwards, unless kept.
+    let discard = || {
+        if args.keep.is_none() {
+            let _ = std::fs::remove_dir_all(&work_dir);
         }
     };
+    let replayed = replayed.inspect_err(|_| discard())?;
     for error in &replayed.cache_errors {
         super::warn_uncached(error);
     }
@@ -196,11 +194,8 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         args.quiet,
     );
     drop(report);
-    // The findings go with the states (unless kept).
     drop(replayed);
-    if args.keep.is_none() {
-        let _ = std::fs::remove_dir_all(&work_dir);
-    }
+    discard();
     exit
 }
 
@@ -264,41 +259,38 @@ fn gate(
             path.display()
         )
     };
+    let equal = || {
+        if !quiet {
+            outln!("differences equal the approved baseline {}", path.display())?;
+        }
+        Ok(ExitCode::SUCCESS)
+    };
     use rewind_host::report::{Hashing, baseline_digest, gate_digest};
     // A baseline as --accept wrote it is compared byte for byte, streamed;
     // only one written otherwise (or differing) is read into memory.
     let mut file = std::fs::File::open(path).with_context(unreadable)?;
     let mut hashing = Hashing::default();
     std::io::copy(&mut file, &mut hashing).with_context(unreadable)?;
-    let same = hashing.finish() == baseline_digest(report)?
-        || {
-            let text = std::fs::read_to_string(path).with_context(unreadable)?;
-            let approved: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a JSON report", path.display()))?;
-            drop(text);
-            if gate_digest(&approved)? == gate_digest(report)? {
-                true
-            } else {
-                if !quiet {
-                    outln!(
-                        "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
-                        path.display()
-                    )?;
-                    for line in rewind_host::report::gate_changes(&approved, report, 20)? {
-                        outln!("  {line}")?;
-                    }
-                }
-                false
-            }
-        };
-    if same {
-        if !quiet {
-            outln!("differences equal the approved baseline {}", path.display())?;
-        }
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Ok(ExitCode::from(1))
+    if hashing.finish() == baseline_digest(report)? {
+        return equal();
     }
+    let text = std::fs::read_to_string(path).with_context(unreadable)?;
+    let approved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON report", path.display()))?;
+    drop(text);
+    if gate_digest(&approved)? == gate_digest(report)? {
+        return equal();
+    }
+    if !quiet {
+        outln!(
+            "differences do NOT equal the approved baseline {}; review them, then rerun with --accept:",
+            path.display()
+        )?;
+        for line in rewind_host::report::gate_changes(&approved, report, 20)? {
+            outln!("  {line}")?;
+        }
+    }
+    Ok(ExitCode::from(1))
 }
 
 pub fn diff(

@@ -142,6 +142,16 @@ pub enum Stop {
     Taker,
 }
 
+impl Stop {
+    /// The findings' error, where the taker never stops.
+    fn findings(self) -> FindingsError {
+        match self {
+            Stop::Findings(e) => e,
+            Stop::Taker => unreachable!("a taker that collects or compares does not stop"),
+        }
+    }
+}
+
 impl From<FindingsError> for Stop {
     fn from(e: FindingsError) -> Stop {
         Stop::Findings(e)
@@ -283,10 +293,7 @@ impl<'a> Report<'a> {
                 out.push(e);
                 Ok(())
             })
-            .map_err(|e| match e {
-                Stop::Findings(e) => e,
-                Stop::Taker => unreachable!("collecting does not stop"),
-            })?;
+            .map_err(Stop::findings)?;
             Ok(out)
         };
         for t in brief["tables"].as_array_mut().into_iter().flatten() {
@@ -420,6 +427,7 @@ enum At {
 
 /// A part of a report, serialized with its long lists streamed and every
 /// object's keys in order (one text per report: the gate compares digests).
+#[derive(Clone, Copy)]
 struct Part<'a> {
     v: &'a Json,
     at: At,
@@ -483,13 +491,6 @@ impl serde::Serialize for Part<'_> {
         }
     }
 }
-
-impl Clone for Part<'_> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl Copy for Part<'_> {}
 
 /// A long list, serialized entry by entry as its source hands them out.
 struct Streamed<'a> {
@@ -773,10 +774,7 @@ fn differing(
                 }
                 Ok(())
             })
-            .map_err(|e| match e {
-                Stop::Findings(e) => e,
-                Stop::Taker => unreachable!("comparing does not stop"),
-            })?;
+            .map_err(Stop::findings)?;
     }
     for (key, left) in unmatched {
         for _ in left {
