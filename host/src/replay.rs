@@ -561,7 +561,7 @@ fn compare_event(
 pub type RowKey = (String, Vec<u8>);
 
 /// Key values as bytes, each as the change log encodes it.
-pub fn encode_key(values: &[Value]) -> Vec<u8> {
+pub fn encode_key<'v>(values: impl IntoIterator<Item = &'v Value>) -> Vec<u8> {
     let mut out = Vec::new();
     for v in values {
         crate::state::put_value(&mut out, v.into());
@@ -730,17 +730,17 @@ impl Shapes {
                     .collect()
             };
             let key = |row: &Vec<Value>| -> Vec<u8> {
-                let values: Vec<Value> = if shape.key.is_empty() {
-                    image(row).into_iter().map(|(_, v)| v).collect()
+                if shape.key.is_empty() {
+                    encode_key(image(row).iter().map(|(_, v)| v))
                 } else {
-                    shape
-                        .key
-                        .iter()
-                        .filter_map(|k| shape.columns.iter().position(|c| c == k))
-                        .filter_map(|i| row.get(i).cloned())
-                        .collect()
-                };
-                encode_key(&values)
+                    encode_key(
+                        shape
+                            .key
+                            .iter()
+                            .filter_map(|k| shape.columns.iter().position(|c| c == k))
+                            .filter_map(|i| row.get(i)),
+                    )
+                }
             };
             if let Some(before) = &change.before {
                 let write = images

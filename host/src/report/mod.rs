@@ -329,10 +329,8 @@ impl<'a> Report<'a> {
             List::Rows(table) => self.findings.each_row(table, limit, |r| {
                 let mut row = row_json(&r);
                 if self.replay {
-                    let values: Vec<Value> = r.key.iter().map(|(_, v)| v.clone()).collect();
-                    let found = self
-                        .findings
-                        .causes(table, &crate::replay::encode_key(&values), causes)?;
+                    let key = crate::replay::encode_key(r.key.iter().map(|(_, v)| v));
+                    let found = self.findings.causes(table, &key, causes)?;
                     row["caused_by"] = found.listed.iter().map(|(seq, _)| json!(seq)).collect();
                     row["caused_by_positions"] = found
                         .listed
