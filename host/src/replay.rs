@@ -504,8 +504,11 @@ fn compare_event(
             // An event that only carries an earlier difference along is
             // not a divergence of its own.
             if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
+                if !rows_differ {
+                    findings.add_position(shifted, &a.event.position)?;
+                }
                 rows_differ = true;
-                findings.add_cause(&key.0, &key.1, shifted, &a.event.position)?;
+                findings.add_cause(&key.0, &key.1, shifted)?;
             }
         }
     }
@@ -714,7 +717,7 @@ impl Shapes {
                 .as_ref()
                 .or(change.before.as_ref())
                 .map_or(0, Vec::len);
-            let shape = self.shape(&change.table, width)?.clone();
+            let shape = self.shape(&change.table, width)?;
             let keep = |c: &str| {
                 !ignore.iter().any(
                     |i| matches!(i, Ignore::Column { table, column } if *table == change.table && column == c),
