@@ -1,7 +1,7 @@
 //! The `rewind` command line: help everywhere, one-line errors with exit 2,
 //! and the inspect and dlq views.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rewind_tests::{file_len, processor, rewind_bin, rewind_run, run_args};
@@ -840,15 +840,27 @@ fn a_run_that_cannot_start_leaves_no_state_behind() {
     let input = dir.path().join("orders.jsonl");
     std::fs::write(&input, completed_orders(50, 5).concat()).unwrap();
     let state = dir.path().join("state.db");
-    let nowhere = dir.path().join("no-such-dir");
-    for (flag, file) in [("--tape", "t.tape"), ("--output", "out.jsonl")] {
-        let path = nowhere.join(file);
-        let out = run(
-            "payments-v2",
-            &input,
-            &state,
-            &[flag, path.to_str().unwrap()],
-        );
+    let nowhere = |file: &str| dir.path().join("no-such-dir").join(file);
+    let tape = dir.path().join("t.tape");
+    // The last: the tape is made, then the output cannot be; the tape goes too.
+    for (flags, file) in [
+        (vec!["--tape".into(), nowhere("t.tape")], "t.tape"),
+        (vec!["--output".into(), nowhere("out.jsonl")], "out.jsonl"),
+        (
+            vec![
+                "--tape".into(),
+                tape.clone(),
+                "--output".into(),
+                nowhere("out.jsonl"),
+            ],
+            "out.jsonl",
+        ),
+    ] {
+        let flags: Vec<&str> = flags
+            .iter()
+            .map(|f: &PathBuf| f.to_str().unwrap())
+            .collect();
+        let out = run("payments-v2", &input, &state, &flags);
         let stderr = one_line_error(&out);
         assert!(
             stderr.contains(file) && stderr.contains("No such file"),
@@ -858,7 +870,7 @@ fn a_run_that_cannot_start_leaves_no_state_behind() {
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        assert_eq!(left, ["orders.jsonl"], "{flag}: nothing left behind");
+        assert_eq!(left, ["orders.jsonl"], "{flags:?}: nothing left behind");
     }
     let out = run("payments-v1", &input, &state, &["--quiet"]);
     assert!(out.status.success(), "{out:?}");

@@ -286,6 +286,8 @@ pub fn run_source(
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
     let state_existed = config.state.exists();
+    let new_file = |path: &Option<PathBuf>| path.as_ref().filter(|p| !p.exists()).cloned();
+    let made = [new_file(&config.tape), new_file(&config.output)];
     let mut db = StateDb::open(&config.state)?;
     if config.scratch {
         db.make_scratch()?;
@@ -294,9 +296,10 @@ pub fn run_source(
         db.watch_stalls(limit)?;
     }
     // Until the first event, a state DB this run made is removed on any
-    // error (a failing `init`, a tape or output that cannot be opened): a
-    // rerun with the right arguments then starts as this one did, with any
-    // module.
+    // error (a failing `init`, a tape or output that cannot be opened), and
+    // with it the tape and output files it made (the state records its
+    // claim on them): a rerun with the right arguments then starts as this
+    // one did, with any module.
     let start = move || -> Result<Run<'_>, RunError> {
         let mut db = prepare(runtime, module, db, config)?;
         if !config.scratch {
@@ -402,6 +405,9 @@ pub fn run_source(
         Err(error) => {
             if !state_existed {
                 crate::state::remove_db_files(&config.state);
+                for path in made.iter().flatten() {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             return Err(error);
         }
