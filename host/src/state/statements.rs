@@ -134,7 +134,7 @@ impl<S: Kept> Statements<S> {
 /// parameters bound where they are (`SQLITE_STATIC`) rather than copied:
 /// rusqlite binds every one `SQLITE_TRANSIENT`, and SQLite copied each into
 /// memory of its own and freed it on the next bind (~250 instructions a
-/// text parameter). The bindings are cleared before [`Direct::run`]
+/// text parameter). Its texts and blobs are unbound before [`Direct::run`]
 /// returns, so the statement never points at parameters that are gone.
 pub(super) struct Direct {
     raw: NonNull<ffi::sqlite3_stmt>,
@@ -221,7 +221,7 @@ impl Direct {
         for (index, value) in (1..).zip(params) {
             // SAFETY: `raw` is live; a text or blob bound `SQLITE_STATIC`
             // points into `params`, which outlives the steps below, and
-            // `run` unbinds every parameter before returning.
+            // `run` unbinds every text and blob before returning.
             let rc = unsafe {
                 match value {
                     SqlValue::Null => ffi::sqlite3_bind_null(raw, index),
