@@ -584,6 +584,63 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     assert_eq!(run(args(&[])), Some(1));
 }
 
+/// The gate checks a baseline `--accept` wrote by the digest of its bytes
+/// against the report streamed, without reading it into memory: here a
+/// 28 MB baseline (every order delivered twice, so v1 and v2 differ in
+/// 22,000 rows and 20,000 outputs) that, read and compared, peaks at ~220 MiB.
+#[test]
+fn an_unchanged_baseline_is_checked_without_holding_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("twice.jsonl");
+    let orders: String = (0..20_000)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\
+                 \"amount_cents\":{},\"currency\":\"EUR\"}}\n",
+                i % 2_000,
+                100 + i % 997
+            )
+            .repeat(2)
+        })
+        .collect();
+    std::fs::write(&input, orders).unwrap();
+    let approved = dir.path().join("approved.json");
+    let cache = cache_dir();
+    let args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "replay".into(),
+            "--tape".into(),
+            input.clone().into(),
+            "--old".into(),
+            processor("payments-v1").into(),
+            "--new".into(),
+            processor("payments-v2").into(),
+            "--cache-dir".into(),
+            cache.clone().into(),
+            "--expect".into(),
+            approved.clone().into(),
+        ];
+        args.extend(extra.iter().map(Into::into));
+        args
+    };
+    let measure = |args: Vec<std::ffi::OsString>| {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        rewind_tests::peak_rss_kib(&rewind_bin(), &args)
+    };
+    let (code, accepting) = measure(args(&["--accept"]));
+    assert_eq!(code, Some(0));
+    assert!(
+        std::fs::metadata(&approved).unwrap().len() > 20 << 20,
+        "a large baseline"
+    );
+    let (code, checking) = measure(args(&[]));
+    assert_eq!(code, Some(0), "equal to the approved baseline");
+    assert!(
+        checking < 128 << 10,
+        "checking peaked at {checking} KiB (accepting: {accepting} KiB)"
+    );
+}
+
 /// Replaying from a snapshot equals replaying from empty over the same
 /// events: the snapshot carries its offsets, so consumed records are skipped.
 #[test]
