@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Build every processor to target/processors/<name>.wasm (installs wasm32-wasip2 if missing)
+    /// Build every processor to target/processors/NAME.wasm (installs wasm32-wasip2 if missing)
     BuildProcessors,
     /// Build everything, run buggy payments v1 live onto a tape, replay it against the fix (v2), write the reports
     Demo,
