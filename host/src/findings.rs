@@ -62,10 +62,10 @@ CREATE TABLE dead (side INTEGER NOT NULL, seq INTEGER NOT NULL, stream TEXT NOT 
 BEGIN;
 ";
 
-/// The causes of one row, in order (see [`Findings::causes`]).
+/// The first causes of one row, in order (see [`Findings::causes`]).
 const CAUSES: &str = "SELECT c.seq, p.stream, p.partition, p.offset FROM causes c
     LEFT JOIN positions p ON p.seq = c.seq
-    WHERE c.tbl = ?1 AND c.key = ?2 ORDER BY c.seq";
+    WHERE c.tbl = ?1 AND c.key = ?2 ORDER BY c.seq LIMIT ?3";
 
 /// Which version a dead letter is only in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,14 +238,9 @@ impl Findings {
     /// `limit`, in order, and how many more.
     pub fn causes(&self, table: &str, key: &[u8], limit: usize) -> Result<Causes, FindingsError> {
         let mut stmt = self.conn.prepare_cached(CAUSES).map_err(|e| self.fail(e))?;
-        let mut rows = stmt.query(params![table, key]).map_err(|e| self.fail(e))?;
-        let mut causes = Causes::default();
-        while let Some(r) = rows.next().map_err(|e| self.fail(e))? {
-            if causes.listed.len() == limit {
-                causes.unlisted += 1;
-                continue;
-            }
-            let cause = || {
+        let limit = sql_limit(Some(limit));
+        let listed = stmt
+            .query_map(params![table, key, limit], |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     Position {
@@ -254,10 +249,19 @@ impl Findings {
                         offset: r.get::<_, Option<i64>>(3)?.unwrap_or_default(),
                     },
                 ))
-            };
-            causes.listed.push(cause().map_err(|e| self.fail(e))?);
-        }
-        Ok(causes)
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.fail(e))?;
+        let unlisted = if (listed.len() as i64) < limit {
+            0
+        } else {
+            let all = self.count(
+                "SELECT count(*) FROM causes WHERE tbl = ?1 AND key = ?2",
+                params![table, key],
+            )?;
+            all.saturating_sub(listed.len() as u64)
+        };
+        Ok(Causes { listed, unlisted })
     }
 
     /// Records an event whose outputs differ.
