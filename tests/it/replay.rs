@@ -582,6 +582,15 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     baseline["summary"]["diverged_events"] = serde_json::json!(0);
     std::fs::write(&approved, baseline.to_string()).unwrap();
     assert_eq!(run(args(&[])), Some(1));
+    // JSON that is no report at all is the wrong file, not a difference.
+    std::fs::write(&approved, r#"{"name": "payments", "version": "1.0.0"}"#).unwrap();
+    let out = replay_cli(&tape, &v1, &v2, &["--expect", approved.to_str().unwrap()]);
+    assert_exit(&out, 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("approved.json is not a rewind report") && stderr.contains("--accept"),
+        "{stderr}"
+    );
 }
 
 /// The gate checks a baseline `--accept` wrote by the digest of its bytes

@@ -278,6 +278,14 @@ fn gate(
     let approved: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a JSON report", path.display()))?;
     drop(text);
+    // Any JSON would "differ"; one that is no report at all is the wrong file.
+    if !(approved["summary"].is_object() && approved["tables"].is_array()) {
+        anyhow::bail!(
+            "{} is not a rewind report (it has no \"summary\" and \"tables\"); pass a baseline \
+             that --accept wrote, or write one with --accept",
+            path.display()
+        );
+    }
     if gate_digest(&approved)? == gate_digest(report)? {
         return equal();
     }
