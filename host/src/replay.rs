@@ -156,6 +156,8 @@ pub struct Replay {
     /// Why a version's compiled form could not be cached, if it could not
     /// (every replay compiles it again).
     pub cache_errors: Vec<String>,
+    /// What the operator should look at, though the replay went on.
+    pub warnings: Vec<String>,
     pub old_db: PathBuf,
     pub new_db: PathBuf,
 }
@@ -196,6 +198,7 @@ impl Replay {
                 self.cache_errors.push(error);
             }
         }
+        self.warnings.extend(other.warnings);
         Ok(())
     }
 }
@@ -258,6 +261,7 @@ pub fn replay(config: &ReplayConfig, progress: &dyn ReplayProgress) -> Result<Re
         },
         findings: Findings::create(&config.work_dir.join("findings.db"))?,
         cache_errors: Vec::new(),
+        warnings: Vec::new(),
         old_db: PathBuf::new(),
         new_db: PathBuf::new(),
     };
@@ -276,6 +280,7 @@ struct OneTape {
     old_db: PathBuf,
     new_db: PathBuf,
     cache_errors: Vec<String>,
+    warnings: Vec<String>,
 }
 
 fn replay_into(
@@ -322,6 +327,21 @@ fn replay_into(
         })
     };
     let (old_module, new_module) = (load("old", &config.old)?, load("new", &config.new)?);
+    let mut warnings = Vec::new();
+    if let Some(from) = &config.from {
+        // Both versions continue a snapshot one of them (or an earlier
+        // version) wrote; one of another processor is likely the wrong file.
+        if let Some(digest) = crate::state::module_digest(&old_db)
+            && digest != old_module.digest()
+            && digest != new_module.digest()
+        {
+            warnings.push(format!(
+                "--from {} was written by module {digest}, which is neither --old nor --new; \
+                 both continue it (is it the snapshot you meant?)",
+                from.display()
+            ));
+        }
+    }
     let runtime = &runtime;
     let side_config = |module: &Path, db: &Path| {
         let mut c = RunConfig::new(module, &config.tape, db);
@@ -399,6 +419,7 @@ fn replay_into(
             .collect();
         Ok(OneTape {
             cache_errors,
+            warnings,
             old_digest: old_summary.module_digest,
             new_digest: new_summary.module_digest,
             events: compared.events,

@@ -686,6 +686,20 @@ fn replay_from_a_snapshot_equals_replay_from_empty() {
             .is_empty()
     );
     assert_eq!(b.events, 400);
+    assert!(b.warnings.is_empty(), "{:?}", b.warnings);
+    // A snapshot neither version wrote is likely the wrong file: said, not
+    // refused (an earlier version's is a fair start too).
+    let mut neither = from_snap.clone();
+    neither.old = processor("payments-v2");
+    neither.work_dir = dir.path().join("neither");
+    let c = replay(&neither, &()).unwrap();
+    assert!(
+        c.warnings.len() == 1
+            && c.warnings[0].contains("snap.db was written by module sha256:")
+            && c.warnings[0].contains("neither --old nor --new"),
+        "{:?}",
+        c.warnings
+    );
 }
 
 /// A table of random rows, keyed or not.

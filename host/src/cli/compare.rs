@@ -173,6 +173,9 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     for error in &replayed.cache_errors {
         super::warn_uncached(error);
     }
+    for warning in &replayed.warnings {
+        eprintln!("rewind: warning: {warning}");
+    }
     warn_unmatched(&replayed.state);
     let (old, new) = (
         args.old.display().to_string(),

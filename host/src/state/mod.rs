@@ -179,6 +179,18 @@ pub fn remove_db_files(path: &Path) {
     }
 }
 
+/// The digest of the module that wrote the state DB at `path`, if it can
+/// be read (a state DB no module wrote yet, or no state DB, has none).
+pub fn module_digest(path: &Path) -> Option<String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    conn.query_row(
+        "SELECT value FROM _rewind_meta WHERE key = 'module_digest'",
+        [],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
 /// Offsets to resume from: the next offset to consume, per stream partition.
 pub type Offsets = BTreeMap<(String, i32), i64>;
 
