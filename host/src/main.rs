@@ -166,7 +166,8 @@ struct ReplayArgs {
     new: PathBuf,
     /// Start both versions from a copy of this snapshot (see `rewind
     /// snapshot`) instead of an empty state; tape records it already
-    /// consumed are skipped. With a tape directory, a state directory.
+    /// consumed are skipped. With a tape directory, a state directory. A
+    /// snapshot that neither version wrote is warned about.
     #[arg(long, value_name = "SNAPSHOT|DIR")]
     from: Option<PathBuf>,
     /// Stop after the event with this seq.
