@@ -441,6 +441,9 @@ fn main() -> ExitCode {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the command panicked (a bug in rewind)"))?
         });
+    // An interrupted replay or verify ends as its stop handler says, once
+    // its scratch is gone (their runs fail as it goes: not their error).
+    cli::wait_if_discarding();
     match result {
         Ok(code) => code,
         Err(error) => {

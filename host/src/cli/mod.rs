@@ -103,6 +103,18 @@ pub fn write_file_with(
     written.with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Set once a stop handler of [`discard_on_interrupt`] has begun: it ends
+/// the process when done.
+static DISCARDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits for the end of the process while a stop handler discards a
+/// command's scratch (the command may fail meanwhile, as its files go).
+pub fn wait_if_discarding() {
+    while DISCARDING.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// On Ctrl-C or SIGTERM, removes `scratch` (files, or directories with
 /// what they hold) and exits with 130: for commands whose scratch states
 /// are worth nothing unfinished (`replay`, `verify`), which would
@@ -112,18 +124,26 @@ pub fn discard_on_interrupt(
     scratch: Vec<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     on_stop(move || {
-        for path in &scratch {
-            // A side may create a file as the directory goes: try again.
-            for _ in 0..3 {
-                let gone = if path.is_dir() {
-                    std::fs::remove_dir_all(path)
-                } else {
-                    std::fs::remove_file(path)
-                };
-                if gone.is_ok() || !path.exists() {
-                    break;
+        DISCARDING.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The run goes on while its scratch goes, and may make a file after
+        // it (SQLite's WAL index as a state opens, a side's next file in a
+        // directory): sweep again until a sweep, a moment after the one
+        // before, finds nothing.
+        for _ in 0..5 {
+            let mut found = false;
+            for path in &scratch {
+                if path.is_dir() {
+                    found = true;
+                    let _ = std::fs::remove_dir_all(path);
+                } else if path.exists() {
+                    found = true;
+                    let _ = std::fs::remove_file(path);
                 }
             }
+            if !found {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         eprintln!("rewind: {command} interrupted: nothing reported");
         std::process::exit(130);
