@@ -300,6 +300,19 @@ impl XorShift {
     }
 }
 
+/// `n` completed orders (JSONL lines) of `customers` customers, none repeated.
+pub fn completed_orders(n: usize, customers: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
+                i % customers,
+                i % 997
+            )
+        })
+        .collect()
+}
+
 /// A kcat -J line.
 pub fn envelope(topic: &str, offset: i64, ts: i64, key: &str, payload: &str) -> String {
     serde_json::json!({

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rewind_tests::{file_len, processor, rewind_bin, rewind_run, run_args};
+use rewind_tests::{completed_orders, file_len, processor, rewind_bin, rewind_run, run_args};
 
 fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
@@ -84,19 +84,6 @@ fn errors_are_one_line_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--max-instances"), "{stderr}");
-}
-
-/// `n` completed orders (JSONL lines) of `customers` customers, none repeated.
-fn completed_orders(n: usize, customers: usize) -> Vec<String> {
-    (0..n)
-        .map(|i| {
-            format!(
-                "{{\"type\":\"order_completed\",\"order_id\":\"o-{i}\",\"customer_id\":\"c-{}\",\"amount_cents\":{},\"currency\":\"EUR\"}}\n",
-                i % customers,
-                i % 997
-            )
-        })
-        .collect()
 }
 
 /// `rewind ARGS` with files limited to `kib` KiB (`ulimit -f`, the signal
