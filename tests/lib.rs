@@ -251,9 +251,20 @@ pub fn signal_when(
 /// memory of the process it was spawned from (the address space it starts
 /// in), and a test process holds whatever the tests beside it do.
 pub fn peak_rss_kib(program: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, u64) {
+    let (code, kib, _) = peak_rss_kib_and_stdout(program, args);
+    (code, kib)
+}
+
+/// [`peak_rss_kib`], and what the program wrote to its standard output.
+pub fn peak_rss_kib_and_stdout(
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+) -> (Option<i32>, u64, String) {
     const MEASURE: &str = "import resource, subprocess, sys\n\
-        r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n\
-        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+        r = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n\
+        print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
+        sys.stdout.flush()\n\
+        sys.stdout.buffer.write(r.stdout)";
     let out = std::process::Command::new("python3")
         .args(["-c", MEASURE])
         .arg(program)
@@ -261,9 +272,14 @@ pub fn peak_rss_kib(program: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, 
         .output()
         .expect("python3 runs");
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut words = text.split_whitespace().map(|w| w.parse::<i64>().ok());
+    let (first, rest) = text.split_once('\n').unwrap_or((&text, ""));
+    let mut words = first.split_whitespace().map(|w| w.parse::<i64>().ok());
     match (words.next().flatten(), words.next().flatten()) {
-        (Some(code), Some(kib)) => (i32::try_from(code).ok().filter(|c| *c >= 0), kib as u64),
+        (Some(code), Some(kib)) => (
+            i32::try_from(code).ok().filter(|c| *c >= 0),
+            kib as u64,
+            rest.to_owned(),
+        ),
         _ => panic!("measuring {}: {out:?}", program.display()),
     }
 }

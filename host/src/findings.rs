@@ -42,6 +42,14 @@ pub enum FindingsError {
     },
     #[error("differences file {path}: a damaged record ({message}); was it changed meanwhile?")]
     Damaged { path: PathBuf, message: String },
+    #[error(
+        "cannot compare with the approved baseline in a temporary file ({source}); make room \
+         in the temporary directory (or set TMPDIR to a directory with room) and run it again"
+    )]
+    Scratch {
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 const SCHEMA: &str = "

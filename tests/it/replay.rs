@@ -594,13 +594,14 @@ fn ignore_rules_and_the_approved_baseline_gate() {
     );
 }
 
-/// The gate checks a baseline `--accept` wrote by the digest of its bytes
-/// against the report streamed, without reading it into memory: here a
-/// 22 MB baseline (every order delivered twice, so v1 and v2 differ in
-/// 22,000 rows and 20,000 outputs) that, read and compared, peaks at ~160 MiB
-/// (64 MiB streamed).
+/// The gate checks a baseline without holding it in memory: one `--accept`
+/// wrote by the digest of its bytes against the report streamed, any other
+/// (here the same reformatted, then one with a row and an output changed)
+/// with its long lists kept in a scratch file. The baseline is 22 MB (every
+/// order delivered twice, so v1 and v2 differ in 22,000 rows and 20,000
+/// outputs); read into memory whole it took ~165 MiB.
 #[test]
-fn an_unchanged_baseline_is_checked_without_holding_it() {
+fn a_large_baseline_is_checked_without_holding_it() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("twice.jsonl");
     let orders: String = completed_orders(20_000, 2_000)
@@ -642,6 +643,56 @@ fn an_unchanged_baseline_is_checked_without_holding_it() {
     assert!(
         checking < 128 << 10,
         "checking peaked at {checking} KiB (accepting: {accepting} KiB)"
+    );
+
+    // The same baseline written otherwise: compared entry by entry.
+    let text = std::fs::read(&approved).unwrap();
+    let mut baseline: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    drop(text);
+    std::fs::write(&approved, serde_json::to_vec(&baseline).unwrap()).unwrap();
+    let (code, reformatted) = measure(args(&[]));
+    assert_eq!(code, Some(0), "the same differences, written compactly");
+    assert!(
+        reformatted < 128 << 10,
+        "checking a reformatted baseline peaked at {reformatted} KiB"
+    );
+
+    // One row and one output event no longer as approved.
+    let payments = baseline["tables"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t["name"] == "payments")
+        .unwrap();
+    let rows = payments["rows"].as_array_mut().unwrap();
+    let middle = rows.len() / 2;
+    let row = &mut rows[middle];
+    let key = row["key"].to_string();
+    row["columns"]["amount_cents"]["new"] = serde_json::json!(-1);
+    let events = baseline["outputs"]["events"].as_array_mut().unwrap();
+    let seq = events[0]["seq"].clone();
+    events.remove(0);
+    std::fs::write(&approved, serde_json::to_vec(&baseline).unwrap()).unwrap();
+    drop(baseline);
+    let checked = args(&[]);
+    let checked: Vec<&std::ffi::OsStr> = checked.iter().map(|a| a.as_os_str()).collect();
+    let (code, differing, stdout) = rewind_tests::peak_rss_kib_and_stdout(&rewind_bin(), &checked);
+    assert_eq!(code, Some(1), "not as approved");
+    assert!(
+        differing < 128 << 10,
+        "checking a differing baseline peaked at {differing} KiB"
+    );
+    let (_, gate) = stdout
+        .split_once("do NOT equal the approved baseline")
+        .unwrap_or_else(|| panic!("the gate's verdict in:\n{stdout}"));
+    let lines: Vec<&str> = gate.lines().skip(1).map(str::trim).collect();
+    assert_eq!(
+        lines,
+        [
+            format!("outputs: 1 events differ from the approved ones (first seq {seq})"),
+            format!("table payments: 1 rows differ from the approved ones (first {key})"),
+        ],
+        "exactly what was changed"
     );
 }
 

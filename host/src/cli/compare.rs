@@ -268,21 +268,29 @@ fn gate(
         }
         Ok(ExitCode::SUCCESS)
     };
-    use rewind_host::report::{Hashing, baseline_digest, gate_digest};
+    use rewind_host::report::{Baseline, BaselineError, Hashing, baseline_digest, gate_digest};
     // A baseline as --accept wrote it is compared byte for byte, streamed;
-    // only one written otherwise (or differing) is read into memory.
+    // one written otherwise (or differing) is read with its long lists kept
+    // in a scratch file, not in memory.
     let mut file = std::fs::File::open(path).with_context(unreadable)?;
     let mut hashing = Hashing::default();
     std::io::copy(&mut file, &mut hashing).with_context(unreadable)?;
     if hashing.finish() == baseline_digest(report)? {
         return equal();
     }
-    let text = std::fs::read_to_string(path).with_context(unreadable)?;
-    let approved: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a JSON report", path.display()))?;
-    drop(text);
+    let approved = match Baseline::read(path) {
+        Ok(approved) => approved,
+        Err(BaselineError::Read(e)) => return Err(anyhow::Error::new(e).context(unreadable())),
+        Err(BaselineError::NotJson(e)) => {
+            return Err(
+                anyhow::Error::new(e).context(format!("{} is not a JSON report", path.display()))
+            );
+        }
+        Err(BaselineError::Scratch(e)) => return Err(e.into()),
+    };
     // Any JSON would "differ"; one that is no report at all is the wrong file.
-    if !(approved["summary"].is_object() && approved["tables"].is_array()) {
+    let head = rewind_host::report::Source::head(&approved);
+    if !(head["summary"].is_object() && head["tables"].is_array()) {
         anyhow::bail!(
             "{} is not a rewind report (it has no \"summary\" and \"tables\"); pass a baseline \
              that --accept wrote, or write one with --accept",

@@ -9,10 +9,12 @@
 //! HTML renderings show fewer rows and causes, and say how many more the
 //! JSON holds.
 
+mod baseline;
 mod render;
 
 use std::fmt::Write as _;
 
+pub use baseline::{Baseline, BaselineError};
 pub use render::{HTML_CAUSES, HTML_ROWS, html, markdown};
 
 use rusqlite::types::Value;
@@ -590,13 +592,15 @@ impl std::io::Write for Hashing {
 /// Where the current report differs from the approved one, a line per part
 /// (at most `limit` lines): summary fields, tables (how many rows, and the
 /// first key), outputs and dead letters (how many events, and the first
-/// seq), and any other section as a whole. The approved report is in
-/// memory; the current one's long lists are streamed.
+/// seq), and any other section as a whole. Both reports' long lists are
+/// streamed (the approved one's through a scratch database, matched by id).
 pub fn gate_changes(
-    approved: &Json,
+    approved: &dyn Source,
     current: &dyn Source,
     limit: usize,
 ) -> Result<Vec<String>, FindingsError> {
+    let source = approved;
+    let approved = approved.head();
     let head = current.head();
     let mut lines = Vec::new();
     let sections: std::collections::BTreeSet<&str> = keys(approved)
@@ -635,9 +639,11 @@ pub fn gate_changes(
                 {
                     let (x, y) = (a.get(name), c.get(name));
                     let rows = List::Rows(name.clone());
-                    let current_rows = y.map(|_| (current, &rows));
-                    let (n, first) =
-                        differing(x.map_or(&Json::Null, |x| &x["rows"]), current_rows, "key")?;
+                    let (n, first) = differing(
+                        x.map(|_| (source, &rows)),
+                        y.map(|_| (current, &rows)),
+                        "key",
+                    )?;
                     let counts_differ = match (x, y) {
                         (Some(x), Some(y)) => without(x, "rows") != without(y, "rows"),
                         _ => true,
@@ -676,8 +682,11 @@ pub fn gate_changes(
                 };
                 let mut listed = 0;
                 for (key, list, what) in parts {
-                    let present = c.get(*key).map(|_| (current, list));
-                    let (n, first) = differing(&a[*key], present, "seq")?;
+                    let (n, first) = differing(
+                        a.get(*key).map(|_| (source, list)),
+                        c.get(*key).map(|_| (current, list)),
+                        "seq",
+                    )?;
                     listed += n;
                     if n > 0 {
                         lines.push(format!(
@@ -729,12 +738,12 @@ fn keys(v: &Json) -> impl Iterator<Item = &str> {
         .flat_map(|o| o.keys().map(String::as_str))
 }
 
-/// How many entries of an approved list and a current one (streamed from
-/// its source; `None`: there is none), matched by their `id` field, are not
-/// the same in both, and the first such id. Entries without one (the rows
-/// of a table without a primary key) are their own id.
+/// How many entries of an approved list and a current one (each streamed
+/// from its source; `None`: there is none), matched by their `id` field,
+/// are not the same in both, and the first such id. Entries without one
+/// (the rows of a table without a primary key) are their own id.
 fn differing(
-    approved: &Json,
+    approved: Option<(&dyn Source, &List)>,
     current: Option<(&dyn Source, &List)>,
     id: &str,
 ) -> Result<(usize, Option<String>), FindingsError> {
@@ -743,42 +752,36 @@ fn differing(
         Json::Object(o) if o.is_empty() => e.to_string(),
         key => key.to_string(),
     };
-    let mut unmatched: std::collections::BTreeMap<String, Vec<&Json>> = Default::default();
-    for e in arr(approved) {
-        unmatched.entry(id_of(e)).or_default().push(e);
+    let pending = baseline::Pending::new()?;
+    if let Some((source, list)) = approved {
+        source
+            .each(list, None, &mut |e| Ok(pending.add(&id_of(&e), &e)?))
+            .map_err(Stop::findings)?;
     }
     let mut n = 0;
     let mut first: Option<String> = None;
-    let mut differs = |key: String, first: &mut Option<String>| {
-        n += 1;
-        if first.as_ref().is_none_or(|f| key < *f) {
-            *first = Some(key);
-        }
-    };
     if let Some((source, list)) = current {
         source
             .each(list, None, &mut |e| {
                 let key = id_of(&e);
                 // The approved entry of the same id: equal, or the pair
                 // differs (once).
-                let approved = unmatched.get_mut(&key).filter(|a| !a.is_empty());
-                let same = approved.is_some_and(|approved| {
-                    let at = approved.iter().position(|a| **a == e);
-                    approved.swap_remove(at.unwrap_or(0));
-                    at.is_some()
-                });
-                if !same {
-                    differs(key, &mut first);
+                if !pending.take(&key, &e)? {
+                    n += 1;
+                    if first.as_ref().is_none_or(|f| key < *f) {
+                        first = Some(key);
+                    }
                 }
                 Ok(())
             })
             .map_err(Stop::findings)?;
     }
-    for (key, left) in unmatched {
-        for _ in left {
-            differs(key.clone(), &mut first);
-        }
-    }
+    let (left, least) = pending.left()?;
+    n += left;
+    let first = match (first, least) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok((n, first))
 }
 
