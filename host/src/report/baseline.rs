@@ -59,6 +59,18 @@ fn scratch_error(source: rusqlite::Error) -> FindingsError {
     FindingsError::Scratch { source }
 }
 
+/// The JSON entry in `column` of a scratch database's row. The databases
+/// hold only JSON they were given: anything else means the file was damaged
+/// meanwhile, an error like any other of the file's.
+fn entry(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<Json> {
+    let body = row.get_ref(column)?;
+    let not_json = |e: Box<dyn std::error::Error + Send + Sync>| {
+        rusqlite::Error::FromSqlConversionFailure(column, body.data_type(), e)
+    };
+    let bytes = body.as_bytes().map_err(|e| not_json(Box::new(e)))?;
+    serde_json::from_slice(bytes).map_err(|e| not_json(Box::new(e)))
+}
+
 impl Baseline {
     /// Reads the baseline at `path`, streaming its long lists into a
     /// scratch database.
@@ -138,10 +150,7 @@ impl Source for Baseline {
             .map_err(scratch_error)?;
         let mut rows = stmt.query(params![id, limit]).map_err(scratch_error)?;
         while let Some(row) = rows.next().map_err(scratch_error)? {
-            let body = row.get_ref(0).map_err(scratch_error)?;
-            let entry = serde_json::from_slice(body.as_bytes().unwrap_or_default())
-                .expect("the scratch database holds the JSON it was given");
-            take(entry)?;
+            take(entry(row, 0).map_err(scratch_error)?)?;
         }
         Ok(())
     }
@@ -173,14 +182,8 @@ impl Loader<'_> {
             let mut stmt = self
                 .store
                 .prepare("SELECT body FROM entries WHERE list = ?1 ORDER BY rowid")?;
-            let bodies = stmt.query_map([list], |r| r.get::<_, String>(0))?;
-            let entries = bodies
-                .map(|b| {
-                    b.map(|b| {
-                        serde_json::from_str(&b)
-                            .expect("the scratch database holds the JSON it was given")
-                    })
-                })
+            let entries = stmt
+                .query_map([list], |r| entry(r, 0))?
                 .collect::<rusqlite::Result<_>>()?;
             self.store
                 .execute("DELETE FROM entries WHERE list = ?1", [list])?;
@@ -410,10 +413,10 @@ impl Pending {
             .map_err(scratch_error)
     }
 
-    /// Matches `entry` with a pending one of the same id: one equal to it,
+    /// Matches `wanted` with a pending one of the same id: one equal to it,
     /// or else the first of them. Returns whether an equal one was found;
     /// the matched one is no longer pending either way.
-    pub(super) fn take(&self, id: &str, entry: &Json) -> Result<bool, FindingsError> {
+    pub(super) fn take(&self, id: &str, wanted: &Json) -> Result<bool, FindingsError> {
         let mut first = None;
         let mut equal = None;
         {
@@ -425,10 +428,7 @@ impl Pending {
             while let Some(row) = rows.next().map_err(scratch_error)? {
                 let rowid: i64 = row.get(0).map_err(scratch_error)?;
                 first.get_or_insert(rowid);
-                let body = row.get_ref(1).map_err(scratch_error)?;
-                let pending: Json = serde_json::from_slice(body.as_bytes().unwrap_or_default())
-                    .expect("the scratch database holds the JSON it was given");
-                if pending == *entry {
+                if entry(row, 1).map_err(scratch_error)? == *wanted {
                     equal = Some(rowid);
                     break;
                 }
@@ -543,6 +543,25 @@ mod tests {
                     "report {i}"
                 );
             }
+        }
+    }
+
+    /// A scratch database's entry that is no longer JSON (the file damaged
+    /// meanwhile) is an error, not a panic.
+    #[test]
+    fn an_entry_that_is_no_longer_json_is_an_error() {
+        let conn = Connection::open_in_memory().unwrap();
+        let read = |sql: &str| conn.query_row(sql, [], |r| entry(r, 0));
+        assert_eq!(
+            read("SELECT '{\"a\": 1}'").unwrap(),
+            serde_json::json!({"a": 1})
+        );
+        for damaged in ["SELECT '{\"a\": '", "SELECT x'ff00'", "SELECT 12"] {
+            let error = scratch_error(read(damaged).unwrap_err());
+            assert!(
+                error.to_string().contains("temporary file"),
+                "{damaged}: {error}"
+            );
         }
     }
 
