@@ -519,17 +519,20 @@ fn compare_event(
     let outputs_differ = a.outputs != b.outputs;
     let mut rows_differ = false;
     if a.changes != b.changes {
-        let ia = shapes[0].images(&a.changes.decode(), ignore)?;
-        let ib = shapes[1].images(&b.changes.decode(), ignore)?;
-        for key in ia.keys().chain(ib.keys().filter(|k| !ia.contains_key(*k))) {
+        let (ca, cb) = (a.changes.decode(), b.changes.decode());
+        let [sa, sb] = shapes;
+        let ia = sa.images(&ca, ignore)?;
+        let ib = sb.images(&cb, ignore)?;
+        let keys = ia.iter().map(|(k, _)| k);
+        for key in keys.chain(ib.iter().map(|(k, _)| k).filter(|k| find(&ia, k).is_none())) {
             // An event that only carries an earlier difference along is
             // not a divergence of its own.
-            if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
+            if compare_writes(find(&ia, key), find(&ib, key)) == Some(true) {
                 if !rows_differ {
                     findings.add_position(shifted, &a.event.position)?;
                 }
                 rows_differ = true;
-                findings.add_cause(&key.0, &key.1, shifted)?;
+                findings.add_cause(key.0, &key.1, shifted)?;
             }
         }
     }
@@ -597,23 +600,23 @@ pub fn encode_key<'v>(values: impl IntoIterator<Item = &'v Value>) -> Vec<u8> {
 /// versions, cut to the columns both have (`None`: they have the same). A
 /// column only one version has is a schema difference, reported as such,
 /// as the final state diff does: not a difference of every row it is in.
-fn on_common_columns(a: &Write, b: &Write) -> Option<(Write, Write)> {
-    let names = |w: &Write| -> Option<Vec<String>> {
+fn on_common_columns<'a>(a: &Write<'a>, b: &Write<'a>) -> Option<(Write<'a>, Write<'a>)> {
+    let names = |w: &Write<'a>| -> Option<Vec<&'a str>> {
         let image = w.after.as_ref().or(w.before.as_ref())?;
-        Some(image.iter().map(|(c, _)| c.clone()).collect())
+        Some(image.iter().map(|(c, _)| *c).collect())
     };
     let (in_a, in_b) = (names(a)?, names(b)?);
     if in_a == in_b {
         return None;
     }
     // In one order (old's), as the state diff matches columns by name.
-    let common: Vec<&String> = in_a.iter().filter(|c| in_b.contains(c)).collect();
-    let cut = |w: &Write| {
-        let cut = |image: &Option<Image>| {
+    let common: Vec<&str> = in_a.iter().copied().filter(|c| in_b.contains(c)).collect();
+    let cut = |w: &Write<'a>| {
+        let cut = |image: &Option<Image<'a>>| {
             image.as_ref().map(|i| {
                 common
                     .iter()
-                    .filter_map(|c| i.iter().find(|(n, _)| n == *c).cloned())
+                    .filter_map(|c| i.iter().find(|(n, _)| n == c).copied())
                     .collect()
             })
         };
@@ -636,26 +639,52 @@ struct Shapes {
     tables: HashMap<String, TableShape>,
 }
 
-/// A row's columns and values.
-type Image = Vec<(String, Value)>;
+/// A row's columns and values, borrowed from the table's shape and the
+/// decoded change.
+type Image<'a> = Vec<(&'a str, &'a Value)>;
 
 /// What an event did to one row: the row before its first change and after
 /// its last (`None`: absent).
 #[derive(Debug, Clone, PartialEq)]
-struct Write {
-    before: Option<Image>,
-    after: Option<Image>,
+struct Write<'a> {
+    before: Option<Image<'a>>,
+    after: Option<Image<'a>>,
 }
 
-/// Per (table, key), what an event did there.
-type Images = HashMap<RowKey, Write>;
+/// A row's identity while an event is compared: its table and key, encoded.
+type WriteKey<'a> = (&'a str, Vec<u8>);
+
+/// Per (table, key), what an event did there, in the order the event first
+/// wrote each row. An event writes a few rows: a list beats a hash map.
+type Images<'a> = Vec<(WriteKey<'a>, Write<'a>)>;
+
+/// The write to the row at `key`, made `first` on the row's first change.
+fn write_at<'i, 'a>(
+    images: &'i mut Images<'a>,
+    key: WriteKey<'a>,
+    first: impl FnOnce() -> Write<'a>,
+) -> &'i mut Write<'a> {
+    let at = match images.iter().position(|(k, _)| *k == key) {
+        Some(at) => at,
+        None => {
+            images.push((key, first()));
+            images.len() - 1
+        }
+    };
+    &mut images[at].1
+}
+
+/// What an event did to the row at `key`, if anything.
+fn find<'i, 'a>(images: &'i Images<'a>, key: &WriteKey<'_>) -> Option<&'i Write<'a>> {
+    images.iter().find(|(k, _)| k == key).map(|(_, w)| w)
+}
 
 /// Compares what the versions did to one row in one event: `None` when it
 /// is the same, else whether the event made a *new* difference (one version
 /// wrote the row and the other did not, or a column that was equal before
 /// the event differs after it). An event that only carries an earlier
 /// difference along (a counter both versions increment) is not a cause.
-fn compare_writes(a: Option<&Write>, b: Option<&Write>) -> Option<bool> {
+fn compare_writes(a: Option<&Write<'_>>, b: Option<&Write<'_>>) -> Option<bool> {
     let (a, b) = match (a, b) {
         (None, None) => return None,
         (Some(_), None) | (None, Some(_)) => return Some(true),
@@ -724,38 +753,50 @@ impl Shapes {
     }
 
     /// What the changes left per row key, ignored tables and columns left out.
-    fn images(&mut self, changes: &[Change], ignore: &[Ignore]) -> Result<Images, ReplayError> {
-        let mut images = Images::new();
-        for change in changes {
-            if ignore
+    fn images<'a>(
+        &'a mut self,
+        changes: &'a [Change],
+        ignore: &[Ignore],
+    ) -> Result<Images<'a>, ReplayError> {
+        let ignored = |table: &str| {
+            ignore
                 .iter()
-                .any(|i| matches!(i, Ignore::Table(t) if *t == change.table))
-            {
-                continue;
-            }
-            let width = change
+                .any(|i| matches!(i, Ignore::Table(t) if t == table))
+        };
+        let width = |change: &Change| {
+            change
                 .after
                 .as_ref()
                 .or(change.before.as_ref())
-                .map_or(0, Vec::len);
-            let shape = self.shape(&change.table, width)?;
+                .map_or(0, Vec::len)
+        };
+        // Every table's shape first (read anew when it changed), then the
+        // images borrowing them.
+        for change in changes.iter().filter(|c| !ignored(&c.table)) {
+            self.shape(&change.table, width(change))?;
+        }
+        let tables = &self.tables;
+        let mut images = Images::new();
+        for change in changes.iter().filter(|c| !ignored(&c.table)) {
+            let table = change.table.as_str();
+            let shape = &tables[table];
             let keep = |c: &str| {
                 !ignore.iter().any(
-                    |i| matches!(i, Ignore::Column { table, column } if *table == change.table && column == c),
+                    |i| matches!(i, Ignore::Column { table: t, column } if t == table && column == c),
                 )
             };
-            let image = |row: &Vec<Value>| -> Vec<(String, Value)> {
+            let image = |row: &'a [Value]| -> Image<'a> {
                 shape
                     .columns
                     .iter()
                     .zip(row)
                     .filter(|(c, _)| keep(c))
-                    .map(|(c, v)| (c.clone(), v.clone()))
+                    .map(|(c, v)| (c.as_str(), v))
                     .collect()
             };
-            let key = |row: &Vec<Value>| -> Vec<u8> {
-                if shape.key.is_empty() {
-                    encode_key(image(row).iter().map(|(_, v)| v))
+            let key = |row: &'a [Value]| -> WriteKey<'a> {
+                let encoded = if shape.key.is_empty() {
+                    encode_key(image(row).into_iter().map(|(_, v)| v))
                 } else {
                     encode_key(
                         shape
@@ -764,24 +805,21 @@ impl Shapes {
                             .filter_map(|k| shape.columns.iter().position(|c| c == k))
                             .filter_map(|i| row.get(i)),
                     )
-                }
+                };
+                (table, encoded)
             };
             if let Some(before) = &change.before {
-                let write = images
-                    .entry((change.table.clone(), key(before)))
-                    .or_insert_with(|| Write {
-                        before: Some(image(before)),
-                        after: None,
-                    });
+                let write = write_at(&mut images, key(before), || Write {
+                    before: Some(image(before)),
+                    after: None,
+                });
                 write.after = None;
             }
             if let Some(after) = &change.after {
-                let write = images
-                    .entry((change.table.clone(), key(after)))
-                    .or_insert(Write {
-                        before: None,
-                        after: None,
-                    });
+                let write = write_at(&mut images, key(after), || Write {
+                    before: None,
+                    after: None,
+                });
                 write.after = Some(image(after));
             }
         }
