@@ -211,6 +211,8 @@ pub trait ReplayProgress: Sync {
     fn read(&self, _bytes: u64) {}
     /// Events compared so far.
     fn compared(&self, _events: u64) {}
+    /// Every event is compared; the versions' final states are next.
+    fn finishing(&self) {}
 }
 
 impl ReplayProgress for () {}
@@ -412,6 +414,7 @@ fn replay_into(
         };
         let (old_summary, new_summary) = (join(old, "old")?, join(new, "new")?);
         let compared = compared?;
+        progress.finishing();
         let state = diff_states(&old_db, &new_db, &config.ignore, findings)?;
         let cache_errors = [&old_summary, &new_summary]
             .into_iter()

@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rewind_tests::{completed_orders, file_len, processor, rewind_bin, rewind_run, run_args};
+use rewind_tests::{
+    cache_dir, completed_orders, file_len, processor, rewind_bin, rewind_run, run_args,
+};
 
 fn rewind(args: &[&str]) -> std::process::Output {
     Command::new(rewind_bin()).args(args).output().unwrap()
@@ -924,4 +926,75 @@ fn a_cache_that_cannot_be_written_is_a_warning_not_an_error() {
         .output()
         .unwrap();
     warned(&replay);
+}
+
+/// On a terminal, long commands show how far they are on stderr: a run its
+/// bar through the input and its events/s, a replay its bar through the
+/// tape, the comparison of the final states and the writing of its JSON
+/// report. With `--quiet`, or when stderr is no terminal, nothing. (Through
+/// `script`, which runs the command on a pseudo-terminal and keeps what it
+/// showed.)
+#[test]
+fn a_terminal_shows_progress_and_a_pipe_does_not() {
+    use std::ffi::OsString;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, completed_orders(20_000, 100).concat()).unwrap();
+    let tape = dir.path().join("orders.tape");
+    let report = dir.path().join("report.json");
+    let mut run = run_args("payments-v1", &input, &dir.path().join("live.db"));
+    run.extend(["--tape".into(), tape.clone().into()]);
+    let replay: Vec<OsString> = vec![
+        "replay".into(),
+        "--tape".into(),
+        tape.into(),
+        "--old".into(),
+        processor("payments-v1").into(),
+        "--new".into(),
+        processor("payments-v2").into(),
+        "--cache-dir".into(),
+        cache_dir().into(),
+        "--json".into(),
+        report.clone().into(),
+    ];
+    let quote =
+        |arg: &std::ffi::OsStr| format!("'{}'", arg.to_str().unwrap().replace('\'', r"'\''"));
+    let on_terminal = |args: &[OsString]| -> String {
+        let mut line = quote(rewind_bin().as_os_str());
+        for arg in args {
+            line.push(' ');
+            line.push_str(&quote(arg));
+        }
+        let out = Command::new("script")
+            .args(["-qefc", &line, "/dev/null"])
+            .output()
+            .expect("script (util-linux) runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    let shown = on_terminal(&run);
+    assert!(shown.contains("events/s"), "{shown:?}");
+    let shown = on_terminal(&replay);
+    for part in [
+        "of the tape".to_owned(),
+        "comparing the final states".to_owned(),
+        format!("writing {}", report.display()),
+    ] {
+        assert!(shown.contains(&part), "{part:?} in {shown:?}");
+    }
+    assert!(file_len(&report) > 0);
+
+    let mut quiet = replay.clone();
+    quiet.push("--quiet".into());
+    let shown = on_terminal(&quiet);
+    assert!(
+        !shown.contains("of the tape") && !shown.contains("writing"),
+        "{shown:?}"
+    );
+    let piped = Command::new(rewind_bin()).args(&replay).output().unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains("of the tape") && !stderr.contains("writing"),
+        "{stderr}"
+    );
 }

@@ -81,13 +81,15 @@ pub fn run() -> Result<()> {
 
 /// The Debian packages the tests use: Chromium renders the HTML report,
 /// sqldiff is the diff benchmark's baseline, Python runs the Kafka tests'
-/// independent client. Installed when missing and
+/// independent client, `script` gives a command a terminal to show its
+/// progress on (Debian's essential `bsdutils`). Installed when missing and
 /// possible (root with apt-get), else a clear error.
 fn system_tools() -> Result<()> {
     let mut missing: Vec<&str> = [
         ("chromium", "chromium"),
         ("sqldiff", "sqlite3-tools"),
         ("python3", "python3"),
+        ("script", "bsdutils"),
     ]
     .into_iter()
     .filter(|(program, _)| crate::which(program).is_none())

@@ -17,9 +17,24 @@ impl Reports {
     /// Writes each report asked for: the JSON streamed whole, Markdown and
     /// HTML from a brief report (they show the first rows, and say how many
     /// more the JSON holds).
-    fn write(&self, report: &Report<'_>) -> anyhow::Result<()> {
+    /// On a terminal (unless `quiet`), the JSON's writing shows its bytes:
+    /// a replay that changed much writes hundreds of megabytes.
+    fn write(&self, report: &Report<'_>, quiet: bool) -> anyhow::Result<()> {
         if let Some(path) = &self.json {
-            write_json(path, report, false)?;
+            let bar = super::progress_bar(
+                quiet,
+                "{spinner} [{elapsed_precise}] writing {msg}: {binary_bytes} ({binary_bytes_per_sec})",
+            );
+            bar.set_message(rewind_host::printable_str(&path.display().to_string()).into_owned());
+            let written = super::write_file_with(path, |file| {
+                Ok(rewind_host::report::write_json(
+                    report,
+                    false,
+                    bar.wrap_write(file),
+                )?)
+            });
+            bar.finish_and_clear();
+            written?;
         }
         if self.markdown.is_none() && self.html.is_none() {
             return Ok(());
@@ -73,6 +88,9 @@ impl rewind_host::replay::ReplayProgress for Counter {
     }
     fn compared(&self, events: u64) {
         self.0.set_message(format!("{events} events compared"));
+    }
+    fn finishing(&self) {
+        self.0.set_message("comparing the final states");
     }
 }
 
@@ -182,7 +200,7 @@ pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         args.new.display().to_string(),
     );
     let report = Report::replay(&replayed, &old, &new)?;
-    args.reports.write(&report)?;
+    args.reports.write(&report, args.quiet)?;
     if !args.quiet {
         out!("{}", summary(&report)?)?;
         if let Some(dir) = &args.keep {
@@ -340,7 +358,7 @@ pub fn diff(
     warn_unmatched(&d);
     let (o, n) = (old.display().to_string(), new.display().to_string());
     let report = Report::diff(&d, &findings, &o, &n);
-    reports.write(&report)?;
+    reports.write(&report, false)?;
     out!("{}", summary(&report)?)?;
     Ok(if d.is_empty() {
         ExitCode::SUCCESS
