@@ -207,6 +207,10 @@ enum Kind {
     Table(usize),
     Outputs,
     Dead,
+    /// A long list, kept in the store under this number when it is an array
+    /// (anything else is read as it is: a list without entries, as a report
+    /// in memory reads it).
+    List(i64),
     /// Anything else: read into memory.
     Plain,
 }
@@ -259,6 +263,13 @@ impl<'de> Visitor<'de> for AnyJson<'_, '_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        if let Kind::List(list) = self.kind {
+            while let Some(entry) = seq.next_element::<Json>()? {
+                self.loader.keep(list, &entry)?;
+            }
+            // Handed out by `Baseline::each`, as a report's lists are.
+            return Ok(Json::Array(Vec::new()));
+        }
         let mut items = Vec::new();
         let mut index = 0;
         loop {
@@ -294,96 +305,23 @@ impl<'de> Visitor<'de> for AnyJson<'_, '_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let list = match (self.kind, key.as_str()) {
-                (Kind::Table(i), "rows") => Some(FIRST_TABLE + i as i64),
-                (Kind::Outputs, "events") => Some(OUTPUTS),
-                (Kind::Dead, "only_old") => Some(ONLY_OLD),
-                (Kind::Dead, "only_new") => Some(ONLY_NEW),
-                _ => None,
+            let kind = match (self.kind, key.as_str()) {
+                (Kind::Top, "tables") => Kind::Tables,
+                (Kind::Top, "outputs") => Kind::Outputs,
+                (Kind::Top, "dead_letters") => Kind::Dead,
+                (Kind::Table(i), "rows") => Kind::List(FIRST_TABLE + i as i64),
+                (Kind::Outputs, "events") => Kind::List(OUTPUTS),
+                (Kind::Dead, "only_old") => Kind::List(ONLY_OLD),
+                (Kind::Dead, "only_new") => Kind::List(ONLY_NEW),
+                _ => Kind::Plain,
             };
-            let value = if let Some(list) = list {
-                // An array's entries are handed out by `Baseline::each`, as
-                // a report's lists are; anything else stays (and, as in a
-                // report in memory, is a list without entries).
-                map.next_value_seed(Entries {
-                    loader: self.loader,
-                    list,
-                })?
-                .unwrap_or(Json::Array(Vec::new()))
-            } else {
-                let kind = match (self.kind, key.as_str()) {
-                    (Kind::Top, "tables") => Kind::Tables,
-                    (Kind::Top, "outputs") => Kind::Outputs,
-                    (Kind::Top, "dead_letters") => Kind::Dead,
-                    _ => Kind::Plain,
-                };
-                map.next_value_seed(AnyJson {
-                    loader: self.loader,
-                    kind,
-                })?
-            };
+            let value = map.next_value_seed(AnyJson {
+                loader: self.loader,
+                kind,
+            })?;
             object.insert(key, value);
         }
         Ok(Json::Object(object))
-    }
-}
-
-/// A long list, its entries kept in the scratch database one at a time
-/// (`None`); anything but an array is read as it is (`Some`).
-struct Entries<'l, 'a> {
-    loader: &'l Loader<'a>,
-    list: i64,
-}
-
-impl<'de> DeserializeSeed<'de> for Entries<'_, '_> {
-    type Value = Option<Json>;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<Json>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Entries<'_, '_> {
-    type Value = Option<Json>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, v: bool) -> Result<Option<Json>, E> {
-        Ok(Some(Json::Bool(v)))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Option<Json>, E> {
-        Ok(Some(v.into()))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Option<Json>, E> {
-        Ok(Some(v.into()))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Option<Json>, E> {
-        Ok(Some(
-            serde_json::Number::from_f64(v).map_or(Json::Null, Json::Number),
-        ))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Option<Json>, E> {
-        Ok(Some(Json::String(v.to_owned())))
-    }
-    fn visit_unit<E>(self) -> Result<Option<Json>, E> {
-        Ok(Some(Json::Null))
-    }
-    fn visit_none<E>(self) -> Result<Option<Json>, E> {
-        Ok(Some(Json::Null))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<Json>, A::Error> {
-        use serde::Deserialize as _;
-        Json::deserialize(de::value::MapAccessDeserializer::new(map)).map(Some)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Json>, A::Error> {
-        while let Some(entry) = seq.next_element::<Json>()? {
-            self.loader.keep(self.list, &entry)?;
-        }
-        Ok(None)
     }
 }
 
@@ -445,15 +383,11 @@ impl Pending {
 
     /// How many entries are still pending, and the least of their ids.
     pub(super) fn left(&self) -> Result<(usize, Option<String>), FindingsError> {
-        let count: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM pending", [], |r| r.get(0))
-            .map_err(scratch_error)?;
-        let least = self
-            .conn
-            .query_row("SELECT min(id) FROM pending", [], |r| r.get(0))
-            .map_err(scratch_error)?;
-        Ok((count as usize, least))
+        self.conn
+            .query_row("SELECT count(*), min(id) FROM pending", [], |r| {
+                Ok((r.get::<_, i64>(0)? as usize, r.get(1)?))
+            })
+            .map_err(scratch_error)
     }
 }
 
