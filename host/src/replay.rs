@@ -14,7 +14,7 @@
 //! divergence. At the end the two states are compared table by table
 //! ([`crate::diff`]), and every differing row gets the events that caused it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
@@ -526,11 +526,10 @@ fn compare_event(
         let [sa, sb] = shapes;
         let ia = sa.images(&ca, ignore)?;
         let ib = sb.images(&cb, ignore)?;
-        let keys = ia.iter().map(|(k, _)| k);
-        for key in keys.chain(ib.iter().map(|(k, _)| k).filter(|k| find(&ia, k).is_none())) {
+        for key in ia.keys().chain(ib.keys().filter(|k| !ia.contains_key(*k))) {
             // An event that only carries an earlier difference along is
             // not a divergence of its own.
-            if compare_writes(find(&ia, key), find(&ib, key)) == Some(true) {
+            if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 if !rows_differ {
                     findings.add_position(shifted, &a.event.position)?;
                 }
@@ -657,30 +656,10 @@ struct Write<'a> {
 /// A row's identity while an event is compared: its table and key, encoded.
 type WriteKey<'a> = (&'a str, Vec<u8>);
 
-/// Per (table, key), what an event did there, in the order the event first
-/// wrote each row. An event writes a few rows: a list beats a hash map.
-type Images<'a> = Vec<(WriteKey<'a>, Write<'a>)>;
-
-/// The write to the row at `key`, made `first` on the row's first change.
-fn write_at<'i, 'a>(
-    images: &'i mut Images<'a>,
-    key: WriteKey<'a>,
-    first: impl FnOnce() -> Write<'a>,
-) -> &'i mut Write<'a> {
-    let at = match images.iter().position(|(k, _)| *k == key) {
-        Some(at) => at,
-        None => {
-            images.push((key, first()));
-            images.len() - 1
-        }
-    };
-    &mut images[at].1
-}
-
-/// What an event did to the row at `key`, if anything.
-fn find<'i, 'a>(images: &'i Images<'a>, key: &WriteKey<'_>) -> Option<&'i Write<'a>> {
-    images.iter().find(|(k, _)| k == key).map(|(_, w)| w)
-}
+/// Per (table, key), what an event did there. Ordered: an event that
+/// writes many rows looks each up in logarithmic time, and without hashing
+/// the keys of the few rows most events write.
+type Images<'a> = BTreeMap<WriteKey<'a>, Write<'a>>;
 
 /// Compares what the versions did to one row in one event: `None` when it
 /// is the same, else whether the event made a *new* difference (one version
@@ -812,14 +791,14 @@ impl Shapes {
                 (table, encoded)
             };
             if let Some(before) = &change.before {
-                let write = write_at(&mut images, key(before), || Write {
+                let write = images.entry(key(before)).or_insert_with(|| Write {
                     before: Some(image(before)),
                     after: None,
                 });
                 write.after = None;
             }
             if let Some(after) = &change.after {
-                let write = write_at(&mut images, key(after), || Write {
+                let write = images.entry(key(after)).or_insert(Write {
                     before: None,
                     after: None,
                 });
