@@ -84,6 +84,22 @@ pub fn run_args(module: &str, input: &Path, state: &Path) -> Vec<std::ffi::OsStr
     args
 }
 
+/// `rewind replay` of `tape` with the modules `old` and `new` (as
+/// [`processor`] names them), with the tests' cache: arguments to extend.
+pub fn replay_args(tape: &Path, old: &str, new: &str) -> Vec<std::ffi::OsString> {
+    vec![
+        "replay".into(),
+        "--tape".into(),
+        tape.into(),
+        "--old".into(),
+        processor(old).into(),
+        "--new".into(),
+        processor(new).into(),
+        "--cache-dir".into(),
+        cache_dir().into(),
+    ]
+}
+
 /// `rewind run` (see [`run_args`]), for more arguments and to be run.
 pub fn rewind_run(module: &str, input: &Path, state: &Path) -> std::process::Command {
     let mut command = std::process::Command::new(rewind_bin());

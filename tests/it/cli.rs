@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rewind_tests::{
-    cache_dir, completed_orders, file_len, processor, rewind_bin, rewind_run, run_args,
+    completed_orders, file_len, processor, replay_args, rewind_bin, rewind_run, run_args,
 };
 
 fn rewind(args: &[&str]) -> std::process::Output {
@@ -350,20 +350,8 @@ fn a_full_disk_under_a_replay_says_where_to_make_room() {
     let input = dir.path().join("orders.jsonl");
     std::fs::write(&input, completed_orders(20_000, 500).concat()).unwrap();
     let keep = dir.path().join("kept");
-    let args: Vec<std::ffi::OsString> = vec![
-        "replay".into(),
-        "--quiet".into(),
-        "--tape".into(),
-        input.into(),
-        "--old".into(),
-        processor("payments-v1").into(),
-        "--new".into(),
-        processor("payments-v2").into(),
-        "--keep".into(),
-        keep.clone().into(),
-        "--cache-dir".into(),
-        rewind_tests::cache_dir().into(),
-    ];
+    let mut args = replay_args(&input, "payments-v1", "payments-v2");
+    args.extend(["--quiet".into(), "--keep".into(), keep.clone().into()]);
     // A file where --keep wants a directory says so.
     std::fs::write(&keep, b"a file").unwrap();
     let out = Command::new(rewind_bin()).args(&args).output().unwrap();
@@ -944,19 +932,8 @@ fn a_terminal_shows_progress_and_a_pipe_does_not() {
     let report = dir.path().join("report.json");
     let mut run = run_args("payments-v1", &input, &dir.path().join("live.db"));
     run.extend(["--tape".into(), tape.clone().into()]);
-    let replay: Vec<OsString> = vec![
-        "replay".into(),
-        "--tape".into(),
-        tape.into(),
-        "--old".into(),
-        processor("payments-v1").into(),
-        "--new".into(),
-        processor("payments-v2").into(),
-        "--cache-dir".into(),
-        cache_dir().into(),
-        "--json".into(),
-        report.clone().into(),
-    ];
+    let mut replay = replay_args(&tape, "payments-v1", "payments-v2");
+    replay.extend(["--json".into(), report.clone().into()]);
     let quote =
         |arg: &std::ffi::OsStr| format!("'{}'", arg.to_str().unwrap().replace('\'', r"'\''"));
     let on_terminal = |args: &[OsString]| -> String {

@@ -610,21 +610,9 @@ fn a_large_baseline_is_checked_without_holding_it() {
         .collect();
     std::fs::write(&input, orders).unwrap();
     let approved = dir.path().join("approved.json");
-    let cache = cache_dir();
     let args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "replay".into(),
-            "--tape".into(),
-            input.clone().into(),
-            "--old".into(),
-            processor("payments-v1").into(),
-            "--new".into(),
-            processor("payments-v2").into(),
-            "--cache-dir".into(),
-            cache.clone().into(),
-            "--expect".into(),
-            approved.clone().into(),
-        ];
+        let mut args = rewind_tests::replay_args(&input, "payments-v1", "payments-v2");
+        args.extend(["--expect".into(), approved.clone().into()]);
         args.extend(extra.iter().map(Into::into));
         args
     };
