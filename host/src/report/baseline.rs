@@ -107,6 +107,11 @@ impl Baseline {
             Some(_) => BaselineError::Read(e.into()),
             None => BaselineError::NotJson(e),
         })?;
+        // Each list is read on its own (and more than once): by an index made
+        // once the entries are in, not by scanning every list's entries.
+        store
+            .execute_batch("CREATE INDEX entries_list ON entries (list)")
+            .map_err(|e| BaselineError::Scratch(scratch_error(e)))?;
         Ok(Baseline {
             head,
             store,
