@@ -975,3 +975,53 @@ fn a_terminal_shows_progress_and_a_pipe_does_not() {
         "{stderr}"
     );
 }
+
+/// `REWIND_PROFILE=perfmap` names the guest's functions for `perf` (from a
+/// cached compile too) and changes nothing the run writes; an unknown
+/// profiler is a one-line error before anything is written.
+#[test]
+fn a_perf_map_names_the_guests_functions_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("orders.jsonl");
+    std::fs::write(&input, completed_orders(50, 5).concat()).unwrap();
+    let plain = dir.path().join("plain.db");
+    let out = run("payments-v2", &input, &plain, &["--quiet"]);
+    assert!(out.status.success(), "{out:?}");
+
+    let profiled = dir.path().join("profiled.db");
+    let child = rewind_run("payments-v2", &input, &profiled)
+        .arg("--quiet")
+        .env("REWIND_PROFILE", "perfmap")
+        .spawn()
+        .unwrap();
+    let map = PathBuf::from(format!("/tmp/perf-{}.map", child.id()));
+    let out = child.wait_with_output().unwrap();
+    let names = std::fs::read_to_string(&map);
+    let _ = std::fs::remove_file(&map);
+    assert!(out.status.success(), "{out:?}");
+    let names = names.expect("the perf map is written");
+    // perf's format: start address, size (both hex), name.
+    let line = names
+        .lines()
+        .find(|l| l.contains("payments::") && l.contains("Order"))
+        .unwrap_or_else(|| panic!("no payments function named in:\n{names}"));
+    let fields: Vec<&str> = line.splitn(3, ' ').collect();
+    assert!(u64::from_str_radix(fields[0].trim_start_matches("0x"), 16).is_ok());
+    assert!(u64::from_str_radix(fields[1], 16).is_ok());
+    assert_eq!(
+        rewind_tests::dump_hash(&plain),
+        rewind_tests::dump_hash(&profiled)
+    );
+
+    let never = dir.path().join("never.db");
+    let out = rewind_run("payments-v2", &input, &never)
+        .env("REWIND_PROFILE", "vtune")
+        .output()
+        .unwrap();
+    let stderr = one_line_error(&out);
+    assert!(
+        stderr.contains("REWIND_PROFILE=vtune") && stderr.contains("perfmap"),
+        "{stderr}"
+    );
+    assert!(!never.exists());
+}

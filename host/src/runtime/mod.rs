@@ -115,6 +115,28 @@ pub enum LoadError {
     Engine(String),
 }
 
+/// The environment variable that names a profiler for guest code.
+pub const PROFILE_ENV: &str = "REWIND_PROFILE";
+
+/// The profiler [`PROFILE_ENV`] asks for. `perfmap` writes
+/// `/tmp/perf-PID.map`, which `perf report` reads to name the guest's
+/// functions (as `wasm[0]::function[N]::NAME`) instead of bare addresses.
+/// It changes nothing a guest can observe: the machine code is the same.
+fn profiler_from_env() -> Result<Option<wasmtime::ProfilingStrategy>, LoadError> {
+    let Some(value) = std::env::var_os(PROFILE_ENV) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Some("") | Some("none") => Ok(None),
+        Some("perfmap") => Ok(Some(wasmtime::ProfilingStrategy::PerfMap)),
+        _ => Err(LoadError::Engine(format!(
+            "{PROFILE_ENV}={}: unknown profiler (known: `perfmap`, which writes \
+             /tmp/perf-PID.map for `perf report`); unset it to profile nothing",
+            value.to_string_lossy()
+        ))),
+    }
+}
+
 /// How a module was loaded, for reporting cold versus warm starts.
 #[derive(Debug, Clone)]
 pub struct LoadStats {
@@ -210,6 +232,9 @@ impl Runtime {
             .relaxed_simd_deterministic(true)
             .max_wasm_stack(MAX_WASM_STACK)
             .parallel_compilation(true);
+        if let Some(profiler) = profiler_from_env()? {
+            wasm.profiler(profiler);
+        }
         // Naming the host's own triple turns off the CPU features wasmtime
         // would detect (AVX, BMI, …): every machine of an architecture then
         // runs the same machine code, so a guest's stack overflows at the
