@@ -9,6 +9,7 @@ mod kafka;
 mod kafka_run;
 mod outbox;
 mod payments;
+mod readme;
 mod replay;
 mod tape;
 mod tidy;

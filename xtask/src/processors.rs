@@ -12,6 +12,10 @@ const TARGET: &str = "wasm32-wasip2";
 /// The cargo profile processors are built with (see the workspace Cargo.toml).
 const PROFILE: &str = "wasm";
 
+/// The processor crates: WebAssembly-only, so left out of the host-side
+/// `--workspace` builds, lints and tests.
+pub const PACKAGES: &[&str] = &["payments", "hostile", "counter"];
+
 /// (package, features, artifact built, name under target/processors)
 const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("payments", "", "payments.wasm", "payments-v2"),
@@ -20,7 +24,14 @@ const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("hostile", "", "hostile.wasm", "hostile"),
     ("hostile", "bad-init", "hostile.wasm", "hostile-bad-init"),
     ("hostile", "", "other-world.wasm", "other-world"),
+    // The README's "write your first processor", as printed there.
+    ("counter", "", "counter.wasm", "counter"),
 ];
+
+/// `--exclude P` for each processor crate.
+pub fn excluded() -> Vec<&'static str> {
+    PACKAGES.iter().flat_map(|p| ["--exclude", p]).collect()
+}
 
 /// Installs the wasm32-wasip2 target through rustup when it is missing.
 pub fn ensure_target() -> Result<()> {

@@ -15,37 +15,24 @@ pub fn run() -> Result<()> {
     crate::broker::tansu()?;
     crate::broker::kafka_client()?;
     processors::build()?;
+    let host_side = [&["clippy", "--workspace"][..], &processors::excluded()].concat();
     cmd(
         &cargo,
-        &[
-            "clippy",
-            "--workspace",
-            "--exclude",
-            "payments",
-            "--exclude",
-            "hostile",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
+        &[&host_side[..], &["--all-targets", "--", "-D", "warnings"]].concat(),
     )?;
+    let guest_side: Vec<&str> = processors::PACKAGES
+        .iter()
+        .chain(&["rewind-guest"])
+        .flat_map(|p| ["--package", p])
+        .collect();
     cmd(
         &cargo,
         &[
-            "clippy",
-            "--target",
-            "wasm32-wasip2",
-            "--package",
-            "payments",
-            "--package",
-            "hostile",
-            "--package",
-            "rewind-guest",
-            "--",
-            "-D",
-            "warnings",
-        ],
+            &["clippy", "--target", "wasm32-wasip2"][..],
+            &guest_side,
+            &["--", "-D", "warnings"],
+        ]
+        .concat(),
     )?;
     // The guest SDK's docs are how processors get written: broken links or
     // undocumented items fail here, not on a reader.
@@ -131,14 +118,8 @@ fn system_tools() -> Result<()> {
 /// Runs the workspace's tests, echoing their output, and totals the results.
 fn cargo_test(cargo: &str) -> Result<(u64, u64)> {
     let mut child = Command::new(cargo)
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "payments",
-            "--exclude",
-            "hostile",
-        ])
+        .args(["test", "--workspace"])
+        .args(processors::excluded())
         .current_dir(root())
         .stdout(Stdio::piped())
         .spawn()
