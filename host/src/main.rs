@@ -16,11 +16,25 @@ use rewind_host::{
     DEFAULT_SQL_MEMORY_MB, DEFAULT_SQL_STALL_SECS,
 };
 
+/// What `rewind --help` says of the environment variables it reads.
+const ENVIRONMENT: &str = "\
+Environment:
+  REWIND_CACHE_DIR  where compiled processors are cached when no --cache-dir is
+                    given [default: $XDG_CACHE_HOME/rewind or ~/.cache/rewind]
+  REWIND_PROFILE    `perfmap`: write /tmp/perf-PID.map, so that `perf report`
+                    names a processor's own functions
+  NO_COLOR          a replay's or diff's terminal summary without colour";
+
 /// Runs WebAssembly stream processors over their own SQLite state,
 /// deterministically: the same module, input and starting state always give
 /// byte-identical state, outputs and dead letters.
 #[derive(Parser)]
-#[command(name = "rewind", version, propagate_version = true)]
+#[command(
+    name = "rewind",
+    version,
+    propagate_version = true,
+    after_help = ENVIRONMENT
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

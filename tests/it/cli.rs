@@ -46,6 +46,11 @@ fn every_command_has_help() {
             "{args:?}"
         );
     }
+    // The environment rewind reads is named where a user looks first.
+    let top = String::from_utf8(rewind(&["--help"]).stdout).unwrap();
+    for name in ["REWIND_CACHE_DIR", "REWIND_PROFILE", "NO_COLOR"] {
+        assert!(top.contains(name), "{name} in:\n{top}");
+    }
 }
 
 #[test]
