@@ -147,6 +147,8 @@ struct Setup {
 /// is shared: within minutes the same binary's time swings by half, and with
 /// three rounds the best of each was often not from a calm moment.
 const RUN_ROUNDS: usize = 5;
+/// Rounds of `rewind diff` and `sqldiff`, alternating (each takes ~1 s).
+const DIFF_ROUNDS: usize = 5;
 
 /// `rewind run` against the native baseline, the host alone, start times,
 /// and recording a tape.
@@ -216,20 +218,12 @@ fn run_section(setup: &Setup) -> Result<()> {
         tape_mib = std::fs::metadata(&tape)?.len() >> 20;
         std::fs::remove_file(&tape)?;
     }
-    let seconds = |times: &[Duration]| {
-        let all: Vec<String> = times
-            .iter()
-            .map(|t| format!("{:.2}", t.as_secs_f64()))
-            .collect();
-        all.join(", ")
-    };
     println!(
         "best of {RUN_ROUNDS} interleaved rounds; rewind {} s, native {} s, rewind --tape {} s",
         seconds(&wasm_times),
         seconds(&native_times),
         seconds(&taped_times)
     );
-    let best = |times: &[Duration]| times.iter().min().copied().unwrap_or_default();
     let (wasm_time, native_time, taped_time) =
         (best(&wasm_times), best(&native_times), best(&taped_times));
     // The host's own cost per event: a processor that does nothing.
@@ -618,6 +612,20 @@ fn warm_cache(setup: &Setup, module: &str) -> Result<()> {
     Ok(())
 }
 
+/// Times of rounds, as a list of seconds.
+fn seconds(times: &[Duration]) -> String {
+    let all: Vec<String> = times
+        .iter()
+        .map(|t| format!("{:.2}", t.as_secs_f64()))
+        .collect();
+    all.join(", ")
+}
+
+/// The best (shortest) of rounds' times.
+fn best(times: &[Duration]) -> Duration {
+    times.iter().min().copied().unwrap_or_default()
+}
+
 /// Runs `command` to success: its wall time and peak RSS (VmHWM, KiB).
 fn measure(command: &mut Command) -> Result<(Duration, u64)> {
     measure_ok(command, &[0])
@@ -683,24 +691,32 @@ fn diff_bench(bin: &Path, dir: &Path, rows: usize) -> Result<()> {
         drop(insert);
         conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
     }
-    let (rewind_time, _) = measure_ok(Command::new(bin).arg("diff").arg(&a).arg(&b), &[0, 1])?;
-    match crate::which("sqldiff") {
-        Some(sqldiff) => {
-            // --primarykey: compare by the declared key, as rewind does
-            // (by rowid, a missing row shifts every later one).
-            let (sqldiff_time, _) =
-                measure(Command::new(sqldiff).arg("--primarykey").arg(&a).arg(&b))?;
-            println!(
-                "rewind diff vs sqldiff --primarykey ({rows} rows, ~1% differ): {:.2}s vs {:.2}s: {:.2}x faster",
-                rewind_time.as_secs_f64(),
-                sqldiff_time.as_secs_f64(),
-                sqldiff_time.as_secs_f64() / rewind_time.as_secs_f64()
-            );
-        }
-        None => println!(
+    let rewind_diff = || measure_ok(Command::new(bin).arg("diff").arg(&a).arg(&b), &[0, 1]);
+    let Some(sqldiff) = crate::which("sqldiff") else {
+        println!(
             "rewind diff ({rows} rows): {:.2}s; sqldiff is missing (apt-get install sqlite3-tools)",
-            rewind_time.as_secs_f64()
-        ),
+            rewind_diff()?.0.as_secs_f64()
+        );
+        return Ok(());
+    };
+    // Interleaved rounds, the best of each kept, as for `run`: one round
+    // each swung the ratio between 1.8 and 2.4 with the neighbours' load.
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..DIFF_ROUNDS {
+        ours.push(rewind_diff()?.0);
+        // --primarykey: compare by the declared key, as rewind does
+        // (by rowid, a missing row shifts every later one).
+        theirs.push(measure(Command::new(&sqldiff).arg("--primarykey").arg(&a).arg(&b))?.0);
     }
+    let (ours_best, theirs_best) = (best(&ours), best(&theirs));
+    println!(
+        "rewind diff vs sqldiff --primarykey ({rows} rows, ~1% differ), best of {DIFF_ROUNDS} \
+         interleaved rounds (rewind {} s, sqldiff {} s): {:.2}s vs {:.2}s: {:.2}x faster",
+        seconds(&ours),
+        seconds(&theirs),
+        ours_best.as_secs_f64(),
+        theirs_best.as_secs_f64(),
+        theirs_best.as_secs_f64() / ours_best.as_secs_f64()
+    );
     Ok(())
 }
