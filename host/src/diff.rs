@@ -3,13 +3,16 @@
 //! changed column. Host tables (`_rewind_*`) are left out.
 //!
 //! Both sides are read in primary-key order (`COLLATE BINARY`, which the
-//! key's index serves) and merged, so memory stays flat whatever the size.
+//! key's index serves), each on a thread of its own that copies its rows
+//! out of SQLite in batches of a fixed size, and merged, so memory stays
+//! flat whatever the size.
 //! Tables without a primary key are compared by full row content, as
 //! multisets, and flagged.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, OpenFlags};
@@ -248,7 +251,7 @@ pub fn diff_states(
     ignore: &[Ignore],
     findings: &Findings,
 ) -> Result<StateDiff, DiffError> {
-    let (a, b) = (open(old)?, open(new)?);
+    let (mut a, mut b) = (open(old)?, open(new)?);
     let err_a = |error| DiffError::reading(old, error);
     let err_b = |error| DiffError::reading(new, error);
     let ignored_table = |t: &str| {
@@ -321,10 +324,13 @@ pub fn diff_states(
                 });
             }
         }
-        let table = diff_table(name, (&a, so), (&b, sn), findings).map_err(|e| match e {
-            Failed::Reading(side, error) => DiffError::reading(if side { new } else { old }, error),
-            Failed::Keeping(e) => DiffError::Findings(e),
-        })?;
+        let table =
+            diff_table(name, (&mut a, so), (&mut b, sn), findings).map_err(|e| match e {
+                Failed::Reading(side, error) => {
+                    DiffError::reading(if side { new } else { old }, error)
+                }
+                Failed::Keeping(e) => DiffError::Findings(e),
+            })?;
         if table.added + table.removed + table.changed > 0 {
             diff.tables.push(table);
         }
@@ -383,8 +389,8 @@ impl From<FindingsError> for Failed {
 
 fn diff_table(
     name: &str,
-    (a, old): (&Connection, Option<&TableShape>),
-    (b, new): (&Connection, Option<&TableShape>),
+    (a, old): (&mut Connection, Option<&TableShape>),
+    (b, new): (&mut Connection, Option<&TableShape>),
     findings: &Findings,
 ) -> Result<TableDiff, Failed> {
     // The key: the old side's primary key, if the new side has the same.
@@ -425,22 +431,54 @@ fn diff_table(
         key_columns: key.clone(),
         ..TableDiff::default()
     };
-    let mut sa = old
-        .map(|_| side(a, name, &key, &old_cols))
-        .transpose()
-        .map_err(|e| (false, e))?;
-    let mut sb = new
-        .map(|_| side(b, name, &key, &new_cols))
-        .transpose()
-        .map_err(|e| (true, e))?;
-    let mut ra: Option<rusqlite::Rows<'_>> = match sa.as_mut() {
-        Some(s) => Some(s.query([]).map_err(|e| (false, e))?),
-        None => None,
-    };
-    let mut rb: Option<rusqlite::Rows<'_>> = match sb.as_mut() {
-        Some(s) => Some(s.query([]).map_err(|e| (true, e))?),
-        None => None,
-    };
+    // Each side is read on a thread of its own (SQLite's stepping and
+    // column reads are most of a diff's work) and merged here.
+    std::thread::scope(|scope| {
+        let (ta, ra) = sync_channel(SCAN_AHEAD);
+        let (tb, rb) = sync_channel(SCAN_AHEAD);
+        let (key, old_cols_ref, new_cols_ref) = (&key, &old_cols, &new_cols);
+        for (present, conn, columns, tx, new_side) in [
+            (old.is_some(), a, old_cols_ref, ta, false),
+            (new.is_some(), b, new_cols_ref, tb, true),
+        ] {
+            if !present {
+                continue;
+            }
+            let spawned = std::thread::Builder::new()
+                .name(
+                    if new_side {
+                        "rewind-diff-new"
+                    } else {
+                        "rewind-diff-old"
+                    }
+                    .into(),
+                )
+                .spawn_scoped(scope, move || scan(conn, name, key, columns, tx));
+            if let Err(error) = spawned {
+                let why = format!("cannot start a thread to read it: {error}");
+                return Err(Failed::Reading(new_side, stopped(&why)));
+            }
+        }
+        let sides = (
+            Cursor::new(old.is_some().then_some(ra), false)?,
+            Cursor::new(new.is_some().then_some(rb), true)?,
+        );
+        let columns = (old_cols_ref.as_slice(), new_cols_ref.as_slice());
+        merge(&mut out, key, columns, sides, findings)?;
+        Ok(out)
+    })
+}
+
+/// Merges the two sides' rows, in key order, into `out` and `findings`.
+/// Dropping the cursors (on return) stops their reading threads.
+fn merge(
+    out: &mut TableDiff,
+    key: &[String],
+    (old_cols, new_cols): (&[String], &[String]),
+    (mut ca, mut cb): (Cursor, Cursor),
+    findings: &Findings,
+) -> Result<(), Failed> {
+    let name = out.name.clone();
     let k = key.len();
     // Where each of old's compared columns sits in new's rows.
     let in_new: Vec<Option<usize>> = old_cols
@@ -448,57 +486,47 @@ fn diff_table(
         .map(|c| new_cols.iter().position(|n| n == c).map(|i| k + i))
         .collect();
     let (width_a, width_b) = (k + old_cols.len(), k + new_cols.len());
-    // Rows are compared in place (`ValueRef`s); only differing rows are
-    // copied out.
-    let mut x = advance(&mut ra).map_err(|e| (false, e))?;
-    let mut y = advance(&mut rb).map_err(|e| (true, e))?;
     loop {
-        let order = match (x, y) {
+        let order = match (ca.row(), cb.row()) {
             (None, None) => break,
             (Some(_), None) => Ordering::Less,
             (None, Some(_)) => Ordering::Greater,
-            (Some(rx), Some(ry)) => {
-                let n = if keyed { k } else { width_a.min(width_b) };
-                cmp_refs(rx, ry, n).map_err(|e| (false, e))?
+            (Some(x), Some(y)) => {
+                let n = if out.keyed { k } else { width_a.min(width_b) };
+                cmp_refs(x, y, n)
             }
         };
         match order {
             Ordering::Less => {
-                let row = owned(x.expect("x is a row"), width_a).map_err(|e| (false, e))?;
+                let row = owned(ca.row().expect("old has a row"), width_a);
                 let (kv, v) = split(row, k);
                 out.removed += 1;
-                findings.add_row(name, &whole(&key, kv, &old_cols, v, RowChange::Removed))?;
-                x = advance(&mut ra).map_err(|e| (false, e))?;
+                findings.add_row(&name, &whole(key, kv, old_cols, v, RowChange::Removed))?;
+                ca.advance()?;
             }
             Ordering::Greater => {
-                let row = owned(y.expect("y is a row"), width_b).map_err(|e| (true, e))?;
+                let row = owned(cb.row().expect("new has a row"), width_b);
                 let (kv, v) = split(row, k);
                 out.added += 1;
-                findings.add_row(name, &whole(&key, kv, &new_cols, v, RowChange::Added))?;
-                y = advance(&mut rb).map_err(|e| (true, e))?;
+                findings.add_row(&name, &whole(key, kv, new_cols, v, RowChange::Added))?;
+                cb.advance()?;
             }
             Ordering::Equal => {
-                let (rx, ry) = (x.expect("x is a row"), y.expect("y is a row"));
-                if keyed {
+                let (rx, ry) = (ca.row().expect("a row"), cb.row().expect("a row"));
+                if out.keyed {
                     let mut columns = Vec::new();
                     for (i, c) in old_cols.iter().enumerate() {
                         let Some(j) = in_new[i] else { continue };
-                        let (va, vb) = (
-                            rx.get_ref(k + i).map_err(|e| (false, e))?,
-                            ry.get_ref(j).map_err(|e| (true, e))?,
-                        );
+                        let (va, vb) = (rx.get(k + i), ry.get(j));
                         if !same_ref(va, vb) {
                             columns.push((c.clone(), Some(to_value(va)), Some(to_value(vb))));
                         }
                     }
                     if !columns.is_empty() {
-                        let kv = (0..k)
-                            .map(|i| rx.get_ref(i).map(to_value))
-                            .collect::<rusqlite::Result<Vec<_>>>()
-                            .map_err(|e| (false, e))?;
+                        let kv = (0..k).map(|i| to_value(rx.get(i)));
                         out.changed += 1;
                         findings.add_row(
-                            name,
+                            &name,
                             &RowDiff {
                                 key: key.iter().cloned().zip(kv).collect(),
                                 change: RowChange::Changed,
@@ -507,25 +535,194 @@ fn diff_table(
                         )?;
                     }
                 }
-                x = advance(&mut ra).map_err(|e| (false, e))?;
-                y = advance(&mut rb).map_err(|e| (true, e))?;
+                ca.advance()?;
+                cb.advance()?;
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-fn advance<'r, 's>(
-    rows: &'r mut Option<rusqlite::Rows<'s>>,
-) -> rusqlite::Result<Option<&'r rusqlite::Row<'s>>> {
-    match rows {
-        None => Ok(None),
-        Some(rows) => rows.next(),
+/// Rows a side's thread reads into one batch.
+const SCAN_BATCH: usize = 1024;
+/// Batches a side's thread may read ahead of the merge.
+const SCAN_AHEAD: usize = 2;
+
+/// What a side's thread sends: a batch, the end (`None`), or why it stopped.
+type Scanned = rusqlite::Result<Option<Batch>>;
+
+/// One value of a read row; a text's or blob's bytes are in [`Batch::bytes`].
+#[derive(Debug, Clone, Copy)]
+enum Cell {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(usize, usize),
+    Blob(usize, usize),
+}
+
+/// Rows of one side, copied out of SQLite on the side's thread: `width`
+/// cells a row, with no allocation per value.
+#[derive(Debug, Default)]
+struct Batch {
+    rows: usize,
+    width: usize,
+    cells: Vec<Cell>,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn push(&mut self, value: ValueRef<'_>) {
+        let mut bytes = |b: &[u8]| {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(b);
+            (start, self.bytes.len())
+        };
+        let cell = match value {
+            ValueRef::Null => Cell::Null,
+            ValueRef::Integer(i) => Cell::Integer(i),
+            ValueRef::Real(r) => Cell::Real(r),
+            ValueRef::Text(t) => {
+                let (start, end) = bytes(t);
+                Cell::Text(start, end)
+            }
+            ValueRef::Blob(b) => {
+                let (start, end) = bytes(b);
+                Cell::Blob(start, end)
+            }
+        };
+        self.cells.push(cell);
     }
 }
 
-fn owned(row: &rusqlite::Row<'_>, width: usize) -> rusqlite::Result<Vec<Value>> {
-    (0..width).map(|i| row.get_ref(i).map(to_value)).collect()
+/// A row of a batch.
+#[derive(Clone, Copy)]
+struct RowRef<'b> {
+    batch: &'b Batch,
+    row: usize,
+}
+
+impl<'b> RowRef<'b> {
+    fn get(&self, column: usize) -> ValueRef<'b> {
+        let batch = self.batch;
+        match batch.cells[self.row * batch.width + column] {
+            Cell::Null => ValueRef::Null,
+            Cell::Integer(i) => ValueRef::Integer(i),
+            Cell::Real(r) => ValueRef::Real(r),
+            Cell::Text(start, end) => ValueRef::Text(&batch.bytes[start..end]),
+            Cell::Blob(start, end) => ValueRef::Blob(&batch.bytes[start..end]),
+        }
+    }
+}
+
+/// Reads a side's rows of `table` in key order (see [`side`]) and sends
+/// them in batches, then the end; stops early when the merge is gone.
+fn scan(
+    conn: &mut Connection,
+    table: &str,
+    key: &[String],
+    columns: &[String],
+    tx: SyncSender<Scanned>,
+) {
+    let width = key.len() + columns.len();
+    let read = || -> rusqlite::Result<()> {
+        let mut statement = side(conn, table, key, columns)?;
+        let mut rows = statement.query([])?;
+        loop {
+            let mut batch = Batch {
+                width,
+                ..Batch::default()
+            };
+            while batch.rows < SCAN_BATCH {
+                let Some(row) = rows.next()? else { break };
+                for i in 0..width {
+                    batch.push(row.get_ref(i)?);
+                }
+                batch.rows += 1;
+            }
+            let end = batch.rows < SCAN_BATCH;
+            if batch.rows > 0 && tx.send(Ok(Some(batch))).is_err() {
+                return Ok(());
+            }
+            if end {
+                return Ok(());
+            }
+        }
+    };
+    let _ = match read() {
+        Ok(()) => tx.send(Ok(None)),
+        Err(error) => tx.send(Err(error)),
+    };
+}
+
+/// The error for a side whose reading stopped other than through SQLite.
+fn stopped(why: &str) -> rusqlite::Error {
+    rusqlite::Error::UserFunctionError(why.into())
+}
+
+/// The merge's place in one side's rows.
+struct Cursor {
+    /// `None` once the side has sent its end (or has no such table).
+    rx: Option<Receiver<Scanned>>,
+    /// Whether this is the new side (for errors).
+    new: bool,
+    batch: Batch,
+    at: usize,
+}
+
+impl Cursor {
+    fn new(rx: Option<Receiver<Scanned>>, new: bool) -> Result<Cursor, Failed> {
+        let mut cursor = Cursor {
+            rx,
+            new,
+            batch: Batch::default(),
+            at: 0,
+        };
+        cursor.fill()?;
+        Ok(cursor)
+    }
+
+    /// The current row, if the side has one left.
+    fn row(&self) -> Option<RowRef<'_>> {
+        (self.at < self.batch.rows).then_some(RowRef {
+            batch: &self.batch,
+            row: self.at,
+        })
+    }
+
+    fn advance(&mut self) -> Result<(), Failed> {
+        self.at += 1;
+        if self.at >= self.batch.rows {
+            self.fill()?;
+        }
+        Ok(())
+    }
+
+    /// The next batch, or none left.
+    fn fill(&mut self) -> Result<(), Failed> {
+        self.at = 0;
+        self.batch.rows = 0;
+        let Some(rx) = &self.rx else {
+            return Ok(());
+        };
+        match rx.recv() {
+            Ok(Ok(Some(batch))) => self.batch = batch,
+            Ok(Ok(None)) => self.rx = None,
+            Ok(Err(error)) => return Err(Failed::Reading(self.new, error)),
+            // Only a panic ends a side without its end or an error.
+            Err(_) => {
+                return Err(Failed::Reading(
+                    self.new,
+                    stopped("its reading thread stopped"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn owned(row: RowRef<'_>, width: usize) -> Vec<Value> {
+    (0..width).map(|i| to_value(row.get(i))).collect()
 }
 
 fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
@@ -534,9 +731,9 @@ fn split(mut row: Vec<Value>, k: usize) -> (Vec<Value>, Vec<Value>) {
 }
 
 /// Compares the first `n` columns of two rows in SQLite's BINARY order.
-fn cmp_refs(a: &rusqlite::Row<'_>, b: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<Ordering> {
+fn cmp_refs(a: RowRef<'_>, b: RowRef<'_>, n: usize) -> Ordering {
     for i in 0..n {
-        let (x, y) = (a.get_ref(i)?, b.get_ref(i)?);
+        let (x, y) = (a.get(i), b.get(i));
         let order = match (x, y) {
             (ValueRef::Text(p), ValueRef::Text(q)) | (ValueRef::Blob(p), ValueRef::Blob(q)) => {
                 p.cmp(q)
@@ -545,10 +742,10 @@ fn cmp_refs(a: &rusqlite::Row<'_>, b: &rusqlite::Row<'_>, n: usize) -> rusqlite:
             _ => cmp_value(&to_value(x), &to_value(y)),
         };
         if order != Ordering::Equal {
-            return Ok(order);
+            return order;
         }
     }
-    Ok(Ordering::Equal)
+    Ordering::Equal
 }
 
 /// A value copied out of a row. A text that is not UTF-8 (SQL can store

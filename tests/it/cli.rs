@@ -173,6 +173,8 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
             .status
             .success()
     );
+    let intact = dir.path().join("intact.db");
+    std::fs::copy(&state, &intact).unwrap();
     let mut bytes = std::fs::read(&state).unwrap();
     assert!(bytes.len() > 4 * 16384, "{} bytes", bytes.len());
     bytes[16384..].fill(0x5a);
@@ -188,6 +190,15 @@ fn not_a_database_and_a_damaged_one_say_so_and_what_to_do() {
     let state_arg = state.to_str().unwrap();
     let stderr = one_line_error(rewind(&["diff", state_arg, state_arg]));
     assert!(stderr.contains("state.db is damaged"), "{stderr}");
+    // Each side is read on a thread of its own: the error names the side.
+    let intact_arg = intact.to_str().unwrap();
+    for args in [[intact_arg, state_arg], [state_arg, intact_arg]] {
+        let stderr = one_line_error(rewind(&[&["diff"][..], &args].concat()));
+        assert!(
+            stderr.contains("state.db is damaged") && !stderr.contains("intact.db"),
+            "{args:?}: {stderr}"
+        );
+    }
     let missing = dir.path().join("missing.db");
     let stderr = one_line_error(rewind(&["diff", missing.to_str().unwrap(), junk_arg]));
     assert!(stderr.contains("missing.db does not exist"), "{stderr}");
