@@ -437,22 +437,15 @@ fn diff_table(
         let (ta, ra) = sync_channel(SCAN_AHEAD);
         let (tb, rb) = sync_channel(SCAN_AHEAD);
         let (key, old_cols_ref, new_cols_ref) = (&key, &old_cols, &new_cols);
-        for (present, conn, columns, tx, new_side) in [
-            (old.is_some(), a, old_cols_ref, ta, false),
-            (new.is_some(), b, new_cols_ref, tb, true),
+        for (present, conn, columns, tx, new_side, thread) in [
+            (old.is_some(), a, old_cols_ref, ta, false, "rewind-diff-old"),
+            (new.is_some(), b, new_cols_ref, tb, true, "rewind-diff-new"),
         ] {
             if !present {
                 continue;
             }
             let spawned = std::thread::Builder::new()
-                .name(
-                    if new_side {
-                        "rewind-diff-new"
-                    } else {
-                        "rewind-diff-old"
-                    }
-                    .into(),
-                )
+                .name(thread.into())
                 .spawn_scoped(scope, move || scan(conn, name, key, columns, tx));
             if let Err(error) = spawned {
                 let why = format!("cannot start a thread to read it: {error}");

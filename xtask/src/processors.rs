@@ -12,10 +12,6 @@ const TARGET: &str = "wasm32-wasip2";
 /// The cargo profile processors are built with (see the workspace Cargo.toml).
 const PROFILE: &str = "wasm";
 
-/// The processor crates: WebAssembly-only, so left out of the host-side
-/// `--workspace` builds, lints and tests.
-pub const PACKAGES: &[&str] = &["payments", "hostile", "counter"];
-
 /// (package, features, artifact built, name under target/processors)
 const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("payments", "", "payments.wasm", "payments-v2"),
@@ -28,9 +24,24 @@ const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("counter", "", "counter.wasm", "counter"),
 ];
 
+/// The processor crates (each once, in build order): WebAssembly-only, so
+/// left out of the host-side `--workspace` builds, lints and tests.
+pub fn packages() -> Vec<&'static str> {
+    let mut packages: Vec<&str> = Vec::new();
+    for &(package, ..) in BUILDS {
+        if !packages.contains(&package) {
+            packages.push(package);
+        }
+    }
+    packages
+}
+
 /// `--exclude P` for each processor crate.
 pub fn excluded() -> Vec<&'static str> {
-    PACKAGES.iter().flat_map(|p| ["--exclude", p]).collect()
+    packages()
+        .into_iter()
+        .flat_map(|p| ["--exclude", p])
+        .collect()
 }
 
 /// Installs the wasm32-wasip2 target through rustup when it is missing.

@@ -20,9 +20,9 @@ pub fn run() -> Result<()> {
         &cargo,
         &[&host_side[..], &["--all-targets", "--", "-D", "warnings"]].concat(),
     )?;
-    let guest_side: Vec<&str> = processors::PACKAGES
-        .iter()
-        .chain(&["rewind-guest"])
+    let guest_side: Vec<&str> = processors::packages()
+        .into_iter()
+        .chain(["rewind-guest"])
         .flat_map(|p| ["--package", p])
         .collect();
     cmd(

@@ -116,11 +116,11 @@ pub enum LoadError {
 }
 
 /// The environment variable that names a profiler for guest code.
-pub const PROFILE_ENV: &str = "REWIND_PROFILE";
+const PROFILE_ENV: &str = "REWIND_PROFILE";
 
 /// The profiler [`PROFILE_ENV`] asks for. `perfmap` writes
 /// `/tmp/perf-PID.map`, which `perf report` reads to name the guest's
-/// functions (as `wasm[0]::function[N]::NAME`) instead of bare addresses.
+/// functions instead of showing bare addresses.
 /// It changes nothing a guest can observe: the machine code is the same.
 fn profiler_from_env() -> Result<Option<wasmtime::ProfilingStrategy>, LoadError> {
     let Some(value) = std::env::var_os(PROFILE_ENV) else {
