@@ -838,3 +838,87 @@ fn assert_deep_guests_ran_or_overflowed(state: &Path, events: usize) {
         rows(state, "SELECT message FROM _rewind_dlq LIMIT 1")
     );
 }
+
+/// A statement that fails after rewriting ~3 MB of existing pages, in a
+/// batch that takes a savepoint per event (an event before it failed),
+/// leaves every page as it was, and the failing events' writes are undone:
+/// what SQLite keeps to restore them (the sub-journal) holds far more than
+/// an event usually writes.
+#[test]
+fn a_large_rewrite_that_fails_is_restored_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acts.jsonl");
+    let fill = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000) \
+                INSERT INTO observed (offset, what, value) SELECT x, 'filler', printf('%0900d', x) FROM c";
+    // Rows in rowid order: the last one fails NOT NULL after all the others
+    // were rewritten.
+    let rewrite = "UPDATE observed SET value = zeroblob(900), \
+                   offset = CASE WHEN what = 'last' THEN NULL ELSE offset END";
+    let acts = [
+        ("sql", Some(fill)),
+        (
+            "sql",
+            Some("INSERT INTO observed (offset, what, value) VALUES (0, 'last', 'x')"),
+        ),
+        ("invalid", None),
+        ("sql", Some(rewrite)),
+        ("write-then-fail", None),
+        ("normal", None),
+    ];
+    let lines: Vec<String> = acts
+        .iter()
+        .enumerate()
+        .map(|(o, (act, statement))| act_line(o as i64, act, *statement))
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let state = dir.path().join("acts.db");
+    let out = rewind_tests::rewind_run("hostile", &input, &state)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Far more pages than an event usually touches.
+    let pages = rows(
+        &state,
+        "SELECT count(*) FROM dbstat WHERE name = 'observed'",
+    );
+    assert!(
+        matches!(pages[0][0], Value::Integer(n) if n > 150),
+        "{pages:?} pages"
+    );
+    assert_eq!(
+        rows(
+            &state,
+            "SELECT count(*) FROM observed WHERE what = 'filler' AND value = printf('%0900d', offset)"
+        ),
+        [vec![Value::Integer(3000)]]
+    );
+    assert_eq!(
+        rows(
+            &state,
+            "SELECT offset, value FROM observed WHERE what = 'last'"
+        ),
+        [vec![Value::Integer(0), Value::Text("x".into())]]
+    );
+    let probe = rows(&state, "SELECT outcome FROM probes WHERE offset = 3");
+    assert!(
+        text(&probe[0][0]).contains("NOT NULL constraint failed"),
+        "{probe:?}"
+    );
+    // The failing events' writes are undone; the normal event's kept.
+    assert_eq!(
+        rows(&state, "SELECT offset FROM seen"),
+        [vec![Value::Integer(5)]]
+    );
+    assert_eq!(
+        rows(
+            &state,
+            "SELECT offset, error_class FROM _rewind_dlq ORDER BY offset"
+        ),
+        [
+            vec![Value::Integer(2), Value::Text("invalid-input".into())],
+            vec![Value::Integer(4), Value::Text("failed".into())]
+        ]
+    );
+}
