@@ -922,3 +922,51 @@ fn a_large_rewrite_that_fails_is_restored_whole() {
         ]
     );
 }
+
+/// An event that fails having run no statement that may write changed
+/// nothing, so it is dead-lettered where it stands; one that fails after
+/// writing has its batch redone with a savepoint per event, which undoes it
+/// alone, and the run says so. Both end as an event-by-event run would.
+#[test]
+fn only_an_event_that_failed_after_writing_costs_a_redo() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, acts: &[&str]| {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        let lines: Vec<String> = (0..)
+            .zip(acts)
+            .map(|(o, act)| act_line(o, act, None))
+            .collect();
+        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        let state = dir.path().join(format!("{name}.db"));
+        let summary =
+            rewind_host::run(&config(&processor("hostile"), &input, &state), &()).unwrap();
+        (summary, state)
+    };
+    let seen = |state: &Path| rows(state, "SELECT offset FROM seen ORDER BY offset");
+    // Rejected before any write: no redo, and the batch stays optimistic.
+    let (summary, state) = run("read", &["normal", "invalid", "normal", "panic", "normal"]);
+    assert_eq!((summary.dead_lettered, summary.redone_batches), (2, 0));
+    assert_eq!(
+        seen(&state),
+        [
+            [Value::Integer(0)],
+            [Value::Integer(2)],
+            [Value::Integer(4)]
+        ]
+    );
+    // A write, then the failure: the batch is redone and the write undone.
+    let (summary, state) = run("wrote", &["normal", "write-then-fail", "normal"]);
+    assert_eq!((summary.dead_lettered, summary.redone_batches), (1, 1));
+    assert_eq!(seen(&state), [[Value::Integer(0)], [Value::Integer(2)]]);
+
+    let input = dir.path().join("wrote.jsonl");
+    let out = rewind_tests::rewind_run("hostile", &input, &dir.path().join("cli.db"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("1 batch redone event by event (an event failed after writing"),
+        "{stderr}"
+    );
+}

@@ -138,6 +138,15 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
             summary.duplicates,
             summary.skipped,
         );
+        // What the dead letters cost: a batch in which an event failed after
+        // writing is run again with a savepoint per event.
+        if summary.redone_batches > 0 {
+            let n = summary.redone_batches;
+            eprintln!(
+                "{n} batch{} redone event by event (an event failed after writing; see `rewind dlq list`)",
+                if n == 1 { "" } else { "es" }
+            );
+        }
         print_module(&summary.module_digest, &summary.load);
     }
     Ok(())

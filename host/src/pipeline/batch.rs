@@ -47,13 +47,18 @@ pub(super) struct Run<'a> {
 /// The open batch transaction.
 ///
 /// A savepoint per event costs a copy of every page the event touches, so
-/// events run without one until an event fails: then the batch is rolled
-/// back and redone from its first record with a savepoint around each event
-/// ("careful"), and the failing event alone is undone. Guests are
-/// deterministic and every batch starts at an instance epoch, so the redo
-/// reaches the same state; only the time differs. A batch in which an event
-/// failed makes the next one careful too, so a stream full of bad events
-/// pays for one redo, not one per batch.
+/// events run without one until an event fails having run a statement that
+/// may write: then the batch is rolled back and redone from its first
+/// record with a savepoint around each event ("careful"), and the failing
+/// event alone is undone. Guests are deterministic and every batch starts
+/// at an instance epoch, so the redo reaches the same state; only the time
+/// differs. A batch in which an event failed makes the next one careful too,
+/// so a stream full of bad events pays for one redo, not one per batch.
+/// An event that fails having written nothing (the usual invalid input,
+/// rejected before any write) has nothing to undo: it is dead-lettered
+/// where it stands, with no redo and no careful batch after it (a careful
+/// batch took twice as long: 300,000 payments events with one invalid in
+/// 5,000 ran in 6.5 s against 2.8 s).
 struct Batch {
     /// Records the batch has read, to feed them again on a redo (kept only
     /// while the batch is not careful).
@@ -189,6 +194,7 @@ impl Run<'_> {
                     self.next_seq = open.next_seq;
                     self.offsets = open.offsets;
                     self.summary = open.summary;
+                    self.summary.redone_batches += 1;
                     self.logs.clear();
                     if let Some(tape) = self.tape.as_mut() {
                         tape.discard();
@@ -349,11 +355,14 @@ impl Run<'_> {
                         rejection,
                     });
                 }
-                if !careful {
+                if careful {
+                    *failed = true;
+                    self.db().rollback_event()?;
+                } else if self.db().event_wrote() {
                     return Ok(Processed::Redo);
                 }
-                *failed = true;
-                self.db().rollback_event()?;
+                // Failed before writing anything (a processor checking its
+                // input first): there is nothing to undo, savepoint or not.
                 self.db().reset_changes();
                 let outcome = dead(rejection.class, &rejection.message);
                 self.record_on_tape(seq, record, outcome, None, &mut Vec::new());

@@ -176,6 +176,9 @@ pub struct RunSummary {
     /// Events skipped because their event id (the dedup header) was seen before.
     pub duplicates: u64,
     pub outputs: u64,
+    /// Batches rolled back and run again with a savepoint per event because
+    /// an event failed after it may have written (see `pipeline/batch.rs`).
+    pub redone_batches: u64,
     pub elapsed: Duration,
     /// The run stopped early because [`Progress::should_stop`] asked it to.
     pub interrupted: bool,
@@ -375,6 +378,7 @@ pub fn run_source(
                 skipped: 0,
                 duplicates: 0,
                 outputs: 0,
+                redone_batches: 0,
                 elapsed: Duration::ZERO,
                 interrupted: false,
             },

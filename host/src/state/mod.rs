@@ -27,7 +27,7 @@ mod vfs;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::types::{Value as SqlValue, ValueRef};
@@ -243,6 +243,9 @@ pub struct StateDb {
     /// event has used, and the budget it may use.
     sql_periods: Arc<AtomicU64>,
     sql_budget_periods: Arc<AtomicU64>,
+    /// The current guest event ran a statement that may write (one that is
+    /// not `sqlite3_stmt_readonly`), whether or not it succeeded.
+    event_wrote: AtomicBool,
     /// Outputs of the open transaction not written yet (see `outbox`).
     outbox: outbox::Outbox,
 }
@@ -338,6 +341,7 @@ impl StateDb {
             guard,
             sql_periods,
             sql_budget_periods,
+            event_wrote: AtomicBool::new(false),
             outbox: Default::default(),
         };
         db.create_host_tables()?;
@@ -606,6 +610,7 @@ impl StateDb {
     /// Prepares guest SQL for the event at `position`: SQL randomness is
     /// reseeded and the SQL budget reset. Pair with an `EventClock`.
     pub fn enter_event(&self, position: &Position, seed: Seed, sql_budget: u64) {
+        self.event_wrote.store(false, Ordering::Relaxed);
         self.guard.reseed(seed);
         self.guard.enter_event(&self.conn);
         if let Some(stall) = &self.stall {
@@ -621,6 +626,13 @@ impl StateDb {
     /// Lifts the SQL budget for the host's own statements.
     pub fn leave_event(&self) {
         self.sql_budget_periods.store(u64::MAX, Ordering::Relaxed);
+    }
+
+    /// Whether the last guest event ran a statement that may have written
+    /// (see [`StateDb::enter_event`]); if not, it changed nothing in the
+    /// database, whatever became of it.
+    pub fn event_wrote(&self) -> bool {
+        self.event_wrote.load(Ordering::Relaxed)
     }
 
     fn guest_error(&self, error: rusqlite::Error) -> GuestSqlError {
@@ -658,8 +670,12 @@ impl StateDb {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
             let sql = guard::guest_statement(sql)?;
-            self.guest_direct
-                .with(&self.conn, sql, false, |stmt| stmt.run(&params))
+            self.guest_direct.with(&self.conn, sql, false, |stmt| {
+                if !stmt.readonly() {
+                    self.event_wrote.store(true, Ordering::Relaxed);
+                }
+                stmt.run(&params)
+            })
         });
         let ((), created) = result.map_err(|e| self.guest_error(e))?;
         self.check_stored(created)?;
@@ -675,8 +691,12 @@ impl StateDb {
         let result = self.guard.as_guest(|| {
             let sql = guard::guest_statement(sql)?;
             let large = holds_large_value(&params);
-            self.guest_statements
-                .with(&self.conn, sql, large, |stmt| collect_rows(stmt, &params))
+            self.guest_statements.with(&self.conn, sql, large, |stmt| {
+                if !stmt.readonly() {
+                    self.event_wrote.store(true, Ordering::Relaxed);
+                }
+                collect_rows(stmt, &params)
+            })
         });
         let (rows, created) = result.map_err(|e| self.guest_error(e))?;
         self.check_stored(created)?;

@@ -181,6 +181,12 @@ impl Kept for Direct {
 }
 
 impl Direct {
+    /// Whether the statement makes no direct change to the database.
+    pub(super) fn readonly(&self) -> bool {
+        // SAFETY: `raw` is a live statement of this connection.
+        unsafe { ffi::sqlite3_stmt_readonly(self.raw.as_ptr()) != 0 }
+    }
+
     /// Binds `params` (`?1`, `?2`, …), steps the statement to its end and
     /// resets it with its bindings cleared.
     pub(super) fn run(&mut self, params: &[SqlValue]) -> rusqlite::Result<()> {
