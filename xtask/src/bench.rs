@@ -147,6 +147,9 @@ struct Setup {
 /// is shared: within minutes the same binary's time swings by half, and with
 /// three rounds the best of each was often not from a calm moment.
 const RUN_ROUNDS: usize = 5;
+/// The run section's stream with dead letters has an invalid event after
+/// every this many.
+const INVALID_EVERY: usize = 5_000;
 /// Rounds of `rewind diff` and `sqldiff`, alternating (each takes ~1 s).
 const DIFF_ROUNDS: usize = 5;
 
@@ -176,12 +179,27 @@ fn run_section(setup: &Setup) -> Result<()> {
     // Recording (every record and its result, row and output digests, onto
     // a tape) is a third run of each round.
     let (mut wasm_times, mut native_times, mut taped_times) = (Vec::new(), Vec::new(), Vec::new());
+    // The same stream with an invalid event (a cancel of an order never
+    // made) after every INVALID_EVERY: dead letters, which must not cost
+    // the rest of the stream its speed.
+    let invalid_input = dir.join("with-invalid.jsonl");
+    let text = std::fs::read(input)?;
+    let mut with_invalid = Vec::with_capacity(text.len() + text.len() / 1000);
+    for (i, line) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        with_invalid.extend_from_slice(line);
+        if (i + 1) % INVALID_EVERY == 0 {
+            with_invalid
+                .extend_from_slice(b"{\"type\":\"order_cancelled\",\"order_id\":\"o-never\"}\n");
+        }
+    }
+    std::fs::write(&invalid_input, with_invalid)?;
+    let mut invalid_times = Vec::new();
     let (mut rss, mut native_rss, mut taped_rss) = (0, 0, 0);
     let tape = dir.join("recorded.tape");
     let mut tape_mib = 0;
     for _ in 0..RUN_ROUNDS {
         // Every round starts from empty state (a finished one would resume).
-        for db in ["wasm.db", "native.db", "taped.db"] {
+        for db in ["wasm.db", "native.db", "taped.db", "invalid.db"] {
             remove_db(&dir.join(db))?;
         }
         let (time, peak) = run_rewind(
@@ -215,14 +233,26 @@ fn run_section(setup: &Setup) -> Result<()> {
         )?;
         taped_times.push(time);
         taped_rss = taped_rss.max(peak);
+        let (time, _) = run_rewind(
+            bin,
+            &processor,
+            &invalid_input,
+            &dir.join("invalid.db"),
+            cache,
+            batch,
+            None,
+        )?;
+        invalid_times.push(time);
         tape_mib = std::fs::metadata(&tape)?.len() >> 20;
         std::fs::remove_file(&tape)?;
     }
     println!(
-        "best of {RUN_ROUNDS} interleaved rounds; rewind {} s, native {} s, rewind --tape {} s",
+        "best of {RUN_ROUNDS} interleaved rounds; rewind {} s, native {} s, rewind --tape {} s, \
+         with invalid events {} s",
         seconds(&wasm_times),
         seconds(&native_times),
-        seconds(&taped_times)
+        seconds(&taped_times),
+        seconds(&invalid_times)
     );
     let (wasm_time, native_time, taped_time) =
         (best(&wasm_times), best(&native_times), best(&taped_times));
@@ -263,6 +293,13 @@ fn run_section(setup: &Setup) -> Result<()> {
         taped_time.as_secs_f64(),
         taped_rss / 1024,
         taped_time.as_secs_f64() / wasm_time.as_secs_f64()
+    );
+    let invalid_time = best(&invalid_times);
+    println!(
+        "rewind run, an invalid event after every {INVALID_EVERY}: {:>9.0} events/s  ({:.2}s; {:.2}x the run's time)",
+        rate(invalid_time),
+        invalid_time.as_secs_f64(),
+        invalid_time.as_secs_f64() / wasm_time.as_secs_f64()
     );
     println!(
         "wasm/native time ratio: {:.2}",
