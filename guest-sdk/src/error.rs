@@ -13,6 +13,11 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 pub enum Error {
     /// The event itself is wrong: malformed payload, unknown type, an
     /// impossible transition. The host dead-letters it and goes on.
+    ///
+    /// Return it before writing anything for the event, where you can: an
+    /// event that wrote nothing has nothing to undo, while one that fails
+    /// after a write makes the host run its batch again with a savepoint
+    /// per event.
     InvalidInput(String),
     /// Anything else. The host applies its error policy (dead-letter and go
     /// on, or halt).
