@@ -175,6 +175,17 @@ fn a_group_consumes_partitions_into_their_own_state_and_produces_outputs_and_dea
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "rewind run failed: {stderr}");
     assert!(stderr.contains("processed 100000 events"), "{stderr}");
+    // Invalid orders are rejected before any write: no batch is run again.
+    for p in 0..PARTITIONS {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("partition {p}: ")) && l.contains(" outputs"))
+            .unwrap_or_else(|| panic!("no line for partition {p}: {stderr}"));
+        assert!(
+            line.contains(" dead-lettered") && !line.contains("redone"),
+            "{line}"
+        );
+    }
 
     // The state, merged over the partitions, equals the model.
     let (payments, totals) = state(&state_dir);

@@ -197,17 +197,23 @@ fn run_kafka(
     }
     let summary = kafka::run(&config, stop)?;
     if !args.quiet {
-        let mut per_partition: std::collections::BTreeMap<i32, (u64, u64, u64)> =
+        let mut per_partition: std::collections::BTreeMap<i32, (u64, u64, u64, u64)> =
             Default::default();
         for (partition, run) in &summary.runs {
             let entry = per_partition.entry(*partition).or_default();
             entry.0 += run.consumed;
             entry.1 += run.dead_lettered;
             entry.2 += run.outputs;
+            entry.3 += run.redone_batches;
         }
-        for (partition, (consumed, dead, outputs)) in per_partition {
+        for (partition, (consumed, dead, outputs, redone)) in per_partition {
+            let redone = match redone {
+                0 => String::new(),
+                1 => ", 1 batch redone event by event".to_owned(),
+                n => format!(", {n} batches redone event by event"),
+            };
             eprintln!(
-                "partition {partition}: {consumed} events, {dead} dead-lettered, {outputs} outputs"
+                "partition {partition}: {consumed} events, {dead} dead-lettered, {outputs} outputs{redone}"
             );
         }
         let secs = summary.elapsed.as_secs_f64();
