@@ -2,11 +2,11 @@
 //! `rewind run` with payments-v2 against a native Rust implementation of the
 //! same logic issuing the same SQL through rusqlite with the same batching
 //! (`host/examples/native_payments.rs`), in the same run, plus peak RSS,
-//! cold versus warm start and the cost of recording a tape. The machines are
-//! shared and noisy: read the ratio. Then `rewind replay` (also of a tape
-//! TIMES as long, default 5, and of one delivering every order twice, for
-//! its memory), `rewind diff` against sqldiff,
-//! and Kafka end to end against a raw consumer. `--only
+//! cold versus warm start, the cost of recording a tape and of a stream with
+//! dead letters. The machines are shared and noisy: read the ratio. Then
+//! `rewind replay` (also of a tape TIMES as long, default 5, and of one
+//! delivering every order twice, for its memory), `rewind diff` against
+//! sqldiff (interleaved rounds), and Kafka end to end against a raw consumer. `--only
 //! run|instructions|replay|diff|kafka` runs one section. `instructions`
 //! counts, under valgrind, the instructions per event of the run and of the
 //! native baseline: a ratio the neighbours' load does not move.
