@@ -375,12 +375,6 @@ enum Failed {
     Keeping(FindingsError),
 }
 
-impl From<(bool, rusqlite::Error)> for Failed {
-    fn from((side, error): (bool, rusqlite::Error)) -> Failed {
-        Failed::Reading(side, error)
-    }
-}
-
 impl From<FindingsError> for Failed {
     fn from(error: FindingsError) -> Failed {
         Failed::Keeping(error)
