@@ -138,14 +138,8 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
             summary.duplicates,
             summary.skipped,
         );
-        // What the dead letters cost: a batch in which an event failed after
-        // writing is run again with a savepoint per event.
-        if summary.redone_batches > 0 {
-            let n = summary.redone_batches;
-            eprintln!(
-                "{n} batch{} redone event by event (an event failed after writing; see `rewind dlq list`)",
-                if n == 1 { "" } else { "es" }
-            );
+        if let Some(redone) = redone(summary.redone_batches) {
+            eprintln!("{redone} (an event failed after writing; see `rewind dlq list`)");
         }
         print_module(&summary.module_digest, &summary.load);
     }
@@ -206,12 +200,10 @@ fn run_kafka(
             entry.2 += run.outputs;
             entry.3 += run.redone_batches;
         }
-        for (partition, (consumed, dead, outputs, redone)) in per_partition {
-            let redone = match redone {
-                0 => String::new(),
-                1 => ", 1 batch redone event by event".to_owned(),
-                n => format!(", {n} batches redone event by event"),
-            };
+        for (partition, (consumed, dead, outputs, batches)) in per_partition {
+            let redone = redone(batches)
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default();
             eprintln!(
                 "partition {partition}: {consumed} events, {dead} dead-lettered, {outputs} outputs{redone}"
             );
@@ -231,4 +223,14 @@ fn run_kafka(
         std::process::exit(130);
     }
     Ok(())
+}
+
+/// What the dead letters cost, if anything: a batch in which an event failed
+/// after writing is run again with a savepoint per event.
+fn redone(batches: u64) -> Option<String> {
+    match batches {
+        0 => None,
+        1 => Some("1 batch redone event by event".to_owned()),
+        n => Some(format!("{n} batches redone event by event")),
+    }
 }
