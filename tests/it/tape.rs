@@ -15,12 +15,17 @@ use rewind_tests::{
 
 /// Every frame of a tape, in order.
 fn frames(tape: &Path) -> Vec<Frame> {
-    let mut reader = TapeReader::open(tape).unwrap();
+    read_whole(tape).unwrap()
+}
+
+/// Every frame of the tape at `path`, or the first error reading it.
+fn read_whole(path: &Path) -> Result<Vec<Frame>, rewind_host::TapeError> {
+    let mut reader = TapeReader::open(path)?;
     let mut out = Vec::new();
-    while let Some(frame) = reader.next_frame().unwrap() {
+    while let Some(frame) = reader.next_frame()? {
         out.push(frame);
     }
-    out
+    Ok(out)
 }
 
 fn events(tape: &Path) -> Vec<TapeEvent> {
@@ -319,16 +324,6 @@ fn damaged_tapes_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("truncated"), "{err}");
-}
-
-/// Every frame of the tape at `path`, or the first error reading it.
-fn read_whole(path: &Path) -> Result<Vec<Frame>, rewind_host::TapeError> {
-    let mut reader = TapeReader::open(path)?;
-    let mut out = Vec::new();
-    while let Some(frame) = reader.next_frame()? {
-        out.push(frame);
-    }
-    Ok(out)
 }
 
 /// Exhaustively: every single-bit flip of a recorded tape (run frames and
