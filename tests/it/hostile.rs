@@ -98,6 +98,22 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("SELECT fts3_tokenizer('simple')", false),
 ];
 
+/// Calls of `sql.execute` through its canonical ABI (the hostile `abi`
+/// act): one well-formed, then arguments no well-formed guest passes, which
+/// must trap the guest without reaching SQL.
+/// Each case with what its dead letter says.
+const ABI_CASES: &[(&str, &str)] = &[
+    ("ok", ""),
+    ("statement-out-of-bounds", "out of bounds of memory"),
+    ("statement-not-utf8", "invalid utf-8"),
+    ("params-out-of-bounds", "out of bounds of memory"),
+    ("params-misaligned", "not aligned to 8"),
+    ("params-too-many", "out of bounds of memory"),
+    ("unknown-case", "invalid variant discriminant 9"),
+    ("text-not-utf8", "invalid utf-8"),
+    ("blob-out-of-bounds", "out of bounds of memory"),
+];
+
 fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, String)>) {
     let mut acts: Vec<(String, Option<String>)> = [
         "loop",
@@ -128,12 +144,20 @@ fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, 
             .iter()
             .map(|(s, _)| ("sql".to_string(), Some(s.to_string()))),
     );
+    acts.extend(
+        ABI_CASES
+            .iter()
+            .map(|(c, _)| ("abi".to_string(), Some(c.to_string()))),
+    );
     let mut lines = Vec::new();
     let mut offsets = Vec::new();
     let mut offset = 0;
     for (act, statement) in acts {
         lines.push(act_line(offset, &act, statement.as_deref()));
-        offsets.push((offset, act));
+        offsets.push(match statement {
+            Some(case) if act == "abi" => (offset, format!("abi {case}")),
+            _ => (offset, act),
+        });
         offset += 1;
         // Every hostile act is followed by a normal event.
         lines.push(act_line(offset, "normal", None));
@@ -208,6 +232,18 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     let (class, message) = dead_of("emit-flood");
     assert_eq!(class, "failed");
     assert!(message.contains("output limit"), "{message}");
+    for (case, says) in &ABI_CASES[1..] {
+        let (class, message) = dead_of(&format!("abi {case}"));
+        assert_eq!(class, "trap", "abi {case}: {message}");
+        assert!(message.contains(says), "abi {case}: {message}");
+    }
+    assert!(
+        !dead.contains_key(&format!(
+            "Integer({})",
+            acts.iter().find(|(_, a)| a == "abi ok").unwrap().0
+        )),
+        "{dead:?}"
+    );
     // The failed event's write was rolled back and its output never left.
     let failed_at = acts.iter().find(|(_, a)| a == "write-then-fail").unwrap().0;
     assert!(!seen.contains(&failed_at));
@@ -262,6 +298,18 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
         .unwrap()
         .1;
     assert!(big.contains("larger than 64 MiB"), "{big}");
+
+    // The well-formed raw call bound its parameters as given; the malformed
+    // ones reached nothing.
+    let abi = rows(
+        &state,
+        "SELECT offset, value FROM observed WHERE what = 'abi'",
+    );
+    let abi_ok = acts.iter().find(|(_, a)| a == "abi ok").unwrap().0;
+    assert_eq!(
+        abi,
+        vec![vec![Value::Integer(abi_ok), Value::Blob(vec![0, 255])]]
+    );
 
     // Clocks are the event's timestamp; randomness differs per draw.
     let observed: BTreeMap<String, String> = rows(&state, "SELECT what, value FROM observed")

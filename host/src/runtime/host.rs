@@ -133,19 +133,6 @@ impl WasiView for HostState {
 
 impl types::Host for HostState {}
 
-fn to_sqlite(params: Vec<sql::Value>) -> Vec<SqlValue> {
-    params
-        .into_iter()
-        .map(|v| match v {
-            sql::Value::Null => SqlValue::Null,
-            sql::Value::Integer(i) => SqlValue::Integer(i),
-            sql::Value::Real(r) => SqlValue::Real(r),
-            sql::Value::Text(s) => SqlValue::Text(s),
-            sql::Value::Blob(b) => SqlValue::Blob(b),
-        })
-        .collect()
-}
-
 fn from_sqlite(value: SqlValue) -> sql::Value {
     match value {
         SqlValue::Null => sql::Value::Null,
@@ -158,7 +145,7 @@ fn from_sqlite(value: SqlValue) -> sql::Value {
 
 /// Statement errors go back to the guest; budget exhaustion and database
 /// failures stop the guest with a trap.
-fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>> {
+pub(super) fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>> {
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(GuestSqlError::Statement(message)) => Ok(Err(message)),
@@ -181,39 +168,22 @@ fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result<T, String>
 }
 
 impl HostState {
-    fn db(&self) -> Result<&StateDb> {
+    pub(super) fn db(&self) -> Result<&StateDb> {
         self.db
             .as_deref()
             .ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
     }
 }
 
-impl sql::Host for HostState {
-    fn execute(
-        &mut self,
-        statement: String,
-        params: Vec<sql::Value>,
-    ) -> Result<Result<u64, String>> {
-        guest_result(self.db()?.guest_execute(&statement, to_sqlite(params)))
-    }
-
-    fn query(
-        &mut self,
-        statement: String,
-        params: Vec<sql::Value>,
-    ) -> Result<Result<sql::Rows, String>> {
-        guest_result(
-            self.db()?
-                .guest_query(&statement, to_sqlite(params))
-                .map(|rows| sql::Rows {
-                    columns: rows.columns,
-                    rows: rows
-                        .rows
-                        .into_iter()
-                        .map(|row| row.into_iter().map(from_sqlite).collect())
-                        .collect(),
-                }),
-        )
+/// A guest query's rows in the world's terms.
+pub(super) fn to_rows(rows: crate::state::GuestRows) -> sql::Rows {
+    sql::Rows {
+        columns: rows.columns,
+        rows: rows
+            .rows
+            .into_iter()
+            .map(|row| row.into_iter().map(from_sqlite).collect())
+            .collect(),
     }
 }
 

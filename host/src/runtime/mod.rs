@@ -10,6 +10,7 @@
 mod cache;
 mod host;
 mod sandbox;
+mod sql_args;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -265,7 +266,14 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
         sandbox::forbid_waiting(&mut linker).map_err(engine_err)?;
-        Processor::add_to_linker::<_, wasmtime::component::HasSelf<HostState>>(&mut linker, |s| s)
+        // The world's imports but `sql` through the bindings; `sql` by hand.
+        type Get = wasmtime::component::HasSelf<HostState>;
+        wit::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
+            .and_then(|()| {
+                wit::rewind::processor::output::add_to_linker::<_, Get>(&mut linker, |s| s)
+            })
+            .and_then(|()| wit::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s))
+            .and_then(|()| sql_args::add_to_linker(&mut linker))
             .map_err(engine_err)?;
         Ok(Runtime {
             engine,

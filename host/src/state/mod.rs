@@ -666,7 +666,7 @@ impl StateDb {
     }
 
     /// Runs a guest statement to completion; returns the rows it changed.
-    pub fn guest_execute(&self, sql: &str, params: Vec<SqlValue>) -> Result<u64, GuestSqlError> {
+    pub fn guest_execute(&self, sql: &str, params: &[ValueRef<'_>]) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
             let sql = guard::guest_statement(sql)?;
@@ -674,7 +674,7 @@ impl StateDb {
                 if !stmt.readonly() {
                     self.event_wrote.store(true, Ordering::Relaxed);
                 }
-                stmt.run(&params)
+                stmt.run(params)
             })
         });
         let ((), created) = result.map_err(|e| self.guest_error(e))?;
@@ -686,16 +686,16 @@ impl StateDb {
     pub fn guest_query(
         &self,
         sql: &str,
-        params: Vec<SqlValue>,
+        params: &[ValueRef<'_>],
     ) -> Result<GuestRows, GuestSqlError> {
         let result = self.guard.as_guest(|| {
             let sql = guard::guest_statement(sql)?;
-            let large = holds_large_value(&params);
+            let large = holds_large_value(params);
             self.guest_statements.with(&self.conn, sql, large, |stmt| {
                 if !stmt.readonly() {
                     self.event_wrote.store(true, Ordering::Relaxed);
                 }
-                collect_rows(stmt, &params)
+                collect_rows(stmt, params)
             })
         });
         let (rows, created) = result.map_err(|e| self.guest_error(e))?;
@@ -746,10 +746,9 @@ impl StateDb {
 
 /// Whether binding `params` copies enough bytes into a statement that they
 /// should not stay bound to it until its next use.
-fn holds_large_value(params: &[SqlValue]) -> bool {
+fn holds_large_value(params: &[ValueRef<'_>]) -> bool {
     params.iter().any(|value| match value {
-        SqlValue::Text(s) => s.len() > LARGE_BINDING,
-        SqlValue::Blob(b) => b.len() > LARGE_BINDING,
+        ValueRef::Text(b) | ValueRef::Blob(b) => b.len() > LARGE_BINDING,
         _ => false,
     })
 }
@@ -772,7 +771,7 @@ fn not_utf8(column: &str, row: usize) -> rusqlite::Error {
 /// Runs a guest query and collects its rows, up to [`MAX_QUERY_BYTES`].
 fn collect_rows(
     stmt: &mut rusqlite::Statement<'_>,
-    params: &[SqlValue],
+    params: &[ValueRef<'_>],
 ) -> rusqlite::Result<GuestRows> {
     let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
     if let Some((stem, alike)) = guard::made_up_column(&columns) {
@@ -786,7 +785,11 @@ fn collect_rows(
         ));
     }
     let width = columns.len();
-    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(
+        params
+            .iter()
+            .map(|&v| rusqlite::types::ToSqlOutput::Borrowed(v)),
+    ))?;
     let mut out = Vec::new();
     let mut bytes = 0usize;
     while let Some(row) = rows.next()? {

@@ -30,7 +30,7 @@ use std::cell::RefCell;
 use std::ffi::c_int;
 use std::ptr::{self, NonNull};
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Statement, ffi};
 
 /// Statements kept at most: more than any real processor uses, few enough
@@ -189,7 +189,7 @@ impl Direct {
 
     /// Binds `params` (`?1`, `?2`, …), steps the statement to its end and
     /// resets it with its bindings cleared.
-    pub(super) fn run(&mut self, params: &[SqlValue]) -> rusqlite::Result<()> {
+    pub(super) fn run(&mut self, params: &[ValueRef<'_>]) -> rusqlite::Result<()> {
         let raw = self.raw.as_ptr();
         // SAFETY: `raw` is a live statement of this connection.
         let expected = unsafe { ffi::sqlite3_bind_parameter_count(raw) };
@@ -211,7 +211,7 @@ impl Direct {
                 || ffi::sqlite3_stmt_status(raw, ffi::SQLITE_STMTSTATUS_REPREPARE, 0) > 0;
             if self.tailored {
                 for (index, value) in (1..).zip(params) {
-                    if matches!(value, SqlValue::Text(_) | SqlValue::Blob(_)) {
+                    if matches!(value, ValueRef::Text(_) | ValueRef::Blob(_)) {
                         ffi::sqlite3_bind_null(raw, index);
                     }
                 }
@@ -222,7 +222,7 @@ impl Direct {
         result
     }
 
-    fn bind_and_step(&mut self, params: &[SqlValue]) -> rusqlite::Result<()> {
+    fn bind_and_step(&mut self, params: &[ValueRef<'_>]) -> rusqlite::Result<()> {
         let raw = self.raw.as_ptr();
         for (index, value) in (1..).zip(params) {
             // SAFETY: `raw` is live; a text or blob bound `SQLITE_STATIC`
@@ -230,10 +230,10 @@ impl Direct {
             // `run` unbinds every text and blob before returning.
             let rc = unsafe {
                 match value {
-                    SqlValue::Null => ffi::sqlite3_bind_null(raw, index),
-                    SqlValue::Integer(i) => ffi::sqlite3_bind_int64(raw, index, *i),
-                    SqlValue::Real(r) => ffi::sqlite3_bind_double(raw, index, *r),
-                    SqlValue::Text(text) => ffi::sqlite3_bind_text64(
+                    ValueRef::Null => ffi::sqlite3_bind_null(raw, index),
+                    ValueRef::Integer(i) => ffi::sqlite3_bind_int64(raw, index, *i),
+                    ValueRef::Real(r) => ffi::sqlite3_bind_double(raw, index, *r),
+                    ValueRef::Text(text) => ffi::sqlite3_bind_text64(
                         raw,
                         index,
                         text.as_ptr().cast(),
@@ -242,10 +242,8 @@ impl Direct {
                         ffi::SQLITE_UTF8 as u8,
                     ),
                     // As rusqlite binds it: an empty blob, not NULL.
-                    SqlValue::Blob(blob) if blob.is_empty() => {
-                        ffi::sqlite3_bind_zeroblob(raw, index, 0)
-                    }
-                    SqlValue::Blob(blob) => ffi::sqlite3_bind_blob64(
+                    ValueRef::Blob([]) => ffi::sqlite3_bind_zeroblob(raw, index, 0),
+                    ValueRef::Blob(blob) => ffi::sqlite3_bind_blob64(
                         raw,
                         index,
                         blob.as_ptr().cast(),
@@ -308,6 +306,12 @@ fn misuse(message: &str) -> rusqlite::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::types::Value as SqlValue;
+
+    /// `values` borrowed, as the guest's parameters are bound.
+    fn refs(values: &[SqlValue]) -> Vec<ValueRef<'_>> {
+        values.iter().map(ValueRef::from).collect()
+    }
 
     #[test]
     fn statements_are_kept_by_text_and_the_oldest_leaves_first() {
@@ -385,7 +389,7 @@ mod tests {
             ];
             statements
                 .with(&conn, insert, false, |s| {
-                    s.run(&params)?;
+                    s.run(&refs(&params))?;
                     // Nothing points into `params` once the run is over.
                     assert_eq!(
                         expanded(s),
@@ -428,7 +432,7 @@ mod tests {
         // and a statement that fails to prepare is not kept.
         let two = [SqlValue::Integer(1), SqlValue::Integer(2)];
         let error = statements
-            .with(&conn, insert, false, |s| s.run(&two))
+            .with(&conn, insert, false, |s| s.run(&refs(&two)))
             .unwrap_err();
         assert!(
             matches!(error, rusqlite::Error::InvalidParameterCount(2, 5)),
@@ -444,7 +448,7 @@ mod tests {
             ])
             .collect();
         let error = statements
-            .with(&conn, insert, false, |s| s.run(&duplicate))
+            .with(&conn, insert, false, |s| s.run(&refs(&duplicate)))
             .unwrap_err();
         assert!(
             error.to_string().contains("UNIQUE constraint failed: t.k"),
@@ -497,7 +501,9 @@ mod tests {
         let big = "x".repeat(100);
         for customer in ["a", "b", "a", "c", "b"] {
             let params = [SqlValue::Text(customer.into()), SqlValue::Integer(5)];
-            direct.with(&conn, trim, false, |s| s.run(&params)).unwrap();
+            direct
+                .with(&conn, trim, false, |s| s.run(&refs(&params)))
+                .unwrap();
             for value in [customer, &big] {
                 queries
                     .with(&conn, latest, true, |s| {

@@ -304,11 +304,96 @@ impl Processor for Hostile {
                 // Fails the event, so nothing it emitted is published.
                 return Err(Error::failed(format!("flooded: {outcome:?}")));
             }
+            // `sql.execute` called through its canonical ABI with what no
+            // well-formed guest passes (see `abi`).
+            "abi" => abi(&event, act.statement.as_deref().unwrap_or_default())?,
             // An output whose serialisation emits another output first.
             "emit-nested" => rewind_guest::emit_json("outer", "k", &EmitsWhileSerialised)?,
             other => return Err(Error::invalid(format!("unknown act {other:?}"))),
         }
         Ok(())
+    }
+}
+
+// `sql.execute` as the canonical ABI lowers it: the statement's pointer
+// and length, the parameters' pointer and count, and where the result goes.
+// The same import the SDK's bindings call, declared raw.
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "rewind:processor/sql@0.1.0")]
+unsafe extern "C" {
+    #[link_name = "execute"]
+    fn raw_execute(
+        statement: *const u8,
+        len: usize,
+        params: *const Value,
+        count: usize,
+        out: *mut u8,
+    );
+}
+
+/// One `value` of the world as laid out in memory: its case, then its
+/// payload at offset 8.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+struct Value {
+    case: u8,
+    _pad: [u8; 7],
+    payload: [u32; 2],
+}
+
+impl Value {
+    fn new(case: u8, payload: [u32; 2]) -> Value {
+        Value {
+            case,
+            _pad: [0; 7],
+            payload,
+        }
+    }
+
+    fn bytes(case: u8, bytes: &[u8]) -> Value {
+        Value::new(case, [bytes.as_ptr() as u32, bytes.len() as u32])
+    }
+}
+
+/// Calls `sql.execute` with arguments the `case` names: one well-formed
+/// call (`ok`: it records a text and a blob parameter in `observed`), the
+/// others malformed, which the host must refuse with a trap.
+fn abi(event: &Event, case: &str) -> Result<()> {
+    const FAR: u32 = 0xffff_ff00;
+    let insert = b"INSERT INTO observed (offset, what, value) VALUES (?1, ?2, ?3)";
+    let (statement, abi, blob, not_utf8) = (&insert[..], b"abi", [0u8, 255], [0xffu8, 0xfe]);
+    let offset = event.offset() as u64;
+    let mut values = [
+        Value::new(1, [offset as u32, (offset >> 32) as u32]),
+        Value::bytes(3, abi),
+        Value::bytes(4, &blob),
+    ];
+    let (mut text, mut len) = (statement.as_ptr(), statement.len());
+    let (mut params, mut count) = (values.as_ptr(), values.len());
+    match case {
+        "ok" => {}
+        "statement-out-of-bounds" => text = FAR as *const u8,
+        "statement-not-utf8" => (text, len) = (not_utf8.as_ptr(), not_utf8.len()),
+        "params-out-of-bounds" => params = FAR as *const Value,
+        "params-misaligned" => params = (params as usize + 4) as *const Value,
+        "params-too-many" => count = usize::MAX / 64,
+        "unknown-case" => values[0].case = 9,
+        "text-not-utf8" => values[1] = Value::bytes(3, &not_utf8),
+        "blob-out-of-bounds" => values[2] = Value::new(4, [FAR, 4096]),
+        other => return Err(Error::invalid(format!("unknown abi case {other:?}"))),
+    }
+    // result<u64, string>: a case byte, then the payload at offset 8.
+    let mut out = [0u64; 3];
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: the import reads the arguments (or traps) and writes `out`,
+    // which is large and aligned enough for its result.
+    unsafe {
+        raw_execute(text, len, black_box(params), count, out.as_mut_ptr().cast());
+    }
+    black_box((&values, text, len, params, count));
+    match out[0] & 0xff {
+        0 => Ok(()),
+        _ => Err(Error::failed("the well-formed raw execute failed")),
     }
 }
 

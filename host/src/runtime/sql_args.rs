@@ -1,0 +1,338 @@
+//! The `sql` import linked by hand: a statement's text and parameters are
+//! read out of guest memory in one pass into a buffer reused from call to
+//! call, and bound from there.
+//!
+//! Through the bindings, every call lifted the text and each text or blob
+//! parameter into a `String` or `Vec` of its own (an allocation and a free
+//! apiece, and the guest memory looked up again for each), only for SQLite
+//! to read them in place once. Here the arguments' types check against the
+//! world's as the bindings' do (`ComponentType::typecheck` defers to the
+//! bindings' own types), every pointer and length is checked against guest
+//! memory, every text is checked as UTF-8, and what a guest passes counts
+//! against wasmtime's per-call host-call fuel, exactly as before.
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rusqlite::types::ValueRef;
+use wasmtime::component::__internal::{
+    CanonicalAbiInfo, ComponentVariant, InstanceType, InterfaceType, LiftContext, wasmtime_environ,
+};
+use wasmtime::component::{ComponentType, Lift, Linker};
+use wasmtime::{Result, StoreContextMut, ValRaw, bail};
+use wasmtime_environ::component::StringEncoding;
+
+use super::host::{HostState, guest_result};
+use crate::wit::rewind::processor::sql;
+
+/// The `sql` interface's name in the world.
+const INTERFACE: &str = "rewind:processor/sql@0.1.0";
+
+/// Links `sql.execute` and `sql.query` into `linker`.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
+    let mut sql = linker.instance(INTERFACE)?;
+    sql.func_wrap(
+        "execute",
+        |mut store: StoreContextMut<'_, HostState>,
+         (statement, params): (GuestText, GuestValues)| {
+            let db = store.data_mut().db()?;
+            let result = params.with(|params| db.guest_execute(statement.as_str(), params));
+            Ok((guest_result(result)?,))
+        },
+    )?;
+    sql.func_wrap(
+        "query",
+        |mut store: StoreContextMut<'_, HostState>,
+         (statement, params): (GuestText, GuestValues)| {
+            let db = store.data_mut().db()?;
+            let result = params.with(|params| db.guest_query(statement.as_str(), params));
+            Ok((guest_result(result.map(super::host::to_rows))?,))
+        },
+    )?;
+    Ok(())
+}
+
+/// A statement's text, copied out of guest memory (checked UTF-8).
+pub struct GuestText {
+    buffer: Buffer,
+}
+
+impl GuestText {
+    fn as_str(&self) -> &str {
+        let bytes = &self.buffer.bytes;
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: `push_text`, which alone fills it, appends only text it
+        // checked as UTF-8 or encoded as UTF-8 itself.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+}
+
+/// The parameters of a statement, copied out of guest memory: numbers in
+/// place, texts and blobs as ranges of one byte buffer.
+pub struct GuestValues {
+    buffer: Buffer,
+}
+
+/// One parameter, its bytes (if any) a range of [`Buffer::bytes`].
+#[derive(Clone)]
+enum Slot {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Range<usize>),
+    Blob(Range<usize>),
+}
+
+/// Parameters a statement is given without an allocation for them.
+const ON_STACK: usize = 16;
+
+impl GuestValues {
+    /// Calls `f` with the parameters borrowed.
+    fn with<R>(&self, f: impl FnOnce(&[ValueRef<'_>]) -> R) -> R {
+        let bytes = &self.buffer.bytes;
+        let value = |slot: &Slot| match slot {
+            Slot::Null => ValueRef::Null,
+            Slot::Integer(i) => ValueRef::Integer(*i),
+            Slot::Real(r) => ValueRef::Real(*r),
+            Slot::Text(range) => ValueRef::Text(&bytes[range.clone()]),
+            Slot::Blob(range) => ValueRef::Blob(&bytes[range.clone()]),
+        };
+        let slots = &self.buffer.slots;
+        if slots.len() <= ON_STACK {
+            let mut values = [ValueRef::Null; ON_STACK];
+            for (to, slot) in values.iter_mut().zip(slots) {
+                *to = value(slot);
+            }
+            f(&values[..slots.len()])
+        } else {
+            f(&slots.iter().map(value).collect::<Vec<_>>())
+        }
+    }
+}
+
+/// Bytes and parameter slots, taken from a per-thread spare and given back
+/// when dropped, so a call allocates nothing once a thread has made a few.
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    slots: Vec<Slot>,
+}
+
+/// Spare buffers kept per thread: the two of a call in flight, and room.
+const SPARES: usize = 4;
+/// A buffer that grew past this many bytes is let go rather than kept.
+const KEEP_BYTES: usize = 1 << 20;
+
+thread_local! {
+    static SPARE: RefCell<Vec<(Vec<u8>, Vec<Slot>)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Buffer {
+    fn take() -> Buffer {
+        let (bytes, slots) = SPARE.with_borrow_mut(Vec::pop).unwrap_or_default();
+        Buffer { bytes, slots }
+    }
+
+    /// Appends guest memory's string at `ptr`, `len` (in the guest's
+    /// encoding) as UTF-8; returns where it went in `bytes`.
+    fn push_text(
+        &mut self,
+        cx: &mut LiftContext<'_>,
+        encoding: StringEncoding,
+        ptr: usize,
+        len: usize,
+    ) -> Result<Range<usize>> {
+        let start = self.bytes.len();
+        match encoding {
+            StringEncoding::Utf8 => {
+                let text = guest_bytes(cx, ptr, len, 1)?;
+                // SQL and keys are ASCII as a rule: checked a word at a
+                // time, that costs a third of a full UTF-8 check.
+                if !text.is_ascii() && std::str::from_utf8(text).is_err() {
+                    bail!("invalid utf-8 in a string the guest passed");
+                }
+                self.bytes.extend_from_slice(text);
+            }
+            StringEncoding::Utf16 => self.push_utf16(cx, ptr, len)?,
+            StringEncoding::CompactUtf16 => {
+                // The tag bit marks UTF-16; without it, the bytes are Latin-1.
+                const UTF16_TAG: usize = 1 << 31;
+                if len & UTF16_TAG != 0 {
+                    self.push_utf16(cx, ptr, len ^ UTF16_TAG)?;
+                } else {
+                    for &b in guest_bytes(cx, ptr, len, 2)? {
+                        let mut utf8 = [0; 2];
+                        self.bytes
+                            .extend_from_slice(char::from(b).encode_utf8(&mut utf8).as_bytes());
+                    }
+                }
+            }
+        }
+        Ok(start..self.bytes.len())
+    }
+
+    fn push_utf16(&mut self, cx: &mut LiftContext<'_>, ptr: usize, units: usize) -> Result<()> {
+        let Some(len) = units.checked_mul(2) else {
+            bail!("string pointer/length out of bounds of memory");
+        };
+        let bytes = guest_bytes(cx, ptr, len, 2)?;
+        let units = bytes
+            .chunks_exact(2)
+            .map(|pair| u16::from_le_bytes([pair[0], pair[1]]));
+        for c in char::decode_utf16(units) {
+            let Ok(c) = c else {
+                bail!("invalid utf-16 in a string the guest passed");
+            };
+            self.bytes
+                .extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if self.bytes.capacity() > KEEP_BYTES {
+            return;
+        }
+        let (mut bytes, mut slots) = (
+            std::mem::take(&mut self.bytes),
+            std::mem::take(&mut self.slots),
+        );
+        bytes.clear();
+        slots.clear();
+        // A thread being torn down has no spares to keep.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARES {
+                s.push((bytes, slots));
+            }
+        });
+    }
+}
+
+/// `len` bytes of guest memory at `ptr`, aligned to `align`, counted
+/// against the call's host-call fuel.
+fn guest_bytes<'a>(
+    cx: &mut LiftContext<'a>,
+    ptr: usize,
+    len: usize,
+    align: usize,
+) -> Result<&'a [u8]> {
+    if !ptr.is_multiple_of(align) {
+        bail!("pointer {ptr:#x} the guest passed is not aligned to {align}");
+    }
+    let memory = cx.memory();
+    let Some(bytes) = ptr.checked_add(len).and_then(|end| memory.get(ptr..end)) else {
+        bail!("pointer/length the guest passed out of bounds of memory");
+    };
+    cx.consume_fuel(len)?;
+    Ok(bytes)
+}
+
+/// A pointer and a length, lowered flat.
+fn flat_pair(src: &[ValRaw; 2]) -> (usize, usize) {
+    (src[0].get_u32() as usize, src[1].get_u32() as usize)
+}
+
+/// A pointer and a length, stored in memory.
+fn stored_pair(bytes: &[u8]) -> (usize, usize) {
+    let word = |at: usize| {
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
+    };
+    (word(0), word(4))
+}
+
+/// Implements lifting for `$lifted`, a type whose canonical ABI is the
+/// pointer and length of `$like` (the bindings' type, which its type check
+/// defers to), from its `lift(cx, ptr, len)`.
+macro_rules! lift_pointer_pair {
+    ($lifted:ty, $like:ty) => {
+        // SAFETY: the canonical ABI of a string or list: a pointer and a length.
+        unsafe impl ComponentType for $lifted {
+            type Lower = [ValRaw; 2];
+            const ABI: CanonicalAbiInfo = CanonicalAbiInfo::POINTER_PAIR;
+
+            fn typecheck(ty: &InterfaceType, types: &InstanceType<'_>) -> Result<()> {
+                <$like as ComponentType>::typecheck(ty, types)
+            }
+        }
+
+        // SAFETY: reads only checked ranges of guest memory.
+        unsafe impl Lift for $lifted {
+            fn linear_lift_from_flat(
+                cx: &mut LiftContext<'_>,
+                _: InterfaceType,
+                src: &Self::Lower,
+            ) -> Result<Self> {
+                let (ptr, len) = flat_pair(src);
+                <$lifted>::lift(cx, ptr, len)
+            }
+
+            fn linear_lift_from_memory(
+                cx: &mut LiftContext<'_>,
+                _: InterfaceType,
+                bytes: &[u8],
+            ) -> Result<Self> {
+                let (ptr, len) = stored_pair(bytes);
+                <$lifted>::lift(cx, ptr, len)
+            }
+        }
+    };
+}
+
+lift_pointer_pair!(GuestText, String);
+lift_pointer_pair!(GuestValues, Vec<sql::Value>);
+
+impl GuestText {
+    fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<GuestText> {
+        let mut buffer = Buffer::take();
+        let encoding = cx.options().string_encoding;
+        buffer.push_text(cx, encoding, ptr, len)?;
+        Ok(GuestText { buffer })
+    }
+}
+
+impl GuestValues {
+    /// Lifts `len` values of the world's `value` variant stored at `ptr`.
+    fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<GuestValues> {
+        // The layout is the bindings' own type's: a discriminant, then the
+        // payload at its offset.
+        let size = <sql::Value as ComponentType>::SIZE32;
+        let align = <sql::Value as ComponentType>::ALIGN32 as usize;
+        let payload = <sql::Value as ComponentVariant>::PAYLOAD_OFFSET32;
+        let Some(bytes) = len.checked_mul(size) else {
+            bail!("list pointer/length out of bounds of memory");
+        };
+        let elements = guest_bytes(cx, ptr, bytes, align)?;
+        let mut buffer = Buffer::take();
+        buffer.slots.reserve(len);
+        let encoding = cx.options().string_encoding;
+        for element in elements.chunks_exact(size) {
+            let word = |at: usize| -> [u8; 8] {
+                let mut w = [0; 8];
+                w.copy_from_slice(&element[payload + at..payload + at + 8]);
+                w
+            };
+            let slot = match element[0] {
+                0 => Slot::Null,
+                1 => Slot::Integer(i64::from_le_bytes(word(0))),
+                2 => Slot::Real(f64::from_le_bytes(word(0))),
+                3 => {
+                    let (ptr, len) = stored_pair(&element[payload..payload + 8]);
+                    Slot::Text(buffer.push_text(cx, encoding, ptr, len)?)
+                }
+                4 => {
+                    let (ptr, len) = stored_pair(&element[payload..payload + 8]);
+                    let blob = guest_bytes(cx, ptr, len, 1)?;
+                    let start = buffer.bytes.len();
+                    buffer.bytes.extend_from_slice(blob);
+                    Slot::Blob(start..buffer.bytes.len())
+                }
+                other => bail!("invalid variant discriminant {other} for a SQL value"),
+            };
+            buffer.slots.push(slot);
+        }
+        Ok(GuestValues { buffer })
+    }
+}
