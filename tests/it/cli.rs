@@ -1019,7 +1019,7 @@ fn a_perf_map_names_the_guests_functions_and_changes_nothing() {
     // perf's format: start address, size (both hex), name.
     let line = names
         .lines()
-        .find(|l| l.contains("payments::") && l.contains("Order"))
+        .find(|l| l.contains("<payments::Payments as rewind_guest::Processor>::handle"))
         .unwrap_or_else(|| panic!("no payments function named in:\n{names}"));
     let fields: Vec<&str> = line.splitn(3, ' ').collect();
     assert!(u64::from_str_radix(fields[0].trim_start_matches("0x"), 16).is_ok());
