@@ -2,8 +2,9 @@
 //! tape on copies of the same starting state, and every event's effects are
 //! compared as they happen.
 //!
-//! Each side is an ordinary run (`pipeline::run_loaded`) over the tape, in a thread
-//! of its own (both share one runtime and the modules compiled up front),
+//! Each side is an ordinary run (`pipeline::run_source`) over the tape, in a thread
+//! of its own (both share one runtime, the modules compiled up front, and one
+//! read of the tape, decoded and seeded once: `source::open_shared`),
 //! observing every event's result (outcome, row changes, outputs) at each
 //! commit. The comparer pairs the results by seq: an event
 //! diverges when its outcome or its outputs differ, or when it makes a new
@@ -24,7 +25,7 @@ use rusqlite::types::Value;
 use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
 use crate::event::Output;
 use crate::findings::{Findings, FindingsError, Version};
-use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_loaded};
+use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_source};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::state::{Change, StateError};
 use crate::tape::{Outcome, TapeEvent};
@@ -80,6 +81,9 @@ pub enum ReplayError {
     },
     #[error("--from: {0}")]
     From(#[source] crate::snapshot::SnapshotError),
+    /// The tape could not be opened for the versions to read.
+    #[error(transparent)]
+    Input(#[from] crate::source::InputError),
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
     #[error(transparent)]
@@ -372,6 +376,12 @@ fn replay_into(
     // previous one.
     let (old_tx, old_rx) = sync_channel(1);
     let (new_tx, new_rx) = sync_channel(1);
+    // The tape is read, decoded and seeded once for both versions.
+    let mut readers = crate::source::open_shared(&config.tape, None, 2)?;
+    let (mut new_source, mut old_source) = (
+        readers.pop().expect("two readers"),
+        readers.pop().expect("two readers"),
+    );
     std::thread::scope(|scope| {
         let old = std::thread::Builder::new()
             .name("rewind-old".into())
@@ -381,7 +391,7 @@ fn replay_into(
                     tx: old_tx,
                     progress: Some(progress),
                 };
-                run_loaded(&old_cfg, runtime, &old_module, &side)
+                run_source(&old_cfg, runtime, &old_module, &mut old_source, None, &side)
             })
             .map_err(|_| ReplayError::Crashed { side: "old" })?;
         let new = std::thread::Builder::new()
@@ -392,7 +402,7 @@ fn replay_into(
                     tx: new_tx,
                     progress: None,
                 };
-                run_loaded(&new_cfg, runtime, &new_module, &side)
+                run_source(&new_cfg, runtime, &new_module, &mut new_source, None, &side)
             })
             .map_err(|_| ReplayError::Crashed { side: "new" })?;
         let compared = compare(

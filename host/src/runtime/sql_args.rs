@@ -143,50 +143,22 @@ impl Buffer {
         len: usize,
     ) -> Result<Range<usize>> {
         let start = self.bytes.len();
-        match encoding {
-            StringEncoding::Utf8 => {
-                let text = guest_bytes(cx, ptr, len, 1)?;
-                // SQL and keys are ASCII as a rule: checked a word at a
-                // time, that costs a third of a full UTF-8 check.
-                if !text.is_ascii() && std::str::from_utf8(text).is_err() {
-                    bail!("invalid utf-8 in a string the guest passed");
-                }
-                self.bytes.extend_from_slice(text);
+        if encoding == StringEncoding::Utf8 {
+            let text = guest_bytes(cx, ptr, len, 1)?;
+            // SQL and keys are ASCII as a rule: checked a word at a time,
+            // that costs a third of a full UTF-8 check.
+            if !text.is_ascii() && std::str::from_utf8(text).is_err() {
+                bail!("invalid utf-8 in a string the guest passed");
             }
-            StringEncoding::Utf16 => self.push_utf16(cx, ptr, len)?,
-            StringEncoding::CompactUtf16 => {
-                // The tag bit marks UTF-16; without it, the bytes are Latin-1.
-                const UTF16_TAG: usize = 1 << 31;
-                if len & UTF16_TAG != 0 {
-                    self.push_utf16(cx, ptr, len ^ UTF16_TAG)?;
-                } else {
-                    for &b in guest_bytes(cx, ptr, len, 2)? {
-                        let mut utf8 = [0; 2];
-                        self.bytes
-                            .extend_from_slice(char::from(b).encode_utf8(&mut utf8).as_bytes());
-                    }
-                }
-            }
+            self.bytes.extend_from_slice(text);
+        } else {
+            // UTF-16 or Latin-1 (no Rust guest passes either): wasmtime's
+            // own lift decodes them.
+            let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
+            let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
+            self.bytes.extend_from_slice(text.as_bytes());
         }
         Ok(start..self.bytes.len())
-    }
-
-    fn push_utf16(&mut self, cx: &mut LiftContext<'_>, ptr: usize, units: usize) -> Result<()> {
-        let Some(len) = units.checked_mul(2) else {
-            bail!("string pointer/length out of bounds of memory");
-        };
-        let bytes = guest_bytes(cx, ptr, len, 2)?;
-        let units = bytes
-            .chunks_exact(2)
-            .map(|pair| u16::from_le_bytes([pair[0], pair[1]]));
-        for c in char::decode_utf16(units) {
-            let Ok(c) = c else {
-                bail!("invalid utf-16 in a string the guest passed");
-            };
-            self.bytes
-                .extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-        }
-        Ok(())
     }
 }
 

@@ -318,6 +318,10 @@ pub enum InputError {
     Tape(#[from] crate::tape::TapeError),
     #[error("kafka ({brokers}): {message}")]
     Kafka { brokers: String, message: String },
+    /// An error another consumer of a shared read was handed (see
+    /// [`Prefetch::start_shared`]), as it reads.
+    #[error("{0}")]
+    Shared(String),
 }
 
 impl Source for FileSource {
@@ -369,16 +373,28 @@ impl Source for TapeSource {
 /// Opens `path` as a tape if it is one, else as a JSONL file, read ahead
 /// on a thread of its own ([`Prefetch`]).
 pub fn open(path: &Path, stream: Option<&str>) -> Result<Box<dyn Source>, InputError> {
+    let mut one = open_shared(path, stream, 1)?;
+    Ok(Box::new(one.pop().expect("one reader asked for")))
+}
+
+/// [`open`] once for `readers` consumers, each handed every record
+/// ([`Prefetch::start_shared`]).
+pub fn open_shared(
+    path: &Path,
+    stream: Option<&str>,
+    readers: usize,
+) -> Result<Vec<Prefetch>, InputError> {
     let source: Box<dyn Source + Send> = if crate::tape::is_tape(path) {
         Box::new(TapeSource::open(path)?)
     } else {
         Box::new(FileSource::open(path, stream)?)
     };
-    let prefetch = Prefetch::start(source).map_err(|source| SourceError {
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(Box::new(prefetch))
+    Ok(
+        Prefetch::start_shared(source, readers).map_err(|source| SourceError {
+            path: path.to_owned(),
+            source,
+        })?,
+    )
 }
 
 #[cfg(test)]

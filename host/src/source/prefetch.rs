@@ -96,23 +96,36 @@ impl std::fmt::Debug for Prefetch {
 }
 
 impl Prefetch {
-    /// Starts reading `source` ahead; fails only if no thread can be started.
-    pub fn start(mut source: Box<dyn Source + Send>) -> std::io::Result<Prefetch> {
+    /// Starts reading `source` ahead once for `readers` consumers, each of
+    /// which is handed every record (the first the records read, the
+    /// others copies), its error too; fails only if no thread can be
+    /// started. A run reads with one consumer; a replay's two versions read one
+    /// tape so, decoded and seeded once. The reader keeps within the
+    /// read-ahead bounds of every consumer still there; one hanging up
+    /// leaves the others reading.
+    pub fn start_shared(
+        mut source: Box<dyn Source + Send>,
+        readers: usize,
+    ) -> std::io::Result<Vec<Prefetch>> {
         let size = source.size();
-        let (tx, rx) = sync_channel(CHUNKS_AHEAD);
-        let ahead = Arc::new(Ahead::default());
-        let reader_ahead = Arc::clone(&ahead);
+        let (mut outs, mut prefetches) = (Vec::new(), Vec::new());
+        for _ in 0..readers.max(1) {
+            let (tx, rx) = sync_channel(CHUNKS_AHEAD);
+            let ahead = Arc::new(Ahead::default());
+            outs.push((tx, Arc::clone(&ahead)));
+            prefetches.push(Prefetch {
+                rx: Some(rx),
+                current: Vec::new().into_iter(),
+                current_bytes: 0,
+                ahead,
+                size,
+                bytes_read: 0,
+            });
+        }
         std::thread::Builder::new()
             .name("rewind-source".into())
-            .spawn(move || read_ahead(source.as_mut(), &tx, &reader_ahead))?;
-        Ok(Prefetch {
-            rx: Some(rx),
-            current: Vec::new().into_iter(),
-            current_bytes: 0,
-            ahead,
-            size,
-            bytes_read: 0,
-        })
+            .spawn(move || read_ahead(source.as_mut(), outs))?;
+        Ok(prefetches)
     }
 }
 
@@ -125,10 +138,11 @@ enum Filled {
 }
 
 /// The reading thread: chunks of records until the source ends, fails, or
-/// the consumer hangs up.
-fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
+/// every consumer hangs up.
+fn read_ahead(source: &mut dyn Source, mut outs: Vec<(SyncSender<Chunk>, Arc<Ahead>)>) {
     loop {
-        if !ahead.wait_for_room() {
+        outs.retain(|(_, ahead)| ahead.wait_for_room());
+        if outs.is_empty() {
             return;
         }
         let mut records = Vec::with_capacity(CHUNK_RECORDS);
@@ -148,8 +162,16 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
             }
         };
         if !records.is_empty() {
-            ahead.add(bytes);
-            if tx.send(Chunk::Records(records, bytes)).is_err() {
+            // Copies first, so the first consumer can have the records read.
+            let mut chunks: Vec<_> = (1..outs.len()).map(|_| records.clone()).collect();
+            chunks.insert(0, records);
+            let mut sent = chunks.into_iter();
+            outs.retain(|(tx, ahead)| {
+                let chunk = sent.next().expect("a chunk per consumer");
+                ahead.add(bytes);
+                tx.send(Chunk::Records(chunk, bytes)).is_ok()
+            });
+            if outs.is_empty() {
                 return;
             }
         }
@@ -158,7 +180,10 @@ fn read_ahead(source: &mut dyn Source, tx: &SyncSender<Chunk>, ahead: &Ahead) {
             // The channel closing is the end.
             Filled::End => return,
             Filled::Failed(error) => {
-                let _ = tx.send(Chunk::Failed(error));
+                for (tx, _) in &outs[1..] {
+                    let _ = tx.send(Chunk::Failed(InputError::Shared(error.to_string())));
+                }
+                let _ = outs[0].0.send(Chunk::Failed(error));
                 return;
             }
         }
@@ -285,6 +310,11 @@ mod tests {
         }
     }
 
+    /// `source` read ahead for one consumer.
+    fn start(source: Box<Scripted>) -> std::io::Result<Prefetch> {
+        Ok(Prefetch::start_shared(source, 1)?.remove(0))
+    }
+
     fn drain(source: &mut Prefetch) -> (Vec<i64>, Option<InputError>) {
         let mut offsets = Vec::new();
         loop {
@@ -303,7 +333,7 @@ mod tests {
     fn records_arrive_in_order_with_their_byte_counts_across_chunks() {
         let records = 3 * CHUNK_RECORDS as i64 + 7;
         let (scripted, _) = scripted(records, false);
-        let mut source = Prefetch::start(scripted).unwrap();
+        let mut source = start(scripted).unwrap();
         assert_eq!(source.size(), Some(10 * records as u64));
         let (offsets, error) = drain(&mut source);
         assert!(error.is_none());
@@ -315,7 +345,7 @@ mod tests {
     #[test]
     fn an_error_arrives_after_every_record_before_it_then_the_source_ends() {
         let (scripted, _) = scripted(CHUNK_RECORDS as i64 + 3, true);
-        let mut source = Prefetch::start(scripted).unwrap();
+        let mut source = start(scripted).unwrap();
         let (offsets, error) = drain(&mut source);
         assert_eq!(offsets.len(), CHUNK_RECORDS + 3);
         let error = error.expect("the source's error is passed on");
@@ -327,7 +357,7 @@ mod tests {
     fn dropping_it_early_stops_the_reader() {
         // Far more than the channel holds: the reader is blocked handing over.
         let (scripted, dropped) = scripted(100 * CHUNK_RECORDS as i64, false);
-        let mut source = Prefetch::start(scripted).unwrap();
+        let mut source = start(scripted).unwrap();
         assert_eq!(source.next_record().unwrap().unwrap().position.offset, 1);
         drop(source);
         // The reader notices the hang-up and ends, dropping its source.
@@ -347,7 +377,7 @@ mod tests {
         let (mut scripted, _) = scripted(20, false);
         scripted.raw_len = RAW;
         let read = Arc::clone(&scripted.read);
-        let mut source = Prefetch::start(scripted).unwrap();
+        let mut source = start(scripted).unwrap();
         assert_eq!(source.next_record().unwrap().unwrap().raw.len(), RAW);
         // Let the reader run as far ahead as it may.
         let mut last = -1;
@@ -365,5 +395,33 @@ mod tests {
         let (offsets, error) = drain(&mut source);
         assert!(error.is_none());
         assert_eq!(offsets, (2..=20).collect::<Vec<_>>());
+    }
+
+    /// Two consumers of one read each get every record, in order, and the
+    /// error after them; one hanging up early leaves the other reading.
+    #[test]
+    fn a_shared_read_hands_every_record_and_the_error_to_each_consumer() {
+        let records = 3 * CHUNK_RECORDS as i64 + 5;
+        let (failing, _) = scripted(records, true);
+        let mut both = Prefetch::start_shared(failing, 2).unwrap();
+        let (mut second, mut first) = (both.pop().unwrap(), both.pop().unwrap());
+        let (offsets, error) = drain(&mut second);
+        assert_eq!(offsets, (1..=records).collect::<Vec<_>>());
+        let copied = error.expect("the error is handed to every consumer");
+        let (offsets, error) = drain(&mut first);
+        assert_eq!(offsets, (1..=records).collect::<Vec<_>>());
+        let error = error.expect("the error is handed to every consumer");
+        assert!(matches!(error, InputError::File(_)), "{error:?}");
+        assert!(matches!(copied, InputError::Shared(_)), "{copied:?}");
+        assert_eq!(error.to_string(), copied.to_string());
+
+        let many = 20 * CHUNK_RECORDS as i64;
+        let (scripted, _) = scripted(many, false);
+        let mut both = Prefetch::start_shared(scripted, 2).unwrap();
+        let mut kept = both.remove(1);
+        drop(both);
+        let (offsets, error) = drain(&mut kept);
+        assert!(error.is_none());
+        assert_eq!(offsets.len() as i64, many);
     }
 }
