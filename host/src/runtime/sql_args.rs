@@ -74,7 +74,6 @@ pub struct GuestValues {
 }
 
 /// One parameter, its bytes (if any) a range of [`Buffer::bytes`].
-#[derive(Clone)]
 enum Slot {
     Null,
     Integer(i64),
@@ -112,7 +111,6 @@ impl GuestValues {
 
 /// Bytes and parameter slots, taken from a per-thread spare and given back
 /// when dropped, so a call allocates nothing once a thread has made a few.
-#[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
     slots: Vec<Slot>,

@@ -389,12 +389,12 @@ pub fn open_shared(
     } else {
         Box::new(FileSource::open(path, stream)?)
     };
-    Ok(
-        Prefetch::start_shared(source, readers).map_err(|source| SourceError {
+    Prefetch::start_shared(source, readers).map_err(|source| {
+        InputError::File(SourceError {
             path: path.to_owned(),
             source,
-        })?,
-    )
+        })
+    })
 }
 
 #[cfg(test)]
