@@ -56,6 +56,17 @@ const SQL_PROBES: &[(&str, bool)] = &[
     ("SELECT 1; DROP TABLE seen", false),
     // Storage statistics: pages of the host tables among them.
     ("SELECT name, pageno FROM dbstat", false),
+    // Raw pages, readable and writable.
+    ("SELECT pgno, data FROM sqlite_dbpage", false),
+    ("SELECT count(*) FROM sqlite_dbpage('main')", false),
+    (
+        "UPDATE sqlite_dbpage SET data = zeroblob(16384) WHERE pgno = 1",
+        false,
+    ),
+    (
+        "INSERT INTO sqlite_dbpage (pgno, data) VALUES (1, zeroblob(16384))",
+        false,
+    ),
     // SQLite names a subquery's sixth alike column at random.
     ("SELECT * FROM (SELECT 1 a, 2 a, 3 a, 4 a, 5 a, 6 a)", false),
     ("SELECT * FROM (SELECT 1 a, 2 a, 3 a, 4 a, 5 a)", true),
@@ -282,6 +293,17 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     assert!(probes["SELECT * FROM _rewind_offsets"].contains("host table _rewind_offsets"));
     assert!(probes["BEGIN"].contains("transactions"));
     assert!(probes["SELECT name, pageno FROM dbstat"].contains("may not read dbstat"));
+    for raw in [
+        "SELECT pgno, data FROM sqlite_dbpage",
+        "UPDATE sqlite_dbpage SET data = zeroblob(16384) WHERE pgno = 1",
+        "INSERT INTO sqlite_dbpage (pgno, data) VALUES (1, zeroblob(16384))",
+    ] {
+        assert!(
+            probes[raw].contains("may not use sqlite_dbpage"),
+            "{raw}: {}",
+            probes[raw]
+        );
+    }
     assert!(
         probes["INSERT INTO mine (v) VALUES ('fires') RETURNING id"]
             .contains("host table _rewind_outbox"),

@@ -404,6 +404,19 @@ fn refusal(action: &AuthAction<'_>, kind: StatementKind) -> Option<String> {
         A::Read { table_name, .. } if table_name.eq_ignore_ascii_case("dbstat") => Some(
             "guest SQL may not read dbstat: it describes the host's tables and pages too".into(),
         ),
+        // The database's raw pages, readable and writable: the host's too.
+        A::Read { table_name, .. }
+        | A::Insert { table_name }
+        | A::Update { table_name, .. }
+        | A::Delete { table_name }
+            if table_name.eq_ignore_ascii_case("sqlite_dbpage") =>
+        {
+            Some(
+                "guest SQL may not use sqlite_dbpage: it reads and writes the database's raw \
+                 pages, the host's among them"
+                    .into(),
+            )
+        }
         A::Read {
             table_name,
             column_name,
