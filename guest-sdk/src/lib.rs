@@ -73,6 +73,8 @@ mod json;
 pub mod log;
 mod output;
 pub mod sql;
+#[cfg(target_arch = "wasm32")]
+mod sql_abi;
 
 pub use determinism::{now_ms, random_bytes, random_hex, random_u64};
 

@@ -250,7 +250,7 @@ fn to_wit<'a>(param: &'a dyn ToSql) -> wit::ValueParam<'a> {
 }
 
 /// Parameter lists up to this long are converted on the stack.
-const INLINE_PARAMS: usize = 16;
+pub(crate) const INLINE_PARAMS: usize = 16;
 
 /// Calls `f` with `params` in the world's form: on the stack when there are
 /// few (every statement of a typical processor), saving an allocation per call.
@@ -279,7 +279,11 @@ fn from_wit(value: wit::ValueResult) -> Value {
 
 /// Runs one statement and returns how many rows it changed.
 pub fn execute(statement: &str, params: &[&dyn ToSql]) -> Result<u64, SqlError> {
-    with_wit(params, |params| wit::execute(statement, params)).map_err(SqlError)
+    #[cfg(target_arch = "wasm32")]
+    let changed = crate::sql_abi::execute(statement, params);
+    #[cfg(not(target_arch = "wasm32"))]
+    let changed = with_wit(params, |params| wit::execute(statement, params));
+    changed.map_err(SqlError)
 }
 
 /// Runs one statement and returns all of its rows.

@@ -590,7 +590,14 @@ fn level_name(level: crate::wit::rewind::processor::log::Level) -> &'static str 
 /// Drains what the guest logged and printed during a call into log lines;
 /// also returns its stderr, where a panic message would be.
 fn collect_logs(live: &mut Live) -> (Vec<String>, Vec<u8>) {
+    let stdout = live.capture.stdout.take();
+    let stderr = live.capture.stderr.take();
     let data = live.store.data_mut();
+    let silent = |(bytes, dropped): &(Vec<u8>, usize)| bytes.is_empty() && *dropped == 0;
+    // The common case, a guest that said nothing, costs no formatting.
+    if data.logs.is_empty() && data.logs_dropped == 0 && silent(&stdout) && silent(&stderr) {
+        return (Vec::new(), Vec::new());
+    }
     let mut logs: Vec<String> = data
         .logs
         .drain(..)
@@ -602,8 +609,6 @@ fn collect_logs(live: &mut Live) -> (Vec<String>, Vec<u8>) {
             std::mem::take(&mut data.logs_dropped)
         ));
     }
-    let stdout = live.capture.stdout.take();
-    let stderr = live.capture.stderr.take();
     for (name, (bytes, dropped)) in [("stdout", &stdout), ("stderr", &stderr)] {
         logs.extend(
             String::from_utf8_lossy(bytes)
