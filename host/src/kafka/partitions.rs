@@ -423,20 +423,16 @@ pub(super) fn to_record(message: &BorrowedMessage<'_>) -> Record {
                 .collect()
         })
         .unwrap_or_default();
-    let payload = message.payload().map(<[u8]>::to_vec);
-    Record {
-        position: position.clone(),
-        raw: payload.clone().unwrap_or_default(),
-        decoded: Ok(Event {
+    Record::decoded(
+        Event {
             position,
             key: message.key().map(<[u8]>::to_vec),
-            payload,
+            payload: message.payload().map(<[u8]>::to_vec),
             headers,
             timestamp_ms: message.timestamp().to_millis(),
-        }),
-        fresh: false,
-        entropy: None,
-    }
+        },
+        None,
+    )
 }
 
 /// The consumer's context: opens partitions on assignment and closes them
@@ -502,17 +498,15 @@ mod tests {
     use crate::event::Position;
 
     fn record(offset: i64) -> Record {
-        Record {
-            position: Position {
+        Record::malformed(
+            Position {
                 stream: "t".into(),
                 partition: 0,
                 offset,
             },
-            raw: Vec::new(),
-            decoded: Err("raw".into()),
-            fresh: false,
-            entropy: None,
-        }
+            Vec::new(),
+            "raw".into(),
+        )
     }
 
     #[test]

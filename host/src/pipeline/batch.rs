@@ -280,7 +280,7 @@ impl Run<'_> {
                     "malformed",
                     reason.clone(),
                     None,
-                    &record.raw,
+                    record.raw(),
                 )?;
                 self.record_on_tape(
                     seq,
@@ -373,7 +373,7 @@ impl Run<'_> {
                     rejection.class,
                     rejection.message,
                     Some(event),
-                    &record.raw,
+                    record.raw(),
                 )?;
             }
         }
@@ -435,7 +435,7 @@ impl Run<'_> {
         if self.careful {
             return;
         }
-        batch.retained_bytes += record.raw.len();
+        batch.retained_bytes += record.raw().len();
         batch.records.push(record);
         if batch.retained_bytes > MAX_RETAINED_BYTES {
             self.careful = true;

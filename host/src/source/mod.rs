@@ -19,7 +19,9 @@ use crate::tape::MALFORMED_HEADER;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub position: Position,
-    pub raw: Vec<u8>,
+    /// The bytes as read, unless they are the decoded event's payload (a
+    /// bare line, a tape's or Kafka's record): not kept twice then.
+    raw: Option<Vec<u8>>,
     pub decoded: Result<Event, String>,
     /// The recorded run gave the processor a fresh instance right before
     /// this record (a tape's run frame): a replay must do the same.
@@ -30,6 +32,37 @@ pub struct Record {
 }
 
 impl Record {
+    /// A record decoded as `event`, read as `raw` (`None`: as its payload).
+    pub fn decoded(event: Event, raw: Option<Vec<u8>>) -> Record {
+        Record {
+            position: event.position.clone(),
+            raw,
+            decoded: Ok(event),
+            fresh: false,
+            entropy: None,
+        }
+    }
+
+    /// A record at `position`, read as `raw`, that could not be decoded.
+    pub fn malformed(position: Position, raw: Vec<u8>, reason: String) -> Record {
+        Record {
+            position,
+            raw: Some(raw),
+            decoded: Err(reason),
+            fresh: false,
+            entropy: None,
+        }
+    }
+
+    /// The record's bytes exactly as read.
+    pub fn raw(&self) -> &[u8] {
+        match (&self.raw, &self.decoded) {
+            (Some(raw), _) => raw,
+            (None, Ok(event)) => event.payload.as_deref().unwrap_or_default(),
+            (None, Err(_)) => &[],
+        }
+    }
+
     /// Does ahead of time, on the calling thread, the work on this record
     /// that depends on it alone.
     pub fn prepare(&mut self) {
@@ -196,13 +229,7 @@ impl FileSource {
                     self.max_line as u64 + 1 + skipped - u64::from(newline),
                     self.max_line
                 );
-                return Ok(Some(Record {
-                    position,
-                    raw: self.buf.clone(),
-                    decoded: Err(reason),
-                    fresh: false,
-                    entropy: None,
-                }));
+                return Ok(Some(Record::malformed(position, self.buf.clone(), reason)));
             }
             let mut line = &self.buf[..];
             line = line.strip_suffix(b"\n").unwrap_or(line);
@@ -219,28 +246,16 @@ impl FileSource {
                 .map_err(|reason| format!("{} line {}: {reason}", self.path.display(), self.line));
             return Ok(Some(match decoded {
                 Ok(event) => match exported_malformed(&event) {
-                    Some(reason) => Record {
-                        position: event.position,
-                        raw: event.payload.unwrap_or_default(),
-                        decoded: Err(reason),
-                        fresh: false,
-                        entropy: None,
-                    },
-                    None => Record {
-                        position: event.position.clone(),
-                        raw: line.to_vec(),
-                        decoded: Ok(event),
-                        fresh: false,
-                        entropy: None,
-                    },
+                    Some(reason) => {
+                        Record::malformed(event.position, event.payload.unwrap_or_default(), reason)
+                    }
+                    // A bare line is its own payload.
+                    None => {
+                        let raw = (event.payload.as_deref() != Some(line)).then(|| line.to_vec());
+                        Record::decoded(event, raw)
+                    }
                 },
-                Err(reason) => Record {
-                    position,
-                    raw: line.to_vec(),
-                    decoded: Err(reason),
-                    fresh: false,
-                    entropy: None,
-                },
+                Err(reason) => Record::malformed(position, line.to_vec(), reason),
             }));
         }
     }
@@ -355,7 +370,7 @@ impl Source for TapeSource {
                 None => return Ok(None),
                 Some(crate::tape::Frame::Run(_)) => fresh = true,
                 Some(crate::tape::Frame::Event(event)) => {
-                    let mut record = event.to_record();
+                    let mut record = event.into_record();
                     record.fresh = fresh;
                     return Ok(Some(record));
                 }
@@ -411,7 +426,7 @@ mod tests {
         let mut source = FileSource::open(&path, None).unwrap();
         source.max_line = 100;
         let long = source.next_record().unwrap().unwrap();
-        assert_eq!(long.raw.len(), 100);
+        assert_eq!(long.raw().len(), 100);
         assert!(
             long.decoded
                 .unwrap_err()

@@ -151,7 +151,7 @@ fn read_ahead(source: &mut dyn Source, mut outs: Vec<(SyncSender<Chunk>, Arc<Ahe
             match source.next_record() {
                 Ok(Some(mut record)) => {
                     record.prepare();
-                    bytes += record.raw.len();
+                    bytes += record.raw().len();
                     records.push((record, source.bytes_read()));
                     if records.len() == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
                         break Filled::Full;
@@ -290,17 +290,15 @@ mod tests {
             }
             self.next += 1;
             self.read.store(self.next, Ordering::SeqCst);
-            Ok(Some(Record {
-                position: Position {
+            Ok(Some(Record::malformed(
+                Position {
                     stream: "s".into(),
                     partition: 0,
                     offset: self.next,
                 },
-                raw: vec![b'x'; self.raw_len],
-                decoded: Err("raw".into()),
-                fresh: false,
-                entropy: None,
-            }))
+                vec![b'x'; self.raw_len],
+                "raw".into(),
+            )))
         }
         fn size(&self) -> Option<u64> {
             Some(10 * self.records as u64)
@@ -378,7 +376,7 @@ mod tests {
         scripted.raw_len = RAW;
         let read = Arc::clone(&scripted.read);
         let mut source = start(scripted).unwrap();
-        assert_eq!(source.next_record().unwrap().unwrap().raw.len(), RAW);
+        assert_eq!(source.next_record().unwrap().unwrap().raw().len(), RAW);
         // Let the reader run as far ahead as it may.
         let mut last = -1;
         while read.load(Ordering::SeqCst) != last {

@@ -531,10 +531,8 @@ mod tests {
             partition: 2,
             offset: 41,
         };
-        let well_formed = Record {
-            position: position.clone(),
-            raw: b"{\"a\":1}".to_vec(),
-            decoded: Ok(Event {
+        let well_formed = Record::decoded(
+            Event {
                 position: position.clone(),
                 key: Some(b"k".to_vec()),
                 payload: Some(b"{\"a\":1}".to_vec()),
@@ -543,17 +541,10 @@ mod tests {
                     value: None,
                 }],
                 timestamp_ms: Some(1_700_000_000_000),
-            }),
-            fresh: false,
-            entropy: None,
-        };
-        let malformed = Record {
-            position,
-            raw: vec![0xff, b'{'],
-            decoded: Err("not JSON".into()),
-            fresh: false,
-            entropy: None,
-        };
+            },
+            None,
+        );
+        let malformed = Record::malformed(position, vec![0xff, b'{'], "not JSON".into());
         let result = EventResult {
             outcome: Outcome::DeadLetter {
                 class: "invalid-input".into(),

@@ -206,7 +206,7 @@ impl<'a> EventFrame<'a> {
                 position: &record.position,
                 timestamp_ms: None,
                 key: None,
-                payload: Some(&record.raw),
+                payload: Some(record.raw()),
                 headers: &[],
                 malformed: Some(reason),
                 result,
@@ -284,28 +284,21 @@ impl TapeEvent {
     /// The record, as a source delivers it to a run. The raw bytes of a
     /// well-formed record are its payload (its key, headers and timestamp
     /// travel beside it, as from Kafka).
-    pub fn to_record(&self) -> Record {
-        match &self.malformed {
-            Some(reason) => Record {
-                position: self.position.clone(),
-                raw: self.payload.clone().unwrap_or_default(),
-                decoded: Err(reason.clone()),
-                fresh: false,
-                entropy: None,
-            },
-            None => Record {
-                position: self.position.clone(),
-                raw: self.payload.clone().unwrap_or_default(),
-                decoded: Ok(Event {
-                    position: self.position.clone(),
-                    key: self.key.clone(),
-                    payload: self.payload.clone(),
-                    headers: self.headers.clone(),
+    pub fn into_record(self) -> Record {
+        match self.malformed {
+            Some(reason) => {
+                Record::malformed(self.position, self.payload.unwrap_or_default(), reason)
+            }
+            None => Record::decoded(
+                Event {
+                    position: self.position,
+                    key: self.key,
+                    payload: self.payload,
+                    headers: self.headers,
                     timestamp_ms: self.timestamp_ms,
-                }),
-                fresh: false,
-                entropy: None,
-            },
+                },
+                None,
+            ),
         }
     }
 
