@@ -23,7 +23,7 @@ use std::time::Duration;
 use rusqlite::types::Value;
 
 use crate::diff::{Ignore, StateDiff, TableShape, diff_states};
-use crate::event::Output;
+use crate::event::{Output, Position};
 use crate::findings::{Findings, FindingsError, Version};
 use crate::pipeline::{EventRecord, Progress, RunConfig, RunError, RunSummary, run_source};
 use crate::runtime::{Runtime, RuntimeConfig};
@@ -95,6 +95,12 @@ pub enum ReplayError {
     Setup { path: PathBuf, message: String },
     #[error("the {side} version stopped (a thread failed)")]
     Crashed { side: &'static str },
+    /// The first divergence's record could not be read back.
+    #[error(
+        "tape {tape}: the record at {position} is not on it any more; was the tape changed \
+         during the replay?"
+    )]
+    Vanished { tape: PathBuf, position: Position },
     #[error(
         "tape {tape}: the versions consumed different records (seq {old} against {new}); \
          was the tape changed during the replay?"
@@ -437,7 +443,10 @@ fn replay_into(
             new_digest: new_summary.module_digest,
             events: compared.events,
             diverged: compared.diverged,
-            first: compared.first,
+            first: compared
+                .first
+                .map(|first| first.read_back(&config.tape))
+                .transpose()?,
             state,
             old_db: old_db.clone(),
             new_db: new_db.clone(),
@@ -450,7 +459,40 @@ fn replay_into(
 struct Compared {
     events: u64,
     diverged: u64,
-    first: Option<Divergence>,
+    first: Option<FirstDivergence>,
+}
+
+/// The first event the versions disagree on, before its record is read
+/// back from the tape (the sides do not copy records for the comparer).
+struct FirstDivergence {
+    seq: u64,
+    position: Position,
+    old: SideEvent,
+    new: SideEvent,
+}
+
+impl FirstDivergence {
+    /// With its record as the tape (or JSONL file) holds it: the first one
+    /// at its position (a run consumes a position once; a later copy on the
+    /// tape is skipped as already consumed, and so is every copy when an
+    /// earlier one was). Numbered as the sides consumed it (a replay from a
+    /// snapshot continues the snapshot's numbering).
+    fn read_back(self, tape: &Path) -> Result<Divergence, ReplayError> {
+        let mut source = crate::source::open(tape, None)?;
+        while let Some(record) = source.next_record()? {
+            if record.position == self.position {
+                return Ok(Divergence {
+                    event: TapeEvent::from_record(self.seq, &record),
+                    old: self.old,
+                    new: self.new,
+                });
+            }
+        }
+        Err(ReplayError::Vanished {
+            tape: tape.to_owned(),
+            position: self.position,
+        })
+    }
 }
 
 /// Where the comparer puts what differs: the findings, and the number its
@@ -491,11 +533,11 @@ fn compare(
             // happens only when a side failed, which its join reports.
             return Ok(out);
         };
-        if a.event.seq != b.event.seq {
+        if a.seq != b.seq {
             return Err(ReplayError::OutOfStep {
                 tape: tape.to_owned(),
-                old: a.event.seq,
-                new: b.event.seq,
+                old: a.seq,
+                new: b.seq,
             });
         }
         compare_event(&mut out, a, b, &mut shapes, ignore, keep)?;
@@ -513,19 +555,9 @@ fn compare_event(
     ignore: &[Ignore],
     (findings, shift): Keep<'_>,
 ) -> Result<(), ReplayError> {
-    let seq = a.event.seq;
-    let shifted = seq + shift;
+    let shifted = a.seq + shift;
     out.events += 1;
-    let (ra, rb) = (
-        a.event
-            .result
-            .as_ref()
-            .expect("observed events carry results"),
-        b.event
-            .result
-            .as_ref()
-            .expect("observed events carry results"),
-    );
+    let (ra, rb) = (&a.result, &b.result);
     let outcome_differs = ra.outcome != rb.outcome;
     // The sides compute no digests (see `Progress::observe`): what they
     // wrote and emitted is compared directly.
@@ -541,7 +573,7 @@ fn compare_event(
             // not a divergence of its own.
             if compare_writes(ia.get(key), ib.get(key)) == Some(true) {
                 if !rows_differ {
-                    findings.add_position(shifted, &a.event.position)?;
+                    findings.add_position(shifted, &a.position)?;
                 }
                 rows_differ = true;
                 findings.add_cause(key.0, &key.1, shifted)?;
@@ -556,21 +588,18 @@ fn compare_event(
         })?;
     }
     if outcome_differs {
-        let dead = |e: &TapeEvent, o: &Outcome| match o {
+        let dead = |r: &EventRecord| match &r.result.outcome {
             Outcome::DeadLetter { class, message } => Some(DeadDiff {
                 seq: shifted,
-                stream: e.position.stream.clone(),
-                partition: e.position.partition,
-                offset: e.position.offset,
+                stream: r.position.stream.clone(),
+                partition: r.position.partition,
+                offset: r.position.offset,
                 class: class.clone(),
                 message: message.clone(),
             }),
             _ => None,
         };
-        for (side, dead) in [
-            (Version::Old, dead(&a.event, &ra.outcome)),
-            (Version::New, dead(&b.event, &rb.outcome)),
-        ] {
+        for (side, dead) in [(Version::Old, dead(&a)), (Version::New, dead(&b))] {
             if let Some(dead) = dead {
                 findings.add_dead(side, &dead)?;
             }
@@ -580,16 +609,15 @@ fn compare_event(
         out.diverged += 1;
         if out.first.is_none() {
             let side = |r: &EventRecord| SideEvent {
-                outcome: r.event.result.as_ref().expect("results").outcome.clone(),
+                outcome: r.result.outcome.clone(),
                 changes: r.changes.decode(),
                 outputs: r.outputs.clone(),
             };
-            let mut event = a.event.clone();
-            event.result = None;
-            out.first = Some(Divergence {
+            out.first = Some(FirstDivergence {
+                seq: a.seq,
+                position: a.position.clone(),
                 old: side(&a),
                 new: side(&b),
-                event,
             });
         }
     }

@@ -173,7 +173,7 @@ impl Progress for Checker<'_> {
                 }
             };
             state.events += 1;
-            let (Some(r), Some(p)) = (recorded.result.clone(), replayed.event.result) else {
+            let (Some(r), p) = (recorded.result.clone(), replayed.result) else {
                 continue;
             };
             if r != p {

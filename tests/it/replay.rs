@@ -362,6 +362,22 @@ fn v1_against_v2_points_at_exactly_the_redelivered_orders() {
         r.first_divergence.as_ref().unwrap().event.seq,
         v1.recharged[0] as u64
     );
+    // Its record, read back from the tape: the input line (an envelope) it was.
+    let first = &r.first_divergence.as_ref().unwrap().event;
+    let line = bytes
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .find(|line| {
+            let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
+            envelope["offset"] == first.position.offset
+        })
+        .unwrap();
+    let envelope: serde_json::Value = serde_json::from_slice(line).unwrap();
+    assert_eq!(
+        first.payload.as_deref(),
+        Some(envelope["payload"].as_str().unwrap().as_bytes())
+    );
+    assert!(first.result.is_none() && first.malformed.is_none());
     // Outputs differ exactly on the re-charges and the cancels only v1 accepted.
     let mut output_seqs = Vec::new();
     r.findings

@@ -414,15 +414,15 @@ impl Run<'_> {
             tape.record(seq, record, Some(&result));
         }
         if let Some(observed) = self.observed.as_mut() {
-            let mut event = TapeEvent::from_record(seq, record);
-            event.result = Some(result);
             let outputs = if self.config.queue_outputs {
                 outputs.clone()
             } else {
                 std::mem::take(outputs)
             };
             observed.push(EventRecord {
-                event,
+                seq,
+                position: record.position.clone(),
+                result,
                 changes: changes.changes,
                 outputs,
             });

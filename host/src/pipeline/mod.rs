@@ -50,7 +50,7 @@ use crate::event::Output;
 use crate::sink::{FileSink, Sink, SinkError};
 use crate::source::{InputError, Record, Source};
 use crate::state::{ChangeLog, DeadLetter, EventChanges, Offsets, OutboxRow, StateDb, StateError};
-use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeEvent, TapeWriter};
+use crate::tape::{EventResult, Outcome, RunInfo, TapeError, TapeWriter};
 
 /// What to do when a processor fails on an event (invalid input is always
 /// dead-lettered).
@@ -63,11 +63,15 @@ pub enum ErrorPolicy {
     Halt,
 }
 
-/// What one consumed record came to, for observers.
+/// What one consumed record came to, for observers. The record's contents
+/// are not copied here (a replay compares millions of these, and only
+/// reports the contents of its first divergence, read back from its tape).
 #[derive(Debug, Clone)]
 pub struct EventRecord {
-    /// The record with its seq and result (outcome, counts, digests).
-    pub event: TapeEvent,
+    pub seq: u64,
+    pub position: Position,
+    /// Its outcome, counts and (when computed) digests.
+    pub result: EventResult,
     /// The row changes, in order, when kept.
     pub changes: ChangeLog,
     pub outputs: Vec<Output>,
