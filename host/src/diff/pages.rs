@@ -15,7 +15,8 @@
 //! The pages are listed by `dbstat` (the table's B-tree, interior, leaf and
 //! overflow pages, walked from its root) and read by `sqlite_dbpage`, in one
 //! statement per side: one read transaction, so one consistent snapshot of
-//! each DB, WAL included.
+//! each DB, WAL included. A page `dbstat` cannot parse ends the proof: the
+//! rows are compared, and the damage reported.
 
 use rusqlite::{Connection, OptionalExtension};
 
@@ -50,7 +51,10 @@ fn proven(a: &Connection, b: &Connection, table: &str) -> rusqlite::Result<bool>
     if layout(a)? != layout(b)? {
         return Ok(false);
     }
-    const PAGES: &str = "SELECT s.pageno, d.data FROM dbstat('main') AS s \
+    // dbstat walks past a page it cannot parse (it lists it as
+    // "corrupted" and not what lies below it): such a table is compared row
+    // by row, which reports the damage.
+    const PAGES: &str = "SELECT s.pageno, s.pagetype = 'corrupted', d.data FROM dbstat('main') AS s \
                          JOIN sqlite_dbpage('main') AS d ON d.pgno = s.pageno \
                          WHERE s.name = ?1";
     let (mut sa, mut sb) = (a.prepare(PAGES)?, b.prepare(PAGES)?);
@@ -60,7 +64,9 @@ fn proven(a: &Connection, b: &Connection, table: &str) -> rusqlite::Result<bool>
             (None, None) => return Ok(true),
             (Some(x), Some(y)) => {
                 let same = x.get::<_, i64>(0)? == y.get::<_, i64>(0)?
-                    && x.get_ref(1)?.as_blob()? == y.get_ref(1)?.as_blob()?;
+                    && !x.get::<_, bool>(1)?
+                    && !y.get::<_, bool>(1)?
+                    && x.get_ref(2)?.as_blob()? == y.get_ref(2)?.as_blob()?;
                 if !same {
                     return Ok(false);
                 }
@@ -133,6 +139,23 @@ mod tests {
         };
         assert_eq!(rows(&reordered), 2000);
         assert!(!same_pages(&a, &reordered, "t"));
+
+        // The same damaged page on both sides (one file, say) proves nothing.
+        let path = dir.path().join("f.db");
+        drop(db(&path, T, ROWS));
+        let root: i64 = a
+            .query_row(
+                "SELECT rootpage FROM sqlite_schema WHERE name = 't'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = (root as usize - 1) * 4096;
+        bytes[page..page + 4096].fill(0x5a);
+        std::fs::write(&path, &bytes).unwrap();
+        let damaged = Connection::open(&path).unwrap();
+        assert!(matches!(proven(&damaged, &damaged, "t"), Ok(false)));
 
         // A table one side lacks, or neither has.
         let empty = db(&dir.path().join("e.db"), "CREATE TABLE u (x)", "");
