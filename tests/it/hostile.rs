@@ -123,6 +123,11 @@ const ABI_CASES: &[(&str, &str)] = &[
     ("unknown-case", "invalid variant discriminant 9"),
     ("text-not-utf8", "invalid utf-8"),
     ("blob-out-of-bounds", "out of bounds of memory"),
+    ("emit-ok", ""),
+    ("emit-stream-out-of-bounds", "out of bounds of memory"),
+    ("emit-stream-not-utf8", "invalid utf-8"),
+    ("emit-key-unknown-case", "invalid option discriminant 7"),
+    ("emit-payload-out-of-bounds", "out of bounds of memory"),
 ];
 
 fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, String)>) {
@@ -243,18 +248,20 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     let (class, message) = dead_of("emit-flood");
     assert_eq!(class, "failed");
     assert!(message.contains("output limit"), "{message}");
-    for (case, says) in &ABI_CASES[1..] {
+    for (case, says) in ABI_CASES.iter().filter(|(_, says)| !says.is_empty()) {
         let (class, message) = dead_of(&format!("abi {case}"));
         assert_eq!(class, "trap", "abi {case}: {message}");
         assert!(message.contains(says), "abi {case}: {message}");
     }
-    assert!(
-        !dead.contains_key(&format!(
-            "Integer({})",
-            acts.iter().find(|(_, a)| a == "abi ok").unwrap().0
-        )),
-        "{dead:?}"
-    );
+    for ok in ["abi ok", "abi emit-ok"] {
+        assert!(
+            !dead.contains_key(&format!(
+                "Integer({})",
+                acts.iter().find(|(_, a)| a == ok).unwrap().0
+            )),
+            "{ok}: {dead:?}"
+        );
+    }
     // The failed event's write was rolled back and its output never left.
     let failed_at = acts.iter().find(|(_, a)| a == "write-then-fail").unwrap().0;
     assert!(!seen.contains(&failed_at));
@@ -265,6 +272,13 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     // The normal events' outputs are queued (no sink ran); none of the flood's.
     assert!(queued.iter().any(|row| row.output.stream == "seen"));
     assert!(queued.iter().all(|row| row.output.stream != "flood"));
+    // The well-formed raw emit's output, as given; the malformed ones' none.
+    let raw: Vec<_> = queued
+        .iter()
+        .filter(|row| row.output.stream == "abi")
+        .map(|row| (row.output.key.clone(), row.output.payload.clone()))
+        .collect();
+    assert_eq!(raw, vec![(Some(b"k".to_vec()), Some(vec![0, 255]))]);
 
     let probes: BTreeMap<String, String> = rows(&state, "SELECT act, outcome FROM probes")
         .into_iter()

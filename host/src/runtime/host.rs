@@ -5,9 +5,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, Result};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::event::{Header, Output};
+use crate::event::Output;
 use crate::state::{GuestSqlError, StateDb};
-use crate::wit::rewind::processor::{log, output, sql, types};
+use crate::wit::rewind::processor::{log, sql, types};
 
 /// Outputs one event may emit.
 pub const MAX_OUTPUTS_PER_EVENT: usize = 10_000;
@@ -187,48 +187,37 @@ pub(super) fn to_rows(rows: crate::state::GuestRows) -> sql::Rows {
     }
 }
 
-impl output::Host for HostState {
-    fn emit(&mut self, event: output::OutputEvent) -> Result<Result<(), String>> {
-        let size = event.stream.len()
-            + event.key.as_ref().map_or(0, Vec::len)
-            + event.payload.as_ref().map_or(0, Vec::len)
-            + event
+impl HostState {
+    /// Queues an output of the current event, unless it breaks a limit.
+    pub(super) fn emit(&mut self, output: Output) -> Result<(), String> {
+        if !valid_stream(&output.stream) {
+            return Err(format!(
+                "output stream {:?} is not a valid name: 1 to 249 characters of \
+                 A-Z a-z 0-9 . _ - (it becomes a Kafka topic)",
+                output.stream
+            ));
+        }
+        if self.outputs.len() >= MAX_OUTPUTS_PER_EVENT {
+            return Err(format!(
+                "output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event"
+            ));
+        }
+        let size = output.stream.len()
+            + output.key.as_ref().map_or(0, Vec::len)
+            + output.payload.as_ref().map_or(0, Vec::len)
+            + output
                 .headers
                 .iter()
                 .map(|h| h.name.len() + h.value.as_ref().map_or(0, Vec::len))
                 .sum::<usize>();
-        if !valid_stream(&event.stream) {
-            return Ok(Err(format!(
-                "output stream {:?} is not a valid name: 1 to 249 characters of \
-                 A-Z a-z 0-9 . _ - (it becomes a Kafka topic)",
-                event.stream
-            )));
-        }
-        if self.outputs.len() >= MAX_OUTPUTS_PER_EVENT {
-            return Ok(Err(format!(
-                "output limit: at most {MAX_OUTPUTS_PER_EVENT} outputs per event"
-            )));
-        }
         if self.output_bytes + size > MAX_OUTPUT_BYTES_PER_EVENT {
-            return Ok(Err(format!(
+            return Err(format!(
                 "output limit: at most {MAX_OUTPUT_BYTES_PER_EVENT} bytes of outputs per event"
-            )));
+            ));
         }
         self.output_bytes += size;
-        self.outputs.push(Output {
-            stream: event.stream,
-            key: event.key,
-            payload: event.payload,
-            headers: event
-                .headers
-                .into_iter()
-                .map(|h| Header {
-                    name: h.name,
-                    value: h.value,
-                })
-                .collect(),
-        });
-        Ok(Ok(()))
+        self.outputs.push(output);
+        Ok(())
     }
 }
 

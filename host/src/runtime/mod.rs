@@ -9,6 +9,7 @@
 
 mod cache;
 mod host;
+mod output_args;
 mod sandbox;
 mod sql_args;
 
@@ -266,14 +267,13 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
         sandbox::forbid_waiting(&mut linker).map_err(engine_err)?;
-        // The world's imports but `sql` through the bindings; `sql` by hand.
+        // The world's imports: `types` and `log` through the bindings, `sql`
+        // and `output` (called for every event) by hand.
         type Get = wasmtime::component::HasSelf<HostState>;
         wit::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
-            .and_then(|()| {
-                wit::rewind::processor::output::add_to_linker::<_, Get>(&mut linker, |s| s)
-            })
             .and_then(|()| wit::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s))
             .and_then(|()| sql_args::add_to_linker(&mut linker))
+            .and_then(|()| output_args::add_to_linker(&mut linker))
             .map_err(engine_err)?;
         Ok(Runtime {
             engine,

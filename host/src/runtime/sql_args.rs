@@ -183,7 +183,7 @@ impl Drop for Buffer {
 
 /// `len` bytes of guest memory at `ptr`, aligned to `align`, counted
 /// against the call's host-call fuel.
-fn guest_bytes<'a>(
+pub(super) fn guest_bytes<'a>(
     cx: &mut LiftContext<'a>,
     ptr: usize,
     len: usize,

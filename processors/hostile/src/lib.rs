@@ -304,8 +304,8 @@ impl Processor for Hostile {
                 // Fails the event, so nothing it emitted is published.
                 return Err(Error::failed(format!("flooded: {outcome:?}")));
             }
-            // `sql.execute` called through its canonical ABI with what no
-            // well-formed guest passes (see `abi`).
+            // `sql.execute` and `output.emit` called through their
+            // canonical ABI with what no well-formed guest passes (see `abi`).
             "abi" => abi(&event, act.statement.as_deref().unwrap_or_default())?,
             // An output whose serialisation emits another output first.
             "emit-nested" => rewind_guest::emit_json("outer", "k", &EmitsWhileSerialised)?,
@@ -327,6 +327,28 @@ unsafe extern "C" {
         len: usize,
         params: *const Value,
         count: usize,
+        out: *mut u8,
+    );
+}
+
+// `output.emit` as the canonical ABI lowers it: the output event's ten flat
+// values (stream pointer and length; key and payload as a case, pointer and
+// length each; headers pointer and count), and where the result goes.
+#[cfg(target_arch = "wasm32")]
+#[link(wasm_import_module = "rewind:processor/output@0.1.0")]
+unsafe extern "C" {
+    #[link_name = "emit"]
+    fn raw_emit(
+        stream: *const u8,
+        stream_len: usize,
+        key_case: u32,
+        key: *const u8,
+        key_len: usize,
+        payload_case: u32,
+        payload: *const u8,
+        payload_len: usize,
+        headers: *const u8,
+        headers_len: usize,
         out: *mut u8,
     );
 }
@@ -355,11 +377,17 @@ impl Value {
     }
 }
 
+/// Far past the end of any guest memory the host allows.
+const FAR: u32 = 0xffff_ff00;
+
 /// Calls `sql.execute` with arguments the `case` names: one well-formed
 /// call (`ok`: it records a text and a blob parameter in `observed`), the
-/// others malformed, which the host must refuse with a trap.
+/// others malformed, which the host must refuse with a trap. Cases named
+/// `emit-…` call `output.emit` instead (see `abi_emit`).
 fn abi(event: &Event, case: &str) -> Result<()> {
-    const FAR: u32 = 0xffff_ff00;
+    if let Some(case) = case.strip_prefix("emit-") {
+        return abi_emit(case);
+    }
     let insert = b"INSERT INTO observed (offset, what, value) VALUES (?1, ?2, ?3)";
     let (statement, abi, blob, not_utf8) = (&insert[..], b"abi", [0u8, 255], [0xffu8, 0xfe]);
     let offset = event.offset() as u64;
@@ -394,6 +422,48 @@ fn abi(event: &Event, case: &str) -> Result<()> {
     match out[0] & 0xff {
         0 => Ok(()),
         _ => Err(Error::failed("the well-formed raw execute failed")),
+    }
+}
+
+/// Calls `output.emit` with arguments the `case` names: one well-formed call
+/// (`ok`: an output on stream `abi` keyed `k` with the payload `[0, 255]`),
+/// the others malformed, which the host must refuse with a trap.
+fn abi_emit(case: &str) -> Result<()> {
+    let (stream, key, payload, not_utf8) = (b"abi", b"k", [0u8, 255], [0xffu8, 0xfe]);
+    let (mut stream, mut stream_len) = (stream.as_ptr(), stream.len());
+    let (mut key_case, mut payload_ptr) = (1u32, payload.as_ptr());
+    match case {
+        "ok" => {}
+        "stream-out-of-bounds" => stream = FAR as *const u8,
+        "stream-not-utf8" => (stream, stream_len) = (not_utf8.as_ptr(), not_utf8.len()),
+        "key-unknown-case" => key_case = 7,
+        "payload-out-of-bounds" => payload_ptr = FAR as *const u8,
+        other => return Err(Error::invalid(format!("unknown abi case emit-{other:?}"))),
+    }
+    // result<_, string>: a case byte, then the message at offset 4.
+    let mut out = [0u32; 3];
+    #[cfg(target_arch = "wasm32")]
+    // SAFETY: the import reads the arguments (or traps) and writes `out`,
+    // which is large and aligned enough for its result.
+    unsafe {
+        raw_emit(
+            black_box(stream),
+            stream_len,
+            key_case,
+            key.as_ptr(),
+            key.len(),
+            1,
+            black_box(payload_ptr),
+            payload.len(),
+            std::ptr::null(),
+            0,
+            out.as_mut_ptr().cast(),
+        );
+    }
+    black_box((&stream, &key, &payload, &not_utf8));
+    match out[0] & 0xff {
+        0 => Ok(()),
+        _ => Err(Error::failed("the well-formed raw emit failed")),
     }
 }
 
