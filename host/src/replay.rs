@@ -478,7 +478,7 @@ impl FirstDivergence {
     /// earlier one was). Numbered as the sides consumed it (a replay from a
     /// snapshot continues the snapshot's numbering).
     fn read_back(self, tape: &Path) -> Result<Divergence, ReplayError> {
-        let mut source = crate::source::open(tape, None)?;
+        let mut source = crate::source::open_here(tape, None)?;
         while let Some(record) = source.next_record()? {
             if record.position == self.position {
                 return Ok(Divergence {

@@ -392,6 +392,17 @@ pub fn open(path: &Path, stream: Option<&str>) -> Result<Box<dyn Source>, InputE
     Ok(Box::new(one.pop().expect("one reader asked for")))
 }
 
+/// Opens `path` as a tape if it is one, else as a JSONL file, read on the
+/// calling thread, its records not prepared ([`Record::prepare`]): for
+/// looking a record up rather than running it.
+pub fn open_here(path: &Path, stream: Option<&str>) -> Result<Box<dyn Source + Send>, InputError> {
+    Ok(if crate::tape::is_tape(path) {
+        Box::new(TapeSource::open(path)?)
+    } else {
+        Box::new(FileSource::open(path, stream)?)
+    })
+}
+
 /// [`open`] once for `readers` consumers, each handed every record
 /// ([`Prefetch::start_shared`]).
 pub fn open_shared(
@@ -399,12 +410,7 @@ pub fn open_shared(
     stream: Option<&str>,
     readers: usize,
 ) -> Result<Vec<Prefetch>, InputError> {
-    let source: Box<dyn Source + Send> = if crate::tape::is_tape(path) {
-        Box::new(TapeSource::open(path)?)
-    } else {
-        Box::new(FileSource::open(path, stream)?)
-    };
-    Prefetch::start_shared(source, readers).map_err(|source| {
+    Prefetch::start_shared(open_here(path, stream)?, readers).map_err(|source| {
         InputError::File(SourceError {
             path: path.to_owned(),
             source,
