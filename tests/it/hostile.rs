@@ -146,6 +146,7 @@ fn hostile_input(dir: &Path, listening: &str) -> (std::path::PathBuf, Vec<(i64, 
         "invalid",
         "print",
         "emit-flood",
+        "emit-headers",
     ]
     .iter()
     .map(|a| {
@@ -279,6 +280,31 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
         .map(|row| (row.output.key.clone(), row.output.payload.clone()))
         .collect();
     assert_eq!(raw, vec![(Some(b"k".to_vec()), Some(vec![0, 255]))]);
+    // Headers come through whole, in order.
+    let with_headers: Vec<_> = queued
+        .iter()
+        .filter(|row| row.output.stream == "with-headers")
+        .map(|row| &row.output)
+        .collect();
+    assert_eq!(with_headers.len(), 1);
+    let (key, payload) = (&with_headers[0].key, &with_headers[0].payload);
+    assert_eq!(
+        (key.as_deref(), payload.as_deref()),
+        (None, Some(&b"p"[..]))
+    );
+    let headers: Vec<(&str, Option<&[u8]>)> = with_headers[0]
+        .headers
+        .iter()
+        .map(|h| (h.name.as_str(), h.value.as_deref()))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            ("h1", Some(&b"v1"[..])),
+            ("empty", Some(&[][..])),
+            ("h3", Some(&[0u8, 255][..]))
+        ]
+    );
 
     let probes: BTreeMap<String, String> = rows(&state, "SELECT act, outcome FROM probes")
         .into_iter()

@@ -307,6 +307,13 @@ impl Processor for Hostile {
             // `sql.execute` and `output.emit` called through their
             // canonical ABI with what no well-formed guest passes (see `abi`).
             "abi" => abi(&event, act.statement.as_deref().unwrap_or_default())?,
+            // An output with headers, one of them empty, and no key.
+            "emit-headers" => Output::new("with-headers")
+                .payload(b"p".to_vec())
+                .header("h1", b"v1".to_vec())
+                .header("empty", Vec::new())
+                .header("h3", vec![0u8, 255])
+                .emit()?,
             // An output whose serialisation emits another output first.
             "emit-nested" => rewind_guest::emit_json("outer", "k", &EmitsWhileSerialised)?,
             other => return Err(Error::invalid(format!("unknown act {other:?}"))),
