@@ -17,8 +17,9 @@
 //! ```
 //!
 //! Every statement runs inside the current event's savepoint. Host tables
-//! (`_rewind_*`), the schema table, ATTACH, PRAGMA, transactions and
-//! extensions are refused with an error.
+//! (`_rewind_*`), the schema table, the storage tables (`dbstat`,
+//! `sqlite_dbpage`), ATTACH, PRAGMA, transactions and extensions are refused
+//! with an error.
 //!
 //! SQL is as deterministic as the rest: `random()`, `randomblob()` and
 //! `'now'` follow the event; `changes()`, `total_changes()` and
