@@ -4,7 +4,7 @@
 //! (`host/examples/native_payments.rs`), in the same run, plus peak RSS,
 //! cold versus warm start, the cost of recording a tape and of a stream with
 //! dead letters. The machines are shared and noisy: read the ratio. Then
-//! `rewind replay` (also of a tape TIMES as long, default 5, and of one
+//! `rewind replay` (the median of three; also of a tape TIMES as long, default 5, and of one
 //! delivering every order twice, for its memory), `rewind diff` against
 //! sqldiff (interleaved rounds), and Kafka end to end against a raw consumer. `--only
 //! run|instructions|replay|diff|kafka` runs one section. `instructions`
