@@ -99,7 +99,7 @@ mod tests {
     fn tables_written_alike_are_proven_the_same_whatever_else_differs() {
         let dir = tempfile::tempdir().unwrap();
         let a = db(&dir.path().join("a.db"), T, ROWS);
-        // A table only this side has, written first, moves nothing of `t`'s
+        // A table only this side has, written after, moves nothing of `t`'s
         // pages: it is the table's own pages that are compared.
         let b = db(&dir.path().join("b.db"), T, ROWS);
         b.execute_batch("CREATE TABLE other (x); INSERT INTO other VALUES (1)")

@@ -167,14 +167,6 @@ pub(super) fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result
     }
 }
 
-impl HostState {
-    pub(super) fn db(&self) -> Result<&StateDb> {
-        self.db
-            .as_deref()
-            .ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
-    }
-}
-
 /// A guest query's rows in the world's terms.
 pub(super) fn to_rows(rows: crate::state::GuestRows) -> sql::Rows {
     sql::Rows {
@@ -188,6 +180,12 @@ pub(super) fn to_rows(rows: crate::state::GuestRows) -> sql::Rows {
 }
 
 impl HostState {
+    pub(super) fn db(&self) -> Result<&StateDb> {
+        self.db
+            .as_deref()
+            .ok_or_else(|| wasmtime::Error::msg("guest SQL outside of a host call"))
+    }
+
     /// Queues an output of the current event, unless it breaks a limit.
     pub(super) fn emit(&mut self, output: Output) -> Result<(), String> {
         if !valid_stream(&output.stream) {

@@ -6,7 +6,8 @@
 //! looking the guest's memory up again: ~1,400 instructions an output, ~370
 //! lifted here (a payments run: -930 an event). As for `sql` (`sql_args.rs`), the type
 //! checks defer to the bindings' own type, every pointer, length and case is
-//! checked against guest memory, the stream name is checked as UTF-8, and the
+//! checked against guest memory, the stream name is read in the guest's string
+//! encoding (checked, when UTF-8), and the
 //! bytes count against wasmtime's per-call host-call fuel. Headers (which no
 //! payments output has) and a record passed in memory rather than flat go
 //! through the bindings' lifting.
@@ -16,7 +17,7 @@ use wasmtime::component::{ComponentType, Lift, Linker};
 use wasmtime::{Result, StoreContextMut, ValRaw, bail};
 
 use super::host::HostState;
-use super::sql_args::guest_bytes;
+use super::sql_args::{guest_bytes, guest_str};
 use crate::event::{Header, Output};
 use crate::wit::rewind::processor::output;
 
@@ -84,12 +85,7 @@ unsafe impl Lift for GuestOutput {
 /// (case, pointer, length each) and the headers (pointer, length).
 fn lift_flat(cx: &mut LiftContext<'_>, ty: InterfaceType, src: &[ValRaw; 10]) -> Result<Output> {
     let word = |i: usize| src[i].get_u32() as usize;
-    let stream = guest_bytes(cx, word(0), word(1), 1)?;
-    if !stream.is_ascii() && std::str::from_utf8(stream).is_err() {
-        bail!("invalid utf-8 in the stream name the guest passed");
-    }
-    // SAFETY: checked as UTF-8 just above.
-    let stream = unsafe { std::str::from_utf8_unchecked(stream) }.to_owned();
+    let stream = guest_str(cx, cx.options().string_encoding, word(0), word(1))?.into_owned();
     let mut bytes = |at: usize| -> Result<Option<Vec<u8>>> {
         match src[at].get_u32() {
             0 => Ok(None),

@@ -11,6 +11,7 @@
 //! memory, every text is checked as UTF-8, and what a guest passes counts
 //! against wasmtime's per-call host-call fuel, exactly as before.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::ops::Range;
 
@@ -23,6 +24,7 @@ use wasmtime::{Result, StoreContextMut, ValRaw, bail};
 use wasmtime_environ::component::StringEncoding;
 
 use super::host::{HostState, guest_result};
+use crate::state::{GuestSqlError, StateDb};
 use crate::wit::rewind::processor::sql;
 
 /// The `sql` interface's name in the world.
@@ -31,25 +33,26 @@ const INTERFACE: &str = "rewind:processor/sql@0.1.0";
 /// Links `sql.execute` and `sql.query` into `linker`.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
     let mut sql = linker.instance(INTERFACE)?;
-    sql.func_wrap(
-        "execute",
-        |mut store: StoreContextMut<'_, HostState>,
-         (statement, params): (GuestText, GuestValues)| {
-            let db = store.data_mut().db()?;
-            let result = params.with(|params| db.guest_execute(statement.as_str(), params));
-            Ok((guest_result(result)?,))
-        },
-    )?;
-    sql.func_wrap(
-        "query",
-        |mut store: StoreContextMut<'_, HostState>,
-         (statement, params): (GuestText, GuestValues)| {
-            let db = store.data_mut().db()?;
-            let result = params.with(|params| db.guest_query(statement.as_str(), params));
-            Ok((guest_result(result.map(super::host::to_rows))?,))
-        },
-    )?;
+    sql.func_wrap("execute", |store, args| {
+        Ok((run(store, args, StateDb::guest_execute)?,))
+    })?;
+    sql.func_wrap("query", |store, args| {
+        let rows = run(store, args, |db, statement, params| {
+            db.guest_query(statement, params).map(super::host::to_rows)
+        })?;
+        Ok((rows,))
+    })?;
     Ok(())
+}
+
+/// Runs one guest statement with `f`: its result for the guest, or a trap.
+fn run<T>(
+    mut store: StoreContextMut<'_, HostState>,
+    (statement, params): (GuestText, GuestValues),
+    f: impl FnOnce(&StateDb, &str, &[ValueRef<'_>]) -> std::result::Result<T, GuestSqlError>,
+) -> Result<std::result::Result<T, String>> {
+    let db = store.data_mut().db()?;
+    guest_result(params.with(|params| f(db, statement.as_str(), params)))
 }
 
 /// A statement's text, copied out of guest memory (checked UTF-8).
@@ -141,23 +144,42 @@ impl Buffer {
         len: usize,
     ) -> Result<Range<usize>> {
         let start = self.bytes.len();
-        if encoding == StringEncoding::Utf8 {
-            let text = guest_bytes(cx, ptr, len, 1)?;
-            // SQL and keys are ASCII as a rule: checked a word at a time,
-            // that costs a third of a full UTF-8 check.
-            if !text.is_ascii() && std::str::from_utf8(text).is_err() {
-                bail!("invalid utf-8 in a string the guest passed");
-            }
-            self.bytes.extend_from_slice(text);
-        } else {
-            // UTF-16 or Latin-1 (no Rust guest passes either): wasmtime's
-            // own lift decodes them.
-            let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
-            let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
-            self.bytes.extend_from_slice(text.as_bytes());
-        }
+        let text = guest_str(cx, encoding, ptr, len)?;
+        self.bytes.extend_from_slice(text.as_bytes());
         Ok(start..self.bytes.len())
     }
+}
+
+/// Guest memory's string at `ptr`, `len`, in the guest's `encoding`:
+/// borrowed and checked when that is UTF-8, else decoded. Inlined into
+/// each caller: called out of line, it cost ~250 instructions an event.
+#[inline(always)]
+pub(super) fn guest_str<'a>(
+    cx: &mut LiftContext<'a>,
+    encoding: StringEncoding,
+    ptr: usize,
+    len: usize,
+) -> Result<Cow<'a, str>> {
+    if encoding != StringEncoding::Utf8 {
+        // UTF-16 or Latin-1 (no Rust guest passes either): wasmtime's own
+        // lift decodes them.
+        let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
+        let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
+        return Ok(Cow::Owned(text));
+    }
+    let bytes = guest_bytes(cx, ptr, len, 1)?;
+    // SQL, keys and stream names are ASCII as a rule: checked a word at a
+    // time, that costs a third of a full UTF-8 check.
+    let text = if bytes.is_ascii() {
+        // SAFETY: ASCII is UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    } else {
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            bail!("invalid utf-8 in a string the guest passed");
+        };
+        text
+    };
+    Ok(Cow::Borrowed(text))
 }
 
 impl Drop for Buffer {
