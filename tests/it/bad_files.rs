@@ -54,6 +54,32 @@ fn a_truncated_last_line_is_a_dead_letter_with_its_bytes() {
     assert_eq!(dead[0][3], Value::Blob(ORDER.as_bytes()[..40].to_vec()));
 }
 
+/// An event the processor rejects keeps the bytes it was read as: a bare
+/// line itself, an envelope line whole (not just its payload).
+#[test]
+fn a_rejected_event_keeps_the_line_it_was_read_as() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = r#"{"type":"order_refunded","order_id":"o-1"}"#;
+    let envelope =
+        r#"{"topic":"orders","partition":0,"offset":7,"key":null,"payload":"{\"type\":\"nope\"}"}"#;
+    let input = format!("{bare}\n{envelope}\n");
+    let (result, state) = run(dir.path(), &processor("payments-v2"), input.as_bytes());
+    assert_eq!(result.unwrap().dead_lettered, 2);
+    let dead = rows(
+        &state,
+        "SELECT error_class, raw FROM _rewind_dlq ORDER BY seq",
+    );
+    let class = Value::Text("invalid-input".into());
+    assert_eq!(
+        dead[0],
+        vec![class.clone(), Value::Blob(bare.as_bytes().to_vec())]
+    );
+    assert_eq!(
+        dead[1],
+        vec![class, Value::Blob(envelope.as_bytes().to_vec())]
+    );
+}
+
 #[test]
 fn a_binary_file_becomes_dead_letters_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
