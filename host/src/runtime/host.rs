@@ -2,7 +2,7 @@
 
 use rusqlite::types::Value as SqlValue;
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Result};
+use wasmtime::{ResourceLimiter, Result, bail};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::event::Output;
@@ -149,6 +149,7 @@ pub(super) fn guest_result<T>(result: Result<T, GuestSqlError>) -> Result<Result
     match result {
         Ok(value) => Ok(Ok(value)),
         Err(GuestSqlError::Statement(message)) => Ok(Err(message)),
+        Err(GuestSqlError::NotUtf8) => bail!("invalid utf-8 in a string the guest passed"),
         Err(GuestSqlError::BudgetExhausted { budget }) => {
             Err(wasmtime::Error::new(SqlBudgetExhausted { budget }))
         }

@@ -1,19 +1,29 @@
 //! The `sql` import linked by hand: a statement's text and parameters are
-//! read out of guest memory in one pass into a buffer reused from call to
-//! call, and bound from there.
+//! read where they lie in guest memory, checked, and bound from there.
 //!
 //! Through the bindings, every call lifted the text and each text or blob
 //! parameter into a `String` or `Vec` of its own (an allocation and a free
 //! apiece, and the guest memory looked up again for each), only for SQLite
-//! to read them in place once. Here the arguments' types check against the
+//! to read them in place once; a first hand-written lift still copied them
+//! into one buffer per call. Here the arguments' types check against the
 //! world's as the bindings' do (`ComponentType::typecheck` defers to the
 //! bindings' own types), every pointer and length is checked against guest
 //! memory, every text is checked as UTF-8, and what a guest passes counts
 //! against wasmtime's per-call host-call fuel, exactly as before.
+//!
+//! # Borrowing guest memory
+//!
+//! A lifted argument keeps a pointer into the guest's linear memory
+//! ([`InMemory`]) rather than a copy. It is read only by [`run`], inside
+//! the host call that lifted it: the guest is suspended in that call, its
+//! memory is not shared (no threads), and nothing the call does reaches
+//! the guest (SQLite reads the host's state DB; the guest is not entered,
+//! so its memory can neither grow, which could move it, nor change). The
+//! lifted types are private to this module, so nothing else can keep them
+//! past the call.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::ops::Range;
 
 use rusqlite::types::ValueRef;
 use wasmtime::component::__internal::{
@@ -46,43 +56,116 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
 }
 
 /// Runs one guest statement with `f`: its result for the guest, or a trap.
+/// Called only from the host function that lifted `statement` and `params`
+/// (see the module's docs).
 fn run<T>(
     mut store: StoreContextMut<'_, HostState>,
-    (statement, params): (GuestText, GuestValues),
-    f: impl FnOnce(&StateDb, &str, &[ValueRef<'_>]) -> std::result::Result<T, GuestSqlError>,
+    (statement, params): (GuestStatement, GuestValues),
+    f: impl FnOnce(&StateDb, &[u8], &[ValueRef<'_>]) -> std::result::Result<T, GuestSqlError>,
 ) -> Result<std::result::Result<T, String>> {
     let db = store.data_mut().db()?;
-    guest_result(params.with(|params| f(db, statement.as_str(), params)))
+    // SAFETY: within the host call that lifted them (see the module's docs).
+    let result = unsafe { params.with(|params| f(db, statement.0.bytes(), params)) };
+    guest_result(result)
 }
 
-/// A statement's text, copied out of guest memory (checked UTF-8).
-pub struct GuestText {
-    buffer: Buffer,
+/// Bytes of guest memory, checked to be in bounds when lifted. Read only
+/// within the host call that lifted them (see the module's docs).
+#[derive(Clone, Copy)]
+struct InMemory {
+    ptr: *const u8,
+    len: usize,
 }
 
-impl GuestText {
-    fn as_str(&self) -> &str {
-        let bytes = &self.buffer.bytes;
-        debug_assert!(std::str::from_utf8(bytes).is_ok());
-        // SAFETY: `push_text`, which alone fills it, appends only text it
-        // checked as UTF-8 or encoded as UTF-8 itself.
-        unsafe { std::str::from_utf8_unchecked(bytes) }
+// SAFETY: a pointer into a store's guest memory, read only while that
+// store's host call runs; the memory is not shared, so whichever thread
+// reads it then reads what the guest passed and nothing writes it meanwhile.
+// wasmtime requires lifted values to be `Send` and `Sync`.
+unsafe impl Send for InMemory {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for InMemory {}
+
+impl InMemory {
+    fn new(bytes: &[u8]) -> Self {
+        InMemory {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+        }
+    }
+
+    /// # Safety
+    /// Only within the host call that lifted these bytes.
+    unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: in bounds of guest memory when lifted, which cannot have
+        // moved or changed since (the caller's promise).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
-/// The parameters of a statement, copied out of guest memory: numbers in
-/// place, texts and blobs as ranges of one byte buffer.
-pub struct GuestValues {
-    buffer: Buffer,
+/// A text: where the guest passed it, or decoded from the guest's UTF-16
+/// or Latin-1.
+enum GuestText {
+    InMemory(InMemory),
+    Decoded(String),
 }
 
-/// One parameter, its bytes (if any) a range of [`Buffer::bytes`].
+impl GuestText {
+    /// # Safety
+    /// Only within the host call that lifted it.
+    unsafe fn bytes(&self) -> &[u8] {
+        match self {
+            // SAFETY: the caller's promise.
+            GuestText::InMemory(text) => unsafe { text.bytes() },
+            GuestText::Decoded(text) => text.as_bytes(),
+        }
+    }
+}
+
+/// A statement's text, its bytes not checked as UTF-8 yet: the state DB
+/// checks those of a statement it has not kept (kept ones are UTF-8, and
+/// most calls repeat one; see `StateDb::guest_execute`).
+struct GuestStatement(GuestText);
+
+impl GuestStatement {
+    fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<GuestStatement> {
+        if cx.options().string_encoding != StringEncoding::Utf8 {
+            let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
+            let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
+            return Ok(GuestStatement(GuestText::Decoded(text)));
+        }
+        let bytes = guest_bytes(cx, ptr, len, 1)?;
+        Ok(GuestStatement(GuestText::InMemory(InMemory::new(bytes))))
+    }
+}
+
+/// A text parameter: guest memory checked as UTF-8, or decoded from the
+/// guest's other encoding.
+#[inline(always)]
+fn guest_text(
+    cx: &mut LiftContext<'_>,
+    encoding: StringEncoding,
+    ptr: usize,
+    len: usize,
+) -> Result<GuestText> {
+    Ok(match guest_str(cx, encoding, ptr, len)? {
+        Cow::Borrowed(text) => GuestText::InMemory(InMemory::new(text.as_bytes())),
+        Cow::Owned(text) => GuestText::Decoded(text),
+    })
+}
+
+/// The parameters of a statement: numbers by value, texts and blobs where
+/// the guest passed them.
+struct GuestValues {
+    slots: Slots,
+}
+
+/// One parameter.
 enum Slot {
     Null,
     Integer(i64),
     Real(f64),
-    Text(Range<usize>),
-    Blob(Range<usize>),
+    Text(GuestText),
+    Blob(InMemory),
 }
 
 /// Parameters a statement is given without an allocation for them.
@@ -90,16 +173,13 @@ const ON_STACK: usize = 16;
 
 impl GuestValues {
     /// Calls `f` with the parameters borrowed.
-    fn with<R>(&self, f: impl FnOnce(&[ValueRef<'_>]) -> R) -> R {
-        let bytes = &self.buffer.bytes;
-        let value = |slot: &Slot| match slot {
-            Slot::Null => ValueRef::Null,
-            Slot::Integer(i) => ValueRef::Integer(*i),
-            Slot::Real(r) => ValueRef::Real(*r),
-            Slot::Text(range) => ValueRef::Text(&bytes[range.clone()]),
-            Slot::Blob(range) => ValueRef::Blob(&bytes[range.clone()]),
-        };
-        let slots = &self.buffer.slots;
+    ///
+    /// # Safety
+    /// Only within the host call that lifted them.
+    unsafe fn with<R>(&self, f: impl FnOnce(&[ValueRef<'_>]) -> R) -> R {
+        // SAFETY: the caller's promise.
+        let value = |slot| unsafe { slot_value(slot) };
+        let slots = &self.slots.0;
         if slots.len() <= ON_STACK {
             let mut values = [ValueRef::Null; ON_STACK];
             for (to, slot) in values.iter_mut().zip(slots) {
@@ -112,41 +192,55 @@ impl GuestValues {
     }
 }
 
-/// Bytes and parameter slots, taken from a per-thread spare and given back
-/// when dropped, so a call allocates nothing once a thread has made a few.
-struct Buffer {
-    bytes: Vec<u8>,
-    slots: Vec<Slot>,
+/// A parameter as SQLite binds it.
+///
+/// # Safety
+/// Only within the host call that lifted it.
+unsafe fn slot_value(slot: &Slot) -> ValueRef<'_> {
+    match slot {
+        Slot::Null => ValueRef::Null,
+        Slot::Integer(i) => ValueRef::Integer(*i),
+        Slot::Real(r) => ValueRef::Real(*r),
+        // SAFETY: the caller's promise.
+        Slot::Text(text) => ValueRef::Text(unsafe { text.bytes() }),
+        // SAFETY: the caller's promise.
+        Slot::Blob(blob) => ValueRef::Blob(unsafe { blob.bytes() }),
+    }
 }
 
-/// Spare buffers kept per thread: the two of a call in flight, and room.
-const SPARES: usize = 4;
-/// A buffer that grew past this many bytes is let go rather than kept.
-const KEEP_BYTES: usize = 1 << 20;
+/// Parameter slots, taken from a per-thread spare and given back when
+/// dropped, so a call allocates nothing once a thread has made a few.
+struct Slots(Vec<Slot>);
+
+/// Spare slot lists kept per thread: the one of a call in flight, and room.
+const SPARES: usize = 2;
+/// A list that grew past this many slots is let go rather than kept.
+const KEEP_SLOTS: usize = 1 << 12;
 
 thread_local! {
-    static SPARE: RefCell<Vec<(Vec<u8>, Vec<Slot>)>> = const { RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Vec<Vec<Slot>>> = const { RefCell::new(Vec::new()) };
 }
 
-impl Buffer {
-    fn take() -> Buffer {
-        let (bytes, slots) = SPARE.with_borrow_mut(Vec::pop).unwrap_or_default();
-        Buffer { bytes, slots }
+impl Slots {
+    fn take() -> Slots {
+        Slots(SPARE.with_borrow_mut(Vec::pop).unwrap_or_default())
     }
+}
 
-    /// Appends guest memory's string at `ptr`, `len` (in the guest's
-    /// encoding) as UTF-8; returns where it went in `bytes`.
-    fn push_text(
-        &mut self,
-        cx: &mut LiftContext<'_>,
-        encoding: StringEncoding,
-        ptr: usize,
-        len: usize,
-    ) -> Result<Range<usize>> {
-        let start = self.bytes.len();
-        let text = guest_str(cx, encoding, ptr, len)?;
-        self.bytes.extend_from_slice(text.as_bytes());
-        Ok(start..self.bytes.len())
+impl Drop for Slots {
+    fn drop(&mut self) {
+        if self.0.capacity() > KEEP_SLOTS {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.0);
+        slots.clear();
+        // A thread being torn down has no spares to keep.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARES {
+                s.push(slots);
+            }
+        });
     }
 }
 
@@ -180,27 +274,6 @@ pub(super) fn guest_str<'a>(
         text
     };
     Ok(Cow::Borrowed(text))
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if self.bytes.capacity() > KEEP_BYTES {
-            return;
-        }
-        let (mut bytes, mut slots) = (
-            std::mem::take(&mut self.bytes),
-            std::mem::take(&mut self.slots),
-        );
-        bytes.clear();
-        slots.clear();
-        // A thread being torn down has no spares to keep.
-        let _ = SPARE.try_with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < SPARES {
-                s.push((bytes, slots));
-            }
-        });
-    }
 }
 
 /// `len` bytes of guest memory at `ptr`, aligned to `align`, counted
@@ -273,17 +346,8 @@ macro_rules! lift_pointer_pair {
     };
 }
 
-lift_pointer_pair!(GuestText, String);
+lift_pointer_pair!(GuestStatement, String);
 lift_pointer_pair!(GuestValues, Vec<sql::Value>);
-
-impl GuestText {
-    fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<GuestText> {
-        let mut buffer = Buffer::take();
-        let encoding = cx.options().string_encoding;
-        buffer.push_text(cx, encoding, ptr, len)?;
-        Ok(GuestText { buffer })
-    }
-}
 
 impl GuestValues {
     /// Lifts `len` values of the world's `value` variant stored at `ptr`.
@@ -297,8 +361,8 @@ impl GuestValues {
             bail!("list pointer/length out of bounds of memory");
         };
         let elements = guest_bytes(cx, ptr, bytes, align)?;
-        let mut buffer = Buffer::take();
-        buffer.slots.reserve(len);
+        let mut slots = Slots::take();
+        slots.0.reserve(len);
         let encoding = cx.options().string_encoding;
         for element in elements.chunks_exact(size) {
             let word = |at: usize| -> [u8; 8] {
@@ -312,19 +376,16 @@ impl GuestValues {
                 2 => Slot::Real(f64::from_le_bytes(word(0))),
                 3 => {
                     let (ptr, len) = stored_pair(&element[payload..payload + 8]);
-                    Slot::Text(buffer.push_text(cx, encoding, ptr, len)?)
+                    Slot::Text(guest_text(cx, encoding, ptr, len)?)
                 }
                 4 => {
                     let (ptr, len) = stored_pair(&element[payload..payload + 8]);
-                    let blob = guest_bytes(cx, ptr, len, 1)?;
-                    let start = buffer.bytes.len();
-                    buffer.bytes.extend_from_slice(blob);
-                    Slot::Blob(start..buffer.bytes.len())
+                    Slot::Blob(InMemory::new(guest_bytes(cx, ptr, len, 1)?))
                 }
                 other => bail!("invalid variant discriminant {other} for a SQL value"),
             };
-            buffer.slots.push(slot);
+            slots.0.push(slot);
         }
-        Ok(GuestValues { buffer })
+        Ok(GuestValues { slots })
     }
 }

@@ -25,14 +25,14 @@ use crate::event::{Position, Seed};
 pub const HOST_STATEMENT_MARK: &str = "/* rewind:host */ ";
 
 /// Checks a guest statement can be prepared through the shared cache.
-pub fn guest_statement(sql: &str) -> rusqlite::Result<&str> {
-    if sql.starts_with(HOST_STATEMENT_MARK) {
+pub fn guest_statement(sql: &[u8]) -> rusqlite::Result<()> {
+    if sql.starts_with(HOST_STATEMENT_MARK.as_bytes()) {
         return Err(SqlError::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_AUTH),
             Some("guest SQL may not start with the host's statement mark".into()),
         ));
     }
-    Ok(sql)
+    Ok(())
 }
 
 /// State shared between the connection's callbacks and the host.

@@ -199,6 +199,9 @@ pub type Offsets = BTreeMap<(String, i32), i64>;
 pub enum GuestSqlError {
     /// The statement failed; the guest gets the message.
     Statement(String),
+    /// The statement's text is not UTF-8, which the canonical ABI makes a
+    /// trap.
+    NotUtf8,
     /// The event used up its SQL budget: the guest is stopped.
     BudgetExhausted { budget: u64 },
     /// One step of the statement ran for `limit` (see `stall`): the run stops.
@@ -666,39 +669,45 @@ impl StateDb {
     }
 
     /// Runs a guest statement to completion; returns the rows it changed.
-    pub fn guest_execute(&self, sql: &str, params: &[ValueRef<'_>]) -> Result<u64, GuestSqlError> {
+    /// `sql` is its text as the guest passed it: checked as UTF-8 only
+    /// when it is not a statement kept already ([`GuestSqlError::NotUtf8`]).
+    pub fn guest_execute(&self, sql: &[u8], params: &[ValueRef<'_>]) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {
-            let sql = guard::guest_statement(sql)?;
-            self.guest_direct.with(&self.conn, sql, false, |stmt| {
+            guard::guest_statement(sql)?;
+            self.guest_direct.with_text(&self.conn, sql, false, |stmt| {
                 if !stmt.readonly() {
                     self.event_wrote.store(true, Ordering::Relaxed);
                 }
                 stmt.run(params)
             })
         });
-        let ((), created) = result.map_err(|e| self.guest_error(e))?;
+        let (ran, created) = result.map_err(|e| self.guest_error(e))?;
+        ran.map_err(|_| GuestSqlError::NotUtf8)?;
         self.check_stored(created)?;
         Ok(self.conn.total_changes().saturating_sub(before))
     }
 
-    /// Runs a guest query and collects its rows.
+    /// Runs a guest query and collects its rows (`sql` as for
+    /// [`StateDb::guest_execute`]).
     pub fn guest_query(
         &self,
-        sql: &str,
+        sql: &[u8],
         params: &[ValueRef<'_>],
     ) -> Result<GuestRows, GuestSqlError> {
         let result = self.guard.as_guest(|| {
-            let sql = guard::guest_statement(sql)?;
+            guard::guest_statement(sql)?;
             let large = holds_large_value(params);
-            self.guest_statements.with(&self.conn, sql, large, |stmt| {
-                if !stmt.readonly() {
-                    self.event_wrote.store(true, Ordering::Relaxed);
-                }
-                collect_rows(stmt, params)
-            })
+            self.guest_statements
+                .with_text(&self.conn, sql, large, |stmt| {
+                    if !stmt.readonly() {
+                        self.event_wrote.store(true, Ordering::Relaxed);
+                    }
+                    collect_rows(stmt, params)
+                })
         });
         let (rows, created) = result.map_err(|e| self.guest_error(e))?;
+        let rows = rows.map_err(|_| GuestSqlError::NotUtf8)?;
         self.check_stored(created)?;
         Ok(rows)
     }

@@ -29,6 +29,7 @@
 use std::cell::RefCell;
 use std::ffi::c_int;
 use std::ptr::{self, NonNull};
+use std::str::Utf8Error;
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Statement, ffi};
@@ -101,13 +102,29 @@ impl<S: Kept> Statements<S> {
         release: bool,
         f: impl FnOnce(&mut S) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<T> {
+        self.with_text(conn, sql.as_bytes(), release, f)?
+            .map_err(rusqlite::Error::from)
+    }
+
+    /// As [`Statements::with`], for a text not known to be UTF-8: only one
+    /// that no kept statement has is checked (a kept statement's text is
+    /// UTF-8, so bytes equal to it are too), and `Ok(Err(_))` if it is not.
+    pub(super) fn with_text<T>(
+        &self,
+        conn: &Connection,
+        sql: &[u8],
+        release: bool,
+        f: impl FnOnce(&mut S) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Result<T, Utf8Error>> {
         let mut entries = self.entries.borrow_mut();
-        let found = entries
-            .iter()
-            .rposition(|(text, _)| text.len() == sql.len() && **text == *sql);
+        let found = entries.iter().rposition(|(text, _)| text.as_bytes() == sql);
         let index = match found {
             Some(index) => index,
             None => {
+                let sql = match std::str::from_utf8(sql) {
+                    Ok(sql) => sql,
+                    Err(error) => return Ok(Err(error)),
+                };
                 let statement = S::prepare(conn, sql)?;
                 if entries.len() == CAPACITY {
                     entries.remove(0);
@@ -121,7 +138,7 @@ impl<S: Kept> Statements<S> {
         if release {
             statement.release();
         }
-        result
+        result.map(Ok)
     }
 
     /// Finalizes every statement.
@@ -369,6 +386,41 @@ mod tests {
             ffi::sqlite3_free(text.cast());
             copy
         }
+    }
+
+    /// A text is checked as UTF-8 when it is new, and found by its bytes
+    /// when it is kept; a text that is not UTF-8 is refused and not kept.
+    #[test]
+    fn a_new_text_is_checked_and_a_kept_one_found_by_its_bytes() {
+        let conn = Box::new(Connection::open_in_memory().unwrap());
+        let statements: Statements = Statements::default();
+        let select = "SELECT 'é'";
+        let got = statements
+            .with_text(&conn, select.as_bytes(), false, |s| {
+                s.query_row([], |r| r.get::<_, String>(0))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, "é");
+        // The same bytes from elsewhere find the kept statement.
+        let again = select.as_bytes().to_vec();
+        let got = statements
+            .with_text(&conn, &again, false, |s| {
+                s.query_row([], |r| r.get::<_, String>(0))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, "é");
+        assert_eq!(statements.entries.borrow().len(), 1);
+        // Cut in the middle of the `é`, the text is no longer UTF-8.
+        let broken = &select.as_bytes()[..select.len() - 2];
+        let refused = statements
+            .with_text(&conn, broken, false, |_| -> rusqlite::Result<()> {
+                panic!("a text that is not UTF-8 ran")
+            })
+            .unwrap();
+        assert!(refused.is_err());
+        assert_eq!(statements.entries.borrow().len(), 1);
     }
 
     #[test]
