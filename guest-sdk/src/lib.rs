@@ -145,8 +145,8 @@ pub mod __private {
     #[allow(clippy::too_many_arguments, missing_docs)]
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "../wit/processor-0.1.0",
-            world: "rewind:processor/processor@0.1.0",
+            path: "../wit/processor-0.2.0",
+            world: "rewind:processor/processor@0.2.0",
             pub_export_macro: true,
             export_macro_name: "__rewind_export_world",
             default_bindings_module: "rewind_guest::__private::bindings",
@@ -163,13 +163,13 @@ pub mod __private {
 
     #[allow(missing_docs)]
     pub fn run_init<P: Processor>() -> Result<(), WitError> {
-        crate::determinism::set_event_time(0);
+        crate::determinism::enter_init();
         P::init().map_err(Into::into)
     }
 
     #[allow(missing_docs)]
     pub fn run_handle<P: Processor>(event: WitEvent) -> Result<(), WitError> {
-        crate::determinism::set_event_time(event.timestamp_ms.unwrap_or(0));
+        crate::determinism::enter_event(event.timestamp_ms.unwrap_or(0), event.random_prefix);
         P::handle(Event::from_wit(event)).map_err(Into::into)
     }
 }

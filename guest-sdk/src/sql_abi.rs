@@ -62,7 +62,7 @@ struct Ret {
     payload: u64,
 }
 
-#[link(wasm_import_module = "rewind:processor/sql@0.1.0")]
+#[link(wasm_import_module = "rewind:processor/sql@0.2.0")]
 unsafe extern "C" {
     #[link_name = "execute"]
     fn import(

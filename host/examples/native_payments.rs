@@ -295,12 +295,12 @@ fn apply(
 /// `n` as 16 lowercase hex digits, as the guest SDK's `random_hex` writes bytes.
 fn hex(n: u64) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(16);
+    let mut hex = Vec::with_capacity(16);
     for b in n.to_be_bytes() {
-        hex.push(char::from(DIGITS[usize::from(b >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        hex.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]);
     }
-    hex
+    // As the SDK's `random_hex` writes it.
+    String::from_utf8(hex).expect("hex digits are ASCII")
 }
 
 /// A cheap stand-in for the host's seeded randomness.

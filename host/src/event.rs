@@ -42,41 +42,40 @@ impl Position {
     }
 }
 
-/// What a guest's randomness for one event starts from: the seed and,
-/// when prepared ahead, the first bytes of its WASI `random` stream.
-/// A source's reading thread prepares it ([`crate::source::Record::prepare`]),
-/// so that the thread running the guest only copies it: the hash and the
-/// first ChaCha20 blocks were 2-3% of a run.
+/// What a guest's randomness for one event starts from: the seed and the
+/// first bytes of its WASI `random` stream. A source's reading thread works
+/// it out ([`crate::source::Record::prepare`]), so that the thread running
+/// the guest only copies it: the hash and the first ChaCha20 block were 2-3%
+/// of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entropy {
     pub seed: Seed,
-    /// The first [`Entropy::PREFIX`] bytes of `seed.rng(Seed::WASI)`, if prepared.
-    pub wasi_prefix: Option<[u8; Entropy::PREFIX]>,
+    /// The first [`Entropy::PREFIX`] bytes of `seed.rng(Seed::WASI)`.
+    pub wasi_prefix: [u8; Entropy::PREFIX],
 }
 
 impl Entropy {
-    /// Bytes of the WASI stream prepared ahead: what a processor drawing a
-    /// few ids per event uses.
+    /// Bytes of the WASI stream worked out ahead: what a processor drawing a
+    /// few ids per event uses (one ChaCha20 block).
     pub const PREFIX: usize = 64;
 
-    /// The seed alone: the generator is built if and when the guest draws.
     pub fn of(position: &Position) -> Self {
-        Entropy {
-            seed: position.seed(),
-            wasi_prefix: None,
-        }
-    }
-
-    /// The seed and the first bytes of the WASI stream, worked out now.
-    pub fn prepared(position: &Position) -> Self {
         use rand_core::Rng;
         let seed = position.seed();
-        let mut prefix = [0; Self::PREFIX];
-        seed.rng(Seed::WASI).fill_bytes(&mut prefix);
-        Entropy {
-            seed,
-            wasi_prefix: Some(prefix),
-        }
+        let mut wasi_prefix = [0; Self::PREFIX];
+        seed.rng(Seed::WASI).fill_bytes(&mut wasi_prefix);
+        Entropy { seed, wasi_prefix }
+    }
+
+    /// The stream's first 16 bytes as the world's `event.random-prefix`
+    /// has them: two little-endian words.
+    pub fn random_prefix(&self) -> (u64, u64) {
+        let word = |at: usize| {
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(&self.wasi_prefix[at..at + 8]);
+            u64::from_le_bytes(bytes)
+        };
+        (word(0), word(8))
     }
 }
 

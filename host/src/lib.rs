@@ -46,6 +46,7 @@ pub use tape::{
     EventResult, Frame, OLDEST_TAPE_VERSION, Outcome, RunInfo, TAPE_VERSION, TapeError, TapeEvent,
     TapeMark, TapeReader, TapeWriter, is_tape, outputs_digest,
 };
+pub use wit::World;
 /// Tape tools: `import`, `export`, `info`.
 pub mod tapes {
     pub use crate::tape::{

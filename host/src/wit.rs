@@ -1,12 +1,59 @@
-//! The processor world's host bindings: the one `bindgen!` in the host.
+//! The processor world's host bindings: one `bindgen!` per world version
+//! the host runs. The newest (0.2.0) is the host's own vocabulary; the
+//! released 0.1.0 is kept for processors built against it ([`v0_1`]).
 
 wasmtime::component::bindgen!({
-    path: "../wit/processor-0.1.0",
+    path: "../wit/processor-0.2.0",
     world: "rewind:processor/processor",
     imports: { default: trappable },
 });
 
+/// The released world 0.1.0: its imports are the newest's (the host links
+/// the same functions under both names), its event lacks the random prefix.
+pub mod v0_1 {
+    wasmtime::component::bindgen!({
+        path: "../wit/processor-0.1.0",
+        world: "rewind:processor/processor",
+        imports: { default: trappable },
+    });
+}
+
 use wasmtime::component::{ComponentType, Lower};
+
+/// A version of the processor world the host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum World {
+    V0_1,
+    V0_2,
+}
+
+impl World {
+    /// Every version, newest first.
+    pub const ALL: [World; 2] = [World::V0_2, World::V0_1];
+
+    /// The version as WIT writes it.
+    pub fn version(self) -> &'static str {
+        match self {
+            World::V0_1 => "0.1.0",
+            World::V0_2 => "0.2.0",
+        }
+    }
+
+    /// Bytes of an event's random stream its `handle` is given with the
+    /// event (and WASI's stream starts after).
+    pub fn random_prefix(self) -> usize {
+        match self {
+            World::V0_1 => 0,
+            World::V0_2 => 16,
+        }
+    }
+}
+
+impl std::fmt::Display for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rewind:processor@{}", self.version())
+    }
+}
 
 /// The world's `event` record, lowered from borrowed parts: a call hands the
 /// guest the host's own event without first copying it into the bindings'
@@ -15,6 +62,38 @@ use wasmtime::component::{ComponentType, Lower};
 #[derive(ComponentType, Lower)]
 #[component(record)]
 pub struct EventRef<'a> {
+    pub stream: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [HeaderRef<'a>],
+    #[component(name = "timestamp-ms")]
+    pub timestamp_ms: Option<i64>,
+    #[component(name = "random-prefix")]
+    pub random_prefix: (u64, u64),
+}
+
+impl<'a> EventRef<'a> {
+    /// The event as world 0.1.0 has it.
+    pub fn v0_1(self) -> EventRefV0_1<'a> {
+        EventRefV0_1 {
+            stream: self.stream,
+            partition: self.partition,
+            offset: self.offset,
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers,
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+}
+
+/// World 0.1.0's `event` record, borrowed: [`EventRef`] without the random
+/// prefix.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+pub struct EventRefV0_1<'a> {
     pub stream: &'a str,
     pub partition: i32,
     pub offset: i64,

@@ -385,6 +385,26 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     assert_eq!(observed["wasi-wall-clock-ms"], format!("Integer({ts})"));
     assert_eq!(observed["instant-elapsed-ns"], "Integer(0)");
     assert_ne!(observed["random-1"], observed["random-2"]);
+    // The event brought its stream's first 16 bytes (the SDK's first two
+    // draws); WASI went on from the 17th, and the SDK's third draw after it.
+    let position = rewind_host::Position {
+        stream: "acts".into(),
+        partition: 0,
+        offset: at,
+    };
+    let mut stream = [0u8; 32];
+    rand_core::Rng::fill_bytes(
+        &mut position.seed().rng(rewind_host::Seed::WASI),
+        &mut stream,
+    );
+    let word = |i: usize| {
+        let w = i64::from_le_bytes(stream[8 * i..8 * i + 8].try_into().unwrap());
+        format!("Integer({w})")
+    };
+    assert_eq!(observed["random-1"], word(0));
+    assert_eq!(observed["random-2"], word(1));
+    assert_eq!(observed["wasi-random"], word(2));
+    assert_eq!(observed["random-3"], word(3));
     assert_eq!(
         observed["sql-now"],
         format!("2026-01-01 00:00:00.{:03}", 123 + at)

@@ -13,3 +13,4 @@ mod readme;
 mod replay;
 mod tape;
 mod tidy;
+mod worlds;

@@ -20,6 +20,8 @@ const BUILDS: &[(&str, &str, &str, &str)] = &[
     ("hostile", "", "hostile.wasm", "hostile"),
     ("hostile", "bad-init", "hostile.wasm", "hostile-bad-init"),
     ("hostile", "", "other-world.wasm", "other-world"),
+    // A processor of the released world 0.1.0, which the SDK has left.
+    ("legacy", "", "legacy.wasm", "legacy-0.1"),
     // The README's "write your first processor", as printed there.
     ("counter", "", "counter.wasm", "counter"),
 ];

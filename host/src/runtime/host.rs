@@ -133,6 +133,8 @@ impl WasiView for HostState {
 
 impl types::Host for HostState {}
 
+impl crate::wit::v0_1::rewind::processor::types::Host for HostState {}
+
 fn from_sqlite(value: SqlValue) -> sql::Value {
     match value {
         SqlValue::Null => sql::Value::Null,
@@ -229,6 +231,25 @@ impl log::Host for HostState {
         let message = super::truncate(message, MAX_LOG_LINE);
         self.logs.push(LogLine { level, message });
         Ok(())
+    }
+}
+
+/// World 0.1.0's `log`: the newest's.
+impl crate::wit::v0_1::rewind::processor::log::Host for HostState {
+    fn log(
+        &mut self,
+        level: crate::wit::v0_1::rewind::processor::log::Level,
+        message: String,
+    ) -> Result<()> {
+        use crate::wit::v0_1::rewind::processor::log::Level as Old;
+        let level = match level {
+            Old::Trace => log::Level::Trace,
+            Old::Debug => log::Level::Debug,
+            Old::Info => log::Level::Info,
+            Old::Warn => log::Level::Warn,
+            Old::Error => log::Level::Error,
+        };
+        log::Host::log(self, level, message)
     }
 }
 

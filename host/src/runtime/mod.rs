@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, ComponentExportIndex, Func, Linker, TypedFunc};
+use wasmtime::component::{Component, ComponentExportIndex, Func, InstancePre, Linker, TypedFunc};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig,
     Store, Trap,
@@ -28,7 +28,7 @@ pub use host::{HostFault, MAX_OUTPUTS_PER_EVENT};
 
 use crate::event::{Entropy, Event, Output, Position};
 use crate::state::{EventClock, StateDb};
-use crate::wit::{self, Processor, ProcessorPre};
+use crate::wit::{self, World};
 use host::{GuestLimiter, HostState, MemoryCapExceeded, SqlBudgetExhausted, SqlUnreplayable};
 use sandbox::{Capture, EventCells};
 
@@ -154,7 +154,10 @@ pub struct LoadStats {
 pub struct Module {
     path: PathBuf,
     digest: String,
-    pre: ProcessorPre<HostState>,
+    pre: InstancePre<HostState>,
+    /// The version of the processor world it exports.
+    world: World,
+    init: ComponentExportIndex,
     /// The `handle` export, called with a borrowed event.
     handle: ComponentExportIndex,
     stats: LoadStats,
@@ -165,6 +168,7 @@ impl std::fmt::Debug for Module {
         f.debug_struct("Module")
             .field("path", &self.path)
             .field("digest", &self.digest)
+            .field("world", &self.world)
             .finish()
     }
 }
@@ -181,6 +185,11 @@ impl Module {
 
     pub fn stats(&self) -> LoadStats {
         self.stats.clone()
+    }
+
+    /// The version of the processor world it was built against.
+    pub fn world(&self) -> World {
+        self.world
     }
 }
 
@@ -272,6 +281,12 @@ impl Runtime {
         type Get = wasmtime::component::HasSelf<HostState>;
         wit::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
             .and_then(|()| wit::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s))
+            .and_then(|()| {
+                wit::v0_1::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
+            })
+            .and_then(|()| {
+                wit::v0_1::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s)
+            })
             .and_then(|()| sql_args::add_to_linker(&mut linker))
             .and_then(|()| output_args::add_to_linker(&mut linker))
             .map_err(engine_err)?;
@@ -341,15 +356,29 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
-        let pre = ProcessorPre::new(instance_pre).map_err(wrong_world)?;
+        // The newest version first; a module that exports none is
+        // described by what the newest lacks.
+        let world = match wit::ProcessorPre::new(instance_pre.clone()) {
+            Ok(_) => World::V0_2,
+            Err(newest) => match wit::v0_1::ProcessorPre::new(instance_pre.clone()) {
+                Ok(_) => World::V0_1,
+                Err(_) => return Err(wrong_world(newest)),
+            },
+        };
         // Present: `ProcessorPre::new` checked the world's exports.
-        let (_, handle) = component
-            .get_export(None, "handle")
-            .ok_or_else(|| wrong_world(wasmtime::format_err!("no `handle` export")))?;
+        let export = |name: &str| {
+            component
+                .get_export(None, name)
+                .map(|(_, index)| index)
+                .ok_or_else(|| wrong_world(wasmtime::format_err!("no `{name}` export")))
+        };
+        let (init, handle) = (export("init")?, export("handle")?);
         Ok(Module {
             path: path.to_owned(),
             digest: format!("sha256:{digest_hex}"),
-            pre,
+            pre: instance_pre,
+            world,
+            init,
             handle,
             stats: LoadStats {
                 compiled,
@@ -373,16 +402,26 @@ impl Runtime {
 /// A live instance: its store, its exports, and the cells its WASI reads.
 struct Live {
     store: Store<HostState>,
-    processor: Processor,
-    /// `handle`, checked to take [`HandleParams`].
-    handle: Func,
+    exports: Exports,
     capture: Capture,
     cells: EventCells,
 }
 
+/// The world's exports of a live instance, their types checked.
+struct Exports {
+    /// Takes nothing, returns [`Returned`].
+    init: Func,
+    /// Takes [`HandleParams`] (or [`HandleParamsV0_1`]), returns [`Returned`].
+    handle: Func,
+}
+
 /// `handle`'s parameters as the host lowers them: the event borrowed.
 type HandleParams<'a> = (wit::EventRef<'a>,);
-type HandleResults = (Result<(), wit::Error>,);
+/// The same in world 0.1.0.
+type HandleParamsV0_1<'a> = (wit::EventRefV0_1<'a>,);
+/// What `init` and `handle` return, in every world version (the `error`
+/// variant is the same in each; component types check by structure).
+type Returned = (Result<(), wit::Error>,);
 
 /// Calls one processor version, reusing its instance between events.
 ///
@@ -415,8 +454,10 @@ impl Instance<'_> {
         self.recycle();
         let position = Position::init();
         let entropy = Entropy::of(&position);
-        let outcome = self.call(db, &position, &entropy, 0, |processor, _, store| {
-            processor.call_init(store)
+        let outcome = self.call(db, &position, &entropy, 0, |exports, store| {
+            // SAFETY: `instantiate` checked `init` against these types.
+            let init = unsafe { TypedFunc::<(), Returned>::new_unchecked(exports.init) };
+            init.call(store, ()).map(|(result,)| result)
         });
         self.recycle();
         outcome
@@ -446,25 +487,35 @@ impl Instance<'_> {
             payload: event.payload.as_deref(),
             headers: &headers,
             timestamp_ms: event.timestamp_ms,
+            random_prefix: entropy.random_prefix(),
         };
+        let world = self.module.world;
         self.call(
             db,
             &event.position,
             entropy,
             event.timestamp_ms.unwrap_or(0),
-            |_, handle, store| {
-                // SAFETY: `instantiate` checked `handle` against these
-                // types; lifetimes are not part of a component type.
-                let handle =
-                    unsafe { TypedFunc::<HandleParams<'_>, HandleResults>::new_unchecked(handle) };
-                handle.call(store, (arg,)).map(|(result,)| result)
+            |exports, store| {
+                // SAFETY (both): `instantiate` checked `handle` against
+                // these types; lifetimes are not part of a component type.
+                let (result,) = match world {
+                    World::V0_2 => unsafe {
+                        TypedFunc::<HandleParams<'_>, Returned>::new_unchecked(exports.handle)
+                    }
+                    .call(store, (arg,))?,
+                    World::V0_1 => unsafe {
+                        TypedFunc::<HandleParamsV0_1<'_>, Returned>::new_unchecked(exports.handle)
+                    }
+                    .call(store, (arg.v0_1(),))?,
+                };
+                Ok(result)
             },
         )
     }
 
     fn instantiate(&self) -> wasmtime::Result<Live> {
         let capture = Capture::default();
-        let cells = EventCells::new();
+        let cells = EventCells::new(self.module.world);
         let state = HostState {
             wasi: cells.wasi(&capture),
             table: Default::default(),
@@ -481,17 +532,23 @@ impl Instance<'_> {
         store.limiter(|s| &mut s.limiter);
         // Instantiation runs start functions: it is bounded like a call.
         store.set_fuel(self.runtime.config.fuel)?;
-        let instance = self.module.pre.instance_pre().instantiate(&mut store)?;
-        let processor = Processor::new(&mut store, &instance)?;
-        let handle = instance
-            .get_func(&mut store, self.module.handle)
-            .ok_or_else(|| wasmtime::format_err!("the processor has no `handle` function"))?;
-        // `handle` is called with a borrowed event: its type must be the export's.
-        handle.typed::<HandleParams<'static>, HandleResults>(&store)?;
+        let instance = self.module.pre.instantiate(&mut store)?;
+        let func = |store: &mut Store<HostState>, index, name| {
+            instance
+                .get_func(store, index)
+                .ok_or_else(|| wasmtime::format_err!("the processor has no `{name}` function"))
+        };
+        let init = func(&mut store, self.module.init, "init")?;
+        let handle = func(&mut store, self.module.handle, "handle")?;
+        // Both are called unchecked: their types must be the exports'.
+        init.typed::<(), Returned>(&store)?;
+        match self.module.world {
+            World::V0_2 => drop(handle.typed::<HandleParams<'static>, Returned>(&store)?),
+            World::V0_1 => drop(handle.typed::<HandleParamsV0_1<'static>, Returned>(&store)?),
+        }
         Ok(Live {
             store,
-            processor,
-            handle,
+            exports: Exports { init, handle },
             capture,
             cells,
         })
@@ -503,11 +560,7 @@ impl Instance<'_> {
         position: &Position,
         entropy: &Entropy,
         timestamp_ms: i64,
-        f: impl FnOnce(
-            &Processor,
-            Func,
-            &mut Store<HostState>,
-        ) -> wasmtime::Result<Result<(), wit::Error>>,
+        f: impl FnOnce(&Exports, &mut Store<HostState>) -> wasmtime::Result<Result<(), wit::Error>>,
     ) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         let fuel = self.runtime.config.fuel;
         db.enter_event(position, entropy.seed, fuel);
@@ -529,7 +582,7 @@ impl Instance<'_> {
                 let result = live
                     .store
                     .set_fuel(fuel)
-                    .and_then(|()| f(&live.processor, live.handle, &mut live.store));
+                    .and_then(|()| f(&live.exports, &mut live.store));
                 db = live.store.data_mut().db.take();
                 let (logs, stderr) = collect_logs(&mut live);
                 let outputs = std::mem::take(&mut live.store.data_mut().outputs);

@@ -19,19 +19,22 @@ use wasmtime::{Result, StoreContextMut, ValRaw, bail};
 use super::host::HostState;
 use super::sql_args::{guest_bytes, guest_str};
 use crate::event::{Header, Output};
+use crate::wit::World;
 use crate::wit::rewind::processor::output;
 
-/// The `output` interface's name in the world.
-const INTERFACE: &str = "rewind:processor/output@0.1.0";
-
-/// Links `output.emit` into `linker`.
+/// Links `output.emit` into `linker`, for every world version (the
+/// interface is the same in each).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
-    linker.instance(INTERFACE)?.func_wrap(
-        "emit",
-        |mut store: StoreContextMut<'_, HostState>, (event,): (GuestOutput,)| {
-            Ok((store.data_mut().emit(event.0),))
-        },
-    )
+    for world in World::ALL {
+        let interface = format!("rewind:processor/output@{}", world.version());
+        linker.instance(&interface)?.func_wrap(
+            "emit",
+            |mut store: StoreContextMut<'_, HostState>, (event,): (GuestOutput,)| {
+                Ok((store.data_mut().emit(event.0),))
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// An output event, lifted from guest memory.

@@ -24,6 +24,7 @@ use wasmtime_wasi::p2::DynPollable;
 
 use super::host::HostState;
 use crate::event::{Entropy, Position, Seed};
+use crate::wit::World;
 
 /// Bytes of stdout (and, separately, stderr) kept per event.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
@@ -75,20 +76,21 @@ pub struct EventCells {
 }
 
 impl EventCells {
-    pub fn new() -> Self {
+    /// The cells of an instance of a module of `world`: WASI's `random`
+    /// starts after the bytes that world hands over with each event.
+    pub fn new(world: World) -> Self {
         let init = Position::init().seed();
         EventCells {
             timestamp_ms: Arc::new(AtomicI64::new(0)),
-            secure: SharedRng::seeded(init, Seed::WASI),
-            insecure: SharedRng::seeded(init, Seed::WASI_INSECURE),
+            secure: SharedRng::seeded(init, Seed::WASI, world.random_prefix()),
+            insecure: SharedRng::seeded(init, Seed::WASI_INSECURE, 0),
         }
     }
 
     /// Points the clocks and random streams at this event.
     pub fn enter(&self, entropy: &Entropy, timestamp_ms: i64) {
         self.timestamp_ms.store(timestamp_ms, Ordering::Relaxed);
-        self.secure
-            .reseed(entropy.seed, entropy.wasi_prefix.as_ref());
+        self.secure.reseed(entropy.seed, Some(&entropy.wasi_prefix));
         self.insecure.reseed(entropy.seed, None);
     }
 
@@ -125,6 +127,8 @@ impl EventCells {
 #[derive(Clone)]
 struct SharedRng {
     stream: u64,
+    /// Words of each event's keystream skipped: handed over with the event.
+    skip: u64,
     keystream: Arc<Mutex<Keystream>>,
 }
 
@@ -167,13 +171,17 @@ impl Keystream {
 }
 
 impl SharedRng {
-    fn seeded(seed: Seed, stream: u64) -> Self {
+    /// The `stream` of each event's seed, from byte `skip` on (a multiple of 4).
+    fn seeded(seed: Seed, stream: u64, skip: usize) -> Self {
+        debug_assert!(skip.is_multiple_of(4));
+        let skip = (skip / 4) as u64;
         SharedRng {
             stream,
+            skip,
             keystream: Arc::new(Mutex::new(Keystream {
                 seed,
                 prefix: None,
-                words: 0,
+                words: skip,
                 rng: None,
             })),
         }
@@ -185,7 +193,7 @@ impl SharedRng {
         *keystream = Keystream {
             seed,
             prefix: prefix.copied(),
-            words: 0,
+            words: self.skip,
             rng: None,
         };
     }
@@ -357,7 +365,8 @@ mod tests {
     use super::*;
 
     /// Draws of every kind and size, across the prepared bytes' end and the
-    /// generator's block ends, give exactly what the generator gives.
+    /// generator's block ends, give exactly what the generator gives, from
+    /// the byte the world's event does not carry on.
     #[test]
     fn a_keystream_draws_what_the_generator_draws() {
         let position = Position {
@@ -365,7 +374,7 @@ mod tests {
             partition: 3,
             offset: 17,
         };
-        let entropy = Entropy::prepared(&position);
+        let entropy = Entropy::of(&position);
         let mut state = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move || {
             state ^= state << 13;
@@ -373,30 +382,56 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for _ in 0..200 {
-            let mut shared = SharedRng::seeded(Seed([0; 32]), Seed::WASI);
-            shared.reseed(entropy.seed, entropy.wasi_prefix.as_ref());
-            let mut rng = entropy.seed.rng(Seed::WASI);
-            for _ in 0..12 {
-                match next() % 3 {
-                    0 => assert_eq!(shared.next_u32(), rng.next_u32()),
-                    1 => assert_eq!(shared.next_u64(), rng.next_u64()),
-                    _ => {
-                        let n = (next() % 71) as usize;
-                        let (mut ours, mut theirs) = (vec![0; n], vec![0; n]);
-                        shared.fill_bytes(&mut ours);
-                        rng.fill_bytes(&mut theirs);
-                        assert_eq!(ours, theirs);
+        for world in World::ALL {
+            for _ in 0..200 {
+                let mut shared =
+                    SharedRng::seeded(Seed([0; 32]), Seed::WASI, world.random_prefix());
+                shared.reseed(entropy.seed, Some(&entropy.wasi_prefix));
+                let mut rng = entropy.seed.rng(Seed::WASI);
+                rng.set_word_pos(world.random_prefix() as u128 / 4);
+                for _ in 0..12 {
+                    match next() % 3 {
+                        0 => assert_eq!(shared.next_u32(), rng.next_u32()),
+                        1 => assert_eq!(shared.next_u64(), rng.next_u64()),
+                        _ => {
+                            let n = (next() % 71) as usize;
+                            let (mut ours, mut theirs) = (vec![0; n], vec![0; n]);
+                            shared.fill_bytes(&mut ours);
+                            rng.fill_bytes(&mut theirs);
+                            assert_eq!(ours, theirs);
+                        }
                     }
                 }
             }
         }
         // Without prepared bytes the stream is the same.
-        let mut shared = SharedRng::seeded(entropy.seed, Seed::WASI);
+        let mut shared = SharedRng::seeded(entropy.seed, Seed::WASI, 0);
         let mut rng = entropy.seed.rng(Seed::WASI);
         let (mut ours, mut theirs) = ([0; 100], [0; 100]);
         shared.fill_bytes(&mut ours);
         rng.fill_bytes(&mut theirs);
         assert_eq!(ours, theirs);
+    }
+
+    /// What world 0.2.0 hands over with an event and what its WASI draws
+    /// next are the stream, once, in order.
+    #[test]
+    fn the_carried_prefix_and_wasi_make_one_stream() {
+        let entropy = Entropy::of(&Position {
+            stream: "orders".into(),
+            partition: 0,
+            offset: 5,
+        });
+        let cells = EventCells::new(World::V0_2);
+        cells.enter(&entropy, 0);
+        let (a, b) = entropy.random_prefix();
+        let mut seen = [a.to_le_bytes(), b.to_le_bytes()].concat();
+        let mut wasi = cells.secure.clone();
+        let mut more = [0; 40];
+        wasi.fill_bytes(&mut more);
+        seen.extend_from_slice(&more);
+        let mut whole = [0; 56];
+        entropy.seed.rng(Seed::WASI).fill_bytes(&mut whole);
+        assert_eq!(seen, whole);
     }
 }

@@ -35,23 +35,24 @@ use wasmtime_environ::component::StringEncoding;
 
 use super::host::{HostState, guest_result};
 use crate::state::{GuestSqlError, StateDb};
+use crate::wit::World;
 use crate::wit::rewind::processor::sql;
 
-/// The `sql` interface's name in the world.
-const INTERFACE: &str = "rewind:processor/sql@0.1.0";
-
-/// Links `sql.execute` and `sql.query` into `linker`.
+/// Links `sql.execute` and `sql.query` into `linker`, for every world
+/// version (the interface is the same in each).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
-    let mut sql = linker.instance(INTERFACE)?;
-    sql.func_wrap("execute", |store, args| {
-        Ok((run(store, args, StateDb::guest_execute)?,))
-    })?;
-    sql.func_wrap("query", |store, args| {
-        let rows = run(store, args, |db, statement, params| {
-            db.guest_query(statement, params).map(super::host::to_rows)
+    for world in World::ALL {
+        let mut sql = linker.instance(&format!("rewind:processor/sql@{}", world.version()))?;
+        sql.func_wrap("execute", |store, args| {
+            Ok((run(store, args, StateDb::guest_execute)?,))
         })?;
-        Ok((rows,))
-    })?;
+        sql.func_wrap("query", |store, args| {
+            let rows = run(store, args, |db, statement, params| {
+                db.guest_query(statement, params).map(super::host::to_rows)
+            })?;
+            Ok((rows,))
+        })?;
+    }
     Ok(())
 }
 

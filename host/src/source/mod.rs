@@ -67,12 +67,11 @@ impl Record {
     /// that depends on it alone.
     pub fn prepare(&mut self) {
         if self.decoded.is_ok() && self.entropy.is_none() {
-            self.entropy = Some(Entropy::prepared(&self.position));
+            self.entropy = Some(Entropy::of(&self.position));
         }
     }
 
-    /// The event's randomness: as prepared, else its seed alone (the
-    /// generator then waits for the guest's first draw).
+    /// The event's randomness: as prepared, else worked out now.
     pub fn entropy(&self) -> std::borrow::Cow<'_, Entropy> {
         match &self.entropy {
             Some(entropy) => std::borrow::Cow::Borrowed(entropy),

@@ -670,7 +670,7 @@ impl StateDb {
 
     /// Runs a guest statement to completion; returns the rows it changed.
     /// `sql` is its text as the guest passed it: checked as UTF-8 only
-    /// when it is not a statement kept already ([`GuestSqlError::NotUtf8`]).
+    /// when it is not a statement kept already (`GuestSqlError::NotUtf8`).
     pub fn guest_execute(&self, sql: &[u8], params: &[ValueRef<'_>]) -> Result<u64, GuestSqlError> {
         let before = self.conn.total_changes();
         let result = self.guard.as_guest(|| {

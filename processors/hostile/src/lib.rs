@@ -205,8 +205,12 @@ impl Processor for Hostile {
                         let start = std::time::Instant::now();
                         black_box(start.elapsed().as_nanos() as i64)
                     }),
+                    // The event brings the first 16 bytes of its stream:
+                    // these two draws take them, WASI gives the rest.
                     ("random-1", random_u64() as i64),
                     ("random-2", random_u64() as i64),
+                    ("wasi-random", getrandom::u64().map_or(-1, |w| w as i64)),
+                    ("random-3", random_u64() as i64),
                     ("hashmap-order", {
                         // std's HashMap seeds itself from WASI randomness.
                         let map: std::collections::HashMap<u32, ()> =
@@ -326,7 +330,7 @@ impl Processor for Hostile {
 // and length, the parameters' pointer and count, and where the result goes.
 // The same import the SDK's bindings call, declared raw.
 #[cfg(target_arch = "wasm32")]
-#[link(wasm_import_module = "rewind:processor/sql@0.1.0")]
+#[link(wasm_import_module = "rewind:processor/sql@0.2.0")]
 unsafe extern "C" {
     #[link_name = "execute"]
     fn raw_execute(
@@ -342,7 +346,7 @@ unsafe extern "C" {
 // values (stream pointer and length; key and payload as a case, pointer and
 // length each; headers pointer and count), and where the result goes.
 #[cfg(target_arch = "wasm32")]
-#[link(wasm_import_module = "rewind:processor/output@0.1.0")]
+#[link(wasm_import_module = "rewind:processor/output@0.2.0")]
 unsafe extern "C" {
     #[link_name = "emit"]
     fn raw_emit(
