@@ -419,6 +419,51 @@ fn the_sandbox_holds_and_every_following_event_is_processed() {
     assert_eq!(dump(&state), dump(&again));
 }
 
+/// A guest is handed an event's headers as they came: names, values,
+/// a header without a value, an empty name; none when there are none.
+#[test]
+fn a_guest_sees_the_headers_an_event_came_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = |offset: i64, headers: Option<serde_json::Value>| {
+        let mut line = serde_json::json!({
+            "topic": "acts", "partition": 0, "offset": offset, "ts": TS,
+            "key": "k", "payload": r#"{"do":"observe-headers"}"#,
+        });
+        if let Some(headers) = headers {
+            line["headers"] = headers;
+        }
+        line.to_string()
+    };
+    let lines = [
+        line(0, Some(serde_json::json!(["a", "1", "b", null, "", "x"]))),
+        line(1, None),
+        line(2, Some(serde_json::json!([]))),
+    ];
+    let input = dir.path().join("headers.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let state = dir.path().join("headers.db");
+    rewind_host::run(&config(&processor("hostile"), &input, &state), &()).unwrap();
+    let seen: Vec<(i64, String)> = rows(
+        &state,
+        "SELECT offset, value FROM observed WHERE what = 'headers' ORDER BY offset",
+    )
+    .iter()
+    .map(|r| (rewind_tests::int(&r[0]), text(&r[1])))
+    .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                0,
+                r#"[Header { name: "a", value: Some([49]) }, Header { name: "b", value: None }, Header { name: "", value: Some([120]) }]"#
+                    .to_owned()
+            ),
+            (1, "[]".to_owned()),
+            (2, "[]".to_owned()),
+        ]
+    );
+}
+
 /// What SQL tells a guest of its connection, and what SQLite would decide
 /// with its process-wide random generator, cannot depend on batches,
 /// restarts, outputs or the process: `changes()`, `total_changes()` and

@@ -485,7 +485,7 @@ impl Instance<'_> {
             offset: event.position.offset,
             key: event.key.as_deref(),
             payload: event.payload.as_deref(),
-            headers: &headers,
+            headers: wit::HeadersRef(&headers),
             timestamp_ms: event.timestamp_ms,
             random_prefix: entropy.random_prefix(),
         };

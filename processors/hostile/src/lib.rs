@@ -318,6 +318,8 @@ impl Processor for Hostile {
                 .header("empty", Vec::new())
                 .header("h3", vec![0u8, 255])
                 .emit()?,
+            // The headers as the guest was handed them.
+            "observe-headers" => observe(&event, "headers", &format!("{:?}", event.headers()))?,
             // An output whose serialisation emits another output first.
             "emit-nested" => rewind_guest::emit_json("outer", "k", &EmitsWhileSerialised)?,
             other => return Err(Error::invalid(format!("unknown act {other:?}"))),
