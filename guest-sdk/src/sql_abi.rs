@@ -9,6 +9,8 @@
 //! is checked against the world when the component is made, and every SQL
 //! test runs through it.
 
+use std::mem::MaybeUninit;
+
 use crate::sql::{INLINE_PARAMS, ToSql, ValueRef};
 
 /// A `value` as the canonical ABI lays it out in a list: 16 bytes aligned
@@ -76,13 +78,14 @@ unsafe extern "C" {
 
 /// Runs `statement` with `params` through the host's `sql.execute`.
 pub(crate) fn execute(statement: &str, params: &[&dyn ToSql]) -> Result<u64, String> {
-    let mut inline = [Slot::NULL; INLINE_PARAMS];
+    let mut inline = [const { MaybeUninit::<Slot>::uninit() }; INLINE_PARAMS];
     let heap: Vec<Slot>;
     let slots: &[Slot] = if params.len() <= INLINE_PARAMS {
         for (slot, param) in inline.iter_mut().zip(params) {
-            *slot = Slot::of(param.to_sql());
+            slot.write(Slot::of(param.to_sql()));
         }
-        &inline[..params.len()]
+        // SAFETY: the first `params.len()` slots were written just now.
+        unsafe { std::slice::from_raw_parts(inline.as_ptr().cast::<Slot>(), params.len()) }
     } else {
         heap = params.iter().map(|p| Slot::of(p.to_sql())).collect();
         &heap

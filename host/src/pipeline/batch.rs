@@ -332,7 +332,7 @@ impl Run<'_> {
                     let changes = self.db().take_changes();
                     self.record_on_tape(seq, record, Outcome::Applied, changes, &mut outputs);
                 }
-                let queued = outputs.into_iter().filter(|_| self.config.queue_outputs);
+                let queued = outputs.drain(..).filter(|_| self.config.queue_outputs);
                 for (n, output) in queued.enumerate() {
                     let row = OutboxRow {
                         seq,
@@ -343,6 +343,7 @@ impl Run<'_> {
                     };
                     self.db().queue_outbox(&row)?;
                 }
+                self.instance.reuse_outputs(outputs);
                 if careful {
                     self.db().release()?;
                 }

@@ -449,6 +449,18 @@ impl Instance<'_> {
         self.live = None;
     }
 
+    /// Hands back the emptied list of a call's outputs, for the next call
+    /// to fill instead of allocating one.
+    pub fn reuse_outputs(&mut self, mut outputs: Vec<Output>) {
+        if let Some(live) = &mut self.live {
+            let kept = &mut live.store.data_mut().outputs;
+            if kept.capacity() == 0 {
+                outputs.clear();
+                *kept = outputs;
+            }
+        }
+    }
+
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
     pub fn init(&mut self, db: Box<StateDb>) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         self.recycle();
