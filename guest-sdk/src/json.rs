@@ -71,11 +71,13 @@ impl Json<'_> {
     }
 }
 
-/// serde_json's numbers: itoa and ryu through its compact formatter.
-macro_rules! numbers {
-    ($($method:ident($ty:ty) => $write:ident;)*) => {
+/// serde_json's integers: itoa's digits, as its compact formatter writes
+/// them.
+macro_rules! integers {
+    ($($method:ident($ty:ty);)*) => {
         $(fn $method(self, v: $ty) -> Done {
-            CompactFormatter.$write(self.out, v).map_err(|_| GiveUp)
+            append(self.out, itoa::Buffer::new().format(v).as_bytes());
+            Ok(())
         })*
     };
 }
@@ -91,17 +93,17 @@ impl<'s, 'a> ser::Serializer for &'s mut Json<'a> {
     type SerializeStruct = Compound<'s>;
     type SerializeStructVariant = Compound<'s>;
 
-    numbers! {
-        serialize_i8(i8) => write_i8;
-        serialize_i16(i16) => write_i16;
-        serialize_i32(i32) => write_i32;
-        serialize_i64(i64) => write_i64;
-        serialize_i128(i128) => write_i128;
-        serialize_u8(u8) => write_u8;
-        serialize_u16(u16) => write_u16;
-        serialize_u32(u32) => write_u32;
-        serialize_u64(u64) => write_u64;
-        serialize_u128(u128) => write_u128;
+    integers! {
+        serialize_i8(i8);
+        serialize_i16(i16);
+        serialize_i32(i32);
+        serialize_i64(i64);
+        serialize_i128(i128);
+        serialize_u8(u8);
+        serialize_u16(u16);
+        serialize_u32(u32);
+        serialize_u64(u64);
+        serialize_u128(u128);
     }
 
     fn serialize_bool(self, v: bool) -> Done {
@@ -352,9 +354,53 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     if needs_escape(bytes) {
         write_escaped(out, bytes);
     } else {
-        out.extend_from_slice(bytes);
+        append(out, bytes);
     }
     out.push(b'"');
+}
+
+/// Appends `bytes` to `out`. Up to 16 bytes (most keys, ids and numbers)
+/// are copied with two overlapping loads and stores: through
+/// `extend_from_slice`, a copy of a length not known when compiling is a
+/// `memory.copy`, which wasmtime runs as a call into the host (a dozen an
+/// event for payments).
+fn append(out: &mut Vec<u8>, bytes: &[u8]) {
+    let n = bytes.len();
+    if n == 0 || n > 16 {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    out.reserve(n);
+    let len = out.len();
+    // SAFETY: `reserve` made room for `n` more bytes after `len`; every load
+    // below lies within `bytes` and every store within `len..len + n` (the
+    // two of a pair overlap when `n` is not twice their width), and all `n`
+    // bytes are written before the length covers them.
+    unsafe {
+        let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr().add(len));
+        if n >= 8 {
+            let (a, b) = (
+                src.cast::<u64>().read_unaligned(),
+                src.add(n - 8).cast::<u64>().read_unaligned(),
+            );
+            dst.cast::<u64>().write_unaligned(a);
+            dst.add(n - 8).cast::<u64>().write_unaligned(b);
+        } else if n >= 4 {
+            let (a, b) = (
+                src.cast::<u32>().read_unaligned(),
+                src.add(n - 4).cast::<u32>().read_unaligned(),
+            );
+            dst.cast::<u32>().write_unaligned(a);
+            dst.add(n - 4).cast::<u32>().write_unaligned(b);
+        } else {
+            // One to three bytes: the first, the middle and the last.
+            let (a, b, c) = (*src, *src.add(n / 2), *src.add(n - 1));
+            *dst = a;
+            *dst.add(n / 2) = b;
+            *dst.add(n - 1) = c;
+        }
+        out.set_len(len + n);
+    }
 }
 
 const ONES: u64 = u64::from_le_bytes([1; 8]);
@@ -457,6 +503,31 @@ mod tests {
             String::from_utf8_lossy(&got),
             String::from_utf8_lossy(&expected)
         );
+    }
+
+    /// Short copies, at every length either side of the fast path's and
+    /// onto every length of what is there already, append exactly the bytes.
+    #[test]
+    fn append_copies_every_length_exactly() {
+        let source: Vec<u8> = (0..40u8).map(|b| b.wrapping_mul(37).wrapping_add(1)).collect();
+        for before in 0..20 {
+            for n in 0..=source.len() {
+                let mut out: Vec<u8> = vec![0xee; before];
+                out.shrink_to_fit();
+                append(&mut out, &source[..n]);
+                assert_eq!(out.len(), before + n);
+                assert!(out[..before].iter().all(|&b| b == 0xee));
+                assert_eq!(&out[before..], &source[..n], "{n} bytes after {before}");
+            }
+        }
+    }
+
+    /// Every integer type's extremes, written as serde_json writes them.
+    #[test]
+    fn integers_of_every_width() {
+        same_as_serde_json(&(i8::MIN, i8::MAX, u8::MAX, i16::MIN, u16::MAX, i32::MIN));
+        same_as_serde_json(&(u32::MAX, i64::MIN, i64::MAX, u64::MAX, 0u64, -1i64));
+        same_as_serde_json(&(i128::MIN, i128::MAX, u128::MAX, 10u128));
     }
 
     #[derive(Serialize)]
