@@ -509,7 +509,9 @@ mod tests {
     /// onto every length of what is there already, append exactly the bytes.
     #[test]
     fn append_copies_every_length_exactly() {
-        let source: Vec<u8> = (0..40u8).map(|b| b.wrapping_mul(37).wrapping_add(1)).collect();
+        let source: Vec<u8> = (0..40u8)
+            .map(|b| b.wrapping_mul(37).wrapping_add(1))
+            .collect();
         for before in 0..20 {
             for n in 0..=source.len() {
                 let mut out: Vec<u8> = vec![0xee; before];
