@@ -905,6 +905,7 @@ fn a_cache_that_cannot_be_written_is_a_warning_not_an_error() {
             .output()
             .unwrap();
         assert!(warned(&out).contains("(compiled in"));
+        assert!(warned(&out).contains(", world rewind:processor@0.2.0 ("));
     }
     // `verify` and `replay` compile too, and say so the same way.
     let v2 = processor("payments-v2");

@@ -148,7 +148,8 @@ pub fn run(mut args: RunArgs) -> anyhow::Result<()> {
 
 fn print_module(digest: &str, load: &rewind_host::LoadStats) {
     eprintln!(
-        "module {digest} ({} in {:.0} ms)",
+        "module {digest}, world {} ({} in {:.0} ms)",
+        load.world,
         if load.compiled {
             "compiled"
         } else {

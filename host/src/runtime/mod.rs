@@ -142,6 +142,8 @@ fn profiler_from_env() -> Result<Option<wasmtime::ProfilingStrategy>, LoadError>
 /// How a module was loaded, for reporting cold versus warm starts.
 #[derive(Debug, Clone)]
 pub struct LoadStats {
+    /// The version of the processor world it exports.
+    pub world: World,
     /// Whether the component was compiled (cold) rather than loaded from the cache.
     pub compiled: bool,
     pub duration: Duration,
@@ -381,6 +383,7 @@ impl Runtime {
             init,
             handle,
             stats: LoadStats {
+                world,
                 compiled,
                 duration: started.elapsed(),
                 cache_error,
