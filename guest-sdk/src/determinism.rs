@@ -99,3 +99,31 @@ pub fn random_hex(n: usize) -> String {
     // SAFETY: hex digits are ASCII.
     unsafe { String::from_utf8_unchecked(hex) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Draws take the bytes the event brought, in order and once, across a
+    /// draw that runs past their end; the next event starts them over, and
+    /// `init` has none.
+    #[test]
+    fn draws_take_the_events_bytes_first_and_once() {
+        let (a, b) = (0x0706_0504_0302_0100_u64, 0x0f0e_0d0c_0b0a_0908_u64);
+        let prefix: Vec<u8> = (0..16).collect();
+        enter_event(5, (a, b));
+        assert_eq!(now_ms(), 5);
+        assert_eq!(random_bytes(5), prefix[..5]);
+        assert_eq!(random_u64().to_le_bytes(), prefix[5..13]);
+        // Three bytes left: a longer draw starts with them.
+        let past = random_bytes(10);
+        assert_eq!(past[..3], prefix[13..]);
+        // None left: the next draws come from elsewhere (WASI in the sandbox).
+        assert_eq!(PREFIX_DRAWN.get(), PREFIX);
+        enter_event(6, (a, b));
+        assert_eq!(random_hex(2), "0001");
+        enter_init();
+        assert_eq!(now_ms(), 0);
+        assert_eq!(PREFIX_DRAWN.get(), PREFIX);
+    }
+}

@@ -59,6 +59,13 @@ impl Entropy {
     /// few ids per event uses (one ChaCha20 block).
     pub const PREFIX: usize = 64;
 
+    /// `init`'s, the same for every call: worked out once.
+    pub fn init() -> &'static Entropy {
+        static INIT: std::sync::LazyLock<Entropy> =
+            std::sync::LazyLock::new(|| Entropy::of(&Position::init()));
+        &INIT
+    }
+
     pub fn of(position: &Position) -> Self {
         use rand_core::Rng;
         let seed = position.seed();

@@ -45,6 +45,11 @@ impl World {
         }
     }
 
+    /// The full name of one of the world's interfaces in this version.
+    pub fn interface(self, name: &str) -> String {
+        format!("rewind:processor/{name}@{}", self.version())
+    }
+
     /// Bytes of an event's random stream its `handle` is given with the
     /// event (and WASI's stream starts after).
     pub fn random_prefix(self) -> usize {

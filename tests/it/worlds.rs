@@ -29,7 +29,14 @@ fn a_processor_of_world_0_1_runs_under_its_contract() {
     let outputs = dir.path().join("out.jsonl");
     let mut cfg = config(&processor("legacy-0.1"), &input, &state);
     cfg.output = Some(outputs.clone());
-    let summary = rewind_host::run(&cfg, &()).unwrap();
+    struct Logs(std::cell::RefCell<Vec<String>>);
+    impl rewind_host::Progress for Logs {
+        fn guest_log(&self, position: &Position, line: &str) {
+            self.0.borrow_mut().push(format!("{position} {line}"));
+        }
+    }
+    let logs = Logs(Default::default());
+    let summary = rewind_host::run(&cfg, &logs).unwrap();
     assert_eq!(summary.consumed, 3);
 
     // Kept as handed over, with WASI's randomness from the stream's first
@@ -55,8 +62,15 @@ fn a_processor_of_world_0_1_runs_under_its_contract() {
         assert_eq!(int(&row[4]), first as i64, "offset {offset}");
     }
 
-    // Its imports work under their 0.1.0 names: a rejection is a dead
-    // letter, outputs are written.
+    // Its imports work under their 0.1.0 names: its log lines are shown, a
+    // rejection is a dead letter, outputs are written.
+    assert_eq!(
+        logs.0.into_inner(),
+        [
+            "legacy.jsonl/0@1 info: kept legacy.jsonl@1",
+            "legacy.jsonl/0@3 info: kept legacy.jsonl@3"
+        ]
+    );
     let dead = rows(&state, "SELECT \"offset\", error_class FROM _rewind_dlq");
     assert_eq!(dead.len(), 1);
     assert_eq!(

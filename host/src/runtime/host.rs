@@ -234,23 +234,19 @@ impl log::Host for HostState {
     }
 }
 
-/// World 0.1.0's `log`: the newest's.
-impl crate::wit::v0_1::rewind::processor::log::Host for HostState {
-    fn log(
-        &mut self,
-        level: crate::wit::v0_1::rewind::processor::log::Level,
-        message: String,
-    ) -> Result<()> {
-        use crate::wit::v0_1::rewind::processor::log::Level as Old;
-        let level = match level {
-            Old::Trace => log::Level::Trace,
-            Old::Debug => log::Level::Debug,
-            Old::Info => log::Level::Info,
-            Old::Warn => log::Level::Warn,
-            Old::Error => log::Level::Error,
-        };
-        log::Host::log(self, level, message)
+/// Links `log.log` into `linker` for every world version (the interface
+/// is the same in each; its `level` checks against each by structure).
+pub(super) fn add_log_to_linker(linker: &mut wasmtime::component::Linker<HostState>) -> Result<()> {
+    for world in crate::wit::World::ALL {
+        linker.instance(&world.interface("log"))?.func_wrap(
+            "log",
+            |mut store: wasmtime::StoreContextMut<'_, HostState>,
+             (level, message): (log::Level, String)| {
+                log::Host::log(store.data_mut(), level, message)
+            },
+        )?;
     }
+    Ok(())
 }
 
 /// Whether `stream` is a legal Kafka topic name, as output streams become

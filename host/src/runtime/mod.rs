@@ -278,17 +278,15 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(engine_err)?;
         sandbox::forbid_waiting(&mut linker).map_err(engine_err)?;
-        // The world's imports: `types` and `log` through the bindings, `sql`
-        // and `output` (called for every event) by hand.
+        // The world's imports, under every version's names: `types` (no
+        // functions) through the bindings, `log` by hand, `sql` and `output`
+        // (called for every event) lifted by hand.
         type Get = wasmtime::component::HasSelf<HostState>;
         wit::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
-            .and_then(|()| wit::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s))
             .and_then(|()| {
                 wit::v0_1::rewind::processor::types::add_to_linker::<_, Get>(&mut linker, |s| s)
             })
-            .and_then(|()| {
-                wit::v0_1::rewind::processor::log::add_to_linker::<_, Get>(&mut linker, |s| s)
-            })
+            .and_then(|()| host::add_log_to_linker(&mut linker))
             .and_then(|()| sql_args::add_to_linker(&mut linker))
             .and_then(|()| output_args::add_to_linker(&mut linker))
             .map_err(engine_err)?;
@@ -467,13 +465,17 @@ impl Instance<'_> {
     /// Runs the module's `init` in a fresh instance (the caller owns the transaction).
     pub fn init(&mut self, db: Box<StateDb>) -> (Box<StateDb>, Result<CallOutcome, HostFault>) {
         self.recycle();
-        let position = Position::init();
-        let entropy = Entropy::of(&position);
-        let outcome = self.call(db, &position, &entropy, 0, |exports, store| {
-            // SAFETY: `instantiate` checked `init` against these types.
-            let init = unsafe { TypedFunc::<(), Returned>::new_unchecked(exports.init) };
-            init.call(store, ()).map(|(result,)| result)
-        });
+        let outcome = self.call(
+            db,
+            &Position::init(),
+            Entropy::init(),
+            0,
+            |exports, store| {
+                // SAFETY: `instantiate` checked `init` against these types.
+                let init = unsafe { TypedFunc::<(), Returned>::new_unchecked(exports.init) };
+                init.call(store, ()).map(|(result,)| result)
+            },
+        );
         self.recycle();
         outcome
     }

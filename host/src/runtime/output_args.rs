@@ -26,8 +26,7 @@ use crate::wit::rewind::processor::output;
 /// interface is the same in each).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
     for world in World::ALL {
-        let interface = format!("rewind:processor/output@{}", world.version());
-        linker.instance(&interface)?.func_wrap(
+        linker.instance(&world.interface("output"))?.func_wrap(
             "emit",
             |mut store: StoreContextMut<'_, HostState>, (event,): (GuestOutput,)| {
                 Ok((store.data_mut().emit(event.0),))

@@ -23,7 +23,7 @@ use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::p2::DynPollable;
 
 use super::host::HostState;
-use crate::event::{Entropy, Position, Seed};
+use crate::event::{Entropy, Seed};
 use crate::wit::World;
 
 /// Bytes of stdout (and, separately, stderr) kept per event.
@@ -83,7 +83,7 @@ impl EventCells {
         let skip = world.random_prefix();
         debug_assert!(skip.is_multiple_of(4));
         let skip = (skip / 4) as u64;
-        let init = Streams::of(&Entropy::of(&Position::init()), skip);
+        let init = Streams::of(Entropy::init(), skip);
         EventCells {
             timestamp_ms: Arc::new(AtomicI64::new(0)),
             streams: Arc::new(Mutex::new(init)),
@@ -120,9 +120,7 @@ impl EventCells {
             // WASI says this seed is fixed for an instance's lifetime; a
             // constant keeps it the same for every instance and version.
             .insecure_random_seed(u128::from_le_bytes(
-                Position::init().seed().0[..16]
-                    .try_into()
-                    .expect("16 bytes"),
+                Entropy::init().seed.0[..16].try_into().expect("16 bytes"),
             ))
             .allow_tcp(false)
             .allow_udp(false)
@@ -392,6 +390,7 @@ impl tokio::io::AsyncWrite for CappedPipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Position;
 
     /// Draws of every kind and size from either stream, across the prepared
     /// bytes' end and the generator's block ends, give exactly what the

@@ -42,7 +42,7 @@ use crate::wit::rewind::processor::sql;
 /// version (the interface is the same in each).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> Result<()> {
     for world in World::ALL {
-        let mut sql = linker.instance(&format!("rewind:processor/sql@{}", world.version()))?;
+        let mut sql = linker.instance(&world.interface("sql"))?;
         sql.func_wrap("execute", |store, args| {
             Ok((run(store, args, StateDb::guest_execute)?,))
         })?;
@@ -130,9 +130,7 @@ struct GuestStatement(GuestText);
 impl GuestStatement {
     fn lift(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<GuestStatement> {
         if cx.options().string_encoding != StringEncoding::Utf8 {
-            let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
-            let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
-            return Ok(GuestStatement(GuestText::Decoded(text)));
+            return Ok(GuestStatement(GuestText::Decoded(decoded(cx, ptr, len)?)));
         }
         let bytes = guest_bytes(cx, ptr, len, 1)?;
         Ok(GuestStatement(GuestText::InMemory(InMemory::new(bytes))))
@@ -156,9 +154,7 @@ fn guest_text(
 
 /// The parameters of a statement: numbers by value, texts and blobs where
 /// the guest passed them.
-struct GuestValues {
-    slots: Slots,
-}
+struct GuestValues(Slots);
 
 /// One parameter.
 enum Slot {
@@ -180,7 +176,7 @@ impl GuestValues {
     unsafe fn with<R>(&self, f: impl FnOnce(&[ValueRef<'_>]) -> R) -> R {
         // SAFETY: the caller's promise.
         let value = |slot| unsafe { slot_value(slot) };
-        let slots = &self.slots.0;
+        let slots = &self.0.0;
         if slots.len() <= ON_STACK {
             let mut values = [ValueRef::Null; ON_STACK];
             for (to, slot) in values.iter_mut().zip(slots) {
@@ -256,11 +252,7 @@ pub(super) fn guest_str<'a>(
     len: usize,
 ) -> Result<Cow<'a, str>> {
     if encoding != StringEncoding::Utf8 {
-        // UTF-16 or Latin-1 (no Rust guest passes either): wasmtime's own
-        // lift decodes them.
-        let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
-        let text = <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)?;
-        return Ok(Cow::Owned(text));
+        return decoded(cx, ptr, len).map(Cow::Owned);
     }
     let bytes = guest_bytes(cx, ptr, len, 1)?;
     // SQL, keys and stream names are ASCII as a rule: checked a word at a
@@ -275,6 +267,13 @@ pub(super) fn guest_str<'a>(
         text
     };
     Ok(Cow::Borrowed(text))
+}
+
+/// A string in UTF-16 or Latin-1 (no Rust guest passes either), decoded by
+/// wasmtime's own lift.
+fn decoded(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> Result<String> {
+    let flat = [ValRaw::u32(ptr as u32), ValRaw::u32(len as u32)];
+    <String as Lift>::linear_lift_from_flat(cx, InterfaceType::String, &flat)
 }
 
 /// `len` bytes of guest memory at `ptr`, aligned to `align`, counted
@@ -387,6 +386,6 @@ impl GuestValues {
             };
             slots.0.push(slot);
         }
-        Ok(GuestValues { slots })
+        Ok(GuestValues(slots))
     }
 }
